@@ -1,0 +1,69 @@
+"""The one root error of meshd, split by who is at fault.
+
+``LocalError``: the caller (a user at the CLI, an application, a config file) asked for something
+that cannot be done.  ``RemoteError``: a peer sent something invalid, or refused us.  Every error
+carries a short machine-readable ``reason`` (kebab-case) next to its human message, so that the
+control API and ``--json`` output can report it and tests can assert it.
+"""
+
+from __future__ import annotations
+
+
+class MeshdError(Exception):
+    """Root of every error meshd raises on purpose."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.reason
+
+
+class LocalError(MeshdError):
+    """The caller asked for something invalid; fix the call, the input or the local state."""
+
+
+class RemoteError(MeshdError):
+    """A peer misbehaved, sent invalid data, or refused the request."""
+
+
+class TokenError(LocalError):
+    """An invitation token cannot be used.
+
+    Reasons: ``not-found`` (no token in the text), ``truncated``, ``checksum`` (a typo: the check
+    code does not match), ``version`` (made by a newer meshd), ``malformed``, ``expired``,
+    ``used``, ``wrong-mesh``, ``unknown`` (the inviter does not know this invitation).
+    """
+
+
+class KeyFileError(LocalError):
+    """The site key file is missing, unreadable, malformed or readable by others."""
+
+
+class StateError(LocalError):
+    """The state directory is missing, not initialised, or in a state that forbids the request."""
+
+
+class RecordError(RemoteError):
+    """A signed record, vouch, revocation or genesis failed verification.
+
+    Reasons: ``malformed``, ``oversized``, ``type``, ``mesh``, ``signature``, ``expired``,
+    ``stale`` (an older sequence than the one we hold), ``revoked``, ``unauthorized``.
+    """
+
+
+class ProtocolError(RemoteError):
+    """A peer sent a frame that does not follow the wire protocol."""
+
+
+class JoinRefused(RemoteError):
+    """The inviter refused a join (bad secret, used or expired invitation, denied, throttled)."""
+
+
+class DaemonNotRunning(LocalError):
+    """No daemon answers on the control socket of this state directory."""
