@@ -19,6 +19,11 @@ def is_symbol(ch: str) -> bool:
     return ch in _DECODE
 
 
+def canonical(ch: str) -> str:
+    """The upper-case alphabet symbol that ``ch`` stands for (``i`` -> ``1``, ``o`` -> ``0``)."""
+    return ALPHABET[_DECODE[ch]]
+
+
 def encode(data: bytes) -> str:
     """Encode ``data`` as upper-case Crockford base32, no padding (ceil(8*len/5) symbols)."""
     bits = int.from_bytes(data, "big") if data else 0

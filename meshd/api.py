@@ -1,0 +1,84 @@
+"""The control API's routes and the JSON shapes they exchange, shared by server and client.
+
+All routes live under ``/v1``; a request body and every answer is a JSON object (or array).  A
+failed request answers with a 4xx/5xx status and ``{"error": {"reason": …, "message": …}}``:
+400 for the caller's mistakes (LocalError), 502 when a peer refused or failed (RemoteError).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+VERSION = "v1"
+
+STATUS = "/v1/status"          # GET  -> Status
+INVITES = "/v1/invites"        # POST InviteRequest -> {"token", "invite_id", "expires", ...}
+JOINS = "/v1/joins"            # POST {"text"} -> Join ;  GET /v1/joins/{id}?wait=S -> Join
+PENDING = "/v1/pending"        # GET  -> [Pending]
+APPROVE = "/v1/pending/approve"  # POST {"fingerprint"} -> Pending (decided)
+DENY = "/v1/pending/deny"      # POST {"fingerprint"} -> Pending (decided)
+PEERS = "/v1/peers"            # GET  -> [Peer]
+REVOKE = "/v1/revoke"          # POST {"site", "reason"} -> {"revoked": site_id, "name": …}
+METRICS = "/v1/metrics"        # GET  -> Prometheus text exposition
+
+
+class Status(TypedDict):
+    name: str
+    site_id: str
+    fingerprint: str
+    mesh_id: str | None
+    mesh_name: str | None
+    role: str | None
+    listen: str | None
+    addrs: list[str]
+    members: int
+    version: str
+    pid: int
+    counters: dict[str, int]
+
+
+class InviteRequest(TypedDict, total=False):
+    name: str
+    expires: float
+    uses: int
+    role: str
+    approve: bool
+
+
+class Join(TypedDict):
+    id: str
+    state: str                 # connecting | pending | admitted | failed
+    inviter: str               # inviter's site id
+    inviter_name: str | None
+    inviter_fingerprint: str
+    fingerprint: str           # this site's fingerprint, to compare by phone
+    mesh_id: str
+    error: dict[str, str] | None
+
+
+class Pending(TypedDict):
+    name: str
+    site_id: str
+    fingerprint: str
+    invite: str
+    since: int
+    addrs: list[str]
+    state: str
+
+
+class Peer(TypedDict):
+    name: str
+    site_id: str
+    fingerprint: str
+    role: str
+    state: str                 # self | alive | unreachable | unknown | revoked
+    addrs: list[str]
+    reachable: bool
+    seq: int | None
+    vouched_by: str | None     # site id of the voucher; None for the founder
+    verified: bool
+    last_seen: float | None
+
+
+def error_body(reason: str, message: str) -> dict[str, Any]:
+    return {"error": {"reason": reason, "message": message}}

@@ -1,0 +1,119 @@
+"""The typed client of a local daemon's control socket (synchronous, standard library only).
+
+The CLI is a thin caller of this class; applications use it through ``meshd.connect()``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any
+from urllib.parse import quote
+
+from . import api
+from .errors import DaemonNotRunning, LocalError, MeshdError, RemoteError
+from .home import Home, resolve_home
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Calls one daemon's control API. Every method raises a MeshdError subclass on failure."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> None:
+        self.home = Home(resolve_home(home))
+        self.timeout = timeout
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> Any:
+        sock_path = self.home.socket_path
+        conn = _UnixConnection(str(sock_path), timeout or self.timeout)
+        try:
+            try:
+                payload = None if body is None else json.dumps(body)
+                headers = {"Content-Type": "application/json"} if payload is not None else {}
+                conn.request(method, path, body=payload, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise DaemonNotRunning(
+                    f"no meshd daemon is running for {self.home.root}; start one with:"
+                    f" meshd run --home {self.home.root}", reason="not-running") from None
+            except socket.timeout:
+                raise LocalError(f"the daemon did not answer {path} within"
+                                 f" {timeout or self.timeout:.0f} s", reason="timeout") from None
+        finally:
+            conn.close()
+        if resp.headers.get_content_type() != "application/json":
+            if resp.status >= 400:
+                raise MeshdError(f"daemon answered {resp.status}", reason="http")
+            return data.decode()
+        try:
+            out = json.loads(data)
+        except json.JSONDecodeError:
+            raise MeshdError("the daemon answered with invalid JSON", reason="http") from None
+        if resp.status >= 400:
+            err = out.get("error", {}) if isinstance(out, dict) else {}
+            cls = RemoteError if resp.status == 502 else LocalError if resp.status == 400 else MeshdError
+            raise cls(str(err.get("message", f"HTTP {resp.status}")),
+                      reason=str(err.get("reason", "error")))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", api.STATUS)  # type: ignore[no-any-return]
+
+    def invite(self, *, name: str = "", expires: float | None = None, uses: int = 1,
+               role: str = "member", approve: bool = False) -> dict[str, Any]:
+        return self._call("POST", api.INVITES, {"name": name, "expires": expires, "uses": uses,  # type: ignore[no-any-return]
+                                                "role": role, "approve": approve})
+
+    def join(self, text: str) -> dict[str, Any]:
+        return self._call("POST", api.JOINS, {"text": text})  # type: ignore[no-any-return]
+
+    def join_state(self, join_id: str, *, wait: float = 0.0, state: str | None = None) -> dict[str, Any]:
+        query = f"?wait={wait}" + (f"&state={quote(state)}" if state else "")
+        return self._call("GET", f"{api.JOINS}/{quote(join_id)}{query}",  # type: ignore[no-any-return]
+                          timeout=self.timeout + wait)
+
+    def pending(self) -> list[dict[str, Any]]:
+        return self._call("GET", api.PENDING)  # type: ignore[no-any-return]
+
+    def approve(self, fingerprint: str) -> dict[str, Any]:
+        return self._call("POST", api.APPROVE, {"fingerprint": fingerprint})  # type: ignore[no-any-return]
+
+    def deny(self, fingerprint: str) -> dict[str, Any]:
+        return self._call("POST", api.DENY, {"fingerprint": fingerprint})  # type: ignore[no-any-return]
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self._call("GET", api.PEERS)  # type: ignore[no-any-return]
+
+    def revoke(self, site: str, reason: str = "") -> dict[str, Any]:
+        return self._call("POST", api.REVOKE, {"site": site, "reason": reason})  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        return self._call("GET", api.METRICS)  # type: ignore[no-any-return]

@@ -1,0 +1,577 @@
+"""The per-site daemon: wiring of the trust store, the peer port and the control socket.
+
+One asyncio process per site.  It owns the site key, the SQLite trust store and the verified
+``MeshView``; it answers peers on its one inbound port (or none, for a site that can only dial
+out), exchanges signed objects with members (pushed at once on a change, and pulled from one
+random member every ``sync_interval``), runs joins for ``meshd join`` and serves the local
+control API.  Decisions live in ``admission``, ``mesh`` and ``trust``; this module moves data
+between them and the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import __version__, config as config_mod, records, tokens
+from .admission import Admissions
+from .config import Config
+from .errors import JoinRefused, LocalError, MeshdError, RecordError, RemoteError, StateError, TokenError
+from .home import Home
+from .identity import SiteKey, curve_public_of, fingerprint_of, site_id_of
+from .mesh import MeshView
+from .peer import Dialer, PeerInfo, PeerServer, Unreachable
+from .records import Revocation, SiteRecord, Vouch
+from .store import Store
+
+log = logging.getLogger("meshd")
+
+
+@dataclass(slots=True)
+class Contact:
+    """What this site saw of its exchanges with one member."""
+
+    last_ok: float | None = None
+    last_fail: float | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class JoinAttempt:
+    """A join this site is making, as the control API reports it."""
+
+    id: str
+    invitation: tokens.Invitation
+    state: str = "connecting"
+    inviter_name: str | None = None
+    error: dict[str, str] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set(self, state: str, **changes: Any) -> None:
+        self.state = state
+        for k, v in changes.items():
+            setattr(self, k, v)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+def advertised_addresses(cfg: Config, bound: str | None) -> list[str]:
+    """The addresses to put in this site's record (see ``Config.advertise``)."""
+    if cfg.advertise:
+        return list(cfg.advertise)
+    if bound is None:
+        return []
+    host, _, port = bound.rpartition(":")
+    if host not in ("0.0.0.0", "*", "[::]"):
+        return [bound]
+    import ifaddr
+
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                out.append(f"{ip.ip}:{port}")
+    return out[:8] or [f"127.0.0.1:{port}"]
+
+
+class Daemon:
+    """One site's running daemon."""
+
+    def __init__(self, home: Home, *, now: float | None = None) -> None:
+        home.require()
+        self.home = home
+        self.config = config_mod.load(home.config_path)
+        self.key = SiteKey.load(home.key_path)
+        self.store = Store(home.db_path)
+        name = self.store.get_meta("name")
+        if not isinstance(name, str):
+            raise StateError(f"{home.db_path} has no site name; was `meshd init` interrupted?",
+                             reason="not-initialised")
+        self.name = name
+        self.view = MeshView(self.store, self.key)
+        self.view.load(int(now if now is not None else time.time()))
+        self.admissions = Admissions(self.store, self.view, self.key, self.config)
+        self.contacts: dict[bytes, Contact] = {}
+        self.joins: dict[str, JoinAttempt] = {}
+        self.counters: dict[str, int] = {}
+        self.bound: str | None = None
+        self.addrs: list[str] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._server: PeerServer | None = None
+        self.dialer: Dialer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._rng = random.Random()
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from .control import ControlServer
+
+        self._ctx = zmq.asyncio.Context()
+        curve = self.key.curve_keypair()
+        self.dialer = Dialer(self._ctx, curve)
+        if self.config.listen:
+            self._server = PeerServer(self._ctx, curve, self._on_peer)
+            self.bound = await self._bind(self._server, self.config.listen)
+        self.addrs = advertised_addresses(self.config, self.bound)
+        self.admissions.recover(self._now())
+        self._refresh_own_record()
+        self.control = ControlServer(self)
+        await self.control.start(self.home.socket_path)
+        self.home.pid_path.write_text(f"{os.getpid()}\n")
+        self._spawn(self._sync_loop(), "sync-loop")
+        log.info("site %s (%s, fingerprint %s) running; peer port %s; control %s",
+                 self.name, self.key.site_id, self.key.fingerprint, self.bound or "none (dial-out only)",
+                 self.home.socket_path)
+        if self.view.mesh_id is not None:
+            log.info("member of mesh %s (%s) with %d members", self.view.mesh_name,
+                     self.view.mesh_id.hex(), len(self.view.members))
+            self.announce()
+
+    async def _bind(self, server: PeerServer, listen: str) -> str:
+        """Bind the peer port; with port 0, prefer the port picked last time, so that addresses
+        in records and tokens stay valid across restarts."""
+        host, _, port = listen.rpartition(":")
+        last = self.store.get_meta("last_port")
+        if port == "0" and isinstance(last, int):
+            try:
+                return await server.start(f"{host}:{last}")
+            except OSError:
+                log.info("port %d used last time is taken; picking another", last)
+        bound = await server.start(listen)
+        self.store.set_meta("last_port", int(bound.rpartition(":")[2]))
+        return bound
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        try:
+            await self._stopping.wait()
+            log.info("stopping")
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if getattr(self, "control", None) is not None:
+            await self.control.stop()
+        if self._server is not None:
+            await self._server.close()
+        if self.dialer is not None:
+            self.dialer.close()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        self.store.close()
+        self.home.pid_path.unlink(missing_ok=True)
+        log.info("stopped; state flushed")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    @staticmethod
+    def _now() -> int:
+        return int(time.time())
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # -- this site's own record --------------------------------------------------------------------
+
+    def _refresh_own_record(self) -> bool:
+        """Sign a new own record when name or addresses changed; True if one was made."""
+        mesh_id = self.view.mesh_id
+        if mesh_id is None:
+            return False
+        held = self.view.record_of(self.key.public)
+        addrs = tuple(self.addrs)
+        reachable = self.bound is not None
+        if held is not None and (held.name, held.addrs, held.reachable) == (self.name, addrs, reachable):
+            return False
+        seq = max(held.seq if held else 0, int(self.store.get_meta("own_seq") or 0)) + 1
+        self.store.set_meta("own_seq", seq)
+        signed = records.sign(SiteRecord(self.key.public, mesh_id, self.name, addrs, reachable,
+                                         seq, self._now()), self.key)
+        self.view.add_own(signed, self._now())
+        return True
+
+    def _own_record_for(self, mesh_id: bytes) -> records.Signed:
+        seq = int(self.store.get_meta("own_seq") or 0) + 1  # kept only once admitted
+        return records.sign(SiteRecord(self.key.public, mesh_id, self.name, tuple(self.addrs),
+                                       self.bound is not None, seq, self._now()), self.key)
+
+    # -- peers ------------------------------------------------------------------------------------
+
+    async def _on_peer(self, msg: dict[str, Any], info: PeerInfo) -> dict[str, Any]:
+        now = self._now()
+        kind = msg["t"]
+        self.count(f"peer_requests_{kind}")
+        if kind == "join":
+            if msg["inviter"] != self.key.public:
+                return await self._forward_join(msg)
+            source = info.address
+            before = self.admissions.admitted
+            reply = self.admissions.handle_join(msg, info.curve_key, source, now)
+            if self.admissions.admitted != before:
+                log.info("admitted a new site (fingerprint %s)", reply.get("joiner_fp"))
+                self.announce()
+            elif reply.get("status") == "pending":
+                log.info("join from %s waits for approval: meshd approve %s", source,
+                         reply.get("joiner_fp"))
+            return reply
+        key = self.view.by_curve.get(info.curve_key)
+        if key is None:
+            self.count("peer_refused_not_member")
+            raise RemoteError("this site does not know you as a member of its mesh",
+                              reason="not-member")
+        self._contact(key, ok=True)
+        if kind == "sync":
+            if msg["mesh"] != self.view.mesh_id:
+                raise RemoteError("sync for another mesh", reason="wrong-mesh")
+            result = self.view.ingest(msg["items"], now)
+            self._log_ingest(result, key)
+            return {"t": "ok", "items": self.view.snapshot()}
+        raise RemoteError(f"unsupported request {kind!r}", reason="type")
+
+    async def _forward_join(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """An alternate named in a token passes a join on to the inviter (it sees only a proof)."""
+        inviter = msg["inviter"]
+        rec = self.view.record_of(inviter)
+        if rec is None or not self.view.is_member(inviter) or self.dialer is None:
+            raise JoinRefused("this site cannot forward the join: it does not know the inviter",
+                              reason="unknown")
+        fwd = {k: v for k, v in msg.items() if k != "id"}
+        try:
+            reply, _ = await self.dialer.request(curve_public_of(inviter), list(rec.addrs), fwd,
+                                                 self.config.request_timeout)
+        except Unreachable as exc:
+            raise JoinRefused(f"the inviter is unreachable from this alternate: {exc}",
+                              reason="unreachable") from None
+        self.count("joins_forwarded")
+        return {k: v for k, v in reply.items() if k != "id"}
+
+    def _log_ingest(self, result: Any, key: bytes) -> None:
+        if result.stored:
+            self.count("records_stored", result.stored)
+        for reason, n in result.refused.items():
+            self.count(f"records_refused_{reason.replace('-', '_')}", n)
+            log.warning("refused %d signed object(s) from %s: %s", n,
+                        self.view.name_of(key) or site_id_of(key), reason)
+
+    def _contact(self, key: bytes, *, ok: bool, error: str | None = None) -> None:
+        c = self.contacts.setdefault(key, Contact())
+        if ok:
+            c.last_ok, c.error = time.time(), None
+        else:
+            c.last_fail, c.error = time.time(), error
+
+    async def sync_with(self, key: bytes) -> bool:
+        """One push-pull exchange with a member; True if it answered."""
+        rec = self.view.record_of(key)
+        if rec is None or not rec.addrs or self.dialer is None or self.view.mesh_id is None:
+            return False
+        msg = {"t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}
+        try:
+            reply, _ = await self.dialer.request(curve_public_of(key), list(rec.addrs), msg,
+                                                 self.config.request_timeout)
+        except Unreachable as exc:
+            self._contact(key, ok=False, error=str(exc))
+            return False
+        if reply["t"] == "error":
+            self._contact(key, ok=False, error=reply["message"])
+            log.warning("%s refused sync: %s", rec.name, reply["message"])
+            return False
+        self._contact(key, ok=True)
+        result = self.view.ingest(reply.get("items", []), self._now())
+        self._log_ingest(result, key)
+        return True
+
+    def announce(self) -> None:
+        """Push our signed objects to every member we can dial, now."""
+        for key in list(self.view.members):
+            if key != self.key.public:
+                self._spawn(self.sync_with(key), "announce")
+
+    async def _sync_loop(self) -> None:
+        while True:
+            interval = self.config.sync_interval
+            await asyncio.sleep(interval * (0.5 + self._rng.random()))
+            self.view.load(self._now()) if self._expiry_passed() else None
+            others = [k for k in self.view.members if k != self.key.public
+                      and (r := self.view.record_of(k)) is not None and r.addrs]
+            if others:
+                await self.sync_with(self._rng.choice(others))
+
+    def _expiry_passed(self) -> bool:
+        now = self._now()
+        return any(0 < m.expires <= now for m in self.view.members.values())
+
+    # -- joining another mesh -------------------------------------------------------------------------
+
+    def start_join(self, text: str) -> JoinAttempt:
+        """Check a pasted invitation and start redeeming it; errors come back at once."""
+        inv = tokens.parse(text)
+        tokens.check_expiry(inv, time.time())
+        if inv.inviter_key == self.key.public:
+            raise TokenError("this invitation was issued by this very site", reason="own-token")
+        if self.view.mesh_id is not None:
+            if self.view.mesh_id == inv.mesh_id:
+                raise TokenError(f"this site is already a member of mesh {self.view.mesh_name}",
+                                 reason="member")
+            if len(self.view.members) > 1:
+                raise TokenError(
+                    f"the invitation is for another mesh ({inv.mesh_id.hex()[:12]}…) than the one"
+                    f" this site belongs to ({self.view.mesh_name}, {self.view.mesh_id.hex()[:12]}…)",
+                    reason="wrong-mesh")
+        for attempt in self.joins.values():
+            if attempt.invitation == inv and attempt.state in ("connecting", "pending"):
+                return attempt
+        attempt = JoinAttempt(secrets.token_hex(8), inv)
+        self.joins[attempt.id] = attempt
+        self._spawn(self._run_join(attempt), f"join-{attempt.id}")
+        return attempt
+
+    async def _run_join(self, attempt: JoinAttempt) -> None:
+        inv = attempt.invitation
+        assert self.dialer is not None
+        record = self._own_record_for(inv.mesh_id)
+        msg = {"t": "join", "mesh": inv.mesh_id, "invite": inv.invite_id,
+               "inviter": inv.inviter_key, "record": record.raw,
+               "proof": tokens.join_proof(inv.secret, mesh_id=inv.mesh_id,
+                                          inviter_key=inv.inviter_key, joiner_key=self.key.public)}
+        routes = [(inv.inviter_key, [str(a) for a in inv.addrs])]
+        routes += [(alt.key, [str(a) for a in alt.addrs]) for alt in inv.alternates]
+        deadline = time.monotonic() + 24 * 3600
+        try:
+            while time.monotonic() < deadline:
+                reply = await self._ask_any(routes, msg)
+                if reply["t"] == "error":
+                    attempt.set("failed", error={"reason": reply["reason"],
+                                                 "message": reply["message"]})
+                    return
+                attempt.inviter_name = reply.get("inviter_name")
+                if reply.get("status") == "pending":
+                    if attempt.state != "pending":
+                        attempt.set("pending")
+                    await asyncio.sleep(1.0)
+                    continue
+                if reply.get("status") == "admitted":
+                    self._complete_join(inv, reply, record)
+                    attempt.set("admitted")
+                    return
+                attempt.set("failed", error={"reason": "protocol",
+                                             "message": "the inviter's answer made no sense"})
+                return
+        except MeshdError as exc:
+            attempt.set("failed", error={"reason": exc.reason, "message": exc.message})
+
+    async def _ask_any(self, routes: list[tuple[bytes, list[str]]],
+                       msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.dialer is not None
+        failures = []
+        for key, addrs in routes:
+            try:
+                reply, _ = await self.dialer.request(curve_public_of(key), addrs, msg,
+                                                     self.config.request_timeout)
+                return reply
+            except Unreachable as exc:
+                failures.append(str(exc))
+        raise Unreachable("could not reach the inviter or any alternate: " + "; ".join(failures))
+
+    def _complete_join(self, inv: tokens.Invitation, reply: dict[str, Any],
+                       record: records.Signed) -> None:
+        now = self._now()
+        vouch = records.decode(reply.get("vouch", b""), now=now, mesh_id=inv.mesh_id,
+                               kinds=("vouch",))
+        body = vouch.body
+        assert isinstance(body, Vouch)
+        if body.subject != self.key.public or body.voucher != inv.inviter_key:
+            raise RecordError("the inviter sent a vouch for another site", reason="unauthorized")
+        self.view.adopt([*reply.get("items", []), vouch.raw, record.raw], inv.mesh_id, now)
+        self._refresh_own_record()
+        log.info("joined mesh %s (%s) through %s; %d members", self.view.mesh_name,
+                 inv.mesh_id.hex(), reply.get("inviter_name"), len(self.view.members))
+        self.announce()
+
+    # -- actions for the control API ------------------------------------------------------------
+
+    def invite(self, name_hint: str, expires: float | None, uses: int, role: str,
+               approve: bool) -> tokens.Invitation:
+        now = self._now()
+        if self.view.mesh_id is None:
+            self.view.found(self.name, os.urandom(16), now)
+            self._refresh_own_record()
+            log.info("founded mesh %s (%s)", self.view.mesh_name, self.view.mesh_id.hex()
+                     if self.view.mesh_id else "")
+        addrs = [tokens.Address.parse(a) for a in self.addrs]
+        alternates = []
+        for key, member in self.view.members.items():
+            rec = self.view.record_of(key)
+            if key != self.key.public and rec is not None and rec.reachable and rec.addrs:
+                alternates.append(tokens.Alternate(key, tuple(tokens.Address.parse(a)
+                                                              for a in rec.addrs[:2])))
+        if addrs:
+            alternates = alternates[:1]
+        inv = self.admissions.invite(addrs=addrs, alternates=alternates[:2], name_hint=name_hint,
+                                     expires_in=expires or self.config.invite_expiry, uses=uses,
+                                     role=role, approve=approve, now=now)
+        log.info("issued an invitation (%s, %d use(s), role %s%s, expires %s)",
+                 name_hint or "no name hint", uses, role, ", needs approval" if approve else "",
+                 time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(inv.expires)))
+        return inv
+
+    def approve(self, fingerprint: str) -> Any:
+        done = self.admissions.approve(fingerprint, self._now())
+        log.info("approved the join of %s (%s)", done.name, fingerprint_of(done.joiner))
+        self.announce()
+        return done
+
+    def deny(self, fingerprint: str) -> Any:
+        done = self.admissions.deny(fingerprint, self._now())
+        log.info("denied the join of %s (%s)", done.name, fingerprint_of(done.joiner))
+        return done
+
+    def find_site(self, text: str) -> bytes:
+        """A member's key by name, site id, or fingerprint (a unique prefix is enough)."""
+        from .admission import normalize_fingerprint
+
+        wanted = text.strip()
+        candidates = set(self.view.members) | set(self.view.site_records)
+        hits = [k for k in candidates if self.view.name_of(k) == wanted or site_id_of(k) == wanted]
+        if not hits and len(wanted) >= 4:
+            fp = normalize_fingerprint(wanted)
+            hits = [k for k in candidates if site_id_of(k).startswith(wanted.lower())
+                    or (fp and normalize_fingerprint(fingerprint_of(k)).startswith(fp))]
+        if not hits:
+            raise LocalError(f"no member named or identified as {text!r}; see meshd peers",
+                             reason="not-found")
+        if len(hits) > 1:
+            raise LocalError(f"{text!r} matches {len(hits)} sites; give the site id",
+                             reason="ambiguous")
+        return hits[0]
+
+    def revoke(self, site: str, reason: str) -> bytes:
+        mesh_id = self.view.mesh_id
+        if mesh_id is None:
+            raise StateError("this site is in no mesh", reason="no-mesh")
+        subject = self.find_site(site)
+        if subject == self.key.public and self.view.genesis is not None \
+                and self.view.genesis.signer == subject:
+            raise LocalError("the founder of a mesh cannot be revoked", reason="usage")
+        signed = records.sign(Revocation(mesh_id, self.key.public, subject, self._now(),
+                                         reason[:200]), self.key)
+        result = self.view.ingest([signed.raw], self._now())
+        if result.stored != 1 and not result.duplicate:
+            raise LocalError("only the founder, an introducer, or the site itself may revoke a"
+                             " site", reason="unauthorized")
+        log.info("revoked %s (%s)", self.view.name_of(subject), site_id_of(subject))
+        self.announce()
+        return subject
+
+    # -- reports ------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        me = self.view.members.get(self.key.public)
+        counters = dict(self.counters)
+        for reason, n in self.view.refused.items():
+            counters[f"records_refused_{reason.replace('-', '_')}"] = n
+        for reason, n in self.admissions.refused.items():
+            counters[f"joins_refused_{reason.replace('-', '_')}"] = n
+        counters["joins_admitted"] = self.admissions.admitted
+        counters["peer_dropped"] = self._server.dropped if self._server else 0
+        return {
+            "name": self.name, "site_id": self.key.site_id, "fingerprint": self.key.fingerprint,
+            "mesh_id": self.view.mesh_id.hex() if self.view.mesh_id else None,
+            "mesh_name": self.view.mesh_name or None, "role": me.role if me else None,
+            "listen": self.bound, "addrs": self.addrs, "members": len(self.view.members),
+            "version": __version__, "pid": os.getpid(), "counters": counters,
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        alive_window = 3 * self.config.sync_interval + self.config.request_timeout
+        now = time.time()
+        keys = list(self.view.members) + sorted(self.view.revoked)
+        for key in keys:
+            member = self.view.members.get(key)
+            rec = self.view.record_of(key)
+            contact = self.contacts.get(key)
+            if key == self.key.public:
+                state = "self"
+            elif member is None:
+                state = "revoked"
+            elif contact is None or (contact.last_ok is None and contact.last_fail is None):
+                state = "unknown"
+            elif contact.last_ok is not None and now - contact.last_ok <= alive_window \
+                    and (contact.last_fail is None or contact.last_fail <= contact.last_ok):
+                state = "alive"
+            else:
+                state = "unreachable"
+            out.append({
+                "name": self.view.name_of(key), "site_id": site_id_of(key),
+                "fingerprint": fingerprint_of(key), "role": member.role if member else None,
+                "state": state, "addrs": list(rec.addrs) if rec else [],
+                "reachable": bool(rec.reachable) if rec else False,
+                "seq": rec.seq if rec else None,
+                "vouched_by": site_id_of(member.vouched_by) if member and member.vouched_by else None,
+                "verified": rec is not None,
+                "last_seen": contact.last_ok if contact else None,
+                "error": contact.error if contact else None,
+            })
+        return out
+
+    def join_view(self, attempt: JoinAttempt) -> dict[str, Any]:
+        inv = attempt.invitation
+        return {"id": attempt.id, "state": attempt.state,
+                "inviter": site_id_of(inv.inviter_key), "inviter_name": attempt.inviter_name,
+                "inviter_fingerprint": fingerprint_of(inv.inviter_key),
+                "fingerprint": self.key.fingerprint, "mesh_id": inv.mesh_id.hex(),
+                "approve": inv.approve, "error": attempt.error}
+
+
+def init_site(home: Home, name: str, listen: str | None) -> SiteKey:
+    """Create a site's state directory: key (0600), config, trust store. Refuses to overwrite."""
+    if not records._NAME_RE.fullmatch(name):
+        raise LocalError("a site name is 1 to 64 letters, digits, '.', '_' or '-', starting with"
+                         " a letter or digit", reason="usage")
+    if home.exists():
+        raise StateError(f"a site already exists in {home.root}; remove it first or pick"
+                         " another --home", reason="exists")
+    if listen:
+        config_mod.check_listen(listen)
+    home.create()
+    key = SiteKey.generate()
+    cfg = Config() if listen is None else Config(listen=listen)
+    config_mod.save(home.config_path, cfg)
+    store = Store(home.db_path)
+    try:
+        store.set_meta("name", name, own_seq=0)
+    finally:
+        store.close()
+    key.save(home.key_path)
+    return key

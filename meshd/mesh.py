@@ -1,0 +1,260 @@
+"""What this site believes about its mesh: verified signed objects, and who is a member.
+
+``MeshView`` is the one place signed objects enter the trust store.  Every object is decoded and
+verified (``records.decode``) before anything else looks at it, vouches and revocations are kept
+only when ``trust`` says their signer had the authority, and site records only for members and
+only when their sequence is newer.  Refusals are counted by reason; nothing refused is stored.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import records, trust
+from .errors import RecordError
+from .identity import SiteKey, curve_public_of
+from .records import Genesis, Revocation, Signed, SiteRecord, Vouch
+from .store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What became of a batch of signed objects."""
+
+    stored: int
+    duplicate: int
+    refused: dict[str, int]
+
+
+class MeshView:
+    """The verified state of one mesh, backed by the store."""
+
+    def __init__(self, store: Store, key: SiteKey) -> None:
+        self.store = store
+        self.key = key
+        self.refused: Counter[str] = Counter()
+        self.genesis: Signed | None = None
+        self.site_records: dict[bytes, Signed] = {}
+        self.vouches: dict[bytes, Signed] = {}
+        self.revocations: dict[bytes, Signed] = {}
+        self.members: dict[bytes, trust.Member] = {}
+        self.by_curve: dict[bytes, bytes] = {}
+        self.revoked: frozenset[bytes] = frozenset()
+
+    @property
+    def mesh_id(self) -> bytes | None:
+        return None if self.genesis is None else self._genesis_body.mesh_id
+
+    @property
+    def _genesis_body(self) -> Genesis:
+        assert self.genesis is not None and isinstance(self.genesis.body, Genesis)
+        return self.genesis.body
+
+    @property
+    def mesh_name(self) -> str:
+        return "" if self.genesis is None else self._genesis_body.mesh_name
+
+    def load(self, now: int) -> None:
+        """Read the store back, verifying everything again (a tampered file is not trusted)."""
+        raw = self.store.get_meta("genesis")
+        self.genesis = None
+        self.site_records.clear()
+        self.vouches.clear()
+        self.revocations.clear()
+        if not isinstance(raw, bytes):
+            self.members = {}
+            self.by_curve = {}
+            return
+        self.genesis = records.decode(raw, now=now, kinds=("genesis",))
+        mesh_id = self.mesh_id
+        for blob in self.store.vouches():
+            try:
+                s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("vouch",))
+            except RecordError:
+                continue  # expired since it was stored, or tampered with on disk
+            self.vouches[s.digest] = s
+        for blob in self.store.revocations():
+            s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("revocation",))
+            self.revocations[s.digest] = s
+        for blob in self.store.records():
+            s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("site-record",))
+            self.site_records[s.signer] = s
+        self._recompute(now)
+
+    def _recompute(self, now: int) -> None:
+        self.members = trust.members(
+            self._genesis_body,
+            [v.body for v in self.vouches.values() if isinstance(v.body, Vouch)],
+            [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)],
+            now,
+        ) if self.genesis is not None else {}
+        self.revoked = trust.revoked(
+            self._genesis_body, self._vouch_bodies(),
+            [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)],
+            now) if self.genesis is not None else frozenset()
+        self.by_curve = {curve_public_of(k): k for k in self.members}
+
+    # -- questions --------------------------------------------------------------------------------
+
+    def is_member(self, key: bytes) -> bool:
+        return key in self.members
+
+    def is_revoked(self, key: bytes) -> bool:
+        return key in self.revoked
+
+    def record_of(self, key: bytes) -> SiteRecord | None:
+        s = self.site_records.get(key)
+        return s.body if s is not None and isinstance(s.body, SiteRecord) else None
+
+    def name_of(self, key: bytes) -> str:
+        rec = self.record_of(key)
+        if rec is not None:
+            return rec.name
+        for v in self.vouches.values():
+            if isinstance(v.body, Vouch) and v.body.subject == key:
+                return v.body.subject_name
+        return ""
+
+    def snapshot(self) -> list[bytes]:
+        """Every verified object, genesis first: what a new member or a sync partner is sent."""
+        if self.genesis is None:
+            return []
+        return [self.genesis.raw, *(s.raw for s in self.vouches.values()),
+                *(s.raw for s in self.revocations.values()),
+                *(s.raw for s in self.site_records.values())]
+
+    # -- changes -----------------------------------------------------------------------------------
+
+    def found(self, mesh_name: str, salt: bytes, now: int) -> None:
+        """Make this site the founder of a new mesh (the first `meshd invite` does this)."""
+        genesis = records.sign(Genesis(self.key.public, mesh_name, now, salt), self.key)
+        body = genesis.body
+        assert isinstance(body, Genesis)
+        self.store.adopt_mesh(genesis.raw, body.mesh_id, mesh_name, "introducer", [], [], [])
+        self.load(now)
+
+    def adopt(self, items: list[bytes], mesh_id: bytes, now: int) -> None:
+        """Switch to the mesh a snapshot describes (after a join), verifying all of it first.
+
+        Raises RecordError, writing nothing, unless the snapshot holds the genesis of
+        ``mesh_id`` and makes this site a member."""
+        genesis: Signed | None = None
+        decoded: list[Signed] = []
+        for raw in items:
+            s = records.decode(raw, now=now, mesh_id=mesh_id)
+            if s.kind == "genesis":
+                genesis = s
+            else:
+                decoded.append(s)
+        if genesis is None:
+            raise RecordError("the snapshot has no genesis of the mesh", reason="malformed")
+        vouches = [s for s in decoded if s.kind == "vouch"]
+        revocations = [s for s in decoded if s.kind == "revocation"]
+        g = genesis.body
+        assert isinstance(g, Genesis)
+        members = trust.members(g, [v.body for v in vouches if isinstance(v.body, Vouch)],
+                                [r.body for r in revocations if isinstance(r.body, Revocation)], now)
+        me = members.get(self.key.public)
+        if me is None:
+            raise RecordError("the snapshot does not make this site a member", reason="unauthorized")
+        site_records = {}
+        for s in decoded:
+            if s.kind == "site-record" and s.signer in members:
+                body = s.body
+                assert isinstance(body, SiteRecord)
+                old = site_records.get(s.signer)
+                if old is None or old[1] < body.seq:
+                    site_records[s.signer] = (s.signer, body.seq, s.raw)
+        self.store.adopt_mesh(
+            genesis.raw, g.mesh_id, g.mesh_name, me.role, list(site_records.values()),
+            [(v.digest, v.body.subject, v.raw) for v in vouches if isinstance(v.body, Vouch)],
+            [(r.digest, r.body.subject, r.raw) for r in revocations
+             if isinstance(r.body, Revocation)])
+        self.load(now)
+
+    def ingest(self, items: Iterable[bytes], now: int) -> IngestResult:
+        """Verify and keep what is new and authorised; count every refusal by reason."""
+        if self.genesis is None:
+            return IngestResult(0, 0, {})
+        mesh_id = self.mesh_id
+        refused: Counter[str] = Counter()
+        stored = duplicate = 0
+        pending_vouches: list[Signed] = []
+        pending_revocations: list[Signed] = []
+        pending_records: list[Signed] = []
+        for raw in items:
+            try:
+                s = records.decode(raw, now=now, mesh_id=mesh_id)
+            except RecordError as exc:
+                refused[exc.reason] += 1
+                continue
+            if s.kind == "genesis":
+                duplicate += s.raw == self.genesis.raw
+                refused["mesh"] += s.raw != self.genesis.raw
+            elif s.digest in self.vouches or s.digest in self.revocations:
+                duplicate += 1
+            elif s.kind == "vouch":
+                pending_vouches.append(s)
+            elif s.kind == "revocation":
+                pending_revocations.append(s)
+            else:
+                pending_records.append(s)
+        # Vouches in one batch may depend on each other (B vouched by A, C by B): admit them in
+        # rounds until no more have an authorised voucher.
+        progress = True
+        while pending_vouches and progress:
+            progress = False
+            for s in list(pending_vouches):
+                body = s.body
+                assert isinstance(body, Vouch)
+                voucher = self.members.get(body.voucher)
+                if voucher is not None and voucher.role == "introducer":
+                    self.store.put_vouch(s.digest, body.subject, s.raw)
+                    self.vouches[s.digest] = s
+                    pending_vouches.remove(s)
+                    stored += 1
+                    progress = True
+            if progress:
+                self._recompute(now)
+        refused["unauthorized"] += len(pending_vouches)
+        for s in pending_revocations:
+            body = s.body
+            assert isinstance(body, Revocation)
+            if trust.may_revoke(self._genesis_body, self._vouch_bodies(), body, now):
+                self.store.put_revocation(s.digest, body.subject, s.raw)
+                self.revocations[s.digest] = s
+                stored += 1
+            else:
+                refused["unauthorized"] += 1
+        if pending_revocations:
+            self._recompute(now)
+        for s in pending_records:
+            body = s.body
+            assert isinstance(body, SiteRecord)
+            held = self.site_records.get(s.signer)
+            if held is not None and held.raw == s.raw:
+                duplicate += 1
+            elif s.signer not in self.members:
+                refused["unauthorized"] += 1
+            elif held is not None and isinstance(held.body, SiteRecord) and held.body.seq >= body.seq:
+                refused["stale"] += 1
+            elif self.store.put_record(s.signer, body.seq, s.raw):
+                self.site_records[s.signer] = s
+                stored += 1
+            else:
+                refused["stale"] += 1
+        refused = Counter({k: v for k, v in refused.items() if v})
+        self.refused.update(refused)
+        return IngestResult(stored, duplicate, dict(refused))
+
+    def _vouch_bodies(self) -> list[Vouch]:
+        return [v.body for v in self.vouches.values() if isinstance(v.body, Vouch)]
+
+    def add_own(self, signed: Signed, now: int) -> None:
+        """Store an object this site just signed (its record, a vouch, a revocation)."""
+        result = self.ingest([signed.raw], now)
+        if result.stored != 1:
+            raise RecordError(f"this site's own {signed.kind} was refused: {result.refused}",
+                              reason="unauthorized")

@@ -1,0 +1,267 @@
+"""The peer port: one CURVE-authenticated ZeroMQ ROUTER in, one DEALER per peer out (asyncio glue).
+
+Every connection is encrypted and authenticated by site key: the server proves its key (the
+dialer names the key it expects, from a signed record or an invitation token, and CurveZMQ's
+handshake fails unless the far side holds the matching secret), and the dialer proves its own, which
+the server reads back from each message's ``User-Id`` property.  What a key may ask is decided by
+the daemon's handler, not here: this module only moves checked messages and says who sent them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
+
+from . import wire
+from .errors import ProtocolError, RemoteError
+
+log = logging.getLogger("meshd.peer")
+
+ZAP_DOMAIN = "meshd"
+HEARTBEAT_MS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """Who sent a message: its authenticated X25519 key and its network address."""
+
+    curve_key: bytes
+    address: str
+
+
+Handler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any]]]
+
+
+def _tcp_endpoint(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        return f"tcp://{host}:{port}"
+    if ":" in host:
+        return f"tcp://[{host}]:{port}"
+    return f"tcp://{host}:{port}"
+
+
+class PeerServer:
+    """Accepts peer requests on the one inbound port and answers each through ``handler``."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes], handler: Handler) -> None:
+        self._ctx = ctx
+        self._public, self._secret = curve
+        self._handler = handler
+        self._auth: AsyncioAuthenticator | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.address: str | None = None
+        self.dropped = 0
+
+    async def start(self, listen: str) -> str:
+        """Bind ``HOST:PORT`` (port 0 picks one) and return the bound ``HOST:PORT``."""
+        if self._auth is None:
+            self._auth = AsyncioAuthenticator(self._ctx, log=logging.getLogger("meshd.zap"))
+            self._auth.start()
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        sock.curve_server = True
+        sock.curve_secretkey = self._secret
+        sock.curve_publickey = self._public
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        try:
+            sock.bind(_tcp_endpoint(listen))
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise OSError(f"cannot listen on {listen}: {exc}") from None
+        self._sock = sock
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = endpoint.removeprefix("tcp://")
+        self._task = asyncio.create_task(self._serve(), name="peer-server")
+        return self.address
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            if len(frames) != 2:
+                self.dropped += 1
+                continue
+            ident, frame = frames
+            try:
+                user = frame.get("User-Id")
+                curve_key = z85.decode(user.encode() if isinstance(user, str) else user)
+                info = PeerInfo(curve_key, str(frame.get("Peer-Address")))
+            except (ValueError, zmq.ZMQError):
+                self.dropped += 1
+                continue
+            task = asyncio.create_task(self._answer(ident.bytes, frame.bytes, info))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _answer(self, ident: bytes, data: bytes, info: PeerInfo) -> None:
+        try:
+            msg = wire.decode(data)
+        except ProtocolError as exc:
+            self.dropped += 1
+            log.info("dropped a bad message from %s: %s", info.address, exc)
+            return
+        if msg["t"] in ("ok", "error"):
+            self.dropped += 1
+            return
+        try:
+            reply = await self._handler(msg, info)
+        except RemoteError as exc:
+            reply = wire.error(msg["id"], exc.reason, exc.message)
+        except Exception:
+            log.exception("handler failed on a %s request from %s", msg["t"], info.address)
+            reply = wire.error(msg["id"], "internal", "the peer failed to handle the request")
+        reply["id"] = msg["id"]
+        if self._sock is not None:
+            await self._sock.send_multipart([ident, wire.encode(reply)])
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._inflight):
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if self._auth is not None:
+            self._auth.stop()
+
+
+_FAILED_AUTH = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+
+
+class _Link:
+    """One DEALER to one peer address, with its answers matched to requests by id."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes], server_key: bytes,
+                 address: str) -> None:
+        self.address = address
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        sock.curve_publickey, sock.curve_secretkey = curve
+        sock.curve_serverkey = server_key
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        sock.connect(_tcp_endpoint(address))
+        self.sock = sock
+        self.last_event: int | None = None
+        self.handshake_ok = False
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.create_task(self._read(), name=f"link-{address}")
+        self._watcher = asyncio.create_task(self._watch(), name=f"monitor-{address}")
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.sock.recv()
+            try:
+                msg = wire.decode(data)
+            except ProtocolError as exc:
+                log.info("dropped a bad answer from %s: %s", self.address, exc)
+                continue
+            fut = self._waiting.pop(msg["id"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    async def _watch(self) -> None:
+        while True:
+            event = await recv_monitor_message(self._monitor)  # type: ignore[misc]
+            self.last_event = int(event["event"])
+            if self.last_event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake_ok = True
+
+    def explain_silence(self) -> str:
+        """Why no answer came, as far as the connection's events tell."""
+        if self.last_event in _FAILED_AUTH:
+            return ("the site there did not prove the expected key (wrong address, or the key"
+                    " in the token does not match the site at that address)")
+        if self.last_event == zmq.EVENT_CONNECT_RETRIED:
+            return "the connection was refused (nothing listening there, or a firewall)"
+        if self.handshake_ok:
+            return "connected, but the site did not answer in time"
+        return "no connection could be made (unreachable, or a firewall drops the packets)"
+
+    async def request(self, msg: dict[str, Any], rid: int, timeout: float) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            await self.sock.send(wire.encode(msg))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiting.pop(rid, None)
+
+    def close(self) -> None:
+        self._reader.cancel()
+        self._watcher.cancel()
+        self.sock.disable_monitor()
+        self._monitor.close(0)
+        self.sock.close(0)
+
+
+class Unreachable(RemoteError):
+    """No answer from a peer at any of the addresses tried."""
+
+    reason = "unreachable"
+
+
+class Dialer:
+    """Sends requests to peers, keeping one link per (key, address) while it works."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes]) -> None:
+        self._ctx = ctx
+        self._curve = curve
+        self._links: dict[tuple[bytes, str], _Link] = {}
+        self._ids = itertools.count(1)
+
+    async def request(self, server_key: bytes, addresses: list[str], msg: dict[str, Any],
+                      timeout: float) -> tuple[dict[str, Any], str]:
+        """Send ``msg`` to the peer holding ``server_key`` (X25519), trying each address in turn.
+
+        Returns the answer and the address that gave it; raises Unreachable with the reason
+        for each address tried."""
+        if not addresses:
+            raise Unreachable("the site has no address to dial (it can only dial out)")
+        failures = []
+        for address in addresses:
+            link = self._links.get((server_key, address))
+            if link is None:
+                try:
+                    link = self._links[(server_key, address)] = _Link(
+                        self._ctx, self._curve, server_key, address)
+                except zmq.ZMQError as exc:
+                    failures.append(f"{address}: {exc}")
+                    continue
+            rid = next(self._ids)
+            try:
+                return await link.request({**msg, "id": rid}, rid, timeout), address
+            except asyncio.TimeoutError:
+                failures.append(f"{address}: {link.explain_silence()}")
+                link.close()
+                del self._links[(server_key, address)]
+        raise Unreachable("no answer from " + "; ".join(failures))
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()

@@ -1,0 +1,58 @@
+"""Slowing down repeated failures from one source (pure: ``now`` is passed in).
+
+After the n-th failure from a source it must wait ``base * 2**(n-1)`` seconds (at most ``cap``)
+before its next attempt is even looked at.  A success does not reset the count: a source that
+guesses wrong secrets gains nothing from one right answer for another invitation.  Entries that
+have been quiet for longer than ``cap`` are forgotten, so memory stays bounded by the number of
+sources active in the last ``cap`` seconds (and by ``max_sources``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class _Entry:
+    failures: int
+    blocked_until: float
+    last: float
+
+
+@dataclass(slots=True)
+class Throttle:
+    base: float = 1.0
+    cap: float = 300.0
+    max_sources: int = 10_000
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+
+    def retry_after(self, source: str, now: float) -> float:
+        """Seconds ``source`` must still wait; 0 when it may try now."""
+        entry = self._entries.get(source)
+        if entry is None:
+            return 0.0
+        return max(0.0, entry.blocked_until - now)
+
+    def failure(self, source: str, now: float) -> float:
+        """Count a failure; returns the wait now imposed on ``source``."""
+        self._forget_quiet(now)
+        entry = self._entries.get(source)
+        if entry is None:
+            if len(self._entries) >= self.max_sources:
+                oldest = min(self._entries, key=lambda k: self._entries[k].last)
+                del self._entries[oldest]
+            entry = self._entries[source] = _Entry(0, now, now)
+        entry.failures += 1
+        entry.last = now
+        wait = min(self.cap, self.base * 2 ** min(entry.failures - 1, 30))
+        entry.blocked_until = now + wait
+        return wait
+
+    def failures(self, source: str) -> int:
+        entry = self._entries.get(source)
+        return 0 if entry is None else entry.failures
+
+    def _forget_quiet(self, now: float) -> None:
+        stale = [k for k, e in self._entries.items() if now - e.blocked_until > self.cap]
+        for k in stale:
+            del self._entries[k]
