@@ -556,7 +556,7 @@ class Daemon:
 
 def init_site(home: Home, name: str, listen: str | None) -> SiteKey:
     """Create a site's state directory: key (0600), config, trust store. Refuses to overwrite."""
-    if not records._NAME_RE.fullmatch(name):
+    if not records.is_valid_name(name):
         raise LocalError("a site name is 1 to 64 letters, digits, '.', '_' or '-', starting with"
                          " a letter or digit", reason="usage")
     if home.exists():

@@ -52,8 +52,8 @@ class StateError(LocalError):
 class RecordError(RemoteError):
     """A signed record, vouch, revocation or genesis failed verification.
 
-    Reasons: ``malformed``, ``oversized``, ``type``, ``mesh``, ``signature``, ``expired``,
-    ``stale`` (an older sequence than the one we hold), ``revoked``, ``unauthorized``.
+    Reasons: ``malformed``, ``oversized``, ``type``, ``mesh``, ``signature``, ``future`` (issued
+    too far ahead of our clock), ``expired``, ``stale`` (an older sequence than the one we hold), ``revoked``, ``unauthorized``.
     """
 
 

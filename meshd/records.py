@@ -62,6 +62,7 @@ __all__ = [
     "SiteRecord",
     "Vouch",
     "decode",
+    "is_valid_name",
     "sign",
 ]
 
@@ -161,6 +162,12 @@ def _uint(v: object, what: str) -> int:
     if type(v) is not int or not 0 <= v <= MAX_INT:
         raise _Invalid(f"{what} is not a non-negative integer")
     return v
+
+
+def is_valid_name(name: str) -> bool:
+    """True if ``name`` may name a site or a mesh: 1..64 of ``[A-Za-z0-9._-]``, starting with a
+    letter or digit."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def _name(v: object, what: str) -> str:
