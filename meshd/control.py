@@ -84,6 +84,7 @@ class ControlServer:
             web.get(api.METRICS, self.metrics),
         ])
         self._runner: web.AppRunner | None = None
+        self._path: Path | None = None
 
     async def start(self, path: Path) -> None:
         if path.exists():
@@ -99,10 +100,13 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        self._path = path
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
 
     async def status(self, request: web.Request) -> web.Response:
         return _json(self.daemon.status())
