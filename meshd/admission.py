@@ -103,8 +103,11 @@ class Admissions:
         return JoinRefused(message, reason=reason)
 
     def handle_join(self, msg: dict[str, Any], joiner_curve: bytes, source: str,
-                    now: int) -> dict[str, Any]:
-        """Answer one join request; raises JoinRefused with the reason for the joiner."""
+                    now: int, *, forwarded: bool = False) -> dict[str, Any]:
+        """Answer one join request; raises JoinRefused with the reason for the joiner.
+
+        ``joiner_curve`` is the key that authenticated the connection: the joiner's own, or,
+        when ``forwarded``, that of the member forwarding the join (which the caller checked)."""
         wait = self.throttle.retry_after(source, now)
         if wait > 0:
             self.refused["throttled"] += 1
@@ -128,7 +131,7 @@ class Admissions:
                                   joiner_key=joiner)
         if not hmac.compare_digest(proof, msg["proof"]):
             raise self._refuse("bad-secret", "the invitation's secret does not match", source, now)
-        if curve_public_of(joiner) != joiner_curve:
+        if curve_public_of(joiner) != joiner_curve and not forwarded:
             raise self._refuse("bad-record", "the joiner's record is for another key than the one"
                                " that signed the connection", source, now)
         held = self.store.redemption(row.id, joiner)

@@ -236,7 +236,9 @@ class Daemon:
                 return await self._forward_join(msg)
             source = info.address
             before = self.admissions.admitted
-            reply = self.admissions.handle_join(msg, info.curve_key, source, now)
+            forwarded = info.curve_key in self.view.by_curve  # an alternate passing a join on
+            reply = self.admissions.handle_join(msg, info.curve_key, source, now,
+                                                forwarded=forwarded)
             if self.admissions.admitted != before:
                 log.info("admitted a new site (fingerprint %s)", reply.get("joiner_fp"))
                 self.announce()

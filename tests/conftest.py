@@ -58,6 +58,13 @@ class Site:
         self.proc = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to flush anything."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(20)
+        self.proc = None
+
     def log(self) -> str:
         path = self.home / "daemon.log"
         return path.read_text() if path.exists() else ""
