@@ -196,7 +196,7 @@ class Admissions:
         out = []
         for r in self.store.redemptions("pending"):
             try:
-                rec = records.decode(r.record, now=int(time.time()), kinds=("site-record",))
+                rec = records.decode(r.record, now=r.created, kinds=("site-record",))
                 addrs = rec.body.addrs if isinstance(rec.body, SiteRecord) else ()
             except RecordError:
                 addrs = ()

@@ -135,7 +135,7 @@ def load(path: Path) -> Config:
             raise LocalError(f"config: {key} in {path} must be a {type(default).__name__}",
                              reason="config")
         if isinstance(default, float):
-            value = float(value)
+            value = float(value)  # type: ignore[arg-type]
         if isinstance(default, list) and not all(isinstance(v, str) for v in value):
             raise LocalError(f"config: {key} in {path} must be a list of strings", reason="config")
         kwargs[key] = value

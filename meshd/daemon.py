@@ -213,7 +213,7 @@ class Daemon:
         reachable = self.bound is not None
         if held is not None and (held.name, held.addrs, held.reachable) == (self.name, addrs, reachable):
             return False
-        seq = max(held.seq if held else 0, int(self.store.get_meta("own_seq") or 0)) + 1
+        seq = max(held.seq if held else 0, self.store.get_int("own_seq")) + 1
         self.store.set_meta("own_seq", seq)
         signed = records.sign(SiteRecord(self.key.public, mesh_id, self.name, addrs, reachable,
                                          seq, self._now()), self.key)
@@ -221,7 +221,7 @@ class Daemon:
         return True
 
     def _own_record_for(self, mesh_id: bytes) -> records.Signed:
-        seq = int(self.store.get_meta("own_seq") or 0) + 1  # kept only once admitted
+        seq = self.store.get_int("own_seq") + 1  # kept only once admitted
         return records.sign(SiteRecord(self.key.public, mesh_id, self.name, tuple(self.addrs),
                                        self.bound is not None, seq, self._now()), self.key)
 
@@ -432,7 +432,7 @@ class Daemon:
                      if self.view.mesh_id else "")
         addrs = [tokens.Address.parse(a) for a in self.addrs]
         alternates = []
-        for key, member in self.view.members.items():
+        for key in self.view.members:
             rec = self.view.record_of(key)
             if key != self.key.public and rec is not None and rec.reachable and rec.addrs:
                 alternates.append(tokens.Alternate(key, tuple(tokens.Address.parse(a)

@@ -9,12 +9,10 @@ each daemon's control socket, and the daemons over their CURVE peer ports on loo
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -94,23 +92,23 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
             email = _as_email(inv["token"], names[i - 1], names[i])
             j = joiner.join(email)
             if last:
-                j = wait_until(lambda: (s := joiner.join_state(j["id"], wait=2, state="connecting"))
-                               ["state"] != "connecting" and s, 30, "the join to reach the inviter")
+                j = _wait_join(joiner, j, ("pending", "admitted", "failed"), 30,
+                               "the join to reach the inviter")
                 _step(f"{names[i]} waits; compare by phone: joiner {j['fingerprint']},"
                       f" inviter {j['inviter_fingerprint']}", quiet)
                 pend = wait_until(inviter.pending, 30, "the pending join")
                 _step(f"{names[i - 1]} sees pending join of {pend[0]['name']}"
                       f" ({pend[0]['fingerprint']}); approves", quiet)
                 inviter.approve(pend[0]["fingerprint"])
-            j = wait_until(lambda: (s := joiner.join_state(j["id"], wait=2, state=j["state"]))
-                           ["state"] in ("admitted", "failed") and s, 60, f"{names[i]} to be admitted")
+            j = _wait_join(joiner, j, ("admitted", "failed"), 60, f"{names[i]} to be admitted")
             if j["state"] != "admitted":
                 raise MeshdError(f"{names[i]} could not join: {j['error']}")
             _step(f"{names[i]} joined", quiet)
 
         _step("waiting until every site knows every member by its verified record", quiet)
         for name, c in zip(names, clients):
-            wait_until(lambda c=c: sum(p["verified"] for p in c.peers()) == sites, 60,
+            wait_until(lambda c=c: sum(p["verified"] for p in c.peers()) == sites,  # type: ignore[misc]
+                       60,
                        f"{name} to know all {sites} sites")
         for name, c in zip(names, clients):
             peers = c.peers()
@@ -127,8 +125,7 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
             late = Client(extra)
             wait_until(late.status, 30, "the latecomer's daemon")
             j = late.join(used_token)
-            j = wait_until(lambda: (s := late.join_state(j["id"], wait=2, state=j["state"]))
-                           ["state"] in ("admitted", "failed") and s, 60, "the reused token's answer")
+            j = _wait_join(late, j, ("admitted", "failed"), 60, "the reused token's answer")
             result["reused_token"] = j
             _step(f"\na latecomer tries the used invitation again: {j['state']}"
                   f" ({(j['error'] or {}).get('message')})", quiet)
@@ -143,13 +140,24 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
         return 1
     finally:
         if not keep:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
                 try:
-                    p.wait(10)
+                    proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    p.kill()
+                    proc.kill()
+
+
+def _wait_join(client: Client, join: dict[str, Any], until: tuple[str, ...], timeout: float,
+               what: str) -> dict[str, Any]:
+    """Long-poll a join's state until it is one of ``until``."""
+    def poll() -> dict[str, Any] | None:
+        state = client.join_state(join["id"], wait=2, state=join["state"])
+        return state if state["state"] in until else None
+
+    result: dict[str, Any] = wait_until(poll, timeout, what)
+    return result
 
 
 def _indent(text: str) -> str:

@@ -159,7 +159,7 @@ class MeshView:
         me = members.get(self.key.public)
         if me is None:
             raise RecordError("the snapshot does not make this site a member", reason="unauthorized")
-        site_records = {}
+        site_records: dict[bytes, tuple[bytes, int, bytes]] = {}
         for s in decoded:
             if s.kind == "site-record" and s.signer in members:
                 body = s.body

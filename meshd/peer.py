@@ -100,8 +100,7 @@ class PeerServer:
                 continue
             ident, frame = frames
             try:
-                user = frame.get("User-Id")
-                curve_key = z85.decode(user.encode() if isinstance(user, str) else user)
+                curve_key = z85.decode(str(frame.get("User-Id")).encode())
                 info = PeerInfo(curve_key, str(frame.get("Peer-Address")))
             except (ValueError, zmq.ZMQError):
                 self.dropped += 1
@@ -186,7 +185,7 @@ class _Link:
 
     async def _watch(self) -> None:
         while True:
-            event = await recv_monitor_message(self._monitor)  # type: ignore[misc]
+            event = await recv_monitor_message(self._monitor)
             self.last_event = int(event["event"])
             if self.last_event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshake_ok = True

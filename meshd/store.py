@@ -97,6 +97,11 @@ class Store:
 
     # -- site settings -------------------------------------------------------------------------
 
+    def get_int(self, key: str, default: int = 0) -> int:
+        """An integer setting, or ``default`` when unset."""
+        value = self.get_meta(key)
+        return value if isinstance(value, int) else default
+
     def get_meta(self, key: str) -> object:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]

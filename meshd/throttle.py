@@ -44,7 +44,7 @@ class Throttle:
             entry = self._entries[source] = _Entry(0, now, now)
         entry.failures += 1
         entry.last = now
-        wait = min(self.cap, self.base * 2 ** min(entry.failures - 1, 30))
+        wait = float(min(self.cap, self.base * 2.0 ** min(entry.failures - 1, 30)))
         entry.blocked_until = now + wait
         return wait
 
