@@ -17,7 +17,7 @@ JOINS = "/v1/joins"            # POST {"text"} -> Join ;  GET /v1/joins/{id}?wai
 PENDING = "/v1/pending"        # GET  -> [Pending]
 APPROVE = "/v1/pending/approve"  # POST {"fingerprint"} -> Pending (decided)
 DENY = "/v1/pending/deny"      # POST {"fingerprint"} -> Pending (decided)
-PEERS = "/v1/peers"            # GET  -> [Peer]
+PEERS = "/v1/peers"            # GET  -> [Peer];  ?discovered=1 -> [Discovered]
 REVOKE = "/v1/revoke"          # POST {"site", "reason"} -> {"revoked": site_id, "name": …}
 METRICS = "/v1/metrics"        # GET  -> Prometheus text exposition
 

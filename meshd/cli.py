@@ -160,6 +160,14 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
+    if args.discovered:
+        seen = Client(args.home).peers(discovered=True)
+        _out(args, seen, lambda: _table(
+            [[r["name"], "member" if r["member"] else "not a member", r["fingerprint"],
+              r["site_id"][:12], ",".join(r["addrs"])] for r in seen],
+            ["NAME", "TRUST", "FINGERPRINT", "SITE", "LAN ADDRESSES"]) if seen
+            else "no meshd daemons seen on the LAN")
+        return 0
     rows = Client(args.home).peers()
     _out(args, rows, lambda: _table(
         [[r["name"], r["state"], r["role"] or "-", r["fingerprint"], r["site_id"][:12],
@@ -224,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("approve", "admit a pending join"), ("deny", "refuse a pending join")):
         sp = add(name, cmd_decide, text)
         sp.add_argument("fingerprint", help="the joiner's fingerprint, as `meshd pending` shows it")
-    add("peers", cmd_peers, "list the mesh's members with their verified records")
+    sp = add("peers", cmd_peers, "list the mesh's members with their verified records")
+    sp.add_argument("--discovered", action="store_true",
+                    help="list daemons seen on the LAN instead (members and strangers)")
     sp = add("revoke", cmd_revoke, "shut a site out of the mesh (name, site id or fingerprint)")
     sp.add_argument("site")
     sp.add_argument("--reason", default="")

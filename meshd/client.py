@@ -109,8 +109,9 @@ class Client:
     def deny(self, fingerprint: str) -> dict[str, Any]:
         return self._call("POST", api.DENY, {"fingerprint": fingerprint})  # type: ignore[no-any-return]
 
-    def peers(self) -> list[dict[str, Any]]:
-        return self._call("GET", api.PEERS)  # type: ignore[no-any-return]
+    def peers(self, *, discovered: bool = False) -> list[dict[str, Any]]:
+        """Members with their verified records; with ``discovered``, daemons seen on the LAN."""
+        return self._call("GET", api.PEERS + ("?discovered=1" if discovered else ""))  # type: ignore[no-any-return]
 
     def revoke(self, site: str, reason: str = "") -> dict[str, Any]:
         return self._call("POST", api.REVOKE, {"site": site, "reason": reason})  # type: ignore[no-any-return]

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,6 +51,14 @@ class Config:
     join_failure_cap: float = 300.0
     """Longest wait imposed on a source that keeps sending wrong join secrets, in seconds."""
 
+    discovery: bool = True
+    """Advertise this site and look for others on the LAN with zeroconf (mDNS). A member seen
+    there is also dialed at its LAN address; anyone else is only listed."""
+
+    discovery_interfaces: list[str] = field(default_factory=list)
+    """IPv4 addresses of the interfaces for mDNS. Empty: the listen address's interface when it
+    listens on one address, otherwise every interface."""
+
     log_level: str = "info"
     """One of debug, info, warning, error."""
 
@@ -56,6 +66,10 @@ class Config:
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise LocalError(f"config: log_level must be debug, info, warning or error,"
                              f" not {self.log_level!r}", reason="config")
+        for name in ("sync_interval", "request_timeout", "invite_expiry", "join_failure_base",
+                     "join_failure_cap", "vouch_lifetime"):
+            if not math.isfinite(getattr(self, name)):
+                raise LocalError(f"config: {name} must be a finite number", reason="config")
         for name in ("sync_interval", "request_timeout", "invite_expiry", "join_failure_base",
                      "join_failure_cap"):
             if getattr(self, name) <= 0:
@@ -96,7 +110,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML-safe
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -159,6 +159,8 @@ class ControlServer:
         return _json(_decided(done))
 
     async def peers(self, request: web.Request) -> web.Response:
+        if request.query.get("discovered") in ("1", "true", "yes"):
+            return _json(self.daemon.discovered())
         return _json(self.daemon.peers())
 
     async def revoke(self, request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ import zmq.asyncio
 from . import __version__, config as config_mod, records, tokens
 from .admission import Admissions
 from .config import Config
+from .discovery import Discovery, Sighting
 from .errors import JoinRefused, LocalError, MeshdError, RecordError, RemoteError, StateError, TokenError
 from .home import Home
 from .identity import SiteKey, curve_public_of, fingerprint_of, site_id_of
@@ -112,6 +113,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._rng = random.Random()
+        self.discovery: Discovery | None = None
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -127,6 +129,8 @@ class Daemon:
         self.addrs = advertised_addresses(self.config, self.bound)
         self.admissions.recover(self._now())
         self._refresh_own_record()
+        if self.config.discovery:
+            await self._start_discovery()
         self.control = ControlServer(self)
         await self.control.start(self.home.socket_path)
         self.home.pid_path.write_text(f"{os.getpid()}\n")
@@ -138,6 +142,36 @@ class Daemon:
             log.info("member of mesh %s (%s) with %d members", self.view.mesh_name,
                      self.view.mesh_id.hex(), len(self.view.members))
             self.announce()
+
+    async def _start_discovery(self) -> None:
+        interfaces = list(self.config.discovery_interfaces)
+        host = self.bound.rpartition(":")[0] if self.bound else ""
+        if not interfaces and host and host not in ("0.0.0.0", "*"):
+            interfaces = [host]
+        self.discovery = Discovery(
+            name=self.name, key=self.key.public, mesh_id=self.view.mesh_id,
+            port=int(self.bound.rpartition(":")[2]) if self.bound else None,
+            addresses=[a.rpartition(":")[0] for a in self.addrs], interfaces=interfaces or None,
+            on_sighting=self._on_sighting)
+        try:
+            await self.discovery.start()
+        except OSError as exc:
+            log.warning("LAN discovery is off: %s", exc)
+            self.discovery = None
+
+    def _on_sighting(self, sighting: Sighting) -> None:
+        if self.view.is_member(sighting.key) and sighting.key not in self.contacts:
+            self._spawn(self.sync_with(sighting.key), "sync-discovered")
+
+    def dial_addresses(self, key: bytes) -> list[str]:
+        """Where to dial a member: LAN addresses seen by discovery first, then its record's."""
+        out: list[str] = []
+        if self.discovery is not None and (s := self.discovery.sightings.get(key)) is not None:
+            out += s.addrs
+        rec = self.view.record_of(key)
+        if rec is not None:
+            out += [a for a in rec.addrs if a not in out]
+        return out
 
     async def _bind(self, server: PeerServer, listen: str) -> str:
         """Bind the peer port; with port 0, prefer the port picked last time, so that addresses
@@ -173,6 +207,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if getattr(self, "control", None) is not None:
             await self.control.stop()
+        if self.discovery is not None:
+            await self.discovery.close()
         if self._server is not None:
             await self._server.close()
         if self.dialer is not None:
@@ -294,19 +330,19 @@ class Daemon:
 
     async def sync_with(self, key: bytes) -> bool:
         """One push-pull exchange with a member; True if it answered."""
-        rec = self.view.record_of(key)
-        if rec is None or not rec.addrs or self.dialer is None or self.view.mesh_id is None:
+        addrs = self.dial_addresses(key)
+        if not addrs or self.dialer is None or self.view.mesh_id is None:
             return False
         msg = {"t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}
         try:
-            reply, _ = await self.dialer.request(curve_public_of(key), list(rec.addrs), msg,
+            reply, _ = await self.dialer.request(curve_public_of(key), addrs, msg,
                                                  self.config.request_timeout)
         except Unreachable as exc:
             self._contact(key, ok=False, error=str(exc))
             return False
         if reply["t"] == "error":
             self._contact(key, ok=False, error=reply["message"])
-            log.warning("%s refused sync: %s", rec.name, reply["message"])
+            log.warning("%s refused sync: %s", self.view.name_of(key), reply["message"])
             return False
         self._contact(key, ok=True)
         result = self.view.ingest(reply.get("items", []), self._now())
@@ -325,7 +361,7 @@ class Daemon:
             await asyncio.sleep(interval * (0.5 + self._rng.random()))
             self.view.load(self._now()) if self._expiry_passed() else None
             others = [k for k in self.view.members if k != self.key.public
-                      and (r := self.view.record_of(k)) is not None and r.addrs]
+                      and self.dial_addresses(k)]
             if others:
                 await self.sync_with(self._rng.choice(others))
 
@@ -416,6 +452,8 @@ class Daemon:
             raise RecordError("the inviter sent a vouch for another site", reason="unauthorized")
         self.view.adopt([*reply.get("items", []), vouch.raw, record.raw], inv.mesh_id, now)
         self._refresh_own_record()
+        if self.discovery is not None:
+            self._spawn(self.discovery.update(self.view.mesh_id), "discovery-update")
         log.info("joined mesh %s (%s) through %s; %d members", self.view.mesh_name,
                  inv.mesh_id.hex(), reply.get("inviter_name"), len(self.view.members))
         self.announce()
@@ -428,6 +466,8 @@ class Daemon:
         if self.view.mesh_id is None:
             self.view.found(self.name, os.urandom(16), now)
             self._refresh_own_record()
+            if self.discovery is not None:
+                self._spawn(self.discovery.update(self.view.mesh_id), "discovery-update")
             log.info("founded mesh %s (%s)", self.view.mesh_name, self.view.mesh_id.hex()
                      if self.view.mesh_id else "")
         addrs = [tokens.Address.parse(a) for a in self.addrs]
@@ -546,6 +586,15 @@ class Daemon:
                 "error": contact.error if contact else None,
             })
         return out
+
+    def discovered(self) -> list[dict[str, Any]]:
+        """Daemons seen on the LAN; only members are trusted, and only after a handshake."""
+        if self.discovery is None:
+            return []
+        return [{"name": s.name, "site_id": s.site_id, "fingerprint": fingerprint_of(s.key),
+                 "mesh_id": s.mesh_id.hex() if s.mesh_id else None, "addrs": list(s.addrs),
+                 "member": self.view.is_member(s.key), "seen": s.seen}
+                for s in sorted(self.discovery.sightings.values(), key=lambda s: s.name)]
 
     def join_view(self, attempt: JoinAttempt) -> dict[str, Any]:
         inv = attempt.invitation

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import re
 import unicodedata
 import zlib
@@ -282,6 +283,10 @@ _SKIP = frozenset("\u00ad\u2010\u2011\u2012\u2013\u2014\u2212\u200b\u200c\u200d\
 _NOT_FOUND = "no meshd invitation found in the input; paste the whole token starting with MESHD1"
 _CHECKSUM = "the invitation has a typo: its check code does not match; copy it again"
 
+# Bounds on the work for hostile input: prefixes tried, separators in a row within a token.
+_MAX_CANDIDATES = 100
+_MAX_GAP = 200
+
 # How far a failed candidate got; parse reports the error of the one that got furthest.
 _RANK_BAD_LENGTH, _RANK_TRUNCATED, _RANK_CHECKSUM, _RANK_VERSION, _RANK_MALFORMED = range(5)
 
@@ -318,23 +323,26 @@ def _collect(text: str, start: int) -> tuple[str, str]:
     byte asks for (fewer if cut short), and the foreign character that ended it (or "")."""
     symbols: list[str] = []
     need = 2
-    dashes = 0
-    for ch in text[start:]:
+    dashes = gap = 0
+    for i in range(start, len(text)):  # no slice: a text may hold many prefixes
+        ch = text[i]
         if len(symbols) >= need:
-            return "".join(symbols), ""
-        if ch == "-":
-            dashes += 1
-            if dashes >= 3:  # an armor line such as -----END MESHD INVITATION-----
-                return "".join(symbols), ""
-        elif base32.is_symbol(ch):
-            dashes = 0
+            break
+        if base32.is_symbol(ch):
+            dashes = gap = 0
             symbols.append(ch)
             if len(symbols) == 2:
                 need = max(2, base32.encoded_length(_first_byte(symbols)))
+            continue
+        if ch == "-":
+            dashes += 1
         elif ch.isspace() or ch in _SKIP:
             dashes = 0
         else:
             return "".join(symbols), ch
+        gap += 1
+        if dashes >= 3 or gap > _MAX_GAP:  # an armor line such as -----END MESHD INVITATION-----
+            break
     return "".join(symbols), ""
 
 
@@ -430,12 +438,14 @@ def _unpack_v1(body: bytes) -> Invitation:
 
 def parse(text: str) -> Invitation:
     """Find and decode the token anywhere in ``text`` (a whole pasted email: quoted, re-wrapped,
-    CRLF, quoted-printable, any case, prose around).  Raises only TokenError, with reason
-    ``not-found``, ``truncated``, ``checksum``, ``version`` or ``malformed``."""
+    CRLF, quoted-printable, any case, prose around).  Tries the first 100 occurrences of MESHD1
+    in order and returns the first that decodes; else raises the TokenError of the one that got
+    furthest: ``not-found``, ``truncated``, ``checksum``, ``version`` or ``malformed``.  Raises
+    nothing else, whatever the input."""
     clean = _unwrap(text)
     best: _Rejected | None = None
     best_key = (-1, -1)
-    for m in _PREFIX_RE.finditer(clean):
+    for m in itertools.islice(_PREFIX_RE.finditer(clean), _MAX_CANDIDATES):
         symbols, stop = _collect(clean, m.end())
         if len(symbols) < 2:
             continue

@@ -178,3 +178,21 @@ def test_init_refuses_overwrite_and_run_refuses_loose_key(tmp_path: Path) -> Non
     r = meshd("run", home=home, timeout=30)
     assert r.returncode == 1
     assert "chmod 600" in r.stderr
+
+
+def test_two_daemons_find_each_other_on_the_lan_without_addresses(sites: Any) -> None:
+    a, b = sites("aps-8id"), sites("alcf")
+
+    def sees(site: Site, other: Site) -> dict[str, Any] | None:
+        other_id = other.json("status")["site_id"]
+        hits = [s for s in site.client.peers(discovered=True) if s["site_id"] == other_id]
+        return hits[0] if hits else None
+
+    seen = wait_until(lambda: sees(a, b), 30, "aps-8id to see alcf by mDNS")
+    assert seen["name"] == "alcf" and seen["member"] is False
+    assert seen["addrs"] == [b.json("status")["listen"]]
+    wait_until(lambda: sees(b, a), 30, "alcf to see aps-8id by mDNS")
+    r = a.cli("peers", "--discovered", "--json")
+    assert r.returncode == 0 and any(s["name"] == "alcf" for s in json.loads(r.stdout))
+    # A stranger on the LAN is listed, never trusted: it is not among the members.
+    assert "alcf" not in {p["name"] for p in a.client.peers()}
