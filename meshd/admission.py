@@ -97,22 +97,32 @@ class Admissions:
     def _refuse(self, reason: str, message: str, source: str | None = None,
                 now: float = 0.0) -> JoinRefused:
         self.refused[reason] += 1
+        wait = None
         if source is not None:
             wait = self.throttle.failure(source, now)
             message += f" (further tries from this address are slowed: wait {wait:.0f} s)"
-        return JoinRefused(message, reason=reason)
+        return JoinRefused(message, reason=reason, retry_after=wait)
 
-    def handle_join(self, msg: dict[str, Any], joiner_curve: bytes, source: str,
-                    now: int, *, forwarded: bool = False) -> dict[str, Any]:
-        """Answer one join request; raises JoinRefused with the reason for the joiner.
-
-        ``joiner_curve`` is the key that authenticated the connection: the joiner's own, or,
-        when ``forwarded``, that of the member forwarding the join (which the caller checked)."""
+    def check_throttle(self, source: str, now: float) -> None:
+        """Refuse at once a source that must still wait after failed joins."""
         wait = self.throttle.retry_after(source, now)
         if wait > 0:
             self.refused["throttled"] += 1
             raise JoinRefused(f"too many failed joins from {source}; try again in {wait:.0f} s",
-                              reason="throttled")
+                              reason="throttled", retry_after=wait)
+
+    def handle_join(self, msg: dict[str, Any], joiner_curve: bytes, source: str | None,
+                    now: int, *, forwarded: bool = False) -> dict[str, Any]:
+        """Answer one join request; raises JoinRefused with the reason for the joiner.
+
+        ``joiner_curve`` is the key that authenticated the connection: the joiner's own, or,
+        when ``forwarded``, that of the member forwarding the join (which the caller checked).
+        A forwarded join is throttled by the forwarding member, which sees the joiner's address
+        (see ``check_throttle``), not here: the address here is the member's."""
+        if forwarded or source is None:
+            source = None
+        else:
+            self.check_throttle(source, now)
         row = self.store.invitation(msg["invite"])
         if row is None:
             raise self._refuse("unknown", "this site issued no such invitation", source, now)
@@ -223,6 +233,16 @@ class Admissions:
         r = self._find_pending(fingerprint)
         row = self.store.invitation(r.invite_id)
         assert row is not None
+        me = self.view.members.get(self.key.public)
+        if me is None or me.role != "introducer":
+            raise LocalError("this site is no longer an introducer and cannot admit anyone",
+                             reason="not-introducer")
+        if self.view.is_revoked(r.joiner):
+            raise LocalError("that site's key has been revoked from the mesh; deny it",
+                             reason="revoked")
+        if any(k != r.joiner and self.view.name_of(k) == r.name for k in self.view.members):
+            raise LocalError(f"the mesh already has a site named {r.name!r}; deny this join",
+                             reason="name-taken")
         vouch = self._vouch(r.joiner, r.name, row.role, now)
         self.store.decide(r.invite_id, r.joiner, now, state="admitted", vouch=vouch.raw)
         self._admit(vouch, r.record, now)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 import math
 import tomllib
@@ -41,8 +42,9 @@ class Config:
     invite_expiry: float = 72 * 3600.0
     """Default lifetime of an invitation in seconds (``meshd invite --expires`` overrides)."""
 
-    vouch_lifetime: float = 365 * 86400.0
-    """How long a membership granted by this site lasts, in seconds (0: no expiry)."""
+    vouch_lifetime: float = 0.0
+    """How long a membership granted by this site lasts, in seconds (0: until revoked). Vouches
+    are not renewed yet, so a lifetime ends the membership, and that of sites admitted through it."""
 
     join_failure_base: float = 1.0
     """Throttle for wrong join secrets: after n failures from one source address it must wait
@@ -76,15 +78,23 @@ class Config:
                 raise LocalError(f"config: {name} must be positive", reason="config")
         if self.listen:
             check_listen(self.listen)
+        for address in self.advertise:
+            check_listen(address, allow_port_zero=False)
         if self.vouch_lifetime < 0:
             raise LocalError("config: vouch_lifetime must be >= 0", reason="config")
 
 
-def check_listen(text: str) -> str:
-    """Validate a listen address ``HOST:PORT`` (port 0 allowed); returns it, or raises LocalError."""
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]|\*")
+
+
+def check_listen(text: str, *, allow_port_zero: bool = True) -> str:
+    """Validate ``HOST:PORT`` (an IPv4 address, ``[IPv6]``, a DNS name or ``*``); returns it,
+    or raises LocalError naming what is wrong."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise LocalError(f"listen address {text!r} must be HOST:PORT with a port 0..65535",
+    low = 0 if allow_port_zero else 1
+    if not sep or not _HOST_RE.fullmatch(host) or not port.isdigit() \
+            or not low <= int(port) <= 65535:
+        raise LocalError(f"address {text!r} must be HOST:PORT with a port {low}..65535",
                          reason="usage")
     return text
 

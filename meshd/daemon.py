@@ -269,7 +269,7 @@ class Daemon:
         self.count(f"peer_requests_{kind}")
         if kind == "join":
             if msg["inviter"] != self.key.public:
-                return await self._forward_join(msg)
+                return await self._forward_join(msg, info.address, now)
             source = info.address
             before = self.admissions.admitted
             forwarded = info.curve_key in self.view.by_curve  # an alternate passing a join on
@@ -296,8 +296,12 @@ class Daemon:
             return {"t": "ok", "items": self.view.snapshot()}
         raise RemoteError(f"unsupported request {kind!r}", reason="type")
 
-    async def _forward_join(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """An alternate named in a token passes a join on to the inviter (it sees only a proof)."""
+    async def _forward_join(self, msg: dict[str, Any], source: str, now: int) -> dict[str, Any]:
+        """An alternate named in a token passes a join on to the inviter (it sees only a proof).
+
+        The alternate throttles the joiner's address as the inviter would, since the inviter
+        sees only the alternate's."""
+        self.admissions.check_throttle(source, now)
         inviter = msg["inviter"]
         rec = self.view.record_of(inviter)
         if rec is None or not self.view.is_member(inviter) or self.dialer is None:
@@ -311,6 +315,8 @@ class Daemon:
             raise JoinRefused(f"the inviter is unreachable from this alternate: {exc}",
                               reason="unreachable") from None
         self.count("joins_forwarded")
+        if reply["t"] == "error" and reply["reason"] in ("unknown", "bad-secret", "bad-record"):
+            self.admissions.throttle.failure(source, now)
         return {k: v for k, v in reply.items() if k != "id"}
 
     def _log_ingest(self, result: Any, key: bytes) -> None:
@@ -374,6 +380,12 @@ class Daemon:
     def start_join(self, text: str) -> JoinAttempt:
         """Check a pasted invitation and start redeeming it; errors come back at once."""
         inv = tokens.parse(text)
+        try:
+            for key in (inv.inviter_key, *(alt.key for alt in inv.alternates)):
+                curve_public_of(key)
+        except ValueError:
+            raise TokenError("the invitation names a key that is not a valid site key; ask for a"
+                             " new invitation", reason="malformed") from None
         tokens.check_expiry(inv, time.time())
         if inv.inviter_key == self.key.public:
             raise TokenError("this invitation was issued by this very site", reason="own-token")

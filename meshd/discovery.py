@@ -18,10 +18,13 @@ from typing import Any, Callable
 
 from . import base32
 from .identity import site_id_of
+from .records import is_valid_name
 
 log = logging.getLogger("meshd.discovery")
 
 SERVICE_TYPE = "_meshd._tcp.local."
+MAX_SIGHTINGS = 1024
+"""Most daemons remembered from the LAN; the longest unseen is forgotten first."""
 TXT_VERSION = "1"
 
 
@@ -56,7 +59,7 @@ def parse_properties(props: dict[bytes, bytes | None]) -> tuple[str, bytes, byte
         mesh = bytes.fromhex(text["mesh"]) if text.get("mesh") else None
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
-    if len(key) != 32 or not 1 <= len(name) <= 64 or (mesh is not None and len(mesh) != 16):
+    if len(key) != 32 or not is_valid_name(name) or (mesh is not None and len(mesh) != 16):
         return None
     return name, key, mesh
 
@@ -147,6 +150,8 @@ class Discovery:
         addrs = tuple(f"{ip}:{info.port}" for ip in info.parsed_addresses())[:8]
         sighting = Sighting(peer_name, key, mesh_id, addrs, time.time())
         new = key not in self.sightings
+        if new and len(self.sightings) >= MAX_SIGHTINGS:
+            del self.sightings[min(self.sightings, key=lambda k: self.sightings[k].seen)]
         self.sightings[key] = sighting
         if new:
             log.info("discovered %s (%s) on the LAN at %s", peer_name, sighting.site_id,

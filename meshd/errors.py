@@ -62,7 +62,14 @@ class ProtocolError(RemoteError):
 
 
 class JoinRefused(RemoteError):
-    """The inviter refused a join (bad secret, used or expired invitation, denied, throttled)."""
+    """The inviter refused a join (bad secret, used or expired invitation, denied, throttled).
+
+    ``retry_after``: seconds the joiner's address must wait before it is heard again, if any."""
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
 
 
 class DaemonNotRunning(LocalError):

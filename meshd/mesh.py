@@ -8,6 +8,7 @@ only when their sequence is newer.  Refusals are counted by reason; nothing refu
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
@@ -17,6 +18,11 @@ from .errors import RecordError
 from .identity import SiteKey, curve_public_of
 from .records import Genesis, Revocation, Signed, SiteRecord, Vouch
 from .store import Store
+
+log = logging.getLogger("meshd.mesh")
+
+_STORED_SKEW = 2**62
+"""Objects read back from the store were checked for clock skew when they arrived."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,43 +63,53 @@ class MeshView:
         return "" if self.genesis is None else self._genesis_body.mesh_name
 
     def load(self, now: int) -> None:
-        """Read the store back, verifying everything again (a tampered file is not trusted)."""
+        """Read the store back, verifying every object again.
+
+        What no longer verifies (tampered with on disk, or a vouch that expired) is left out and
+        counted under ``stored_<reason>``; a bad revocation stops the load instead, because
+        leaving it out would let a revoked site back in."""
         raw = self.store.get_meta("genesis")
         self.genesis = None
         self.site_records.clear()
         self.vouches.clear()
         self.revocations.clear()
         if not isinstance(raw, bytes):
-            self.members = {}
-            self.by_curve = {}
+            self._recompute(now)
             return
-        self.genesis = records.decode(raw, now=now, kinds=("genesis",))
+        self.genesis = records.decode(raw, now=now, kinds=("genesis",), max_skew=_STORED_SKEW)
         mesh_id = self.mesh_id
-        for blob in self.store.vouches():
-            try:
-                s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("vouch",))
-            except RecordError:
-                continue  # expired since it was stored, or tampered with on disk
-            self.vouches[s.digest] = s
         for blob in self.store.revocations():
-            s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("revocation",))
+            s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("revocation",),
+                               max_skew=_STORED_SKEW)
             self.revocations[s.digest] = s
-        for blob in self.store.records():
-            s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("site-record",))
-            self.site_records[s.signer] = s
+        for kind, blobs, into in (("vouch", self.store.vouches(), self.vouches),
+                                  ("site-record", self.store.records(), self.site_records)):
+            for blob in blobs:
+                try:
+                    s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=(kind,),
+                                       max_skew=_STORED_SKEW)
+                except RecordError as exc:
+                    if exc.reason != "expired":
+                        log.error("a stored %s no longer verifies (%s); left out", kind, exc)
+                    self.refused[f"stored_{exc.reason}"] += 1
+                    continue
+                into[s.digest if kind == "vouch" else s.signer] = s
         self._recompute(now)
 
     def _recompute(self, now: int) -> None:
+        if self.genesis is None:
+            self.members, self.revoked, self.by_curve = {}, frozenset(), {}
+            return
         self.members = trust.members(
             self._genesis_body,
             [v.body for v in self.vouches.values() if isinstance(v.body, Vouch)],
             [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)],
             now,
-        ) if self.genesis is not None else {}
+        )
         self.revoked = trust.revoked(
             self._genesis_body, self._vouch_bodies(),
             [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)],
-            now) if self.genesis is not None else frozenset()
+            now)
         self.by_curve = {curve_public_of(k): k for k in self.members}
 
     # -- questions --------------------------------------------------------------------------------
@@ -123,7 +139,7 @@ class MeshView:
             return []
         return [self.genesis.raw, *(s.raw for s in self.vouches.values()),
                 *(s.raw for s in self.revocations.values()),
-                *(s.raw for s in self.site_records.values())]
+                *(s.raw for k, s in self.site_records.items() if k in self.members)]
 
     # -- changes -----------------------------------------------------------------------------------
 
@@ -159,6 +175,12 @@ class MeshView:
         me = members.get(self.key.public)
         if me is None:
             raise RecordError("the snapshot does not make this site a member", reason="unauthorized")
+        # Keep only what a member would have accepted one by one, so we never pass on junk.
+        vouch_bodies = [v.body for v in vouches if isinstance(v.body, Vouch)]
+        vouches = [v for v in vouches if isinstance(v.body, Vouch)
+                   and (m := members.get(v.body.voucher)) is not None and m.role == "introducer"]
+        revocations = [r for r in revocations if isinstance(r.body, Revocation)
+                       and trust.may_revoke(g, vouch_bodies, r.body, now)]
         site_records: dict[bytes, tuple[bytes, int, bytes]] = {}
         for s in decoded:
             if s.kind == "site-record" and s.signer in members:

@@ -122,7 +122,8 @@ class PeerServer:
         try:
             reply = await self._handler(msg, info)
         except RemoteError as exc:
-            reply = wire.error(msg["id"], exc.reason, exc.message)
+            reply = wire.error(msg["id"], exc.reason, exc.message,
+                               getattr(exc, "retry_after", None))
         except Exception:
             log.exception("handler failed on a %s request from %s", msg["t"], info.address)
             reply = wire.error(msg["id"], "internal", "the peer failed to handle the request")

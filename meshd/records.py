@@ -398,8 +398,12 @@ def decode(
     now: int,
     mesh_id: bytes | None = None,
     kinds: tuple[str, ...] | None = None,
+    max_skew: int = MAX_CLOCK_SKEW,
 ) -> Signed:
-    """Verify and decode one signed record; raises only ``RecordError`` (reasons: module doc)."""
+    """Verify and decode one signed record; raises only ``RecordError`` (reasons: module doc).
+
+    ``max_skew`` bounds how far in the future ``issued`` may be; re-reading what was verified
+    when it was stored passes a larger one, so a clock set back does not lock the store."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise RecordError(f"a record is bytes, not {type(raw).__name__}", reason="malformed")
     raw = bytes(raw)
@@ -425,9 +429,9 @@ def decode(
     if not verify_signature(_signer(body), DOMAIN[kind] + payload, signature):
         raise RecordError(f"{kind} has a bad signature", reason="signature")
     issued = _issued(body)
-    if issued > now + MAX_CLOCK_SKEW:
+    if issued > now + max_skew:
         raise RecordError(
-            f"{kind} was issued {issued - now} s in the future (more than {MAX_CLOCK_SKEW} s);"
+            f"{kind} was issued {issued - now} s in the future (more than {max_skew} s);"
             " check the clocks of both sites",
             reason="future",
         )

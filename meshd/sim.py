@@ -327,14 +327,18 @@ class Simulator:
     def _push_pull_size(self, msg: PushPullRequest | PushPullResponse) -> int:
         size = 2 + (1 if type(msg) is PushPullRequest else 0) + _lsz(len(msg.states)) + _lsz(len(msg.blobs))
         cache = self._sizes
-        for r in msg.states:
-            hit = cache.get(id(r))
-            if hit is None or hit[0] is not r:
-                hit = (r, 4 + _bsz(r.node) + _isz(r.incarnation) + _bsz(r.meta))
-                if len(cache) > 1_000_000:
-                    cache.clear()
-                cache[id(r)] = hit
+        states = msg.states
+        hit = cache.get(id(states))
+        if hit is not None and hit[0] is states:
             size += hit[1]
+        else:
+            rows = 0
+            for r in states:
+                rows += 4 + _bsz(r.node) + _isz(r.incarnation) + _bsz(r.meta)
+            if len(cache) > 1_000_000:
+                cache.clear()
+            cache[id(states)] = (states, rows)
+            size += rows
         for b in msg.blobs:
             size += _bsz(b)
         return size

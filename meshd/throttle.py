@@ -3,7 +3,7 @@
 After the n-th failure from a source it must wait ``base * 2**(n-1)`` seconds (at most ``cap``)
 before its next attempt is even looked at.  A success does not reset the count: a source that
 guesses wrong secrets gains nothing from one right answer for another invitation.  Entries that
-have been quiet for longer than ``cap`` are forgotten, so memory stays bounded by the number of
+have been quiet for ``cap`` seconds after their last wait ended are forgotten, so memory stays bounded by the number of
 sources active in the last ``cap`` seconds (and by ``max_sources``).
 """
 

@@ -27,22 +27,22 @@ import re
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from meshd import base32
 from meshd.errors import TokenError
 
 __all__ = [
-    "PREFIX",
     "MAX_NAME_BYTES",
+    "PREFIX",
     "Address",
     "Alternate",
     "Invitation",
-    "encode",
     "armor",
-    "parse",
     "check_expiry",
+    "encode",
     "join_proof",
+    "parse",
 ]
 
 PREFIX = "MESHD1"
@@ -466,7 +466,7 @@ def parse(text: str) -> Invitation:
 def check_expiry(inv: Invitation, now: float) -> None:
     """Raise TokenError(reason="expired"), naming the expiry time in UTC, unless now < expires."""
     if now >= inv.expires:
-        when = datetime.fromtimestamp(inv.expires, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = datetime.fromtimestamp(inv.expires, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         raise TokenError(f"the invitation expired at {when}; ask the inviter for a new one", reason="expired")
 
 

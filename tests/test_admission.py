@@ -301,3 +301,42 @@ def test_invite_by_a_member_role_site_is_refused(inviter: Inviter, tmp_path: Pat
     assert db.execute("SELECT COUNT(*) FROM invitations").fetchone() == (0,)
     db.close()
     jstore.close()
+
+
+# --- forwarded joins, retry hints, decisions re-checked ---------------------------------------
+
+
+def test_throttled_refusal_carries_the_wait_for_the_joiner(inviter: Inviter) -> None:
+    inv = inviter.invite()
+    with pytest.raises(JoinRefused) as first:
+        join(inviter, inv, J1, secret=b"\x00" * 16)
+    assert first.value.retry_after is not None and first.value.retry_after > 0
+    with pytest.raises(JoinRefused) as second:
+        join(inviter, inv, J1)
+    assert second.value.reason == "throttled"
+    assert second.value.retry_after == pytest.approx(first.value.retry_after)
+
+
+def test_forwarded_joins_do_not_throttle_the_forwarding_member(inviter: Inviter) -> None:
+    inv = inviter.invite()
+    member_curve = curve_public_of(J3.public)  # the alternate's connection, not the joiner's
+    for _ in range(3):
+        with pytest.raises(JoinRefused) as exc:
+            inviter.adm.handle_join(join_msg(inv, J1, secret=b"\x00" * 16), member_curve, SRC,
+                                    NOW, forwarded=True)
+        assert exc.value.reason == "bad-secret"
+    assert inviter.adm.throttle.retry_after(SRC, NOW) == 0
+    answer = inviter.adm.handle_join(join_msg(inv, J2), member_curve, SRC, NOW, forwarded=True)
+    assert answer["status"] == "admitted"
+
+
+def test_approve_refuses_a_joiner_revoked_while_it_waited(inviter: Inviter) -> None:
+    inv = inviter.invite(approve=True)
+    assert join(inviter, inv, J1, name="alice")["status"] == "pending"
+    inviter.view.add_own(records.sign(Revocation(inviter.mesh, INVITER.public, J1.public, NOW,
+                                                 "stolen key"), INVITER), NOW)
+    with pytest.raises(LocalError) as exc:
+        inviter.adm.approve(J1.fingerprint, NOW + 1)
+    assert exc.value.reason == "revoked"
+    assert not inviter.view.is_member(J1.public)
+    assert [p.fingerprint for p in inviter.adm.pending()] == [J1.fingerprint]

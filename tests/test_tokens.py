@@ -347,7 +347,7 @@ def test_any_valid_frame_is_version_error_or_canonical(version: int, body: bytes
             assert v == 1 and encode(inv).replace("-", "") == token.replace("-", "")
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(inv=invitations(), edits=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1, max_size=3))
 def test_edited_body_with_fixed_check_code_is_malformed_or_canonical(
     inv: Invitation, edits: list[tuple[int, int]]
@@ -386,7 +386,7 @@ def test_parse_only_raises_token_error_on_bytes(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(inv=invitations(), edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.characters()), max_size=4))
 def test_mutated_token_is_rejected_or_unchanged(inv: Invitation, edits: list[tuple[int, int, str]]) -> None:
     text = list("Hi,\n" + armor(inv) + "Bob\n")

@@ -346,11 +346,17 @@ def test_defaults_render_and_load_back(tmp_path: Path) -> None:
 
 
 def test_non_default_values_render_and_load_back(tmp_path: Path) -> None:
-    cfg = Config(listen="", advertise=["[::1]:4750", 'we"ird\\host:1'], sync_interval=0.25,
+    cfg = Config(listen="", advertise=["[::1]:4750", "host.example:1"],
+                 discovery_interfaces=['we"ird\\if\n'], sync_interval=0.25,
                  request_timeout=7, invite_expiry=60.0, vouch_lifetime=0.0,
                  join_failure_base=0.5, join_failure_cap=1e6, log_level="debug")
     config.save(tmp_path / "c.toml", cfg)
     assert config.load(tmp_path / "c.toml") == cfg
+
+
+def test_bad_advertised_address_is_refused_with_its_value() -> None:
+    with pytest.raises(LocalError, match="we.ird"):
+        Config(advertise=['we"ird\\host:1'])
 
 
 finite = st.floats(min_value=1e-3, max_value=1e12, allow_nan=False)
