@@ -20,6 +20,7 @@ DENY = "/v1/pending/deny"      # POST {"fingerprint"} -> Pending (decided)
 PEERS = "/v1/peers"            # GET  -> [Peer];  ?discovered=1 -> [Discovered]
 REVOKE = "/v1/revoke"          # POST {"site", "reason"} -> {"revoked": site_id, "name": …}
 METRICS = "/v1/metrics"        # GET  -> Prometheus text exposition
+EVENTS = "/v1/events"          # GET  -> JSON lines: membership events, history then live
 
 
 class Status(TypedDict):

@@ -168,11 +168,32 @@ def cmd_peers(args: argparse.Namespace) -> int:
             ["NAME", "TRUST", "FINGERPRINT", "SITE", "LAN ADDRESSES"]) if seen
             else "no meshd daemons seen on the LAN")
         return 0
-    rows = Client(args.home).peers()
+    rows = Client(args.home).peers(revoked=args.revoked)
+    now = time.time()
+
+    def ago(t: float | None) -> str:
+        return "-" if t is None else f"{max(0.0, now - t):.1f}s"
+
     _out(args, rows, lambda: _table(
-        [[r["name"], r["state"], r["role"] or "-", r["fingerprint"], r["site_id"][:12],
+        [[r["name"] + (" *" if r["self"] else ""), r["state"], r["role"] or "-",
+          str(r["incarnation"]), "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}ms",
+          "-" if r["self"] else ago(r["last_seen"]), r["reached"], r["fingerprint"],
           ",".join(r["addrs"]) or "(dials out)", "yes" if r["verified"] else "no"] for r in rows],
-        ["NAME", "STATE", "ROLE", "FINGERPRINT", "SITE", "ADDRESSES", "VERIFIED"]))
+        ["NAME", "STATE", "ROLE", "INC", "RTT", "SEEN", "REACHED", "FINGERPRINT", "ADDRESSES",
+         "VERIFIED"]) if rows else "no sites")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    for event in Client(args.home).events(history=not args.new):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            extra = f" by {event['by'][:12]}" if "by" in event else ""
+            inc = f" inc {event['incarnation']}" if "incarnation" in event else ""
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            print(f"{stamp}  {event['type']:<9} {event['name'] or '?':<12}"
+                  f" {event['site_id'][:12]}{inc}{extra}", flush=True)
     return 0
 
 
@@ -233,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, cmd_decide, text)
         sp.add_argument("fingerprint", help="the joiner's fingerprint, as `meshd pending` shows it")
     sp = add("peers", cmd_peers, "list the mesh's members with their verified records")
-    sp.add_argument("--discovered", action="store_true",
-                    help="list daemons seen on the LAN instead (members and strangers)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--discovered", action="store_true",
+                   help="list daemons seen on the LAN instead (members and strangers)")
+    g.add_argument("--revoked", action="store_true", help="list the revoked sites instead")
+    sp = add("events", cmd_events, "stream membership changes (joined, suspect, alive, dead,"
+             " left, admitted, revoked) until interrupted")
+    sp.add_argument("--new", action="store_true", help="skip the recent history")
     sp = add("revoke", cmd_revoke, "shut a site out of the mesh (name, site id or fingerprint)")
     sp.add_argument("site")
     sp.add_argument("--reason", default="")

@@ -9,7 +9,7 @@ import http.client
 import json
 import os
 import socket
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote
 
 from . import api
@@ -109,12 +109,34 @@ class Client:
     def deny(self, fingerprint: str) -> dict[str, Any]:
         return self._call("POST", api.DENY, {"fingerprint": fingerprint})  # type: ignore[no-any-return]
 
-    def peers(self, *, discovered: bool = False) -> list[dict[str, Any]]:
-        """Members with their verified records; with ``discovered``, daemons seen on the LAN."""
-        return self._call("GET", api.PEERS + ("?discovered=1" if discovered else ""))  # type: ignore[no-any-return]
+    def peers(self, *, discovered: bool = False, revoked: bool = False) -> list[dict[str, Any]]:
+        """Members with their verified records; with ``discovered``, daemons seen on the LAN;
+        with ``revoked``, the sites shut out of the mesh."""
+        query = "?discovered=1" if discovered else "?revoked=1" if revoked else ""
+        return self._call("GET", api.PEERS + query)  # type: ignore[no-any-return]
 
     def revoke(self, site: str, reason: str = "") -> dict[str, Any]:
         return self._call("POST", api.REVOKE, {"site": site, "reason": reason})  # type: ignore[no-any-return]
+
+    def events(self, *, history: bool = True) -> Iterator[dict[str, Any]]:
+        """Membership events as they happen (after the recent history, unless ``history`` is
+        False); runs until the daemon stops or the caller stops iterating."""
+        conn = _UnixConnection(str(self.home.socket_path), None)  # type: ignore[arg-type]
+        try:
+            try:
+                conn.request("GET", api.EVENTS + ("" if history else "?history=0"))
+                resp = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise DaemonNotRunning(
+                    f"no meshd daemon is running for {self.home.root}; start one with:"
+                    f" meshd run --home {self.home.root}", reason="not-running") from None
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                yield json.loads(line)
+        finally:
+            conn.close()
 
     def metrics(self) -> str:
         return self._call("GET", api.METRICS)  # type: ignore[no-any-return]

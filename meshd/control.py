@@ -82,9 +82,11 @@ class ControlServer:
             web.get(api.PEERS, self.peers),
             web.post(api.REVOKE, self.revoke),
             web.get(api.METRICS, self.metrics),
+            web.get(api.EVENTS, self.events),
         ])
         self._runner: web.AppRunner | None = None
         self._path: Path | None = None
+        self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
     async def start(self, path: Path) -> None:
         if path.exists():
@@ -103,6 +105,8 @@ class ControlServer:
         self._path = path
 
     async def stop(self) -> None:
+        for queue in list(self._streams):
+            queue.put_nowait(None)  # end every event stream, so that shutdown need not wait
         if self._runner is not None:
             await self._runner.cleanup()
         if self._path is not None:
@@ -161,7 +165,34 @@ class ControlServer:
     async def peers(self, request: web.Request) -> web.Response:
         if request.query.get("discovered") in ("1", "true", "yes"):
             return _json(self.daemon.discovered())
-        return _json(self.daemon.peers())
+        return _json(self.daemon.peers(revoked=request.query.get("revoked") in ("1", "true")))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Membership events as JSON lines: the recent history (unless ``history=0``), then each
+        new one as it happens, until the client goes away."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10_000)
+
+        def listener(event: dict[str, Any]) -> None:
+            if queue.qsize() < queue.maxsize - 1:  # keep room for the end-of-stream marker
+                queue.put_nowait(event)
+
+        membership = self.daemon.membership
+        unsubscribe = membership.subscribe(listener)
+        self._streams.add(queue)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        try:
+            await resp.prepare(request)
+            if request.query.get("history", "1") not in ("0", "false", "no"):
+                for event in list(membership.history):
+                    await resp.write(json.dumps(event).encode() + b"\n")
+            while (event := await queue.get()) is not None:
+                await resp.write(json.dumps(event).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            unsubscribe()
+            self._streams.discard(queue)
+        return resp
 
     async def revoke(self, request: web.Request) -> web.Response:
         data = await _body(request)

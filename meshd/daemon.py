@@ -30,6 +30,7 @@ from .discovery import Discovery, Sighting
 from .errors import JoinRefused, LocalError, MeshdError, RecordError, RemoteError, StateError, TokenError
 from .home import Home
 from .identity import SiteKey, curve_public_of, fingerprint_of, site_id_of
+from .membership import MembershipService
 from .mesh import MeshView
 from .peer import Dialer, PeerInfo, PeerServer, Unreachable
 from .records import Revocation, SiteRecord, Vouch
@@ -108,12 +109,15 @@ class Daemon:
         self.bound: str | None = None
         self.addrs: list[str] = []
         self._ctx: zmq.asyncio.Context | None = None
-        self._server: PeerServer | None = None
+        self.server: PeerServer | None = None
         self.dialer: Dialer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._rng = random.Random()
         self.discovery: Discovery | None = None
+        self.membership = MembershipService(self)
+        self._known_members: frozenset[bytes] = frozenset()
+        self._known_revoked: frozenset[bytes] = frozenset()
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -122,10 +126,10 @@ class Daemon:
 
         self._ctx = zmq.asyncio.Context()
         curve = self.key.curve_keypair()
-        self.dialer = Dialer(self._ctx, curve)
+        self.dialer = Dialer(self._ctx, curve, on_message=self._on_link_message)
         if self.config.listen:
-            self._server = PeerServer(self._ctx, curve, self._on_peer)
-            self.bound = await self._bind(self._server, self.config.listen)
+            self.server = PeerServer(self._ctx, curve, self._on_peer)
+            self.bound = await self._bind(self.server, self.config.listen)
         self.addrs = advertised_addresses(self.config, self.bound)
         self.admissions.recover(self._now())
         self._refresh_own_record()
@@ -134,6 +138,9 @@ class Daemon:
         self.control = ControlServer(self)
         await self.control.start(self.home.socket_path)
         self.home.pid_path.write_text(f"{os.getpid()}\n")
+        self._known_members = frozenset(self.view.members)
+        self._known_revoked = self.view.revoked
+        self.membership.start()
         self._spawn(self._sync_loop(), "sync-loop")
         log.info("site %s (%s, fingerprint %s) running; peer port %s; control %s",
                  self.name, self.key.site_id, self.key.fingerprint, self.bound or "none (dial-out only)",
@@ -202,6 +209,12 @@ class Daemon:
         self._stopping.set()
 
     async def stop(self) -> None:
+        if self.membership.core is not None and self.view.mesh_id is not None:
+            self.membership.leave()
+            deadline = time.monotonic() + 1.0
+            while not self.membership.core.leave_done and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        self.membership.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -209,8 +222,8 @@ class Daemon:
             await self.control.stop()
         if self.discovery is not None:
             await self.discovery.close()
-        if self._server is not None:
-            await self._server.close()
+        if self.server is not None:
+            await self.server.close()
         if self.dialer is not None:
             self.dialer.close()
         if self._ctx is not None:
@@ -263,7 +276,36 @@ class Daemon:
 
     # -- peers ------------------------------------------------------------------------------------
 
-    async def _on_peer(self, msg: dict[str, Any], info: PeerInfo) -> dict[str, Any]:
+    def _on_link_message(self, msg: dict[str, Any], server_curve: bytes) -> None:
+        """A one-way message that came back on a link we dialed."""
+        key = self.view.by_curve.get(server_curve)
+        if key is None or msg["t"] != "swim":
+            self.count("peer_refused_not_member" if key is None else "peer_unexpected")
+            return
+        self._contact(key, ok=True)
+        self.membership.deliver(msg["m"], key)
+
+    def on_mesh_change(self) -> None:
+        """Follow changes of the member set: new members to the membership core, revoked ones
+        cut off (their links closed, their connections to us refused from now on)."""
+        members, revoked = frozenset(self.view.members), self.view.revoked
+        if members == self._known_members and revoked == self._known_revoked:
+            return
+        for key in members - self._known_members:
+            self.membership.emit("admitted", key)
+        for key in revoked - self._known_revoked:
+            log.info("%s (%s) is revoked; cutting it off", self.view.name_of(key),
+                     site_id_of(key))
+            self.membership.emit("revoked", key)
+            curve = curve_public_of(key)
+            if self.dialer is not None:
+                self.dialer.forget(curve)
+            if self.server is not None:
+                self.server.routes.pop(curve, None)
+        self._known_members, self._known_revoked = members, revoked
+        self.membership.sync_members()
+
+    async def _on_peer(self, msg: dict[str, Any], info: PeerInfo) -> dict[str, Any] | None:
         now = self._now()
         kind = msg["t"]
         self.count(f"peer_requests_{kind}")
@@ -288,6 +330,9 @@ class Daemon:
             raise RemoteError("this site does not know you as a member of its mesh",
                               reason="not-member")
         self._contact(key, ok=True)
+        if kind == "swim":
+            self.membership.deliver(msg["m"], key)
+            return None
         if kind == "sync":
             if msg["mesh"] != self.view.mesh_id:
                 raise RemoteError("sync for another mesh", reason="wrong-mesh")
@@ -322,6 +367,7 @@ class Daemon:
     def _log_ingest(self, result: Any, key: bytes) -> None:
         if result.stored:
             self.count("records_stored", result.stored)
+            self.on_mesh_change()
         for reason, n in result.refused.items():
             self.count(f"records_refused_{reason.replace('-', '_')}", n)
             log.warning("refused %d signed object(s) from %s: %s", n,
@@ -357,6 +403,8 @@ class Daemon:
 
     def announce(self) -> None:
         """Push our signed objects to every member we can dial, now."""
+        self.on_mesh_change()
+        self.membership.start()
         for key in list(self.view.members):
             if key != self.key.public:
                 self._spawn(self.sync_with(key), "announce")
@@ -557,7 +605,7 @@ class Daemon:
         for reason, n in self.admissions.refused.items():
             counters[f"joins_refused_{reason.replace('-', '_')}"] = n
         counters["joins_admitted"] = self.admissions.admitted
-        counters["peer_dropped"] = self._server.dropped if self._server else 0
+        counters["peer_dropped"] = self.server.dropped if self.server else 0
         return {
             "name": self.name, "site_id": self.key.site_id, "fingerprint": self.key.fingerprint,
             "mesh_id": self.view.mesh_id.hex() if self.view.mesh_id else None,
@@ -566,38 +614,48 @@ class Daemon:
             "version": __version__, "pid": os.getpid(), "counters": counters,
         }
 
-    def peers(self) -> list[dict[str, Any]]:
+    def peers(self, *, revoked: bool = False) -> list[dict[str, Any]]:
+        """Members with their verified records and what the membership protocol knows of them;
+        with ``revoked``, the revoked sites instead."""
         out = []
-        alive_window = 3 * self.config.sync_interval + self.config.request_timeout
-        now = time.time()
-        keys = list(self.view.members) + sorted(self.view.revoked)
+        keys = sorted(self.view.revoked) if revoked else list(self.view.members)
         for key in keys:
             member = self.view.members.get(key)
             rec = self.view.record_of(key)
             contact = self.contacts.get(key)
-            if key == self.key.public:
-                state = "self"
-            elif member is None:
-                state = "revoked"
-            elif contact is None or (contact.last_ok is None and contact.last_fail is None):
-                state = "unknown"
-            elif contact.last_ok is not None and now - contact.last_ok <= alive_window \
-                    and (contact.last_fail is None or contact.last_fail <= contact.last_ok):
-                state = "alive"
-            else:
-                state = "unreachable"
+            swim_state = self.membership.state_of(key)
+            if revoked:
+                swim_state["state"] = "revoked"
+            rtt = swim_state["rtt_ms"]
+            if rtt is None and self.dialer is not None and \
+                    (r := self.dialer.rtt.get(curve_public_of(key))) is not None:
+                rtt = round(r * 1000, 3)
             out.append({
                 "name": self.view.name_of(key), "site_id": site_id_of(key),
                 "fingerprint": fingerprint_of(key), "role": member.role if member else None,
-                "state": state, "addrs": list(rec.addrs) if rec else [],
+                "self": key == self.key.public, **swim_state, "rtt_ms": rtt,
+                "reached": self._reached(key, rec),
+                "addrs": list(rec.addrs) if rec else [],
                 "reachable": bool(rec.reachable) if rec else False,
                 "seq": rec.seq if rec else None,
                 "vouched_by": site_id_of(member.vouched_by) if member and member.vouched_by else None,
                 "verified": rec is not None,
-                "last_seen": contact.last_ok if contact else None,
                 "error": contact.error if contact else None,
             })
         return out
+
+    def _reached(self, key: bytes, rec: SiteRecord | None) -> str:
+        """How this site reaches a member: self, lan, direct, inbound (over the connection the
+        member keeps to us: it cannot be dialed) or indirect (only through other members)."""
+        if key == self.key.public:
+            return "self"
+        if self.discovery is not None and key in self.discovery.sightings:
+            return "lan"
+        if rec is not None and rec.reachable and rec.addrs:
+            return "direct"
+        if self.server is not None and curve_public_of(key) in self.server.routes:
+            return "inbound"
+        return "indirect"
 
     def discovered(self) -> list[dict[str, Any]]:
         """Daemons seen on the LAN; only members are trusted, and only after a handshake."""

@@ -116,7 +116,7 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
             if not quiet:
                 print(f"\n--- meshd peers at {name}")
                 for p in peers:
-                    print(f"  {p['name']:<11} {p['state']:<11} {p['role'] or '-':<10}"
+                    print(f"  {p['name']:<11} {p['state']:<8} {p['reached']:<9} {p['role'] or '-':<10}"
                           f" {p['fingerprint']}  {','.join(p['addrs'])}")
         if used_token is not None:
             extra = Path(tempfile.mkdtemp(prefix="meshd-demo-late-", dir=root))

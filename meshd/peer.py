@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -39,7 +40,11 @@ class PeerInfo:
     address: str
 
 
-Handler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any] | None]]
+"""Answers one request; None for a one-way message that gets no answer."""
+
+OneWay = Callable[[dict[str, Any], bytes], None]
+"""Takes a one-way message that arrived on a link we dialed, with the far side's X25519 key."""
 
 
 def _tcp_endpoint(address: str) -> str:
@@ -64,6 +69,9 @@ class PeerServer:
         self._inflight: set[asyncio.Task[None]] = set()
         self.address: str | None = None
         self.dropped = 0
+        self.routes: dict[bytes, bytes] = {}
+        """X25519 key -> ROUTER routing id of its latest connection to us: the way back to a
+        peer that dialed us, which is the only way to reach a site that cannot be dialed."""
 
     async def start(self, listen: str) -> str:
         """Bind ``HOST:PORT`` (port 0 picks one) and return the bound ``HOST:PORT``."""
@@ -76,6 +84,7 @@ class PeerServer:
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer fails, not vanishes
         sock.curve_server = True
         sock.curve_secretkey = self._secret
         sock.curve_publickey = self._public
@@ -105,6 +114,7 @@ class PeerServer:
             except (ValueError, zmq.ZMQError):
                 self.dropped += 1
                 continue
+            self.routes[curve_key] = ident.bytes
             task = asyncio.create_task(self._answer(ident.bytes, frame.bytes, info))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -127,9 +137,30 @@ class PeerServer:
         except Exception:
             log.exception("handler failed on a %s request from %s", msg["t"], info.address)
             reply = wire.error(msg["id"], "internal", "the peer failed to handle the request")
+        if reply is None:
+            return
         reply["id"] = msg["id"]
-        if self._sock is not None:
-            await self._sock.send_multipart([ident, wire.encode(reply)])
+        await self._send(ident, wire.encode(reply))
+
+    async def _send(self, ident: bytes, data: bytes) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            await self._sock.send_multipart([ident, data])
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH: that connection is gone
+            return False
+
+    async def push(self, curve_key: bytes, msg: dict[str, Any]) -> bool:
+        """Send a one-way message back over the latest connection ``curve_key`` made to us."""
+        ident = self.routes.get(curve_key)
+        if ident is None:
+            return False
+        if await self._send(ident, wire.encode({**msg, "id": 0})):
+            return True
+        if self.routes.get(curve_key) == ident:
+            del self.routes[curve_key]
+        return False
 
     async def close(self) -> None:
         if self._task is not None:
@@ -151,8 +182,10 @@ class _Link:
     """One DEALER to one peer address, with its answers matched to requests by id."""
 
     def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes], server_key: bytes,
-                 address: str) -> None:
+                 address: str, on_message: OneWay | None = None) -> None:
         self.address = address
+        self.server_key = server_key
+        self._on_message = on_message
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
@@ -180,6 +213,10 @@ class _Link:
             except ProtocolError as exc:
                 log.info("dropped a bad answer from %s: %s", self.address, exc)
                 continue
+            if msg["t"] not in ("ok", "error"):
+                if self._on_message is not None:
+                    self._on_message(msg, self.server_key)
+                continue
             fut = self._waiting.pop(msg["id"], None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -201,6 +238,10 @@ class _Link:
         if self.handshake_ok:
             return "connected, but the site did not answer in time"
         return "no connection could be made (unreachable, or a firewall drops the packets)"
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        """Queue a one-way message (ZeroMQ sends it once the connection is up)."""
+        await self.sock.send(wire.encode({**msg, "id": 0}))
 
     async def request(self, msg: dict[str, Any], rid: int, timeout: float) -> dict[str, Any]:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -228,11 +269,45 @@ class Unreachable(RemoteError):
 class Dialer:
     """Sends requests to peers, keeping one link per (key, address) while it works."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes]) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes],
+                 on_message: OneWay | None = None) -> None:
         self._ctx = ctx
         self._curve = curve
+        self._on_message = on_message
         self._links: dict[tuple[bytes, str], _Link] = {}
         self._ids = itertools.count(1)
+        self.rtt: dict[bytes, float] = {}
+        """X25519 key -> seconds of the last request's round trip."""
+
+    def _link(self, server_key: bytes, address: str) -> _Link:
+        link = self._links.get((server_key, address))
+        if link is None:
+            link = self._links[(server_key, address)] = _Link(
+                self._ctx, self._curve, server_key, address, self._on_message)
+        return link
+
+    async def send(self, server_key: bytes, addresses: list[str], msg: dict[str, Any]) -> bool:
+        """One-way message to a peer: over a link that has worked, else over the first address.
+
+        False when there is no address to dial; delivery is not confirmed (the membership
+        protocol above notices losses)."""
+        for address in addresses:
+            link = self._links.get((server_key, address))
+            if link is not None and link.handshake_ok:
+                await link.send(msg)
+                return True
+        if not addresses:
+            return False
+        try:
+            await self._link(server_key, addresses[0]).send(msg)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def forget(self, server_key: bytes) -> None:
+        """Close every link to a peer (revoked, or its key retired)."""
+        for k in [k for k in self._links if k[0] == server_key]:
+            self._links.pop(k).close()
 
     async def request(self, server_key: bytes, addresses: list[str], msg: dict[str, Any],
                       timeout: float) -> tuple[dict[str, Any], str]:
@@ -244,17 +319,17 @@ class Dialer:
             raise Unreachable("the site has no address to dial (it can only dial out)")
         failures = []
         for address in addresses:
-            link = self._links.get((server_key, address))
-            if link is None:
-                try:
-                    link = self._links[(server_key, address)] = _Link(
-                        self._ctx, self._curve, server_key, address)
-                except zmq.ZMQError as exc:
-                    failures.append(f"{address}: {exc}")
-                    continue
-            rid = next(self._ids)
             try:
-                return await link.request({**msg, "id": rid}, rid, timeout), address
+                link = self._link(server_key, address)
+            except zmq.ZMQError as exc:
+                failures.append(f"{address}: {exc}")
+                continue
+            rid = next(self._ids)
+            started = time.monotonic()
+            try:
+                reply = await link.request({**msg, "id": rid}, rid, timeout)
+                self.rtt[server_key] = time.monotonic() - started
+                return reply, address
             except asyncio.TimeoutError:
                 failures.append(f"{address}: {link.explain_silence()}")
                 link.close()

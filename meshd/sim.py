@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from meshd.swim.config import SwimConfig
 from meshd.swim.core import Membership, VerifyBlob
 from meshd.swim.events import Event, Status
@@ -44,8 +46,6 @@ from meshd.swim.messages import (
     from_bytes,
     to_bytes,
 )
-
-import msgpack
 
 _DELIVER = 0
 _TIMER = 1
@@ -187,8 +187,8 @@ class Simulator:
 
         Their start-up events (MemberJoined for every other site) are discarded."""
         ids = [self.make_id(len(self.nodes) + i) for i in range(n)]
-        slow = set(self.rng.sample(range(n), int(round(slow_fraction * n))))
-        unreach = set(self.rng.sample(range(n), int(round(unreachable_fraction * n))))
+        slow = set(self.rng.sample(range(n), round(slow_fraction * n)))
+        unreach = set(self.rng.sample(range(n), round(unreachable_fraction * n)))
         entries = [(x, 0, b"", i not in unreach) for i, x in enumerate(ids)]
         for i, x in enumerate(ids):
             core = Membership(x, self.config, random.Random(self.rng.getrandbits(64)), self.now,
@@ -334,7 +334,7 @@ class Simulator:
         else:
             rows = 0
             for r in states:
-                rows += 4 + _bsz(r.node) + _isz(r.incarnation) + _bsz(r.meta)
+                rows += 3 + _bsz(r.node) + _isz(r.incarnation) + _bsz(r.meta)
             if len(cache) > 1_000_000:
                 cache.clear()
             cache[id(states)] = (states, rows)
@@ -355,7 +355,7 @@ class Simulator:
             node.timer_at = t
             node.timer_ver += 1
             self._seq += 1
-            heapq.heappush(self._heap, (t if t > self.now else self.now, self._seq, _TIMER, node.id, node.timer_ver, None))
+            heapq.heappush(self._heap, (max(self.now, t), self._seq, _TIMER, node.id, node.timer_ver, None))
 
     def _after(self, node: SimNode) -> None:
         core = node.core

@@ -12,6 +12,8 @@ looks at the message; a message that fails raises :class:`~meshd.errors.Protocol
               signed site record)
 ``sync``      push-pull of signed objects between members: ``mesh``, ``items`` (list of
               signed envelopes); answered with the other side's ``items``
+``swim``      one membership-protocol message (``m``: ``meshd.swim.to_bytes``), one way: the
+              membership core matches its own acks, so it is never answered
 ============  ==========================================================================
 """
 
@@ -35,6 +37,7 @@ _FIELDS: dict[str, dict[str, tuple[type, tuple[int, int] | None]]] = {
     "join": {"mesh": (_BIN, (16, 16)), "invite": (_BIN, (8, 8)), "proof": (_BIN, (32, 32)),
              "inviter": (_BIN, (32, 32)), "record": (_BIN, (1, 4096))},
     "sync": {"mesh": (_BIN, (16, 16)), "items": (list, (0, MAX_ITEMS))},
+    "swim": {"m": (_BIN, (1, MAX_MESSAGE_BYTES))},
     "ok": {},
     "error": {"reason": (str, (1, 64)), "message": (str, (0, 1024))},
 }

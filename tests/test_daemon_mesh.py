@@ -33,7 +33,7 @@ def as_email(token: str) -> str:
 
 
 def verified_names(site: Site) -> set[str]:
-    return {p["name"] for p in site.client.peers() if p["verified"] and p["state"] != "revoked"}
+    return {p["name"] for p in site.client.peers() if p["verified"]}
 
 
 def state_dump(site: Site) -> list[Any]:
@@ -78,7 +78,8 @@ def test_three_sites_join_by_email_and_approval(sites: Any) -> None:
         assert {p["name"]: p["role"] for p in peers} == {
             "aps-8id": "introducer", "alcf": "introducer", "nersc": "member"}
         assert all(p["verified"] and p["site_id"] and p["state"] for p in peers)
-        assert sum(p["state"] == "self" for p in peers) == 1
+        assert [p["name"] for p in peers if p["self"]] == [site.name]
+        assert all(p["state"] in ("alive", "suspect", "dead", "left") for p in peers)
 
     # nersc's role is member: it may not invite.
     r = c.cli("invite")

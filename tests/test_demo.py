@@ -17,7 +17,7 @@ def test_demo_builds_a_three_site_mesh(tmp_path: Path) -> None:
         peers = {p["name"]: p for p in site["peers"]}
         assert set(peers) == {"aps-8id", "alcf", "nersc"}
         assert all(p["verified"] for p in peers.values())
-        assert peers[name]["state"] == "self"
+        assert peers[name]["self"] and peers[name]["state"] == "alive"
         assert site["status"]["members"] == 3
     ids = {s["status"]["mesh_id"] for s in report["sites"].values()}
     assert len(ids) == 1 and None not in ids

@@ -136,8 +136,9 @@ def test_revoked_site_is_shut_out_everywhere(sites: Any) -> None:
     r = a.cli("revoke", "nersc", "--reason", "lost laptop", "--json")
     assert r.returncode == 0, r.stderr
     for s in (a, b):
-        wait_until(lambda s=s: {p["name"]: p["state"] for p in s.client.peers()}.get("nersc")
-                   == "revoked", 30, f"{s.name} to see nersc revoked")
+        wait_until(lambda s=s: [p["name"] for p in s.client.peers(revoked=True)] == ["nersc"],
+                   30, f"{s.name} to see nersc revoked")
+        assert "nersc" not in {p["name"] for p in s.client.peers()}
     # nersc's requests are now refused by the others.
     c_key = SiteKey.load(c.home / "site.key")
     mesh_id = bytes.fromhex(b.json("status")["mesh_id"])

@@ -18,8 +18,8 @@ from meshd.swim import (
     MemberDead,
     MemberJoined,
     MemberLeft,
-    MemberState,
     Membership,
+    MemberState,
     MemberSuspect,
     MemberUpdated,
     Nack,
@@ -37,10 +37,16 @@ from meshd.swim import (
     to_bytes,
 )
 from meshd.swim.awareness import Awareness
-from meshd.swim.messages import FLAG_WATCH, MAX_ID_LEN, MemberState as Row
+from meshd.swim.messages import FLAG_WATCH, MAX_ID_LEN
+from meshd.swim.messages import MemberState as Row
 from meshd.swim.queue import BroadcastQueue
 from meshd.swim.suspicion import Suspicion
-from meshd.swim.util import push_pull_scale, remaining_suspicion_time, retransmit_limit, suspicion_timeout
+from meshd.swim.util import (
+    push_pull_scale,
+    remaining_suspicion_time,
+    retransmit_limit,
+    suspicion_timeout,
+)
 
 ME = b"me"
 
@@ -260,6 +266,8 @@ def test_failed_probe_suspects_and_missing_nacks_raise_health() -> None:
     out = h.advance(h.now + h.cfg.probe_timeout + 0.01)
     helpers = [d for d, m in out if isinstance(m, PingReq)]
     h.recv(Nack(ping.seq), helpers[0])  # one helper answered: we are probably fine
+    h.recv(Nack(ping.seq), helpers[0])  # a duplicate counts once
+    h.recv(Nack(ping.seq), b"stranger")  # not a helper we asked
     h.advance(h.now + h.cfg.probe_interval)
     assert h.status(target) is Status.SUSPECT
     assert MemberSuspect(target, 0, ME) in h.ev
