@@ -203,6 +203,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    r = Client(args.home).rotate()
+    _out(args, r, f"rotated: this site is now {r['site_id']} (fingerprint {r['fingerprint']});"
+                  f" {r['old_site_id']} is retired. Invitations issued before no longer work.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("revoke", cmd_revoke, "shut a site out of the mesh (name, site id or fingerprint)")
     sp.add_argument("site")
     sp.add_argument("--reason", default="")
+    add("rotate", cmd_rotate, "retire this site's key and hand its membership to a new one")
     sp = add("demo", cmd_demo, "run a demo mesh of several sites on this machine")
     sp.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
     sp.add_argument("--keep", action="store_true", help="leave the daemons running at the end")

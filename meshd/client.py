@@ -138,5 +138,9 @@ class Client:
         finally:
             conn.close()
 
+    def rotate(self) -> dict[str, Any]:
+        """Retire this site's key and hand its membership to a new one."""
+        return self._call("POST", api.ROTATE, {})  # type: ignore[no-any-return]
+
     def metrics(self) -> str:
         return self._call("GET", api.METRICS)  # type: ignore[no-any-return]

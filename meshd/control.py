@@ -81,6 +81,7 @@ class ControlServer:
             web.post(api.DENY, self.deny),
             web.get(api.PEERS, self.peers),
             web.post(api.REVOKE, self.revoke),
+            web.post(api.ROTATE, self.rotate),
             web.get(api.METRICS, self.metrics),
             web.get(api.EVENTS, self.events),
         ])
@@ -183,10 +184,10 @@ class ControlServer:
         try:
             await resp.prepare(request)
             if request.query.get("history", "1") not in ("0", "false", "no"):
-                for event in list(membership.history):
-                    await resp.write(json.dumps(event).encode() + b"\n")
-            while (event := await queue.get()) is not None:
-                await resp.write(json.dumps(event).encode() + b"\n")
+                for past in list(membership.history):
+                    await resp.write(json.dumps(past).encode() + b"\n")
+            while (live := await queue.get()) is not None:
+                await resp.write(json.dumps(live).encode() + b"\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -199,6 +200,11 @@ class ControlServer:
         subject = self.daemon.revoke(_field(data, "site", str), _field(data, "reason", str, ""))
         return _json({"revoked": site_id_of(subject), "name": self.daemon.view.name_of(subject),
                       "fingerprint": fingerprint_of(subject)})
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        old, new = await self.daemon.rotate()
+        return _json({"old_site_id": site_id_of(old), "site_id": site_id_of(new),
+                      "fingerprint": fingerprint_of(new)})
 
     async def metrics(self, request: web.Request) -> web.Response:
         status = self.daemon.status()

@@ -595,6 +595,65 @@ class Daemon:
         self.announce()
         return subject
 
+    async def rotate(self) -> tuple[bytes, bytes]:
+        """Retire this site's key and hand its membership to a new one (signed by both).
+
+        The rotation is pushed to every member we can dial while the old key still opens their
+        doors; then the new key replaces the old one on disk (the old is deleted), and the peer
+        port, links and membership core restart under the new key.  Invitations issued under
+        the old key stop working (their tokens name it)."""
+        mesh_id = self.view.mesh_id
+        if mesh_id is None or not self.view.is_member(self.key.public):
+            raise StateError("only a member of a mesh can rotate its key", reason="no-mesh")
+        old, new = self.key, SiteKey.generate()
+        now = self._now()
+        rotation = records.sign_rotation(mesh_id, old, new, now)
+        others = [k for k in self.view.members if k != old.public]
+        result = self.view.ingest([rotation.raw], now)
+        if result.stored != 1:
+            raise LocalError(f"the rotation was refused: {result.refused}", reason="unauthorized")
+        told = await asyncio.gather(*(self.sync_with(k) for k in others))
+        log.info("key rotation announced to %d of %d members", sum(told), len(others))
+        tmp = self.home.key_path.with_name("site.key.new")
+        tmp.unlink(missing_ok=True)
+        new.save(tmp)
+        os.replace(tmp, self.home.key_path)
+        self.key = self.admissions.key = self.view.key = new
+        await self._restart_transport()
+        self._refresh_own_record()
+        log.info("rotated the site key: %s -> %s (fingerprint %s)", old.site_id, new.site_id,
+                 new.fingerprint)
+        self.announce()
+        return old.public, new.public
+
+    async def _restart_transport(self) -> None:
+        """Peer port, links, membership core and LAN advertisement under the current key."""
+        assert self._ctx is not None
+        curve = self.key.curve_keypair()
+        self.membership.close()
+        self.membership = MembershipService(self, self.membership.config)
+        if self.dialer is not None:
+            self.dialer.close()
+        self.dialer = Dialer(self._ctx, curve, on_message=self._on_link_message)
+        if self.server is not None and self.bound is not None:
+            auth = self.server._auth
+            await self.server.close(keep_auth=True)
+            self.server = PeerServer(self._ctx, curve, self._on_peer, auth)
+            for attempt in range(50):
+                try:
+                    await self.server.start(self.bound)
+                    break
+                except OSError:
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.05)  # the old socket's close is asynchronous
+        if self.discovery is not None:
+            await self.discovery.close()
+            await self._start_discovery()
+        self.contacts.clear()
+        self._known_members = frozenset(self.view.members)
+        self.membership.start()
+
     # -- reports ------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Iterable
 from . import records, trust
 from .errors import RecordError
 from .identity import SiteKey, curve_public_of
-from .records import Genesis, Revocation, Signed, SiteRecord, Vouch
+from .records import Genesis, Revocation, Rotation, Signed, SiteRecord, Vouch
 from .store import Store
 
 log = logging.getLogger("meshd.mesh")
@@ -45,9 +45,12 @@ class MeshView:
         self.site_records: dict[bytes, Signed] = {}
         self.vouches: dict[bytes, Signed] = {}
         self.revocations: dict[bytes, Signed] = {}
+        self.rotations: dict[bytes, Signed] = {}
         self.members: dict[bytes, trust.Member] = {}
         self.by_curve: dict[bytes, bytes] = {}
         self.revoked: frozenset[bytes] = frozenset()
+        self.retired: dict[bytes, bytes] = {}
+        """Keys handed over by a rotation -> the key that holds their membership now."""
 
     @property
     def mesh_id(self) -> bytes | None:
@@ -73,6 +76,7 @@ class MeshView:
         self.site_records.clear()
         self.vouches.clear()
         self.revocations.clear()
+        self.rotations.clear()
         if not isinstance(raw, bytes):
             self._recompute(now)
             return
@@ -82,6 +86,10 @@ class MeshView:
             s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("revocation",),
                                max_skew=_STORED_SKEW)
             self.revocations[s.digest] = s
+        for blob in self.store.rotations():
+            s = records.decode(blob, now=now, mesh_id=mesh_id, kinds=("rotation",),
+                               max_skew=_STORED_SKEW)
+            self.rotations[s.digest] = s
         for kind, blobs, into in (("vouch", self.store.vouches(), self.vouches),
                                   ("site-record", self.store.records(), self.site_records)):
             for blob in blobs:
@@ -98,18 +106,14 @@ class MeshView:
 
     def _recompute(self, now: int) -> None:
         if self.genesis is None:
-            self.members, self.revoked, self.by_curve = {}, frozenset(), {}
+            self.members, self.revoked, self.by_curve, self.retired = {}, frozenset(), {}, {}
             return
-        self.members = trust.members(
-            self._genesis_body,
-            [v.body for v in self.vouches.values() if isinstance(v.body, Vouch)],
-            [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)],
-            now,
-        )
-        self.revoked = trust.revoked(
-            self._genesis_body, self._vouch_bodies(),
-            [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)],
-            now)
+        self.members = trust.members(self._genesis_body, self._vouch_bodies(),
+                                     self._revocation_bodies(), now, self._rotation_bodies())
+        self.revoked = trust.revoked(self._genesis_body, self._vouch_bodies(),
+                                     self._revocation_bodies(), now, self._rotation_bodies())
+        self.retired = {old: new for old, new in trust.successors(
+            self._genesis_body, self._rotation_bodies())[0].items()}
         self.by_curve = {curve_public_of(k): k for k in self.members}
 
     # -- questions --------------------------------------------------------------------------------
@@ -139,6 +143,7 @@ class MeshView:
             return []
         return [self.genesis.raw, *(s.raw for s in self.vouches.values()),
                 *(s.raw for s in self.revocations.values()),
+                *(s.raw for s in self.rotations.values()),
                 *(s.raw for k, s in self.site_records.items() if k in self.members)]
 
     # -- changes -----------------------------------------------------------------------------------
@@ -168,19 +173,24 @@ class MeshView:
             raise RecordError("the snapshot has no genesis of the mesh", reason="malformed")
         vouches = [s for s in decoded if s.kind == "vouch"]
         revocations = [s for s in decoded if s.kind == "revocation"]
+        rotations = [s for s in decoded if s.kind == "rotation"]
         g = genesis.body
         assert isinstance(g, Genesis)
-        members = trust.members(g, [v.body for v in vouches if isinstance(v.body, Vouch)],
-                                [r.body for r in revocations if isinstance(r.body, Revocation)], now)
+        vouch_bodies = [v.body for v in vouches if isinstance(v.body, Vouch)]
+        rotation_bodies = [r.body for r in rotations if isinstance(r.body, Rotation)]
+        members = trust.members(g, vouch_bodies,
+                                [r.body for r in revocations if isinstance(r.body, Revocation)],
+                                now, rotation_bodies)
         me = members.get(self.key.public)
         if me is None:
             raise RecordError("the snapshot does not make this site a member", reason="unauthorized")
         # Keep only what a member would have accepted one by one, so we never pass on junk.
-        vouch_bodies = [v.body for v in vouches if isinstance(v.body, Vouch)]
+        alias = trust.successors(g, rotation_bodies)[0]
         vouches = [v for v in vouches if isinstance(v.body, Vouch)
-                   and (m := members.get(v.body.voucher)) is not None and m.role == "introducer"]
+                   and (m := members.get(alias.get(v.body.voucher, v.body.voucher))) is not None
+                   and m.role == "introducer"]
         revocations = [r for r in revocations if isinstance(r.body, Revocation)
-                       and trust.may_revoke(g, vouch_bodies, r.body, now)]
+                       and trust.may_revoke(g, vouch_bodies, r.body, now, rotation_bodies)]
         site_records: dict[bytes, tuple[bytes, int, bytes]] = {}
         for s in decoded:
             if s.kind == "site-record" and s.signer in members:
@@ -193,7 +203,8 @@ class MeshView:
             genesis.raw, g.mesh_id, g.mesh_name, me.role, list(site_records.values()),
             [(v.digest, v.body.subject, v.raw) for v in vouches if isinstance(v.body, Vouch)],
             [(r.digest, r.body.subject, r.raw) for r in revocations
-             if isinstance(r.body, Revocation)])
+             if isinstance(r.body, Revocation)],
+            [(r.digest, r.body.old, r.raw) for r in rotations if isinstance(r.body, Rotation)])
         self.load(now)
 
     def ingest(self, items: Iterable[bytes], now: int) -> IngestResult:
@@ -205,6 +216,7 @@ class MeshView:
         stored = duplicate = 0
         pending_vouches: list[Signed] = []
         pending_revocations: list[Signed] = []
+        pending_rotations: list[Signed] = []
         pending_records: list[Signed] = []
         for raw in items:
             try:
@@ -215,8 +227,11 @@ class MeshView:
             if s.kind == "genesis":
                 duplicate += s.raw == self.genesis.raw
                 refused["mesh"] += s.raw != self.genesis.raw
-            elif s.digest in self.vouches or s.digest in self.revocations:
+            elif s.digest in self.vouches or s.digest in self.revocations \
+                    or s.digest in self.rotations:
                 duplicate += 1
+            elif s.kind == "rotation":
+                pending_rotations.append(s)
             elif s.kind == "vouch":
                 pending_vouches.append(s)
             elif s.kind == "revocation":
@@ -231,7 +246,7 @@ class MeshView:
             for s in list(pending_vouches):
                 body = s.body
                 assert isinstance(body, Vouch)
-                voucher = self.members.get(body.voucher)
+                voucher = self.members.get(self.retired.get(body.voucher, body.voucher))
                 if voucher is not None and voucher.role == "introducer":
                     self.store.put_vouch(s.digest, body.subject, s.raw)
                     self.vouches[s.digest] = s
@@ -241,10 +256,24 @@ class MeshView:
             if progress:
                 self._recompute(now)
         refused["unauthorized"] += len(pending_vouches)
+        for s in pending_rotations:
+            body = s.body
+            assert isinstance(body, Rotation)
+            # The old key hands over what it holds: it must be a member, or already retired
+            # (a second, conflicting rotation is kept: it shuts the identity out, see trust).
+            if body.old in self.members or body.old in self.retired:
+                self.store.put_rotation(s.digest, body.old, s.raw)
+                self.rotations[s.digest] = s
+                stored += 1
+            else:
+                refused["unauthorized"] += 1
+        if pending_rotations:
+            self._recompute(now)
         for s in pending_revocations:
             body = s.body
             assert isinstance(body, Revocation)
-            if trust.may_revoke(self._genesis_body, self._vouch_bodies(), body, now):
+            if trust.may_revoke(self._genesis_body, self._vouch_bodies(), body, now,
+                                self._rotation_bodies()):
                 self.store.put_revocation(s.digest, body.subject, s.raw)
                 self.revocations[s.digest] = s
                 stored += 1
@@ -273,6 +302,12 @@ class MeshView:
 
     def _vouch_bodies(self) -> list[Vouch]:
         return [v.body for v in self.vouches.values() if isinstance(v.body, Vouch)]
+
+    def _revocation_bodies(self) -> list[Revocation]:
+        return [r.body for r in self.revocations.values() if isinstance(r.body, Revocation)]
+
+    def _rotation_bodies(self) -> list[Rotation]:
+        return [r.body for r in self.rotations.values() if isinstance(r.body, Rotation)]
 
     def add_own(self, signed: Signed, now: int) -> None:
         """Store an object this site just signed (its record, a vouch, a revocation)."""

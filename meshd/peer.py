@@ -59,11 +59,12 @@ def _tcp_endpoint(address: str) -> str:
 class PeerServer:
     """Accepts peer requests on the one inbound port and answers each through ``handler``."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes], handler: Handler) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes], handler: Handler,
+                 auth: AsyncioAuthenticator | None = None) -> None:
         self._ctx = ctx
         self._public, self._secret = curve
         self._handler = handler
-        self._auth: AsyncioAuthenticator | None = None
+        self._auth: AsyncioAuthenticator | None = auth
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -162,7 +163,8 @@ class PeerServer:
             del self.routes[curve_key]
         return False
 
-    async def close(self) -> None:
+    async def close(self, *, keep_auth: bool = False) -> None:
+        """Stop serving; with ``keep_auth`` the ZAP handler stays for a successor server."""
         if self._task is not None:
             self._task.cancel()
         for task in list(self._inflight):
@@ -170,7 +172,7 @@ class PeerServer:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
-        if self._auth is not None:
+        if self._auth is not None and not keep_auth:
             self._auth.stop()
 
 

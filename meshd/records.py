@@ -9,6 +9,7 @@ genesis       1     founds a mesh; signed by the founder; its digest is the mesh
 site-record   2     a site's own record (name, addresses, reachability); highest seq wins
 vouch         3     voucher admits subject to the mesh with a role until ``expires``
 revocation    4     revoker shuts subject out of the mesh (permanently; see ``trust``)
+rotation      5     old key hands its membership to new key; signed by both (see ``trust``)
 ============  ====  ===================================================================
 
 Canonical body bytes are msgpack of the list of fields (``use_bin_type=True``).  The signature
@@ -58,12 +59,14 @@ __all__ = [
     "Body",
     "Genesis",
     "Revocation",
+    "Rotation",
     "Signed",
     "SiteRecord",
     "Vouch",
     "decode",
     "is_valid_name",
     "sign",
+    "sign_rotation",
 ]
 
 ROLES = ("member", "introducer")
@@ -135,7 +138,26 @@ class Revocation:
     reason: str
 
 
-Body = Union[Genesis, SiteRecord, Vouch, Revocation]
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """``old`` retires and hands its membership to ``new``; signed by both keys: the envelope
+    by ``old``, and ``new_sig`` by ``new`` over ``ROTATION_NEW_DOMAIN`` + the other fields."""
+
+    mesh_id: bytes
+    old: bytes
+    new: bytes
+    issued: int
+    new_sig: bytes
+
+    def handover(self) -> bytes:
+        """The bytes ``new`` signs: the domain and the packed fields other than ``new_sig``."""
+        return ROTATION_NEW_DOMAIN + bytes(msgpack.packb(
+            [self.mesh_id, self.old, self.new, self.issued], use_bin_type=True))
+
+
+ROTATION_NEW_DOMAIN = b"meshd/v1/rotation-new\x00"
+
+Body = Union[Genesis, SiteRecord, Vouch, Revocation, Rotation]
 
 
 class _Invalid(ValueError):
@@ -175,6 +197,12 @@ def _name(v: object, what: str) -> str:
         raise _Invalid(
             f"{what} is not a name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
         )
+    return v
+
+
+def _sig64(v: object, what: str) -> bytes:
+    if not isinstance(v, bytes) or len(v) != 64:
+        raise _Invalid(f"{what} is not a 64-byte signature")
     return v
 
 
@@ -261,6 +289,19 @@ _SCHEMA: dict[str, tuple[int, type, tuple[tuple[str, _Check], ...], str, str]] =
         "revoker",
         "issued",
     ),
+    "rotation": (
+        5,
+        Rotation,
+        (
+            ("mesh_id", _id16),
+            ("old", _key),
+            ("new", _key),
+            ("issued", _uint),
+            ("new_sig", _sig64),
+        ),
+        "old",
+        "issued",
+    ),
 }
 KINDS: tuple[str, ...] = tuple(_SCHEMA)
 DOMAIN: dict[str, bytes] = {kind: b"meshd/v1/" + kind.encode() + b"\x00" for kind in KINDS}
@@ -307,12 +348,12 @@ class Signed:
 
     @property
     def kind(self) -> str:
-        """``genesis``, ``site-record``, ``vouch`` or ``revocation``."""
+        """``genesis``, ``site-record``, ``vouch``, ``revocation`` or ``rotation``."""
         return _kind_of(self.body)
 
     @property
     def signer(self) -> bytes:
-        """The key that signed: founder, key, voucher or revoker."""
+        """The key that signed the envelope: founder, key, voucher, revoker or old key."""
         return _signer(self.body)
 
     @property
@@ -345,6 +386,13 @@ def sign(body: Body, key: SiteKey) -> Signed:
             f"signed {kind} is {len(raw)} bytes, more than {MAX_SIGNED_BYTES}", reason="oversized"
         )
     return Signed(body, raw)
+
+
+def sign_rotation(mesh_id: bytes, old: SiteKey, new: SiteKey, issued: int) -> Signed:
+    """A rotation from ``old`` to ``new``, signed by both."""
+    unsigned = Rotation(mesh_id, old.public, new.public, issued, b"\x00" * 64)
+    return sign(Rotation(mesh_id, old.public, new.public, issued,
+                         new.sign(unsigned.handover())), old)
 
 
 def _unpack(data: bytes, max_array: int) -> Any:
@@ -428,6 +476,9 @@ def decode(
             )
     if not verify_signature(_signer(body), DOMAIN[kind] + payload, signature):
         raise RecordError(f"{kind} has a bad signature", reason="signature")
+    if isinstance(body, Rotation) and (
+            body.old == body.new or not verify_signature(body.new, body.handover(), body.new_sig)):
+        raise RecordError("rotation is not signed by its new key", reason="signature")
     issued = _issued(body)
     if issued > now + max_skew:
         raise RecordError(

@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS vouches (digest BLOB PRIMARY KEY, subject BLOB NOT NU
     raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS revocations (digest BLOB PRIMARY KEY, subject BLOB NOT NULL,
     raw BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rotations (digest BLOB PRIMARY KEY, old BLOB NOT NULL,
+    raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS invitations (
     id BLOB PRIMARY KEY, mesh_id BLOB NOT NULL, secret BLOB NOT NULL, created INTEGER NOT NULL,
     expires INTEGER NOT NULL, uses INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0,
@@ -150,12 +152,22 @@ class Store:
     def revocations(self) -> list[bytes]:
         return [r[0] for r in self._db.execute("SELECT raw FROM revocations ORDER BY digest")]
 
+    def put_rotation(self, digest: bytes, old: bytes, raw: bytes) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO rotations (digest, old, raw) VALUES (?, ?, ?)",
+                             (digest, old, raw))
+            return cur.rowcount == 1
+
+    def rotations(self) -> list[bytes]:
+        return [r[0] for r in self._db.execute("SELECT raw FROM rotations ORDER BY digest")]
+
     def adopt_mesh(self, genesis: bytes, mesh_id: bytes, mesh_name: str, role: str,
                    records: list[tuple[bytes, int, bytes]], vouches: list[tuple[bytes, bytes, bytes]],
-                   revocations: list[tuple[bytes, bytes, bytes]]) -> None:
+                   revocations: list[tuple[bytes, bytes, bytes]],
+                   rotations: list[tuple[bytes, bytes, bytes]] | None = None) -> None:
         """Switch this site to a mesh it was admitted to, with the verified snapshot, atomically."""
         with self._tx() as db:
-            for table in ("site_records", "vouches", "revocations"):
+            for table in ("site_records", "vouches", "revocations", "rotations"):
                 db.execute(f"DELETE FROM {table}")
             for k, v in (("genesis", genesis), ("mesh_id", mesh_id), ("mesh_name", mesh_name),
                          ("role", role)):
@@ -167,6 +179,8 @@ class Store:
             db.executemany(
                 "INSERT OR IGNORE INTO revocations (digest, subject, raw) VALUES (?, ?, ?)",
                 revocations)
+            db.executemany("INSERT OR IGNORE INTO rotations (digest, old, raw) VALUES (?, ?, ?)",
+                           rotations or [])
 
     # -- invitations issued by this site ------------------------------------------------------------
 

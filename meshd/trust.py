@@ -24,18 +24,25 @@ checks no signatures.  The rules, applied in this order:
    a revoked site is not a member and its vouches admit nobody, so sites admitted only through it
    drop out too (a site that also holds a chain through someone else stays).
 
+5. **Key rotation** (``successors``).  A rotation (signed by the old key and the new one) makes
+   the new key stand wherever the old one stood: every vouch, revocation and the founder's place
+   are read with the old key replaced by its successor (chains followed), so the site keeps its
+   role and the sites it admitted stay admitted; the retired key is no member.  A key rotated to
+   two different keys, or in a cycle, is taken as compromised: its rotations are void and it is
+   shut out (a thief of a retired key can at worst do what the site itself could: leave).
+
 The result depends only on the sets of inputs, never on their order.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
-from meshd.records import ROLES, Genesis, Revocation, Vouch
+from meshd.records import ROLES, Genesis, Revocation, Rotation, Vouch
 
-__all__ = ["Member", "may_revoke", "members", "revoked"]
+__all__ = ["Member", "may_revoke", "members", "revoked", "successors"]
 
 _RANK = {role: i for i, role in enumerate(ROLES)}
 _INTRODUCER = "introducer"
@@ -51,8 +58,7 @@ class Member:
     expires: int
 
 
-def _valid(genesis: Genesis, vouches: Iterable[Vouch], now: int) -> list[Vouch]:
-    mesh_id = genesis.mesh_id
+def _valid(mesh_id: bytes, founder: bytes, vouches: Iterable[Vouch], now: int) -> list[Vouch]:
     return [
         v
         for v in vouches
@@ -60,7 +66,7 @@ def _valid(genesis: Genesis, vouches: Iterable[Vouch], now: int) -> list[Vouch]:
         and v.role in _RANK
         and (v.expires == 0 or v.expires > now)
         and v.voucher != v.subject
-        and v.subject != genesis.founder
+        and v.subject != founder
     ]
 
 
@@ -97,39 +103,95 @@ def _graph(founder: bytes, vouches: list[Vouch], excluded: frozenset[bytes]) -> 
     return result
 
 
-def may_revoke(
-    genesis: Genesis, vouches: Iterable[Vouch], revocation: Revocation, now: int
-) -> bool:
-    """True if ``revocation`` is honoured under rule 3 of the module doc."""
-    if revocation.mesh_id != genesis.mesh_id or revocation.subject == genesis.founder:
+def successors(genesis: Genesis, rotations: Iterable[Rotation]) -> tuple[dict[bytes, bytes],
+                                                                       frozenset[bytes]]:
+    """Rule 5: (retired key -> the key that holds its membership now, keys shut out because
+    they were rotated to two different keys or in a cycle)."""
+    step: dict[bytes, set[bytes]] = {}
+    for r in rotations:
+        if r.mesh_id == genesis.mesh_id and r.old != r.new:
+            step.setdefault(r.old, set()).add(r.new)
+    conflicted = {old for old, news in step.items() if len(news) > 1}
+    final: dict[bytes, bytes] = {}
+    for old in step:
+        seen = [old]
+        key = old
+        while key in step and key not in conflicted:
+            (key,) = step[key]
+            if key in seen:
+                conflicted.update(seen)
+                break
+            seen.append(key)
+        else:
+            if key in conflicted:
+                conflicted.add(old)
+            else:
+                final[old] = key
+    return {k: v for k, v in final.items() if k not in conflicted}, frozenset(conflicted)
+
+
+class _Rewritten:
+    """The inputs with every retired key replaced by its successor (rule 5)."""
+
+    def __init__(self, genesis: Genesis, vouches: Iterable[Vouch],
+                 revocations: Iterable[Revocation], rotations: Iterable[Rotation]) -> None:
+        alias, self.conflicted = successors(genesis, rotations)
+
+        def a(key: bytes) -> bytes:
+            return alias.get(key, key)
+
+        self.mesh_id = genesis.mesh_id
+        self.founder = a(genesis.founder)
+        self.vouches = [replace(v, voucher=a(v.voucher), subject=a(v.subject)) for v in vouches]
+        self.revocations = [replace(r, revoker=a(r.revoker), subject=a(r.subject))
+                            for r in revocations]
+        self.alias = a
+
+
+def _may_revoke(w: _Rewritten, valid: list[Vouch], r: Revocation) -> bool:
+    if r.mesh_id != w.mesh_id or r.subject == w.founder:
         return False
-    if revocation.revoker in (genesis.founder, revocation.subject):
+    if r.revoker in (w.founder, r.subject):
         return True
-    unrevoked = _graph(genesis.founder, _valid(genesis, vouches, now), frozenset())
-    held = unrevoked.get(revocation.revoker)
+    held = _graph(w.founder, valid, frozenset()).get(r.revoker)
     return held is not None and held.role == _INTRODUCER
 
 
-def revoked(
-    genesis: Genesis, vouches: Iterable[Vouch], revocations: Iterable[Revocation], now: int
-) -> frozenset[bytes]:
-    """The keys shut out by honoured revocations (rule 3)."""
-    valid = _valid(genesis, vouches, now)
-    unrevoked = _graph(genesis.founder, valid, frozenset())
+def may_revoke(
+    genesis: Genesis, vouches: Iterable[Vouch], revocation: Revocation, now: int,
+    rotations: Iterable[Rotation] = (),
+) -> bool:
+    """True if ``revocation`` is honoured under rule 3 of the module doc."""
+    w = _Rewritten(genesis, vouches, [revocation], rotations)
+    return _may_revoke(w, _valid(w.mesh_id, w.founder, w.vouches, now), w.revocations[0])
+
+
+def _revoked(w: _Rewritten, valid: list[Vouch]) -> frozenset[bytes]:
+    unrevoked = _graph(w.founder, valid, frozenset())
     authorities = {k for k, m in unrevoked.items() if m.role == _INTRODUCER}
     return frozenset(
         r.subject
-        for r in revocations
-        if r.mesh_id == genesis.mesh_id
-        and r.subject != genesis.founder
+        for r in w.revocations
+        if r.mesh_id == w.mesh_id
+        and r.subject != w.founder
         and (r.revoker in authorities or r.revoker == r.subject)
-    )
+    ) | (w.conflicted - {w.founder})
+
+
+def revoked(
+    genesis: Genesis, vouches: Iterable[Vouch], revocations: Iterable[Revocation], now: int,
+    rotations: Iterable[Rotation] = (),
+) -> frozenset[bytes]:
+    """The keys shut out by honoured revocations (rule 3) and by conflicting rotations (rule 5)."""
+    w = _Rewritten(genesis, vouches, revocations, rotations)
+    return _revoked(w, _valid(w.mesh_id, w.founder, w.vouches, now))
 
 
 def members(
-    genesis: Genesis, vouches: Iterable[Vouch], revocations: Iterable[Revocation], now: int
+    genesis: Genesis, vouches: Iterable[Vouch], revocations: Iterable[Revocation], now: int,
+    rotations: Iterable[Rotation] = (),
 ) -> dict[bytes, Member]:
     """Every member of the mesh of ``genesis`` at ``now``, keyed by public key (module doc)."""
-    valid = _valid(genesis, vouches, now)
-    out = revoked(genesis, valid, revocations, now)
-    return _graph(genesis.founder, valid, out)
+    w = _Rewritten(genesis, vouches, revocations, rotations)
+    valid = _valid(w.mesh_id, w.founder, w.vouches, now)
+    return _graph(w.founder, valid, _revoked(w, valid))

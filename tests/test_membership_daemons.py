@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -102,3 +103,67 @@ def test_graceful_stop_is_seen_as_left_not_dead(sites: Any) -> None:
     assert d.stop() == 0
     for s in (a, b, c, e):
         wait_until(lambda s=s: _states(s)["slac"] == "left", 30, f"{s.name} to see slac leave")
+
+
+def test_a_site_that_only_dials_out_is_kept_alive_and_detected_when_it_dies(sites: Any) -> None:
+    a, b = sites("aps-8id"), sites("alcf")
+    c = sites("edge-box", listen=None)  # no inbound port at all
+    token = invite(a, "--uses", "2")
+    assert b.cli("join", input=token).returncode == 0
+    assert c.cli("join", input=token).returncode == 0
+    names = {"aps-8id", "alcf", "edge-box"}
+    for s in (a, b, c):
+        wait_until(lambda s=s: _states(s) == {n: "alive" for n in names}, 60,
+                   f"{s.name} to see all three alive")
+    peers = {p["name"]: p for p in a.client.peers()}
+    assert peers["edge-box"]["addrs"] == [] and peers["edge-box"]["reachable"] is False
+    assert peers["edge-box"]["reached"] == "inbound"
+    # Alive for several suspicion timeouts although nobody can dial it.
+    log = EventLog(a)
+    cfg = SwimConfig()
+    horizon = time.time() + 3 * suspicion_timeout(cfg.suspicion_mult, 3, cfg.probe_interval)
+    wait_until(lambda: time.time() > horizon
+               and ({p["name"]: p for p in a.client.peers()}["edge-box"]["last_seen"] or 0)
+               > horizon - 1, 60, "three suspicion timeouts with edge-box heard from")
+    assert log.of("edge-box", "dead") == [] and log.of("edge-box", "suspect") == []
+    c.kill()
+    for s in (a, b):
+        wait_until(lambda s=s: _states(s)["edge-box"] == "dead", 60,
+                   f"{s.name} to declare edge-box dead")
+
+
+def test_key_rotation_hands_membership_to_the_new_key_and_the_mesh_follows(sites: Any) -> None:
+    a, b, c = sites("aps-8id"), sites("alcf"), sites("nersc")
+    assert b.cli("join", input=invite(a, "--role", "introducer")).returncode == 0
+    assert c.cli("join", input=invite(b)).returncode == 0
+    stale_token = invite(b)
+    for s in (a, b, c):
+        wait_until(lambda s=s: sum(p["verified"] for p in s.client.peers()) == 3, 30,
+                   f"{s.name} to know all three")
+    old = b.json("status")
+    r = b.cli("rotate", "--json")
+    assert r.returncode == 0, r.stderr + b.log()
+    rotated = json.loads(r.stdout)
+    assert rotated["old_site_id"] == old["site_id"] and rotated["site_id"] != old["site_id"]
+    assert b.json("status")["site_id"] == rotated["site_id"]
+    assert oct((b.home / "site.key").stat().st_mode & 0o777) == "0o600"
+    assert not (b.home / "site.key.new").exists()
+
+    def alcf_is_new(s: Site) -> bool:
+        peers = {p["name"]: p for p in s.client.peers()}
+        p = peers.get("alcf")
+        return (p is not None and p["site_id"] == rotated["site_id"] and p["verified"]
+                and p["state"] == "alive" and len(peers) == 3)
+
+    for s in (a, b, c):
+        wait_until(lambda s=s: alcf_is_new(s), 30, f"{s.name} to follow alcf's new key")
+        peers = {p["name"]: p for p in s.client.peers()}
+        assert peers["alcf"]["role"] == "introducer"
+        assert old["site_id"] not in {p["site_id"] for p in s.client.peers()}
+        assert peers["nersc"]["role"] == "member"  # admitted by the old key: still a member
+    # The new key works for everything the old one did; the old key's invitation is void.
+    d = sites("desy")
+    assert d.cli("join", input=invite(b)).returncode == 0
+    e = sites("eve")
+    r = e.cli("join", input=stale_token)
+    assert r.returncode == 1

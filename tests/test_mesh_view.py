@@ -391,3 +391,48 @@ def test_ingest_before_joining_a_mesh_stores_nothing(tmp_path: Path) -> None:
     for table in ("site_records", "vouches", "revocations"):
         assert rows(path, table) == []
     store.close()
+
+
+# --- key rotation -------------------------------------------------------------------------------
+
+
+def test_rotation_by_a_member_hands_over_and_survives_reload(founded, tmp_path: Path) -> None:
+    path, store, view = founded
+    mesh = mesh_of(view)
+    A2 = key(21)
+    view.ingest([vouch(F, A, mesh, "introducer").raw, vouch(A, B, mesh).raw], NOW)
+    rotation = records.sign_rotation(mesh, A, A2, NOW)
+    result = view.ingest([rotation.raw], NOW)
+    assert result.stored == 1
+    assert A.public not in view.members and view.members[A2.public].role == "introducer"
+    assert view.members[B.public].vouched_by == A2.public
+    assert view.retired == {A.public: A2.public}
+    # A vouch signed by the retired key (it admitted C before the handover) still counts.
+    assert view.ingest([vouch(A, C, mesh).raw], NOW).stored == 1 and view.is_member(C.public)
+    store.close()
+    again = MeshView(Store(path), F)
+    again.load(NOW)
+    assert set(again.members) == set(view.members)
+    assert rotation.raw in again.snapshot()
+    again.store.close()
+
+
+def test_rotation_by_a_non_member_is_refused_and_not_stored(founded) -> None:
+    path, _, view = founded
+    rotation = records.sign_rotation(mesh_of(view), X, key(22), NOW)
+    result = view.ingest([rotation.raw], NOW)
+    assert result.refused == {"unauthorized": 1}
+    assert rows(path, "rotations") == [] and not view.is_member(key(22).public)
+
+
+def test_a_joiner_adopts_a_snapshot_with_a_rotated_introducer(founded, tmp_path: Path) -> None:
+    _, _, view = founded
+    mesh = mesh_of(view)
+    A2 = key(23)
+    view.ingest([vouch(F, A, mesh, "introducer").raw], NOW)
+    view.ingest([records.sign_rotation(mesh, A, A2, NOW).raw], NOW)
+    view.ingest([vouch(A2, B, mesh).raw], NOW)  # the new key admits B
+    joiner = MeshView(Store(tmp_path / "b.db"), B)
+    joiner.adopt(view.snapshot(), mesh, NOW)
+    assert set(joiner.members) == {F.public, A2.public, B.public}
+    joiner.store.close()

@@ -21,11 +21,13 @@ from meshd.records import (
     Body,
     Genesis,
     Revocation,
+    Rotation,
     Signed,
     SiteRecord,
     Vouch,
     decode,
     sign,
+    sign_rotation,
 )
 
 NOW = 1_800_000_000
@@ -33,7 +35,7 @@ KEYS = [SiteKey(bytes([i]) * 32) for i in range(1, 5)]
 FOUNDER, ALICE, BOB, MALLORY = KEYS
 GENESIS = Genesis(FOUNDER.public, "beamline-mesh", NOW - 1000, b"\x07" * 16)
 MESH = GENESIS.mesh_id
-CODES = {"genesis": 1, "site-record": 2, "vouch": 3, "revocation": 4}
+CODES = {"genesis": 1, "site-record": 2, "vouch": 3, "revocation": 4, "rotation": 5}
 
 
 def site_record(key: SiteKey = ALICE, **kw: Any) -> SiteRecord:
@@ -72,11 +74,18 @@ def revocation(revoker: SiteKey = FOUNDER, subject: SiteKey = ALICE, **kw: Any) 
     return Revocation(**fields)
 
 
+def rotation(old: SiteKey = ALICE, new: SiteKey = FOUNDER, **kw: Any) -> Rotation:
+    body = sign_rotation(kw.pop("mesh_id", MESH), old, new, kw.pop("issued", NOW)).body
+    assert isinstance(body, Rotation) and not kw
+    return body
+
+
 SAMPLES: dict[str, tuple[Body, SiteKey]] = {
     "genesis": (GENESIS, FOUNDER),
     "site-record": (site_record(), ALICE),
     "vouch": (vouch(), FOUNDER),
     "revocation": (revocation(), FOUNDER),
+    "rotation": (rotation(), ALICE),
 }
 
 
@@ -137,6 +146,9 @@ def bodies(draw: st.DrawFn) -> tuple[Body, SiteKey]:
             draw(times), expires,
         )
         return v, k
+    if kind == "rotation":
+        new = draw(keys.filter(lambda n: n.public != k.public))
+        return rotation(k, new, mesh_id=draw(mesh_ids), issued=draw(times)), k
     reason = draw(st.text(alphabet=string.printable[:95], max_size=256))
     return Revocation(draw(mesh_ids), k.public, draw(keys).public, draw(times), reason), k
 
@@ -170,9 +182,9 @@ def test_properties_of_each_sample() -> None:
 
 def test_signing_is_deterministic_and_digests_distinct() -> None:
     raws = {sign(b, k).raw for b, k in SAMPLES.values()}
-    assert len(raws) == 4
+    assert len(raws) == len(KINDS)
     assert sign(*SAMPLES["vouch"]).digest == sign(*SAMPLES["vouch"]).digest
-    assert len({sign(b, k).digest for b, k in SAMPLES.values()}) == 4
+    assert len({sign(b, k).digest for b, k in SAMPLES.values()}) == len(KINDS)
 
 
 def test_mesh_id_is_self_certifying() -> None:
@@ -497,12 +509,26 @@ def test_expired() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_future(kind: str) -> None:
     body, key = SAMPLES[kind]
+    if kind == "rotation":  # both signatures cover issued: sign anew rather than edit
+        assert decode(sign(rotation(issued=NOW + MAX_CLOCK_SKEW), ALICE).raw, now=NOW).kind == kind
+        assert reason_of(sign(rotation(issued=NOW + MAX_CLOCK_SKEW + 1), ALICE).raw) == "future"
+        return
     fields = fields_of(body)
     idx = 2 if kind == "genesis" else {"site-record": 6, "vouch": 5, "revocation": 3}[kind]
     ok = envelope(kind, _with(fields, idx, NOW + MAX_CLOCK_SKEW), key)
     assert decode(ok, now=NOW).kind == kind
     bad = envelope(kind, _with(fields, idx, NOW + MAX_CLOCK_SKEW + 1), key)
     assert reason_of(bad) == "future"
+
+
+def test_rotation_needs_the_new_keys_signature_too() -> None:
+    good = rotation()
+    forged = Rotation(good.mesh_id, good.old, MALLORY.public, good.issued, good.new_sig)
+    assert reason_of(sign(forged, ALICE).raw) == "signature"  # new_sig is FOUNDER's, not MALLORY's
+    selfie = Rotation(good.mesh_id, ALICE.public, ALICE.public, good.issued,
+                      ALICE.sign(good.handover()))
+    assert reason_of(sign(selfie, ALICE).raw) == "signature"
+    assert decode(sign(good, ALICE).raw, now=NOW).body == good
 
 
 def test_signature_is_checked_before_time() -> None:

@@ -8,7 +8,7 @@ from typing import Iterable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.records import ROLES, Genesis, Revocation, Vouch
+from meshd.records import ROLES, Genesis, Revocation, Rotation, Vouch
 from meshd.trust import Member, may_revoke, members, revoked
 
 NOW = 1_800_000_000
@@ -295,3 +295,65 @@ def test_revocations_only_ever_remove_members(
     for rev in revocations:
         if may_revoke(GENESIS, vouches, rev, NOW):
             assert rev.subject not in ms(vouches, revocations)
+
+
+# --- key rotation (rule 5) -----------------------------------------------------------------
+
+
+def rot(old: bytes, new: bytes, mesh: bytes = MESH) -> Rotation:
+    return Rotation(mesh, old, new, NOW, b"\x00" * 64)  # signatures are records.decode's job
+
+
+def msr(vouches: Iterable[Vouch], rotations: Iterable[Rotation],
+        revocations: Iterable[Revocation] = ()) -> dict[bytes, Member]:
+    return members(GENESIS, vouches, revocations, NOW, rotations)
+
+
+def test_rotated_site_keeps_its_role_and_those_it_admitted() -> None:
+    a, a2, b = A, k(11), B
+    vs = [intro(F, a), v(a, b)]
+    got = msr(vs, [rot(a, a2)])
+    assert set(got) == {F, a2, b}
+    assert got[a2].role == "introducer" and got[b].vouched_by == a2
+
+
+def test_rotations_chain_and_the_founder_may_rotate() -> None:
+    a, a2, a3, f2 = A, k(11), k(12), k(13)
+    got = msr([intro(F, a)], [rot(a, a2), rot(a2, a3), rot(F, f2)])
+    assert set(got) == {f2, a3}
+    assert got[f2].vouched_by is None and got[a3].vouched_by == f2
+
+
+def test_a_key_rotated_twice_is_shut_out() -> None:
+    a, a2, thief = A, k(11), k(66)
+    vs = [intro(F, a), v(a, B)]
+    got = msr(vs, [rot(a, a2), rot(a, thief)])
+    assert a not in got and a2 not in got and thief not in got and B not in got
+    assert a in revoked(GENESIS, vs, [], NOW, [rot(a, a2), rot(a, thief)])
+
+
+def test_a_rotation_cycle_is_void_and_shut_out() -> None:
+    a, b = A, B
+    got = msr([intro(F, a), v(F, b)], [rot(a, b), rot(b, a)])
+    assert a not in got and b not in got
+
+
+def test_rotation_for_another_mesh_is_ignored() -> None:
+    a, a2 = A, k(11)
+    assert set(msr([intro(F, a)], [rot(a, a2, OTHER_MESH)])) == {F, a}
+
+
+def test_revoking_a_retired_key_revokes_its_successor() -> None:
+    a, a2 = A, k(11)
+    got = msr([intro(F, a)], [rot(a, a2)], [r(F, a)])
+    assert set(got) == {F}
+    assert may_revoke(GENESIS, [intro(F, a)], r(a, C), NOW, [rot(a, a2)])  # a acts as a2
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.permutations(range(4)))
+def test_rotations_are_order_independent(order: list[int]) -> None:
+    a, a2, a3, b = A, k(11), k(12), B
+    rots = [rot(a, a2), rot(a2, a3), rot(b, k(21)), rot(b, k(22))]
+    vs = [intro(F, a), intro(F, b)]
+    assert msr(vs, [rots[i] for i in order]) == msr(vs, rots)
