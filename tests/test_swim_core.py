@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -143,7 +144,12 @@ def test_suspect_then_timeout_declares_dead() -> None:
     lo = suspicion_timeout(4, 3, 1.0)
     h.advance(lo - 0.01)
     assert h.status(b"p0") is Status.SUSPECT
-    h.advance(lo + 0.01)
+    # we only heard of it: two direct verification pings (one probe timeout each) come first
+    verify = h.advance(lo + 2 * h.cfg.probe_timeout - 0.01)
+    checks = [m for d, m in verify if d == b"p0" and isinstance(m, Ping) and m.updates[:1] == (Suspect(b"p0", 0, ME),)]
+    assert len(checks) >= 2  # (a regular probe of a suspect carries the suspicion too)
+    assert h.status(b"p0") is Status.SUSPECT
+    h.advance(lo + 2 * h.cfg.probe_timeout + 0.01)
     assert h.status(b"p0") is Status.DEAD
     assert h.events_of(MemberDead) == [MemberDead(b"p0", 0, ME)]
     h.core.receive(Ping(2, ME), b"p1", h.now)
@@ -351,7 +357,7 @@ def test_core_suspicion_confirmations_shorten_and_rebroadcast() -> None:
     assert Suspect(b"p0", 0, b"p3") in out[0][1].updates  # type: ignore[attr-defined]  # new confirmation re-gossiped
     h.advance(lo - 0.01)
     assert h.status(b"p0") is Status.SUSPECT
-    h.advance(lo + 0.01)
+    h.advance(lo + 2 * h.cfg.probe_timeout + 0.01)  # after the verification pings
     assert h.status(b"p0") is Status.DEAD
 
 
@@ -361,7 +367,7 @@ def test_unconfirmed_suspicion_waits_max_timeout() -> None:
     h.recv(Gossip((Suspect(b"p0", 0, b"p1"),)), b"p1")
     h.advance(lo * 6 - 0.1)
     assert h.status(b"p0") is Status.SUSPECT
-    h.advance(lo * 6 + 0.1)
+    h.advance(lo * 6 + 2 * h.cfg.probe_timeout + 0.1)
     assert h.status(b"p0") is Status.DEAD
 
 
@@ -591,3 +597,75 @@ def test_config_validation() -> None:
         SwimConfig(probe_timeout=2.0, probe_interval=1.0)
     with pytest.raises(LocalError):
         SwimConfig(indirect_checks=0)
+
+
+def test_ack_to_a_member_we_hold_suspect_or_dead_tells_it_first() -> None:
+    h = Harness()
+    h.recv(Gossip((Suspect(b"p0", 0, b"p1"), Dead(b"p2", 0, b"p1")),), b"p1")
+    out = h.recv(Ping(3, ME), b"p0")
+    assert out[0][1].updates[0] == Suspect(b"p0", 0, ME)  # type: ignore[attr-defined]
+    out = h.recv(Ping(4, ME), b"p2")
+    assert out[0][1].updates[0] == Dead(b"p2", 0, ME)  # type: ignore[attr-defined]
+
+
+def test_anchor_gossips_to_the_outbound_member_it_watches() -> None:
+    h = Harness(peers=8)
+    h.recv(Gossip((Alive(b"out", 1, b"", False),)), b"p0")
+    h.recv(Ping(1, ME, (), FLAG_WATCH), b"out")
+    h.recv(Gossip((Alive(b"news", 0),)), b"p1")
+    out = h.advance(h.now + 0.2)
+    assert [m for d, m in out if d == b"out" and isinstance(m, Gossip) and Alive(b"news", 0) in m.updates]
+
+
+def test_verification_ping_catches_a_missed_refutation() -> None:
+    h = Harness(peers=2)  # p0 acks our pings but we never got its refutation
+    h.recv(Gossip((Suspect(b"p0", 0, b"p1"),)), b"p1")
+    lo = suspicion_timeout(4, 3, 1.0)
+    out = h.advance(lo + 0.01)
+    ping = [m for d, m in out if d == b"p0" and isinstance(m, Ping) and m.updates[:1] == (Suspect(b"p0", 0, ME),)][-1]
+    # p0 had refuted long ago (we missed it); it answers the accusation with its alive
+    h.recv(Ack(ping.seq, (Alive(b"p0", 1),)), b"p0")
+    h.advance(lo + 5.0)
+    assert h.status(b"p0") is Status.ALIVE and not h.events_of(MemberDead)
+
+
+def test_own_failed_probe_declares_without_verification() -> None:
+    h = Harness(peers=2, auto_ack=False)
+    target, _ = first_probe(h)
+    h.advance(h.now + h.cfg.probe_interval + 0.01)
+    assert h.status(target) is Status.SUSPECT
+    start = h.core.member(target).since  # type: ignore[union-attr]
+    lo = suspicion_timeout(4, 3, 1.0)
+    h.advance(start + lo + 0.01)
+    assert h.status(target) is Status.DEAD
+
+
+def test_accused_member_answers_even_a_stale_accusation_with_its_alive() -> None:
+    h = Harness()
+    h.recv(Gossip((Suspect(ME, 0, b"p1"),)), b"p1")  # refuted: now incarnation 1
+    h.core._queue.take(10_000, 1)  # its own alive already went out
+    out = h.recv(Ping(8, ME, (Suspect(ME, 0, b"p2"),)), b"p2")
+    assert out[0][1].updates[0] == Alive(ME, 1, b"", True)  # type: ignore[attr-defined]
+    assert h.core.incarnation == 1
+
+
+def test_outbound_heartbeats_are_not_slowed_by_poor_health() -> None:
+    cfg = SwimConfig()
+    core = Membership(ME, cfg, random.Random(4), 0.0, reachable=False)
+    core.restore([(f"r{i}".encode(), 0, b"", True) for i in range(6)], 0.0)
+    core._awareness.apply_delta(5)  # probes every 6 s now
+    beats: dict[bytes, list[float]] = {}
+    now = 0.0
+    while now < 20.0:
+        now = max(now, core.get_timer() or now)
+        core.handle_timer(now)
+        for d, m in core.outgoing():
+            if isinstance(m, Ping):
+                core.receive(Ack(m.seq), d, now)
+                if m.flags & FLAG_WATCH:
+                    beats.setdefault(d, []).append(now)
+        core.outgoing()
+        now += 0.001
+    for times in beats.values():
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps and max(gaps) <= cfg.probe_interval + 0.01

@@ -12,17 +12,22 @@ round-robin list (reshuffled, and long-dead members reaped, at the end of each r
 an ack after ``probe_timeout * (health + 1)`` it sends ping-req to ``indirect_checks`` random
 helpers, which ping the target and relay the ack, or send a nack when they hear nothing for
 ``probe_timeout``; with ``fallback_ping`` it also pings the target directly once more
-(memberlist's TCP fallback ping).  A probe without any ack by its deadline (the next probe) makes the target
-suspect; the prober probes it again two probes later, and again while it stays silent, each
-time telling it of the suspicion (so it can refute even if every gossip about it was lost).
-Outbound-only members are never probed (see below).
+(memberlist's TCP fallback ping).  A probe without any ack by its deadline (the next probe)
+makes the target suspect; the prober probes it again two probes later, and again while it stays
+silent, each ping carrying the suspicion (buddy system), so that the target can refute even if
+every gossip about it was lost (e.g. across a partition).  Outbound-only members are never
+probed (see below).
 
 *Suspicion.*  Membership changes follow the table in :mod:`meshd.swim.state`.  A suspicion runs a
-:class:`~meshd.swim.suspicion.Suspicion` timer that starts at
-``suspicion_max_timeout_mult * min`` and shrinks toward
-``min = suspicion_mult * log10(N) * probe_interval`` as independent suspect messages (from other
-accusers) arrive; when it fires the core declares the member dead.  A node that hears itself
-suspected or declared dead refutes by gossiping alive with a higher incarnation.
+:class:`~meshd.swim.suspicion.Suspicion` timer that starts at ``suspicion_max_timeout_mult * min``
+and shrinks toward ``min = suspicion_mult * log10(N) * probe_interval`` as independent suspect
+messages (from other accusers) arrive; when it fires the core declares the member dead.  A node
+that hears itself suspected or declared dead refutes by gossiping alive with a higher
+incarnation.  A node whose timer fires but that only *heard* of the suspicion (its own probes
+never failed) first pings the member directly, up to twice, one probe timeout each: a live
+member answers any accusation carried in a ping (and anyone answers a ping from a member it
+holds suspect or dead) with the news first, so a node that missed the refutation gossip catches
+up instead of declaring a false death.
 
 *Lifeguard health.*  Score ``0 .. awareness_max_multiplier - 1`` (:mod:`.awareness`): +1 for
 each expected nack that did not arrive in a failed probe (+1 for a failed probe when no nack was
@@ -45,17 +50,16 @@ None; only verified blobs are kept and forwarded, the first blob per key wins, a
 ``max_blobs`` are held; without a hook no remote blob is accepted.
 
 *Outbound-only members* (``reachable=False``: nobody can dial them).  Nobody probes them, asks
-them to help, gossips or push-pulls to them: they only receive answers on connections they
-opened.  (An anchor, below, also gossips to the members it watches, over their connection, and
-anyone answering a ping from a member it holds suspect or dead says so first in the ack.)
-Instead such a node sends, every probe interval, a heartbeat ping flagged
-``FLAG_WATCH`` to ``outbound_anchors`` reachable members (its anchors), besides probing others
-normally and starting its own push-pulls.  An anchor treats any message from the node as proof
-of life; only an anchor that hears nothing from it for ``outbound_watch_mult * probe_interval``
-suspects it, and the usual suspicion, confirmation (other anchors) and refutation (the node hears
-of it in the acks to its heartbeats) follow.  So an outbound-only node is declared dead when it
-stops talking, never because nobody can dial it.  When it replaces an anchor it sends the old one
-a ping flagged ``FLAG_UNWATCH``.
+them to help, or gossips or push-pulls to them unprompted: they only receive messages on
+connections they opened.  Such a node sends, every (unscaled) probe interval, a heartbeat ping flagged
+``FLAG_WATCH`` to ``outbound_anchors`` reachable members (its anchors), besides probing
+reachable members normally and starting its own push-pulls; when it replaces an anchor it sends
+the old one a ping flagged ``FLAG_UNWATCH``.  An anchor answers over that connection, includes
+the node in its gossip fan-out, and treats any message from it as proof of life; only an anchor
+that hears nothing from it for ``outbound_watch_mult * probe_interval`` suspects it.  The usual
+suspicion, confirmation (other anchors) and refutation (the node hears of the suspicion in the
+acks to its heartbeats) follow.  So an outbound-only node is declared dead when it stops
+talking, never because nobody can dial it.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ _LIVE = (Status.ALIVE, Status.SUSPECT)
 _MAX_REJECTED = 4096
 _REPROBE_AFTER = 2
 """A member we suspect ourselves is probed again after this many other probes."""
+_VERIFY_PINGS = 2
+"""Direct pings a node that only heard of a suspicion sends before declaring the member dead."""
 
 
 @dataclass(slots=True)
@@ -200,6 +206,7 @@ class Membership:
         # outbound-only support
         self._watched: dict[bytes, float] = {}
         self._anchors: list[bytes] = []
+        self._next_heartbeat = self._next_probe
         # blobs
         self._blobs: dict[bytes, bytes] = {}
         self._blob_keys: dict[bytes, bytes] = {}
@@ -261,6 +268,8 @@ class Membership:
         t = self._next_gossip
         if not self._leaving:
             t = min(t, self._next_probe, self._next_push_pull, self._next_reconnect)
+            if not self._me.reachable and self._next_heartbeat < t:
+                t = self._next_heartbeat
             p = self._probe
             if p is not None and not p.acked and not p.indirect and p.timeout_at < t:
                 t = p.timeout_at
@@ -316,6 +325,7 @@ class Membership:
         self._me.reachable = reachable
         self._me.incarnation += 1
         self._rows = None
+        self._next_heartbeat = now
         self._broadcast(Alive(self.self_id, self._me.incarnation, meta, reachable))
 
     def publish_blob(self, blob: bytes) -> bytes:
@@ -381,14 +391,29 @@ class Membership:
         while self._suspicion_heap and self._suspicion_heap[0][0] <= now:
             deadline, node = heapq.heappop(self._suspicion_heap)
             m = self._members.get(node)
-            if m is not None and m.suspicion is not None and m.suspicion.deadline == deadline:
-                self._apply(Dead(node, m.incarnation, self.self_id), now)
+            s = m.suspicion if m is not None else None
+            if m is None or s is None or s.deadline != deadline:
+                continue
+            if not s.probed and m.reachable and s.verifications < _VERIFY_PINGS and not self._leaving:
+                # We only heard of this suspicion: ask the member itself before declaring it dead,
+                # in case we missed its refutation (it answers a stale accusation with its alive).
+                s.verifications += 1
+                s.deadline = now + self._awareness.scale(cfg.probe_timeout)
+                heapq.heappush(self._suspicion_heap, (s.deadline, node))
+                self._out.append((node, Ping(self._next_seq(), node,
+                                             (Suspect(node, m.incarnation, self.self_id),) + self._piggyback())))
+                continue
+            self._apply(Dead(node, m.incarnation, self.self_id), now)
         if not self._leaving:
             p = self._probe
             if p is not None and not p.acked and not p.indirect and now >= p.timeout_at:
                 self._indirect_probe(p, now)
             if now >= self._next_probe:
                 self._probe_tick(now)
+            if not self._me.reachable and now >= self._next_heartbeat:
+                # not scaled by health: it is our proof of life, anchors time it with the base interval
+                self._next_heartbeat = now + cfg.probe_interval
+                self._heartbeat_anchors(now)
             if now >= self._next_push_pull:
                 self._next_push_pull = now + push_pull_scale(cfg.push_pull_interval, self._n_live)
                 self._push_pull(now)
@@ -410,6 +435,13 @@ class Membership:
         elif msg.flags & FLAG_UNWATCH:
             self._watched.pop(sender, None)
         updates = self._piggyback()
+        me = self._me
+        for u in msg.updates:
+            if u.node == me.node and type(u) is not Alive and type(u) is not Left and not self._leaving:
+                # accused in the ping itself (buddy system): answer with our current alive first,
+                # even if the accusation was stale and so did not need a new refutation
+                updates = (Alive(me.node, me.incarnation, me.meta, me.reachable),) + updates
+                break
         m = self._members.get(sender)
         if m is not None and m.status is Status.SUSPECT:  # tell it first, so it can refute
             updates = (Suspect(sender, m.incarnation, self.self_id),) + updates
@@ -630,8 +662,6 @@ class Membership:
         cfg = self.config
         self._finish_probe(now)
         self._next_probe = now + self._awareness.scale(cfg.probe_interval)
-        if not self._me.reachable:
-            self._heartbeat_anchors(now)
         if self._watched:
             self._check_watched(now)
         if self._seeds and self._n_live <= 1 and now >= self._join_retry_at:
@@ -673,6 +703,8 @@ class Membership:
         m = self._members.get(p.target)
         if m is not None and m.status in _LIVE:
             self._apply(Suspect(p.target, m.incarnation, self.self_id), now)
+            if m.suspicion is not None:
+                m.suspicion.probed = True
             if m.status is Status.SUSPECT:
                 # Re-probe our own suspect soon: the ping carries the suspicion (buddy system), so
                 # it can refute even if our gossip about it was lost (e.g. across a partition).
@@ -706,6 +738,8 @@ class Membership:
             elif now - last > limit:
                 del self._watched[node]
                 self._apply(Suspect(node, m.incarnation, self.self_id), now)
+                if m.suspicion is not None:
+                    m.suspicion.probed = True
 
     # ------------------------------------------------------------------ dissemination
 

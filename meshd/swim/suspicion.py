@@ -14,7 +14,8 @@ from .util import remaining_suspicion_time
 class Suspicion:
     """Suspicion state: start time, confirmations, current deadline."""
 
-    __slots__ = ("_confirmers", "confirmations", "deadline", "k", "max_timeout", "min_timeout", "start")
+    __slots__ = ("_confirmers", "confirmations", "deadline", "k", "max_timeout", "min_timeout", "probed", "start",
+                 "verifications")
 
     def __init__(self, source: bytes, k: int, min_timeout: float, max_timeout: float, now: float) -> None:
         self.start = now
@@ -26,6 +27,10 @@ class Suspicion:
         """Independent confirmations beyond the first accuser."""
         self.deadline = now + (max_timeout if k >= 1 else min_timeout)
         """When the suspected member is to be declared dead."""
+        self.probed = False
+        """The owner's own probe (or watch) of the member failed, not only gossip said so."""
+        self.verifications = 0
+        """Direct verification pings sent since the timer ran out."""
 
     def has(self, source: bytes) -> bool:
         """True if ``source`` already accused or confirmed."""
