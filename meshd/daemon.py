@@ -290,6 +290,7 @@ class Daemon:
         cut off (their links closed, their connections to us refused from now on)."""
         members, revoked = frozenset(self.view.members), self.view.revoked
         if members == self._known_members and revoked == self._known_revoked:
+            self.membership.sync_blobs()  # a newer record, say: the core carries it from now on
             return
         for key in members - self._known_members:
             self.membership.emit("admitted", key)

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import swim
+from . import records, swim
 from .errors import ProtocolError
 from .identity import curve_public_of, site_id_of
 
@@ -63,11 +63,16 @@ class MembershipService:
         if self.core is not None or view.mesh_id is None:
             return
         now = self.now()
+        # A restarted site must outrank what others remember of it (left, or dead, at the
+        # incarnation it had): start above the last one used, and remember it first.
+        store = self.daemon.store
+        incarnation = store.get_int("incarnation") + 1
+        store.set_meta("incarnation", incarnation)
         self.core = swim.Membership(
             self.daemon.key.public, self.config, random.Random(), now,
-            reachable=self.daemon.bound is not None, verify_blob=self._verify_blob)
-        for raw in view.snapshot():
-            self.core.publish_blob(raw) if self._verify_blob(raw) else None
+            reachable=self.daemon.bound is not None, verify_blob=self._verify_blob,
+            incarnation=incarnation)
+        self.sync_blobs()
         self.sync_members()
         self._flush()
 
@@ -80,15 +85,27 @@ class MembershipService:
         known = {m.node for m in core.members()}
         new = [k for k in self.daemon.view.members if k not in known]
         if not new:
+            self.sync_blobs()
             return
         reachable = {k: bool(r.reachable) if (r := self.daemon.view.record_of(k)) else True
                      for k in new}
         core.restore([(k, 0, b"", reachable[k]) for k in new], now)
         core.join([k for k in new if self.daemon.dial_addresses(k)], now)
-        for raw in self.daemon.view.snapshot():
-            if self._verify_blob(raw):
-                core.publish_blob(raw)
+        self.sync_blobs()
         self._flush()
+
+    def sync_blobs(self) -> None:
+        """Make the core carry exactly the mesh view's signed objects: new ones published,
+        superseded ones (an older site record, a revoked site's) dropped."""
+        core = self.core
+        if core is None:
+            return
+        wanted = {records.digest_of(raw): raw for raw in self.daemon.view.snapshot()}
+        held = core.blobs()
+        for key in held.keys() - wanted.keys():
+            core.remove_blob(key)
+        for key in wanted.keys() - held.keys():
+            core.publish_blob(wanted[key])
 
     def leave(self) -> None:
         """Gossip a graceful leave (the daemon is stopping)."""
@@ -142,17 +159,9 @@ class MembershipService:
         """The core's hook: a signed object is kept and forwarded only if the mesh view takes it."""
         view = self.daemon.view
         result = view.ingest([blob], int(time.time()))
-        if result.stored or result.duplicate:
-            from . import records
-
-            try:
-                signed = records.decode(blob, now=int(time.time()), max_skew=2**62)
-            except Exception:
-                return None
-            if result.stored:
-                self.daemon.on_mesh_change()
-            return signed.digest
-        return None
+        if result.stored:  # not from inside the core's own call: it is merging right now
+            asyncio.get_running_loop().call_soon(self.daemon.on_mesh_change)
+        return records.digest_of(blob) if result.stored or result.duplicate else None
 
     # -- output ------------------------------------------------------------------------------------
 
@@ -226,6 +235,8 @@ class MembershipService:
                 swim.Refuted: "refuted"}.get(type(event))
         if kind is None:
             return
+        if isinstance(event, swim.Refuted):
+            self.daemon.store.set_meta("incarnation", event.incarnation)
         node = getattr(event, "node", self.daemon.key.public)
         fields: dict[str, Any] = {"incarnation": event.incarnation}  # type: ignore[union-attr]
         source = getattr(event, "source", None)

@@ -64,6 +64,7 @@ __all__ = [
     "SiteRecord",
     "Vouch",
     "decode",
+    "digest_of",
     "is_valid_name",
     "sign",
     "sign_rotation",
@@ -359,7 +360,12 @@ class Signed:
     @property
     def digest(self) -> bytes:
         """16-byte BLAKE2b of ``raw``: a stable id (the wire form is canonical)."""
-        return hashlib.blake2b(self.raw, digest_size=16, person=b"meshd-record-id").digest()
+        return digest_of(self.raw)
+
+
+def digest_of(raw: bytes) -> bytes:
+    """The stable id of a signed object's wire bytes (``Signed.digest`` without decoding)."""
+    return hashlib.blake2b(raw, digest_size=16, person=b"meshd-record-id").digest()
 
 
 def sign(body: Body, key: SiteKey) -> Signed:

@@ -103,6 +103,12 @@ def test_graceful_stop_is_seen_as_left_not_dead(sites: Any) -> None:
     assert d.stop() == 0
     for s in (a, b, c, e):
         wait_until(lambda s=s: _states(s)["slac"] == "left", 30, f"{s.name} to see slac leave")
+    left_at = {p["name"]: p for p in a.client.peers()}["slac"]["incarnation"]
+    # Back again: it must outrank the "left" everyone remembers, so it starts a higher incarnation.
+    d.start()
+    for s in (a, b, c, e):
+        wait_until(lambda s=s: _states(s)["slac"] == "alive", 30, f"{s.name} to see slac back")
+    assert {p["name"]: p for p in a.client.peers()}["slac"]["incarnation"] > left_at
 
 
 def test_a_site_that_only_dials_out_is_kept_alive_and_detected_when_it_dies(sites: Any) -> None:
