@@ -32,9 +32,10 @@ class Config:
     """Addresses other sites should dial, as HOST:PORT. Empty: the listen address, or, when it
     listens on 0.0.0.0, every non-loopback IPv4 address of this host with the listen port."""
 
-    sync_interval: float = 5.0
-    """Seconds between record exchanges with one random member (anti-entropy); joins and
-    revocations are also pushed to every member at once."""
+    sync_interval: float = 60.0
+    """Seconds between full exchanges of signed objects with one random member. Changes are
+    pushed to every member at once and also ride on the membership protocol's push-pull, so
+    this is only a backstop."""
 
     request_timeout: float = 5.0
     """Seconds to wait for a peer's answer before calling it unreachable."""

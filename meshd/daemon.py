@@ -331,6 +331,8 @@ class Daemon:
             raise RemoteError("this site does not know you as a member of its mesh",
                               reason="not-member")
         self._contact(key, ok=True)
+        if self.server is not None:
+            self.server.routes[info.curve_key] = info.route
         if kind == "swim":
             self.membership.deliver(msg["m"], key)
             return None

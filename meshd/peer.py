@@ -38,6 +38,8 @@ class PeerInfo:
 
     curve_key: bytes
     address: str
+    route: bytes = b""
+    """The ROUTER routing id of the connection the message came on (the way back to it)."""
 
 
 Handler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any] | None]]
@@ -72,7 +74,8 @@ class PeerServer:
         self.dropped = 0
         self.routes: dict[bytes, bytes] = {}
         """X25519 key -> ROUTER routing id of its latest connection to us: the way back to a
-        peer that dialed us, which is the only way to reach a site that cannot be dialed."""
+        peer that dialed us, which is the only way to reach a site that cannot be dialed.  The
+        owner fills it, for members only, so strangers cannot grow it."""
 
     async def start(self, listen: str) -> str:
         """Bind ``HOST:PORT`` (port 0 picks one) and return the bound ``HOST:PORT``."""
@@ -111,11 +114,10 @@ class PeerServer:
             ident, frame = frames
             try:
                 curve_key = z85.decode(str(frame.get("User-Id")).encode())
-                info = PeerInfo(curve_key, str(frame.get("Peer-Address")))
+                info = PeerInfo(curve_key, str(frame.get("Peer-Address")), ident.bytes)
             except (ValueError, zmq.ZMQError):
                 self.dropped += 1
                 continue
-            self.routes[curve_key] = ident.bytes
             task = asyncio.create_task(self._answer(ident.bytes, frame.bytes, info))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
