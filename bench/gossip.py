@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         new_id = sim.make_id(args.sites + 1000 + i)
 
         def do_join(new_id: bytes = new_id) -> None:
-            seeds = [x for x in rng.sample(reachable, 6) if not sim.nodes[x].crashed][:3]
+            seeds = [x for x in rng.sample(reachable, min(6, len(reachable)))
+                     if not sim.nodes[x].crashed][:3]
             first_joined[new_id] = {}
             joined_at[new_id] = sim.now
             sim.add_node(new_id, join=seeds)

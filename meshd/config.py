@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path

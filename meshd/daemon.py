@@ -23,11 +23,20 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import __version__, config as config_mod, records, tokens
+from . import __version__, records, tokens
+from . import config as config_mod
 from .admission import Admissions
 from .config import Config
 from .discovery import Discovery, Sighting
-from .errors import JoinRefused, LocalError, MeshdError, RecordError, RemoteError, StateError, TokenError
+from .errors import (
+    JoinRefused,
+    LocalError,
+    MeshdError,
+    RecordError,
+    RemoteError,
+    StateError,
+    TokenError,
+)
 from .home import Home
 from .identity import SiteKey, curve_public_of, fingerprint_of, site_id_of
 from .membership import MembershipService
@@ -298,6 +307,7 @@ class Daemon:
             log.info("%s (%s) is revoked; cutting it off", self.view.name_of(key),
                      site_id_of(key))
             self.membership.emit("revoked", key)
+        for key in self._known_members - members:  # revoked, or its key retired by a rotation
             curve = curve_public_of(key)
             if self.dialer is not None:
                 self.dialer.forget(curve)

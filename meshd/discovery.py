@@ -142,7 +142,7 @@ class Discovery:
             return
         parsed = parse_properties(info.properties)
         if parsed is None:
-            log.debug("ignored a malformed advertisement %s", name)
+            log.debug("ignored a malformed advertisement %r", name)
             return
         peer_name, key, mesh_id = parsed
         if key == self.key:

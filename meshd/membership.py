@@ -77,12 +77,15 @@ class MembershipService:
         self._flush()
 
     def sync_members(self) -> None:
-        """Tell the core about members it does not know yet (after an admission or a join)."""
+        """Tell the core about members it does not know yet (after an admission or a join),
+        and make it forget keys that are members no more (revoked, or retired by a rotation)."""
         core = self.core
         if core is None:
             return
         now = self.now()
         known = {m.node for m in core.members()}
+        for gone in known - set(self.daemon.view.members) - {self.daemon.key.public}:
+            core.forget(gone)
         new = [k for k in self.daemon.view.members if k not in known]
         if not new:
             self.sync_blobs()

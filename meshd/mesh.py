@@ -191,6 +191,10 @@ class MeshView:
                    and m.role == "introducer"]
         revocations = [r for r in revocations if isinstance(r.body, Revocation)
                        and trust.may_revoke(g, vouch_bodies, r.body, now, rotation_bodies)]
+        # A rotation counts only for a key that held a place: the founder's or a vouched one.
+        placed = {g.founder} | {v.subject for v in vouch_bodies}
+        rotations = [r for r in rotations if isinstance(r.body, Rotation)
+                     and (r.body.old in placed or r.body.old in alias)]
         site_records: dict[bytes, tuple[bytes, int, bytes]] = {}
         for s in decoded:
             if s.kind == "site-record" and s.signer in members:

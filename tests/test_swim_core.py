@@ -385,7 +385,8 @@ def test_awareness_clamps() -> None:
 def test_formulas() -> None:
     assert retransmit_limit(4, 1000) == 16
     assert retransmit_limit(4, 999) == 12
-    assert retransmit_limit(4, 9) == 4
+    assert retransmit_limit(4, 99) == 8
+    assert retransmit_limit(4, 9) == 8  # floored: small meshes get memberlist's N=10..99 limit
     assert suspicion_timeout(4, 1000, 1.0) == pytest.approx(12.0)
     assert suspicion_timeout(4, 1, 1.0) == 4.0
     assert push_pull_scale(30.0, 32) == 30.0
@@ -669,3 +670,27 @@ def test_outbound_heartbeats_are_not_slowed_by_poor_health() -> None:
     for times in beats.values():
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert gaps and max(gaps) <= cfg.probe_interval + 0.01
+
+
+def test_an_accusation_above_the_refutable_limit_is_ignored() -> None:
+    from meshd.swim.messages import MAX_ACCUSED_INCARNATION, MAX_INT
+
+    core = Membership(b"a", SwimConfig(), random.Random(1), 0.0)
+    core.restore([(b"b", 0, b"", True), (b"c", 0, b"", True)], 0.0)
+    liar = Gossip((Dead(b"b", MAX_INT, b"c"), Suspect(b"a", MAX_INT, b"c")))
+    core.receive(liar, b"c", 1.0)
+    assert core.member(b"b").status is Status.ALIVE and core.incarnation == 0
+    core.receive(Gossip((Suspect(b"a", MAX_ACCUSED_INCARNATION, b"c"),)), b"c", 2.0)
+    assert core.incarnation == MAX_ACCUSED_INCARNATION + 1  # still refutable, and refuted
+
+
+def test_forget_drops_a_member_without_gossip() -> None:
+    core = Membership(b"a", SwimConfig(), random.Random(1), 0.0)
+    core.restore([(b"b", 0, b"", True), (b"c", 0, b"", True)], 0.0)
+    core.outgoing(), core.events()
+    core.forget(b"b")
+    assert core.member(b"b") is None and core.num_live == 2
+    assert core.events() == []
+    for t in range(1, 40):  # probing goes on over the others only
+        core.handle_timer(t * 0.5)
+        assert all(dest != b"b" for dest, _ in core.outgoing())

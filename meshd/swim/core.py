@@ -91,6 +91,7 @@ from .events import (
 from .messages import (
     FLAG_UNWATCH,
     FLAG_WATCH,
+    MAX_ACCUSED_INCARNATION,
     MAX_BLOB_LEN,
     STATUS_ALIVE,
     STATUS_DEAD,
@@ -307,6 +308,18 @@ class Membership:
             self._next_push_pull = now + self._rng.uniform(
                 0, push_pull_scale(self.config.push_pull_interval, self._n_live))
 
+    def forget(self, node: bytes) -> None:
+        """Drop ``node`` at once, without gossip: the owner knows it is no longer a member
+        (revoked, or its key retired).  Keeping gossip about it out is the owner's job."""
+        if node == self.self_id or node not in self._members:
+            return
+        if self._probe is not None and self._probe.target == node:
+            self._probe = None
+        self._watched.pop(node, None)
+        if node in self._anchors:
+            self._anchors.remove(node)
+        self._remove(node)
+
     def leave(self, now: float) -> None:
         """Leave gracefully: gossip our departure and stop probing.  Keep calling handle_timer
         (gossip continues) until :attr:`leave_done`, then stop the core."""
@@ -497,6 +510,8 @@ class Membership:
 
     def _apply(self, u: Update, now: float) -> None:
         node = u.node
+        if u.incarnation > MAX_ACCUSED_INCARNATION and type(u) is not Alive:
+            return  # an accusation no one could ever refute: a liar's, ignored
         m = self._members.get(node)
         if m is not None:
             # Fast exits, only for cells of the table that ignore the update (most updates

@@ -41,7 +41,10 @@ MAX_BLOBS = 10_000
 MAX_BLOB_LEN = 64 * 1024
 """Longest opaque blob accepted, in bytes."""
 MAX_INT = 2**63 - 1
-"""Largest incarnation or sequence number."""
+"""Largest sequence number."""
+MAX_ACCUSED_INCARNATION = 2**62
+"""Largest incarnation at which the core believes a suspect, dead or left notice (it ignores
+higher ones): far below MAX_INT, so that an accused member can always refute, one above."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest encoded message ``from_bytes`` accepts."""
 

@@ -17,9 +17,16 @@ def suspicion_timeout(suspicion_mult: int, n: int, interval: float) -> float:
     return suspicion_mult * node_scale * interval
 
 
+MIN_RETRANSMIT_FACTOR = 2
+"""Floor of the log factor below: memberlist's formula gives a mesh of up to 9 sites only
+``retransmit_mult`` transmits per update, so a join missed one site in about one join of ten
+(bench/gossip.py --sites 10) until the next push-pull; twice that costs little at that size."""
+
+
 def retransmit_limit(retransmit_mult: int, n: int) -> int:
-    """How many times one update is piggybacked: ``retransmit_mult * ceil(log10(n + 1))``."""
-    return retransmit_mult * math.ceil(math.log10(n + 1))
+    """How many times one update is piggybacked:
+    ``retransmit_mult * max(2, ceil(log10(n + 1)))`` (memberlist's, with a floor for small meshes)."""
+    return retransmit_mult * max(MIN_RETRANSMIT_FACTOR, math.ceil(math.log10(n + 1)))
 
 
 def push_pull_scale(interval: float, n: int) -> float:
