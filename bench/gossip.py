@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for v, t0 in crashed_at.items():
         observers = [x for x in live if sim.nodes[x].started <= t0]
         times = [first_dead[v][o] - t0 for o in observers if o in first_dead[v]]
-        if len(times) == len(observers):
+        if observers and len(times) == len(observers):
             detection.append(max(times))
         else:
             undetected += 1
@@ -184,12 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="measured simulated seconds")
     p.add_argument("--warmup", type=float, default=5.0, help="simulated seconds before measuring")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--joins", type=int, default=5)
-    p.add_argument("--crashes", type=int, default=5)
+    p.add_argument("--joins", type=int, default=None,
+                   help="sites that join during the run (default: 5, at most a fifth of --sites)")
+    p.add_argument("--crashes", type=int, default=None,
+                   help="sites that crash during the run (default: 5, at most a fifth of --sites)")
     p.add_argument("--delay", type=float, default=0.005, help="base one-way delay, s")
     p.add_argument("--jitter", type=float, default=0.005, help="uniform extra delay, s")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    cap = max(1, args.sites // 5)
+    args.joins = min(5, cap) if args.joins is None else args.joins
+    args.crashes = min(5, cap) if args.crashes is None else args.crashes
+    if args.joins + args.crashes >= args.sites:
+        p.error("--joins plus --crashes must leave some sites running")
     r = run(args)
     if args.json:
         print(json.dumps(r))
