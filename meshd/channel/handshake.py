@@ -16,7 +16,7 @@ signature of ``ACCEPT_DOMAIN + BLAKE2b(Hello) + Accept-without-sig``: it binds t
 
 Keys: libsodium ``crypto_kx`` (initiator = client, responder = server) gives one 32-byte key per
 direction; each is then bound to the transcript: ``BLAKE2b-256(key=kx_key, data=th | direction,
-person="meshd-chan-key")`` with ``th = BLAKE2b-256(Hello | Accept, person="meshd-chan-th")``.
+person="meshd-chan-key")`` with ``th = BLAKE2b-256(Hello | Accept-without-sig, person="meshd-chan-th")``.
 
 A relay that forwards these messages sees two public ephemeral keys and learns nothing; it
 cannot substitute an ephemeral key or a cipher (both signatures break), move an Accept to another
