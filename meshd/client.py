@@ -49,6 +49,10 @@ class Client:
     def close(self) -> None:
         pass
 
+    def _not_running(self) -> DaemonNotRunning:
+        return DaemonNotRunning(f"no meshd daemon is running for {self.home.root}; start one"
+                                f" with: meshd run --home {self.home.root}", reason="not-running")
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               timeout: float | None = None) -> Any:
         sock_path = self.home.socket_path
@@ -61,9 +65,7 @@ class Client:
                 resp = conn.getresponse()
                 data = resp.read()
             except (FileNotFoundError, ConnectionRefusedError):
-                raise DaemonNotRunning(
-                    f"no meshd daemon is running for {self.home.root}; start one with:"
-                    f" meshd run --home {self.home.root}", reason="not-running") from None
+                raise self._not_running() from None
             except socket.timeout:
                 raise LocalError(f"the daemon did not answer {path} within"
                                  f" {timeout or self.timeout:.0f} s", reason="timeout") from None
@@ -127,9 +129,7 @@ class Client:
                 conn.request("GET", api.EVENTS + ("" if history else "?history=0"))
                 resp = conn.getresponse()
             except (FileNotFoundError, ConnectionRefusedError):
-                raise DaemonNotRunning(
-                    f"no meshd daemon is running for {self.home.root}; start one with:"
-                    f" meshd run --home {self.home.root}", reason="not-running") from None
+                raise self._not_running() from None
             while True:
                 line = resp.readline()
                 if not line:

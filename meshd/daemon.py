@@ -426,7 +426,9 @@ class Daemon:
         while True:
             interval = self.config.sync_interval
             await asyncio.sleep(interval * (0.5 + self._rng.random()))
-            self.view.load(self._now()) if self._expiry_passed() else None
+            if self._expiry_passed():  # a vouch lapsed: membership changes with the clock
+                self.view.load(self._now())
+                self.on_mesh_change()
             others = [k for k in self.view.members if k != self.key.public
                       and self.dial_addresses(k)]
             if others:
