@@ -22,6 +22,10 @@ REVOKE = "/v1/revoke"          # POST {"site", "reason"} -> {"revoked": site_id,
 ROTATE = "/v1/rotate"          # POST {} -> {"old_site_id", "site_id", "fingerprint"}
 METRICS = "/v1/metrics"        # GET  -> Prometheus text exposition
 EVENTS = "/v1/events"          # GET  -> JSON lines: membership events, history then live
+CHANNELS = "/v1/channels"      # GET -> [Channel];  POST {"name", "to", "paths"?} -> OpenSender
+                               # DELETE /v1/channels/{id};  POST /v1/channels/{id}/flush
+                               #   {"messages", "timeout"?} -> {"acked_messages"}
+RECEIVERS = "/v1/receivers"    # POST {"name", "allow"?} -> OpenReceiver;  DELETE /v1/receivers/{name}
 
 
 class Status(TypedDict):

@@ -144,3 +144,29 @@ class Client:
 
     def metrics(self) -> str:
         return self._call("GET", api.METRICS)  # type: ignore[no-any-return]
+
+    # -- channels (the streaming API in meshd.streams builds on these) ------------------------------
+
+    def channels(self) -> list[dict[str, Any]]:
+        """Channels at this site: outgoing, incoming and relayed."""
+        return self._call("GET", api.CHANNELS)  # type: ignore[no-any-return]
+
+    def open_sender(self, name: str, to: str, paths: list[str] | None = None) -> dict[str, Any]:
+        return self._call("POST", api.CHANNELS, {"name": name, "to": to,  # type: ignore[no-any-return]
+                                                 "paths": paths})
+
+    def flush_sender(self, channel_id: str, messages: int,
+                     timeout: float | None = None) -> dict[str, Any]:
+        return self._call("POST", f"{api.CHANNELS}/{quote(channel_id)}/flush",  # type: ignore[no-any-return]
+                          {"messages": messages, "timeout": timeout},
+                          timeout=None if timeout is None else timeout + 5)
+
+    def close_sender(self, channel_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"{api.CHANNELS}/{quote(channel_id)}")  # type: ignore[no-any-return]
+
+    def open_receiver(self, name: str, allow: list[str] | None = None) -> dict[str, Any]:
+        return self._call("POST", api.RECEIVERS, {"name": name, "allow": allow})  # type: ignore[no-any-return]
+
+    def close_receiver(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"{api.RECEIVERS}/{quote(name, safe='')}")  # type: ignore[no-any-return]
+

@@ -62,6 +62,26 @@ class Config:
     """IPv4 addresses of the interfaces for mDNS. Empty: the listen address's interface when it
     listens on one address, otherwise every interface."""
 
+    relay: bool = True
+    """Forward other members' channels through this site when they cannot reach each other
+    (it sees only ciphertext). Only a site others can dial is useful as a relay."""
+
+    paths: list[str] = field(default_factory=lambda: ["direct", "reversed", "relay"])
+    """Which paths this site's outgoing channels may take: any of direct (we dial the
+    receiver), reversed (the receiver dials us) and relay (both dial a third member)."""
+
+    channel_window_bytes: int = 64 << 20
+    """Memory per channel, in bytes: payload a receiving site holds for its application, and
+    what a sending site keeps for resending until acknowledged. At least 17 MiB (one largest
+    message of 16 MiB plus framing)."""
+
+    channel_window_messages: int = 4096
+    """Most batches of messages a receiving site holds per channel before the sender waits."""
+
+    reach_interval: float = 60.0
+    """Seconds between checks of which members can dial this site (each member is asked to
+    dial us back at our advertised addresses; re-checked sooner when members change)."""
+
     log_level: str = "info"
     """One of debug, info, warning, error."""
 
@@ -77,6 +97,17 @@ class Config:
                      "join_failure_cap"):
             if getattr(self, name) <= 0:
                 raise LocalError(f"config: {name} must be positive", reason="config")
+        bad = [p for p in self.paths if p not in ("direct", "reversed", "relay")]
+        if bad or not self.paths:
+            raise LocalError(f"config: paths must name some of direct, reversed, relay, not"
+                             f" {self.paths!r}", reason="config")
+        if self.channel_window_bytes < 17 << 20:
+            raise LocalError("config: channel_window_bytes must be at least 17 MiB (17825792)",
+                             reason="config")
+        if self.channel_window_messages < 1:
+            raise LocalError("config: channel_window_messages must be at least 1", reason="config")
+        if not (math.isfinite(self.reach_interval) and self.reach_interval > 0):
+            raise LocalError("config: reach_interval must be a positive number", reason="config")
         if self.listen:
             check_listen(self.listen)
         for address in self.advertise:

@@ -84,6 +84,12 @@ class ControlServer:
             web.post(api.ROTATE, self.rotate),
             web.get(api.METRICS, self.metrics),
             web.get(api.EVENTS, self.events),
+            web.get(api.CHANNELS, self.channels),
+            web.post(api.CHANNELS, self.open_sender),
+            web.delete(api.CHANNELS + "/{id}", self.close_sender),
+            web.post(api.CHANNELS + "/{id}/flush", self.flush),
+            web.post(api.RECEIVERS, self.open_receiver),
+            web.delete(api.RECEIVERS + "/{name}", self.close_receiver),
         ])
         self._runner: web.AppRunner | None = None
         self._path: Path | None = None
@@ -205,6 +211,59 @@ class ControlServer:
         old, new = await self.daemon.rotate()
         return _json({"old_site_id": site_id_of(old), "site_id": site_id_of(new),
                       "fingerprint": fingerprint_of(new)})
+
+    # -- channels ---------------------------------------------------------------------------------
+
+    async def channels(self, request: web.Request) -> web.Response:
+        return _json(self.daemon.channels.describe())
+
+    async def open_sender(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        to = self.daemon.find_site(_field(data, "to", str))
+        paths = _field(data, "paths", list, None)
+        if paths is not None and not all(isinstance(p, str) for p in paths):
+            raise LocalError("paths must be a list of strings", reason="usage")
+        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths)
+        return _json({"id": ch.cid.hex(), "endpoint": ch.endpoint, "name": ch.name,
+                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to)})
+
+    def _out_channel(self, request: web.Request) -> Any:
+        try:
+            cid = bytes.fromhex(request.match_info["id"])
+        except ValueError:
+            raise LocalError("a channel id is hex", reason="usage") from None
+        ch = self.daemon.channels.out.get(cid)
+        if ch is None:
+            raise LocalError("no such channel at this site", reason="not-found")
+        return ch
+
+    async def close_sender(self, request: web.Request) -> web.Response:
+        ch = self._out_channel(request)
+        self.daemon.channels.close_sender(ch.cid)
+        return _json(ch.describe())
+
+    async def flush(self, request: web.Request) -> web.Response:
+        ch = self._out_channel(request)
+        data = await _body(request)
+        messages = _field(data, "messages", int)
+        timeout = _field(data, "timeout", float, None)
+        acked = await ch.flush(messages, timeout)
+        return _json({"acked_messages": acked})
+
+    async def open_receiver(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        allow = _field(data, "allow", list, None)
+        keys = None
+        if allow is not None:
+            if not all(isinstance(a, str) for a in allow):
+                raise LocalError("allow must be a list of site names or ids", reason="usage")
+            keys = [self.daemon.find_site(a) for a in allow]
+        port = self.daemon.channels.open_receiver(_field(data, "name", str), keys)
+        return _json({"name": port.name, "endpoint": port.endpoint})
+
+    async def close_receiver(self, request: web.Request) -> web.Response:
+        self.daemon.channels.close_receiver(request.match_info["name"])
+        return _json({"closed": request.match_info["name"]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         status = self.daemon.status()

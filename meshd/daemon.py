@@ -26,6 +26,7 @@ import zmq.asyncio
 from . import __version__, records, tokens
 from . import config as config_mod
 from .admission import Admissions
+from .channels import ChannelService
 from .config import Config
 from .discovery import Discovery, Sighting
 from .errors import (
@@ -125,6 +126,7 @@ class Daemon:
         self._rng = random.Random()
         self.discovery: Discovery | None = None
         self.membership = MembershipService(self)
+        self.channels = ChannelService(self)
         self._known_members: frozenset[bytes] = frozenset()
         self._known_revoked: frozenset[bytes] = frozenset()
 
@@ -137,7 +139,8 @@ class Daemon:
         curve = self.key.curve_keypair()
         self.dialer = Dialer(self._ctx, curve, on_message=self._on_link_message)
         if self.config.listen:
-            self.server = PeerServer(self._ctx, curve, self._on_peer)
+            self.server = PeerServer(self._ctx, curve, self._on_peer,
+                                     on_other=self.channels.accept)
             self.bound = await self._bind(self.server, self.config.listen)
         self.addrs = advertised_addresses(self.config, self.bound)
         self.admissions.recover(self._now())
@@ -150,6 +153,7 @@ class Daemon:
         self._known_members = frozenset(self.view.members)
         self._known_revoked = self.view.revoked
         self.membership.start()
+        self.channels.start()
         self._spawn(self._sync_loop(), "sync-loop")
         log.info("site %s (%s, fingerprint %s) running; peer port %s; control %s",
                  self.name, self.key.site_id, self.key.fingerprint, self.bound or "none (dial-out only)",
@@ -224,6 +228,7 @@ class Daemon:
             while not self.membership.core.leave_done and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         self.membership.close()
+        await self.channels.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -288,11 +293,24 @@ class Daemon:
     def _on_link_message(self, msg: dict[str, Any], server_curve: bytes) -> None:
         """A one-way message that came back on a link we dialed."""
         key = self.view.by_curve.get(server_curve)
-        if key is None or msg["t"] != "swim":
+        if key is None or msg["t"] not in ("swim", "chan"):
             self.count("peer_refused_not_member" if key is None else "peer_unexpected")
             return
         self._contact(key, ok=True)
-        self.membership.deliver(msg["m"], key)
+        if msg["t"] == "chan":
+            self.channels.on_control(key, msg["op"], msg["b"])
+        else:
+            self.membership.deliver(msg["m"], key)
+
+    async def send_to_member(self, key: bytes, msg: dict[str, Any]) -> bool:
+        """A one-way message to a member: over the connection it keeps to us if there is one,
+        else over a link we dial.  False when there is no way to send it."""
+        curve = curve_public_of(key)
+        if self.server is not None and await self.server.push(curve, msg):
+            return True
+        if self.dialer is not None and self.dial_addresses(key):
+            return await self.dialer.send(curve, self.dial_addresses(key), msg)
+        return False
 
     def on_mesh_change(self) -> None:
         """Follow changes of the member set: new members to the membership core, revoked ones
@@ -315,6 +333,7 @@ class Daemon:
                 self.server.routes.pop(curve, None)
         self._known_members, self._known_revoked = members, revoked
         self.membership.sync_members()
+        self.channels.on_members_changed()
 
     async def _on_peer(self, msg: dict[str, Any], info: PeerInfo) -> dict[str, Any] | None:
         now = self._now()
@@ -345,6 +364,9 @@ class Daemon:
             self.server.routes[info.curve_key] = info.route
         if kind == "swim":
             self.membership.deliver(msg["m"], key)
+            return None
+        if kind == "chan":
+            self.channels.on_control(key, msg["op"], msg["b"])
             return None
         if kind == "sync":
             if msg["mesh"] != self.view.mesh_id:
@@ -653,7 +675,8 @@ class Daemon:
         if self.server is not None and self.bound is not None:
             auth = self.server._auth
             await self.server.close(keep_auth=True)
-            self.server = PeerServer(self._ctx, curve, self._on_peer, auth)
+            self.server = PeerServer(self._ctx, curve, self._on_peer, auth,
+                                     on_other=self.channels.accept)
             for attempt in range(50):
                 try:
                     await self.server.start(self.bound)
@@ -709,6 +732,8 @@ class Daemon:
                 "fingerprint": fingerprint_of(key), "role": member.role if member else None,
                 "self": key == self.key.public, **swim_state, "rtt_ms": rtt,
                 "reached": self._reached(key, rec),
+                **(self.channels.reach_of(key) if key != self.key.public else
+                   {"we_dial": None, "dials_us": None}),
                 "addrs": list(rec.addrs) if rec else [],
                 "reachable": bool(rec.reachable) if rec else False,
                 "seq": rec.seq if rec else None,

@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import wire
 from .errors import ProtocolError, RemoteError
+from .portmux import OnOther, PortMux
 
 log = logging.getLogger("meshd.peer")
 
@@ -58,12 +59,22 @@ def _tcp_endpoint(address: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def _close_other(transport: asyncio.Transport, first: bytes) -> None:
+    return None
+
+
 class PeerServer:
-    """Accepts peer requests on the one inbound port and answers each through ``handler``."""
+    """Accepts peer requests on the one inbound port and answers each through ``handler``.
+
+    The ROUTER listens on loopback only; a ``PortMux`` owns the public port and splices ZeroMQ
+    connections to it, handing every other connection to ``on_other`` (default: closed)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, curve: tuple[bytes, bytes], handler: Handler,
-                 auth: AsyncioAuthenticator | None = None) -> None:
+                 auth: AsyncioAuthenticator | None = None, *,
+                 on_other: OnOther | None = None) -> None:
         self._ctx = ctx
+        self._on_other: OnOther = on_other or _close_other
+        self._mux: PortMux | None = None
         self._public, self._secret = curve
         self._handler = handler
         self._auth: AsyncioAuthenticator | None = auth
@@ -78,7 +89,8 @@ class PeerServer:
         owner fills it, for members only, so strangers cannot grow it."""
 
     async def start(self, listen: str) -> str:
-        """Bind ``HOST:PORT`` (port 0 picks one) and return the bound ``HOST:PORT``."""
+        """Bind ``HOST:PORT`` (port 0 picks one) and return the bound ``HOST:PORT``; OSError
+        when it cannot be bound."""
         if self._auth is None:
             self._auth = AsyncioAuthenticator(self._ctx, log=logging.getLogger("meshd.zap"))
             self._auth.start()
@@ -94,18 +106,24 @@ class PeerServer:
         sock.curve_publickey = self._public
         sock.zap_domain = ZAP_DOMAIN.encode()
         try:
-            sock.bind(_tcp_endpoint(listen))
+            sock.bind("tcp://127.0.0.1:0")
         except zmq.ZMQError as exc:
             sock.close(0)
-            raise OSError(f"cannot listen on {listen}: {exc}") from None
-        self._sock = sock
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.address = endpoint.removeprefix("tcp://")
+            raise OSError(f"cannot bind the internal ZeroMQ port: {exc}") from None
+        internal = sock.getsockopt_string(zmq.LAST_ENDPOINT).removeprefix("tcp://")
+        mux = PortMux(zmq_target=internal, on_other=self._on_other)
+        try:
+            self.address = await mux.start(listen)
+        except OSError:
+            sock.close(0)
+            raise
+        self._sock, self._mux = sock, mux
         self._task = asyncio.create_task(self._serve(), name="peer-server")
         return self.address
 
     async def _serve(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._mux is not None
+        mux = self._mux
         while True:
             frames = await self._sock.recv_multipart(copy=False)
             if len(frames) != 2:
@@ -114,7 +132,8 @@ class PeerServer:
             ident, frame = frames
             try:
                 curve_key = z85.decode(str(frame.get("User-Id")).encode())
-                info = PeerInfo(curve_key, str(frame.get("Peer-Address")), ident.bytes)
+                info = PeerInfo(curve_key, mux.real_address(str(frame.get("Peer-Address"))),
+                                ident.bytes)
             except (ValueError, zmq.ZMQError):
                 self.dropped += 1
                 continue
@@ -171,6 +190,9 @@ class PeerServer:
             self._task.cancel()
         for task in list(self._inflight):
             task.cancel()
+        if self._mux is not None:
+            await self._mux.close()
+            self._mux = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None

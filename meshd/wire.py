@@ -14,6 +14,8 @@ looks at the message; a message that fails raises :class:`~meshd.errors.Protocol
               signed envelopes); answered with the other side's ``items``
 ``swim``      one membership-protocol message (``m``: ``meshd.swim.to_bytes``), one way: the
               membership core matches its own acks, so it is never answered
+``chan``      a channel control message (``op``: ``dial``, ``relay``, ``reach?``, ``reach``;
+              ``b``: its msgpack body, checked by :mod:`meshd.channels`), one way
 ============  ==========================================================================
 """
 
@@ -38,6 +40,7 @@ _FIELDS: dict[str, dict[str, tuple[type, tuple[int, int] | None]]] = {
              "inviter": (_BIN, (32, 32)), "record": (_BIN, (1, 4096))},
     "sync": {"mesh": (_BIN, (16, 16)), "items": (list, (0, MAX_ITEMS))},
     "swim": {"m": (_BIN, (1, MAX_MESSAGE_BYTES))},
+    "chan": {"op": (str, (1, 16)), "b": (_BIN, (0, 65536))},
     "ok": {},
     "error": {"reason": (str, (1, 64)), "message": (str, (0, 1024))},
 }

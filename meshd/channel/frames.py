@@ -19,7 +19,7 @@ control frames must arrive with increasing ``seq``).
 
 Key schedule: frames ``seq`` with the same ``seq >> EPOCH_BITS`` use the key
 ``BLAKE2b-256(key=direction_key, data=epoch u64, person="meshd-chan-epch")``.  With payloads of
-at most ``MAX_PAYLOAD`` (16 MiB) one key encrypts at most 2**14 * 16 MiB = 256 GiB = 2**34 AES
+at most ``MAX_PAYLOAD`` (16 MiB + 128 KiB) one key encrypts at most 2**14 * 16 MiB = 256 GiB = 2**34 AES
 blocks, inside the AES-GCM margin TLS 1.3 keeps (RFC 8446 §5.5: 2**24.5 records of 16 KiB); a
 multi-GB/s stream would cross that per-key limit within minutes without it.
 
@@ -122,7 +122,8 @@ _HEADER = struct.Struct(">BBBB16sQI")
 HEADER_SIZE = _HEADER.size  # 32
 TAG_SIZE = 16
 FRAME_OVERHEAD = HEADER_SIZE + TAG_SIZE
-MAX_PAYLOAD = 1 << 24
+MAX_PAYLOAD = (1 << 24) + (1 << 17)
+"""16 MiB of application data plus 128 KiB for its array header and batch framing."""
 """Largest plaintext of one frame (16 MiB); bigger messages are split above this layer."""
 MAX_SEQ = (1 << 64) - 1
 """Sequence numbers are u64; ``MAX_SEQ`` itself is never used, so the space never wraps."""

@@ -136,7 +136,7 @@ class PathChosen:
 class NoPath:
     """Every path failed or was ruled out; one ``(path, reason)`` per path considered.
 
-    Reasons: ``unreachable`` (the table says a leg cannot be dialed), ``excluded`` (lost
+    Reasons: ``disabled`` (the channel may not use this kind), ``unreachable`` (the table says a leg cannot be dialed), ``excluded`` (lost
     recently), ``not-tried`` (beyond ``max_relays``), ``timeout``, or what the attempt reported."""
 
     reasons: tuple[tuple[Path, str], ...]
@@ -176,7 +176,10 @@ class PathRace:
     """The negotiation state machine of one channel (see the module docstring)."""
 
     def __init__(self, sender: NodeId, receiver: NodeId, table: ReachabilityTable,
-                 relays: Iterable[NodeId] = (), config: RaceConfig | None = None) -> None:
+                 relays: Iterable[NodeId] = (), config: RaceConfig | None = None, *,
+                 kinds: Iterable[PathKind] = tuple(PathKind)) -> None:
+        """``kinds``: the path kinds this channel may use (the others are left out as
+        ``disabled``)."""
         if sender == receiver:
             raise LocalError("a channel needs two different ends", reason="same-node")
         self.sender = sender
@@ -184,6 +187,7 @@ class PathRace:
         self.table = table
         self.relays = tuple(relays)
         self.config = config or RaceConfig()
+        self.kinds = frozenset(kinds)
         self.chosen: Path | None = None
         self._state = _R.IDLE
         self._excluded: dict[Path, float] = {}
@@ -215,7 +219,9 @@ class PathRace:
             return Tri.YES if all(x is Tri.YES for x in answers) else Tri.UNKNOWN
 
         def consider(path: Path, tri: Tri) -> bool:
-            if tri is Tri.NO:
+            if path.kind not in self.kinds:
+                skipped[path] = "disabled"
+            elif tri is Tri.NO:
                 skipped[path] = "unreachable"
             elif self._excluded.get(path, float("-inf")) > now:
                 skipped[path] = "excluded"
@@ -237,7 +243,7 @@ class PathRace:
                 cost = float("inf") if rtt_s is None or rtt_r is None else rtt_s + rtt_r
                 relays.append((tri is not Tri.YES, cost, x, path))
         relays.sort(key=lambda e: (e[0], e[1], e[2]))
-        for unknown, cost, x, path in relays[self.config.max_relays:]:
+        for *_, path in relays[self.config.max_relays:]:
             skipped[path] = "not-tried"
         for unknown, cost, x, path in relays[:self.config.max_relays]:
             ranked.append((unknown, 2, cost, x, path))

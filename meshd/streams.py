@@ -1,0 +1,509 @@
+"""The application API: stream numpy arrays and bytes over channels (sync and asyncio).
+
+::
+
+    import meshd
+    with meshd.connect() as mesh:                  # the local daemon (home or $MESHD_HOME)
+        tx = mesh.sender("frames", to="alcf")      # a channel; the daemons negotiate its path
+        tx.send(frame, meta={"shot": 17})          # blocks while the receiver has no room
+        tx.flush()                                 # returns when the far daemon has it all
+    with meshd.connect() as mesh:                  # at the other site
+        for msg in mesh.receiver("frames"):        # msg.array (a zero-copy view), .meta, .seq,
+            ...                                    # .sender (site name), .sender_id
+
+The client asks the daemon over the control socket for a channel and gets an ipc endpoint; the
+data then flows app -> daemon over ZeroMQ ipc, never through the control socket.  Small
+messages are batched here (up to :data:`~meshd.channel.batch.MAX_BATCH_BYTES`, and for at most
+``linger`` seconds) so that the daemons pay their per-frame cost once per batch; a message of
+64 KiB or more goes at once.  ``flush`` sends what is batched and waits for the receiving
+daemon's acknowledgement of every message sent so far.
+
+Guarantee: messages reach the receiving daemon in order and exactly once while the sending
+daemon runs (across lost connections and relays).  A receiving application gets them in order;
+a receiving application that dies loses what was in its ipc queue (at most a few batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from .channel import batch
+from .channel.arrays import decode_message, encode_message
+from .client import Client
+from .errors import LocalError, ProtocolError
+from .identity import site_id_of
+
+__all__ = ["AsyncMesh", "Mesh", "Message", "aconnect", "connect"]
+
+_BIG = 64 << 10
+_FLUSH_SLICE = 20.0
+
+
+@dataclass(slots=True)
+class Message:
+    """One received message.  ``array`` is a numpy view of the received buffer (no copy);
+    for a bytes message it is the uint8 view and ``data`` the same bytes as a memoryview."""
+
+    array: np.ndarray[Any, Any]
+    data: memoryview
+    meta: dict[str, Any]
+    seq: int
+    sender: str
+    """The sending site's name."""
+    sender_id: str
+    channel: str
+    kind: str = "array"
+    _frame: Any = field(default=None, repr=False)
+
+    def bytes(self) -> bytes:
+        return bytes(self.data)
+
+
+# -- encoding with a small cache of headers ----------------------------------------------------
+
+_HEADERS: dict[tuple[Any, ...], bytes] = {}
+_DECODED: dict[bytes, tuple[str, np.dtype[Any], tuple[int, ...], bytes]] = {}
+
+
+def _encode(obj: Any, meta: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    if not meta:
+        if isinstance(obj, (bytes, bytearray)):
+            key: tuple[Any, ...] = ("b", len(obj))
+            head = _HEADERS.get(key)
+            if head is not None:
+                return head, obj
+        elif isinstance(obj, np.ndarray) and obj.flags.c_contiguous and obj.dtype.fields is None \
+                and obj.dtype.kind != "O":
+            key = ("a", obj.dtype.str, obj.shape)
+            head = _HEADERS.get(key)
+            if head is not None:
+                return head, obj.reshape(-1).view(np.uint8).data
+        else:
+            key = ()
+        head_v, body = encode_message(obj, meta)
+        if key and len(_HEADERS) < 1024:
+            _HEADERS[key] = bytes(head_v)
+        return head_v, body
+    head_v, body = encode_message(obj, meta)
+    return head_v, body
+
+
+def _decode(head: memoryview, body: memoryview) -> tuple[str, np.ndarray[Any, Any], dict[str, Any]]:
+    if head.nbytes <= 256:
+        key = bytes(head)
+        hit = _DECODED.get(key)
+        if hit is not None:
+            kind, dt, shape, _ = hit
+            if np.prod(shape, dtype=np.int64) * dt.itemsize == body.nbytes:
+                return kind, np.frombuffer(body, dtype=dt).reshape(shape), {}
+        msg = decode_message([head, body])
+        if not msg.meta and len(_DECODED) < 1024:
+            _DECODED[key] = (msg.kind, msg.array.dtype, msg.array.shape, key)
+        return msg.kind, msg.array, msg.meta
+    msg = decode_message([head, body])
+    return msg.kind, msg.array, msg.meta
+
+
+def _messages(parts: list[Any], channel: str) -> list[Message]:
+    """The messages of one ``[meta, batch]`` delivery from the daemon."""
+    if len(parts) != 2:
+        raise ProtocolError(f"delivery of {len(parts)} frames", reason="frames")
+    try:
+        cid, sender, first, name = msgpack.unpackb(parts[0].bytes, raw=False)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise ProtocolError("bad delivery header", reason="malformed") from None
+    frame = parts[1]
+    sid = site_id_of(sender)
+    out = []
+    for i, (h, b) in enumerate(batch.split(frame.buffer)):
+        kind, array, meta = _decode(h, b)
+        data = b
+        out.append(Message(array, data, meta, first + i, name, sid, channel, kind, frame))
+    return out
+
+
+# ================================================================================== synchronous
+
+
+class Mesh:
+    """A connection to the local daemon (see :func:`connect`)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, *,
+                 timeout: float = 30.0) -> None:
+        self.client = Client(home, timeout=timeout)
+        self.client.status()  # fail now, with "start the daemon with …", if it is not running
+        self._ctx = zmq.Context()
+        self._open: list[Sender | Receiver] = []
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sender(self, name: str, *, to: str, paths: list[str] | None = None,
+               linger: float = 0.002) -> Sender:
+        """A sender on channel ``name`` to site ``to`` (a name or site id).  ``paths`` limits the
+        path kinds (``direct``, ``reversed``, ``relay``) within what the site allows."""
+        info = self.client.open_sender(name, to, paths)
+        tx = Sender(self, info, linger)
+        self._open.append(tx)
+        return tx
+
+    def receiver(self, name: str, *, allow: list[str] | None = None) -> Receiver:
+        """The receiver of channel ``name`` (messages from every sender on it, each sender's in
+        order).  ``allow``: only these sites may open it.  A newer receiver of the same name
+        takes over from an older one."""
+        info = self.client.open_receiver(name, allow)
+        rx = Receiver(self, info)
+        self._open.append(rx)
+        return rx
+
+    def channels(self) -> list[dict[str, Any]]:
+        return self.client.channels()
+
+    def close(self, *, flush: bool = True) -> None:
+        """Close every sender (after a flush, unless ``flush`` is False) and receiver."""
+        for item in list(self._open):
+            if isinstance(item, Sender):
+                item.close(flush=flush)
+            else:
+                item.close()
+        self._ctx.destroy(linger=1000)
+
+
+class Sender:
+    """Sends messages on one channel.  Not thread-safe (one sending thread)."""
+
+    def __init__(self, mesh: Mesh, info: dict[str, Any], linger: float) -> None:
+        self._mesh = mesh
+        self.id: str = info["id"]
+        self.name: str = info["name"]
+        self.peer: str = info["peer"]
+        self.sent = 0
+        """Messages handed to the daemon (or batched) so far."""
+        self._linger = linger
+        self._sock = mesh._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, 8)
+        self._sock.setsockopt(zmq.LINGER, -1)
+        self._sock.connect(info["endpoint"])
+        self._lock = threading.Condition()
+        self._batch: list[tuple[Any, Any]] = []
+        self._batch_bytes = 0
+        self._batch_since = 0.0
+        self._closed = False
+        self._thread = threading.Thread(target=self._linger_loop, daemon=True,
+                                        name=f"meshd-tx-{self.name}")
+        self._thread.start()
+
+    def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """Queue one numpy array (any dtype but object, any shape) or bytes-like, with an
+        optional msgpack-able ``meta`` dict.  Blocks while the channel has no room.  Do not
+        modify an array until ``flush`` returns if it is 64 KiB or larger (it is not copied)."""
+        head, body = _encode(obj, meta)
+        nbody = memoryview(body).nbytes
+        with self._lock:
+            if self._closed:
+                raise LocalError("the sender is closed", reason="closed")
+            if nbody >= _BIG:
+                self._push_locked()
+                self._sock.send(batch.pack([(head, body)]), copy=False)
+            else:
+                if not self._batch:
+                    self._batch_since = time.monotonic()
+                    self._lock.notify()
+                self._batch.append((head, body if isinstance(body, bytes) else bytes(body)))
+                self._batch_bytes += nbody + len(head) + 12
+                if (self._batch_bytes >= batch.MAX_BATCH_BYTES
+                        or len(self._batch) >= batch.MAX_BATCH_MESSAGES):
+                    self._push_locked()
+            self.sent += 1
+
+    def _push_locked(self) -> None:
+        if self._batch:
+            data = batch.pack(self._batch)
+            self._batch = []
+            self._batch_bytes = 0
+            self._sock.send(data, copy=False)
+
+    def _linger_loop(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if not self._batch:
+                    self._lock.wait()
+                    continue
+                due = self._batch_since + self._linger - time.monotonic()
+                if due > 0:
+                    self._lock.wait(due)
+                    continue
+                self._push_locked()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what is batched and wait until the receiving daemon has acknowledged every
+        message sent so far.  LocalError (reason ``timeout``) after ``timeout`` seconds."""
+        with self._lock:
+            self._push_locked()
+            target = self.sent
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_s = _FLUSH_SLICE
+            if deadline is not None:
+                slice_s = min(slice_s, max(0.0, deadline - time.monotonic()))
+            try:
+                self._mesh.client.flush_sender(self.id, target, timeout=slice_s)
+                return
+            except LocalError as exc:
+                if exc.reason != "timeout" or (deadline is not None
+                                               and time.monotonic() >= deadline):
+                    raise
+
+    def stats(self) -> dict[str, Any]:
+        for ch in self._mesh.client.channels():
+            if ch.get("id") == self.id:
+                return ch
+        raise LocalError("the channel is gone", reason="not-found")
+
+    def close(self, *, flush: bool = True) -> None:
+        """Close the channel: with ``flush`` (the default) only once the receiving daemon has
+        every message; without, whatever is not acknowledged yet is dropped."""
+        with self._lock:
+            if self._closed:
+                return
+            self._push_locked()
+        if flush:
+            self.flush()
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._sock.close(linger=2000)
+        try:
+            self._mesh.client.close_sender(self.id)
+        except LocalError:
+            pass
+        if self in self._mesh._open:
+            self._mesh._open.remove(self)
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(flush=exc_type is None)
+
+
+class Receiver:
+    """Receives the messages of one channel name."""
+
+    def __init__(self, mesh: Mesh, info: dict[str, Any]) -> None:
+        self._mesh = mesh
+        self.name: str = info["name"]
+        self._sock = mesh._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 4)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(info["endpoint"])
+        self._ready: deque[Message] = deque()
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message; TimeoutError after ``timeout`` seconds."""
+        if not self._ready:
+            if timeout is not None and not self._sock.poll(int(timeout * 1000)):
+                raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
+            parts = self._sock.recv_multipart(copy=False)
+            self._ready.extend(_messages(parts, self.name))
+        return self._ready.popleft()
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            yield self.recv()
+
+    def close(self) -> None:
+        if self._sock.closed:
+            return
+        self._sock.close(0)
+        try:
+            self._mesh.client.close_receiver(self.name)
+        except LocalError:
+            pass
+        if self in self._mesh._open:
+            self._mesh._open.remove(self)
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(home: str | os.PathLike[str] | None = None) -> Mesh:
+    """The local daemon's mesh (``home``, else ``$MESHD_HOME``, else the default home).
+    Raises DaemonNotRunning if no daemon runs there."""
+    return Mesh(home)
+
+
+# ====================================================================================== asyncio
+
+
+class AsyncMesh:
+    """The asyncio flavour of :class:`Mesh` (see :func:`aconnect`)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.client = Client(home)
+        self._ctx = zmq.asyncio.Context()
+        self._open: list[AsyncSender | AsyncReceiver] = []
+
+    async def __aenter__(self) -> AsyncMesh:
+        await asyncio.to_thread(self.client.status)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def sender(self, name: str, *, to: str, paths: list[str] | None = None,
+                     linger: float = 0.002) -> AsyncSender:
+        info = await asyncio.to_thread(self.client.open_sender, name, to, paths)
+        tx = AsyncSender(self, info, linger)
+        self._open.append(tx)
+        return tx
+
+    async def receiver(self, name: str, *, allow: list[str] | None = None) -> AsyncReceiver:
+        info = await asyncio.to_thread(self.client.open_receiver, name, allow)
+        rx = AsyncReceiver(self, info)
+        self._open.append(rx)
+        return rx
+
+    async def channels(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.client.channels)
+
+    async def close(self) -> None:
+        for item in list(self._open):
+            await item.close()
+        self._ctx.destroy(linger=1000)
+
+
+class AsyncSender:
+    def __init__(self, mesh: AsyncMesh, info: dict[str, Any], linger: float) -> None:
+        self._mesh = mesh
+        self.id: str = info["id"]
+        self.name: str = info["name"]
+        self.peer: str = info["peer"]
+        self.sent = 0
+        self._linger = linger
+        self._sock = mesh._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, 8)
+        self._sock.connect(info["endpoint"])
+        self._batch: list[tuple[Any, Any]] = []
+        self._batch_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending = asyncio.Lock()
+
+    async def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        head, body = _encode(obj, meta)
+        nbody = memoryview(body).nbytes
+        if nbody >= _BIG:
+            await self._push()
+            async with self._sending:
+                await self._sock.send(batch.pack([(head, body)]), copy=False)
+        else:
+            if not self._batch and self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._linger,
+                                              lambda: asyncio.ensure_future(self._push()))
+            self._batch.append((head, body if isinstance(body, bytes) else bytes(body)))
+            self._batch_bytes += nbody + len(head) + 12
+            if (self._batch_bytes >= batch.MAX_BATCH_BYTES
+                    or len(self._batch) >= batch.MAX_BATCH_MESSAGES):
+                await self._push()
+        self.sent += 1
+
+    async def _push(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._batch:
+            return
+        data = batch.pack(self._batch)
+        self._batch = []
+        self._batch_bytes = 0
+        async with self._sending:
+            await self._sock.send(data, copy=False)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        await self._push()
+        target = self.sent
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            slice_s = _FLUSH_SLICE if deadline is None else min(_FLUSH_SLICE,
+                                                               max(0.0, deadline - loop.time()))
+            try:
+                await asyncio.to_thread(self._mesh.client.flush_sender, self.id, target, slice_s)
+                return
+            except LocalError as exc:
+                if exc.reason != "timeout" or (deadline is not None and loop.time() >= deadline):
+                    raise
+
+    async def close(self, *, flush: bool = True) -> None:
+        await self._push()
+        if flush:
+            await self.flush()
+        self._sock.close(linger=2000)
+        try:
+            await asyncio.to_thread(self._mesh.client.close_sender, self.id)
+        except LocalError:
+            pass
+        if self in self._mesh._open:
+            self._mesh._open.remove(self)
+
+
+class AsyncReceiver:
+    def __init__(self, mesh: AsyncMesh, info: dict[str, Any]) -> None:
+        self._mesh = mesh
+        self.name: str = info["name"]
+        self._sock = mesh._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 4)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(info["endpoint"])
+        self._ready: deque[Message] = deque()
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        if not self._ready:
+            try:
+                parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no message on {self.name!r} within {timeout} s") from None
+            self._ready.extend(_messages(parts, self.name))
+        return self._ready.popleft()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.recv()
+
+    async def close(self) -> None:
+        if self._sock.closed:
+            return
+        self._sock.close(0)
+        try:
+            await asyncio.to_thread(self._mesh.client.close_receiver, self.name)
+        except LocalError:
+            pass
+        if self in self._mesh._open:
+            self._mesh._open.remove(self)
+
+
+def aconnect(home: str | os.PathLike[str] | None = None) -> AsyncMesh:
+    """The asyncio flavour of :func:`connect`: ``async with meshd.aconnect() as mesh:``."""
+    return AsyncMesh(home)

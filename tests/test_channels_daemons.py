@@ -1,0 +1,136 @@
+"""Channels between real daemons on loopback: arrays and bytes end to end, paths, flush, policy.
+
+Every site is a separate ``meshd run`` process; the applications use ``meshd.connect()`` over the
+daemons' real control sockets and ipc endpoints; the daemons talk over their real peer ports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+import meshd
+from meshd.demo import wait_until
+
+from .conftest import Site
+from .test_daemon_mesh import invite
+
+
+def set_config(site: Site, line: str) -> None:
+    """Replace one ``key = value`` line of a site's config.toml."""
+    path = site.home / "config.toml"
+    key = line.split("=")[0].strip()
+    lines = [line if ln.split("=")[0].strip() == key else ln
+             for ln in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def mesh_of(sites: Any, *names: str, configs: dict[str, str] | None = None,
+            listen: dict[str, str | None] | None = None) -> list[Site]:
+    made = []
+    for n in names:
+        s = sites(n, listen=(listen or {}).get(n, "127.0.0.1:0"), start=False)
+        for line in (configs or {}).get(n, "").splitlines():
+            set_config(s, line)
+        made.append(s.start())
+    token = invite(made[0], "--uses", str(len(made) - 1))
+    for s in made[1:]:
+        r = s.cli("join", input=token)
+        assert r.returncode == 0, r.stderr
+    for s in made:
+        wait_until(lambda s=s: {p["name"]: p["state"] for p in s.client.peers()}
+                   == {n: "alive" for n in names}, 60, f"{s.name} to see every site alive")
+    return made
+
+
+def test_arrays_and_bytes_arrive_in_order_exactly_once_with_meta(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((64, 64)).astype(np.float32), np.arange(10, dtype=">i8"),
+              rng.integers(0, 255, (3, 5, 7), dtype=np.uint8),
+              np.zeros((2, 2), dtype=[("x", "<f8"), ("y", "<i2")]),
+              rng.standard_normal(300_000)]  # 2.4 MB: travels alone
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        for i, arr in enumerate(arrays):
+            tx.send(arr, meta={"i": i, "shape": list(arr.shape)})
+        tx.send(b"plain bytes", meta={"i": len(arrays)})
+        tx.flush(timeout=30)
+        got = [rx.recv(timeout=30) for _ in range(len(arrays) + 1)]
+        for i, (msg, arr) in enumerate(zip(got, arrays)):
+            assert msg.seq == i and msg.meta["i"] == i and msg.sender == "aps"
+            assert msg.array.dtype == arr.dtype and msg.array.shape == arr.shape
+            assert np.array_equal(msg.array, arr)
+        assert got[-1].kind == "bytes" and got[-1].bytes() == b"plain bytes"
+        (out,) = [c for c in ma.channels() if c["direction"] == "out"]
+        assert out["name"] == "frames" and out["peer"] == "alcf" and out["path"] == "direct"
+        assert out["messages"] == len(arrays) + 1 and out["acked_messages"] == len(arrays) + 1
+        (inc,) = [c for c in mb.channels() if c["direction"] == "in"]
+        assert inc["messages"] == len(arrays) + 1 and inc["peer"] == "aps"
+
+
+def test_many_small_messages_are_batched_and_counted(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    n = 20_000
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("small")
+        tx = ma.sender("small", to="alcf")
+        for i in range(n):
+            tx.send(i.to_bytes(8, "big") * 8)
+        tx.flush(timeout=60)
+        digest = hashlib.sha256()
+        for i in range(n):
+            msg = rx.recv(timeout=30)
+            assert msg.seq == i and msg.bytes() == i.to_bytes(8, "big") * 8
+            digest.update(msg.data)
+        (out,) = [c for c in ma.channels() if c["direction"] == "out"]
+        assert out["messages"] == n
+
+
+def test_an_outbound_only_receiver_is_reached_by_the_reversed_path(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "edge", listen={"edge": None})
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("det")
+        tx = ma.sender("det", to="edge")
+        tx.send(np.arange(1000))
+        tx.flush(timeout=30)
+        assert np.array_equal(rx.recv(timeout=30).array, np.arange(1000))
+        (out,) = [c for c in ma.channels() if c["direction"] == "out"]
+        assert out["path"] == "reversed" and out["relay"] is None
+
+
+def test_a_forced_relay_carries_the_channel_and_sees_only_ciphertext(sites: Any) -> None:
+    a, b, r = mesh_of(sites, "aps", "alcf", "relay", configs={"aps": 'paths = ["relay"]'})
+    secret = np.frombuffer(b"top secret detector frame " * 4000, dtype=np.uint8)
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("r")
+        tx = ma.sender("r", to="alcf")
+        tx.send(secret)
+        tx.flush(timeout=30)
+        assert np.array_equal(rx.recv(timeout=30).array, secret)
+        (out,) = [c for c in ma.channels() if c["direction"] == "out"]
+        assert out["path"] == "relay" and out["relay"] == "relay"
+        relayed = [c for c in r.client.channels() if c["direction"] == "relay"]
+        assert relayed and relayed[0]["bytes"] > secret.nbytes
+
+
+def test_a_receiver_policy_refuses_sites_not_allowed(sites: Any) -> None:
+    a, b, c = mesh_of(sites, "aps", "alcf", "nersc")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma, \
+            meshd.connect(c.home) as mc:
+        rx = mb.receiver("only-nersc", allow=["nersc"])
+        tx = ma.sender("only-nersc", to="alcf")
+        tx.send(b"from aps")
+        with pytest.raises(meshd.LocalError) as err:
+            tx.flush(timeout=3)
+        assert err.value.reason == "timeout"
+        ok = mc.sender("only-nersc", to="alcf")
+        ok.send(b"from nersc")
+        ok.flush(timeout=30)
+        msg = rx.recv(timeout=30)
+        assert msg.sender == "nersc" and msg.bytes() == b"from nersc"
+        ma.close(flush=False)
