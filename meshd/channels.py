@@ -931,15 +931,19 @@ class ChannelService:
         conn.handler = None
         conn.hold()
         if pre.role == "s":
-            if key in self.relay_waiting or len(self.relay_waiting) >= MAX_RELAY_WAITING:
+            # A held leg does not read, so it cannot notice that its sender gave up: a new leg
+            # for the same channel (a later attempt, signed by the same sender) replaces it.
+            old = self.relay_waiting.pop(key, None)
+            if old is not None:
+                old.refuse("replaced: a newer leg for this channel arrived")
+            if len(self.relay_waiting) >= MAX_RELAY_WAITING:
                 conn.refuse("busy: too many legs waiting")
                 return
             self.relay_waiting[key] = conn
             conn.owner = ("relay-leg", key)
             conn.on_lost = lambda c: self._relay_leg_lost(key, c)
             asyncio.get_running_loop().call_later(RELAY_WAIT, self._relay_leg_expired, key, conn)
-            self._spawn(self.send_control(r, "relay", {"cid": pre.cid, "from": s}),
-                        "relay-notify")
+            self._spawn(self._notify_relay_receiver(key, conn), "relay-notify")
             return
         partner = self.relay_waiting.pop(key, None)
         if partner is None:
@@ -953,6 +957,14 @@ class ChannelService:
         self.count("relayed")
         log.info("relaying a channel from %s to %s", self.daemon.view.name_of(s),
                  self.daemon.view.name_of(r))
+
+    async def _notify_relay_receiver(self, key: tuple[bytes, bytes, bytes],
+                                     conn: DataConnection) -> None:
+        cid, s, r = key
+        if not await self.send_control(r, "relay", {"cid": cid, "from": s}):
+            if self.relay_waiting.get(key) is conn:
+                del self.relay_waiting[key]
+                conn.refuse("unreachable: the relay cannot reach the far end")
 
     def _relay_leg_lost(self, key: tuple[bytes, bytes, bytes], conn: DataConnection) -> None:
         if self.relay_waiting.get(key) is conn:

@@ -177,10 +177,37 @@ def cmd_peers(args: argparse.Namespace) -> int:
     _out(args, rows, lambda: _table(
         [[r["name"] + (" *" if r["self"] else ""), r["state"], r["role"] or "-",
           str(r["incarnation"]), "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}ms",
-          "-" if r["self"] else ago(r["last_seen"]), r["reached"], r["fingerprint"],
+          "-" if r["self"] else ago(r["last_seen"]), r["reached"],
+          "-" if r["self"] else f"{r['we_dial']}/{r['dials_us']}", r["fingerprint"],
           ",".join(r["addrs"]) or "(dials out)", "yes" if r["verified"] else "no"] for r in rows],
-        ["NAME", "STATE", "ROLE", "INC", "RTT", "SEEN", "REACHED", "FINGERPRINT", "ADDRESSES",
-         "VERIFIED"]) if rows else "no sites")
+        ["NAME", "STATE", "ROLE", "INC", "RTT", "SEEN", "REACHED", "DIAL OUT/IN", "FINGERPRINT",
+         "ADDRESSES", "VERIFIED"]) if rows else "no sites")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+def cmd_channels(args: argparse.Namespace) -> int:
+    rows = Client(args.home).channels()
+
+    def path(r: dict[str, object]) -> str:
+        if r["path"] is None:
+            return "-"
+        return f"relay via {r['relay']}" if r["path"] == "relay" and r["direction"] != "relay" \
+            else str(r["path"])
+
+    _out(args, rows, lambda: _table(
+        [[r["name"] or "-", r["direction"], r["peer"], path(r), r["state"], _size(r["bytes"]),
+          "-" if r["messages"] is None else str(r["messages"]), _size(r["rate_Bps"]) + "/s",
+          "-" if r.get("retransmits") is None else str(r["retransmits"])] for r in rows],
+        ["NAME", "DIR", "PEER", "PATH", "STATE", "BYTES", "MESSAGES", "RATE", "RESENT"])
+        if rows else "no channels")
     return 0
 
 
@@ -265,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--discovered", action="store_true",
                    help="list daemons seen on the LAN instead (members and strangers)")
     g.add_argument("--revoked", action="store_true", help="list the revoked sites instead")
+    add("channels", cmd_channels, "list channels: outgoing, incoming and relayed, with path,"
+        " bytes, messages, rate and retransmits")
     sp = add("events", cmd_events, "stream membership changes (joined, suspect, alive, dead,"
              " left, admitted, revoked) until interrupted")
     sp.add_argument("--new", action="store_true", help="skip the recent history")

@@ -293,12 +293,15 @@ class Daemon:
     def _on_link_message(self, msg: dict[str, Any], server_curve: bytes) -> None:
         """A one-way message that came back on a link we dialed."""
         key = self.view.by_curve.get(server_curve)
-        if key is None or msg["t"] not in ("swim", "chan"):
+        if key is None or msg["t"] not in ("swim", "chan", "sync"):
             self.count("peer_refused_not_member" if key is None else "peer_unexpected")
             return
         self._contact(key, ok=True)
         if msg["t"] == "chan":
             self.channels.on_control(key, msg["op"], msg["b"])
+        elif msg["t"] == "sync":  # a member we cannot dial pushed its news (see ``announce``)
+            if msg["mesh"] == self.view.mesh_id:
+                self._log_ingest(self.view.ingest(msg["items"], self._now()), key)
         else:
             self.membership.deliver(msg["m"], key)
 
@@ -437,12 +440,19 @@ class Daemon:
         return True
 
     def announce(self) -> None:
-        """Push our signed objects to every member we can dial, now."""
+        """Push our signed objects to every member, now: an exchange with each member we can
+        dial, a one-way push over its own connection to each member that only dials out."""
         self.on_mesh_change()
         self.membership.start()
         for key in list(self.view.members):
-            if key != self.key.public:
+            if key == self.key.public:
+                continue
+            if self.dial_addresses(key):
                 self._spawn(self.sync_with(key), "announce")
+            elif self.view.mesh_id is not None:
+                self._spawn(self.send_to_member(key, {
+                    "t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}),
+                    "announce-push")
 
     async def _sync_loop(self) -> None:
         while True:
@@ -454,7 +464,10 @@ class Daemon:
             others = [k for k in self.view.members if k != self.key.public
                       and self.dial_addresses(k)]
             if others:
-                await self.sync_with(self._rng.choice(others))
+                try:
+                    await self.sync_with(self._rng.choice(others))
+                except Exception:  # one bad round must not end anti-entropy for good
+                    log.exception("a sync round failed")
 
     def _expiry_passed(self) -> bool:
         now = self._now()

@@ -279,6 +279,9 @@ class _Link:
             self._waiting.pop(rid, None)
 
     def close(self) -> None:
+        """Close the socket and its monitor; closing twice is harmless."""
+        if self.sock.closed:
+            return
         self._reader.cancel()
         self._watcher.cancel()
         self.sock.disable_monitor()
@@ -358,8 +361,10 @@ class Dialer:
                 return reply, address
             except asyncio.TimeoutError:
                 failures.append(f"{address}: {link.explain_silence()}")
+                # Concurrent requests share the link: the first to time out closes it.
+                if self._links.get((server_key, address)) is link:
+                    del self._links[(server_key, address)]
                 link.close()
-                del self._links[(server_key, address)]
         raise Unreachable("no answer from " + "; ".join(failures))
 
     def close(self) -> None:

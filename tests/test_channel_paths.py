@@ -347,14 +347,20 @@ def test_renegotiation_after_relay_loss_picks_another_relay_then_the_first_again
     assert starts(race) == [Path.via(Y)]
     race.attempt_succeeded(Path.via(Y), 100.2)
     assert_chosen(race, Path.via(Y), 0.2)
-    # Y is lost too, while X is still excluded: no path, and both reasons say why.
+    # Y is lost too, while X is still excluded: with nothing else left, both are tried again
+    # (a lost path may have been a passing fault) rather than the channel having no path.
     race.renegotiate(110.0, "relay-lost")
+    assert race.events() == []
+    assert starts(race) == [Path.via(X)]
+    race.attempt_failed(Path.via(X), 110.1, "refused")
+    assert starts(race) == [Path.via(Y)]
+    race.attempt_failed(Path.via(Y), 110.2, "refused")
     [no] = race.events()
     assert isinstance(no, NoPath)
-    assert dict(no.reasons)[Path.via(X)] == "excluded"
-    assert dict(no.reasons)[Path.via(Y)] == "excluded"
+    assert dict(no.reasons) == {Path.via(X): "refused", Path.via(Y): "refused",
+                                DIRECT: "unreachable", REVERSED: "unreachable"}
     # After the exclusion, X is back, and the renegotiation may move to a different relay list.
-    race.renegotiate(131.0, "retry", relays=[X, Y, Z])
+    race.renegotiate(141.0, "retry", relays=[X, Y, Z])
     assert starts(race) == [Path.via(X)]
 
 
@@ -372,6 +378,22 @@ def test_renegotiation_after_connection_loss_moves_to_another_path() -> None:
     assert race.events() == []
     race.attempt_succeeded(REVERSED, 5.05)
     assert_chosen(race, REVERSED, 0.05)
+
+
+def test_a_recently_lost_path_is_tried_again_once_every_other_path_has_failed() -> None:
+    # B -> C in the lab: only a relay works, but "reversed" stays a candidate (unknown).  Losing
+    # the relay must not leave the channel without a path for ``exclude_for`` seconds.
+    race = PathRace(A, B, table_of({(A, B): FAILED, (A, X): 0.01, (B, X): 0.01}), relays=[X])
+    race.start(0.0)
+    assert starts(race) == [Path.via(X)]            # relays known good rank before unknowns
+    race.attempt_succeeded(Path.via(X), 0.05)
+    race.events()
+    race.renegotiate(10.0, "relay-lost")
+    assert starts(race) == [REVERSED]               # the relay is excluded while reversed remains
+    race.attempt_failed(REVERSED, 10.1, "refused")
+    assert starts(race) == [Path.via(X)]            # ... and tried again once it has failed
+    race.attempt_succeeded(Path.via(X), 10.2)
+    assert_chosen(race, Path.via(X), 0.2)
 
 
 def test_renegotiate_while_racing_is_caller_misuse() -> None:
@@ -465,7 +487,8 @@ def test_exactly_one_outcome_and_never_a_ruled_out_path(
             assert t - prev >= race.config.stagger - 1e-9 or t in failures
         assert len(started) == len(set(started)) <= 2 + 2        # direct, reversed, 2 relays
         assert all(legal(p, table) for p in started)
-        assert excluded not in started
+        # A path lost in round one is avoided in round two until everything else has failed.
+        assert excluded not in started or started[-1] == excluded
         assert set(cancelled) <= set(started)
         [ev] = events
         event(f"{type(ev).__name__} after {len(started)} starts")

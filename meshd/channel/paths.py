@@ -23,6 +23,10 @@ The race (Happy Eyeballs, RFC 8305): the first candidate starts at once; each ne
 running attempt is cancelled and nothing more is started.  When every candidate has failed,
 :class:`NoPath` carries one reason per path, including the paths that were never tried.
 
+A path lost by ``renegotiate`` is excluded for ``exclude_for`` seconds, but only while another
+candidate remains: when there is none, or when every other candidate of the race has failed, the
+excluded paths are tried after all (the loss may have been a passing fault).
+
 Candidates are fixed when a race begins; a table change mid-race affects the next race only.
 Reports name a path, not an attempt: a late report from an earlier race about a path that the
 current race has started again is taken as the current attempt's (harmless: both were over the
@@ -200,13 +204,22 @@ class PathRace:
         self._attempts: dict[Path, tuple[_A, float]] = {}  # state, deadline
         self._reasons: dict[Path, str] = {}
         self._next_start: float | None = None
+        self._second_wave = False
         self._actions: list[Action] = []
         self._events: list[Event] = []
 
     # -- candidates ------------------------------------------------------------------------
 
     def candidates(self, now: float) -> tuple[list[Path], dict[Path, str]]:
-        """The ordered paths to try, and the reason for each path left out."""
+        """The ordered paths to try, and the reason for each path left out.  Paths lost
+        recently are left out only while another candidate remains: a channel with a single
+        usable path (say, one relay) goes back to it rather than having none."""
+        paths, skipped = self._candidates(now, exclude=True)
+        if not paths and "excluded" in skipped.values():
+            paths, skipped = self._candidates(now, exclude=False)
+        return paths, skipped
+
+    def _candidates(self, now: float, *, exclude: bool) -> tuple[list[Path], dict[Path, str]]:
         s, r, t = self.sender, self.receiver, self.table
         ranked: list[tuple[int, int, float, bytes, Path]] = []
         skipped: dict[Path, str] = {}
@@ -223,7 +236,7 @@ class PathRace:
                 skipped[path] = "disabled"
             elif tri is Tri.NO:
                 skipped[path] = "unreachable"
-            elif self._excluded.get(path, float("-inf")) > now:
+            elif exclude and self._excluded.get(path, float("-inf")) > now:
                 skipped[path] = "excluded"
             else:
                 return True
@@ -360,6 +373,11 @@ class PathRace:
         self._next_start = now + self.config.stagger if self._pending else None
 
     def _after_failure(self, now: float) -> None:
+        if not self._pending and not self.running and not self._second_wave:
+            # everything tried has failed: the paths lost recently get another chance now
+            self._second_wave = True
+            self._pending = [p for p in self._candidates(now, exclude=False)[0]
+                             if p not in self._attempts]
         if self._pending:
             self._start_next(now)
         elif not self.running:
