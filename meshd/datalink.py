@@ -11,6 +11,7 @@ control both ways, nothing parsed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from collections.abc import Callable
@@ -23,6 +24,8 @@ log = logging.getLogger("meshd.datalink")
 
 _SCRATCH = 256 << 10
 _WRITE_HIGH = 8 << 20
+_WRITE_LOW = 2 << 20
+_COALESCE = 64 << 10
 
 Handler = Callable[["DataConnection", int, bytearray], None]
 
@@ -51,6 +54,10 @@ class DataConnection(asyncio.BufferedProtocol):
         self._partner: DataConnection | None = None
         self._held = False
         self._parsing = False
+        self._queue: collections.deque[Any] = collections.deque()
+        self._queued = 0
+        self._transport_full = False
+        self._close_when_sent = False
         self.error: str | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------------
@@ -58,7 +65,10 @@ class DataConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        # The transport is handed a record only while its own buffer is empty (it tells us by
+        # pause/resume_writing at 0): a record it can send at once is never copied into that
+        # buffer; the rest wait, uncopied, in ``_queue`` (see ``send``).
+        transport.set_write_buffer_limits(high=0, low=0)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -92,19 +102,27 @@ class DataConnection(asyncio.BufferedProtocol):
             self._parse()
 
     def pause_writing(self) -> None:
-        self.writable.clear()
-        if self._partner is not None and self._partner.transport is not None:
-            self._partner.transport.pause_reading()
+        self._transport_full = True
+        if self._partner is not None:
+            self.writable.clear()
+            if self._partner.transport is not None:
+                self._partner.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writable.set()
-        if self._partner is not None and self._partner.transport is not None:
-            self._partner.transport.resume_reading()
+        self._transport_full = False
+        if self._partner is not None:
+            self.writable.set()
+            if self._partner.transport is not None:
+                self._partner.transport.resume_reading()
+            return
+        self._write_queued()
 
     def eof_received(self) -> bool:
         return False  # close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._queue.clear()
+        self._queued = 0
         self.writable.set()
         self.inbox.put_nowait(None)
         if not self.closed.done():
@@ -193,10 +211,31 @@ class DataConnection(asyncio.BufferedProtocol):
         if t is None or t.is_closing():
             return False
         n = memoryview(body).nbytes
-        t.write(link.record_header(kind, n))
-        t.write(body)
-        self.bytes_out += n + link.RECORD_HEADER.size
+        head = link.record_header(kind, n)
+        if n < _COALESCE:
+            self._queue.append(head + body)
+        else:
+            self._queue.append(head)
+            self._queue.append(body)
+        self._queued += n + len(head)
+        self.bytes_out += n + len(head)
+        self._write_queued()
         return True
+
+    def _write_queued(self) -> None:
+        """Hand queued records to the transport while it can send them without buffering."""
+        t = self.transport
+        queue = self._queue
+        while queue and not self._transport_full and t is not None and not t.is_closing():
+            item = queue.popleft()
+            self._queued -= len(item) if isinstance(item, bytes) else memoryview(item).nbytes
+            t.write(item)  # may call pause_writing at once
+        if not queue and self._close_when_sent:
+            self.close()
+        elif self._queued > _WRITE_HIGH:
+            self.writable.clear()
+        elif self._queued <= _WRITE_LOW:
+            self.writable.set()
 
     def hold(self) -> None:
         """Stop parsing and reading (a relay leg waiting for its partner)."""
@@ -208,6 +247,8 @@ class DataConnection(asyncio.BufferedProtocol):
         """From now on pass every byte to ``partner`` (and what is held already)."""
         self._partner = partner
         self._held = False
+        if self.transport is not None:  # raw bytes go through the transport's buffer
+            self.transport.set_write_buffer_limits(high=_WRITE_HIGH)
         if not self._parsing and self._fill:  # (else the parser passes the rest on)
             partner.write_raw(bytes(self._scratch[:self._fill]))
             self._fill = 0
@@ -234,6 +275,11 @@ class DataConnection(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def close(self) -> None:
+        """Close once every queued record is handed to the transport (which sends its buffer
+        before it closes)."""
+        self._close_when_sent = True
+        if self._queue:
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

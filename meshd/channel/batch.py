@@ -36,30 +36,29 @@ _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">IQ")
 
 
-def pack(messages: Sequence[tuple[Any, Any]]) -> bytearray:
+def pack(messages: Sequence[tuple[Any, Any]]) -> bytes:
     """One payload for ``messages`` (pairs of header and body buffers); copies each once."""
     n = len(messages)
     if not 0 < n <= MAX_BATCH_MESSAGES:
         raise ValueError(f"a batch holds 1..{MAX_BATCH_MESSAGES} messages, not {n}")
-    views = [(memoryview(h).cast("B"), memoryview(b).cast("B")) for h, b in messages]
-    size = _COUNT.size + n * _ENTRY.size + sum(h.nbytes + b.nbytes for h, b in views)
-    if any(b.nbytes > MAX_MESSAGE_BYTES for _, b in views):
-        raise LocalError(f"a message carries at most {MAX_MESSAGE_BYTES} bytes (16 MiB);"
-                         " split larger arrays", reason="too-large")
+    entries = [_COUNT.pack(n)]
+    data: list[Any] = []
+    size = _COUNT.size + n * _ENTRY.size
+    for h, b in messages:  # the client's small messages are bytes: skip the memoryviews
+        if type(h) is not bytes:
+            h = memoryview(h).cast("B")
+        if type(b) is not bytes:
+            b = memoryview(b).cast("B")
+        hn, bn = len(h), len(b)
+        if bn > MAX_MESSAGE_BYTES:
+            raise LocalError(f"a message carries at most {MAX_MESSAGE_BYTES} bytes (16 MiB);"
+                             " split larger arrays", reason="too-large")
+        entries.append(_ENTRY.pack(hn, bn))
+        data += (h, b)
+        size += hn + bn
     if size > MAX_PAYLOAD:
         raise LocalError(f"batch of {size} bytes exceeds {MAX_PAYLOAD}", reason="too-large")
-    out = bytearray(size)
-    _COUNT.pack_into(out, 0, n)
-    pos = _COUNT.size
-    for h, b in views:
-        _ENTRY.pack_into(out, pos, h.nbytes, b.nbytes)
-        pos += _ENTRY.size
-    for h, b in views:
-        out[pos:pos + h.nbytes] = h
-        pos += h.nbytes
-        out[pos:pos + b.nbytes] = b
-        pos += b.nbytes
-    return out
+    return b"".join(entries + data)
 
 
 def payload_size(messages: Sequence[tuple[int, int]]) -> int:
@@ -70,6 +69,13 @@ def payload_size(messages: Sequence[tuple[int, int]]) -> int:
 def split(payload: Any) -> list[tuple[memoryview, memoryview]]:
     """The (header, body) views of a payload; ProtocolError (``batch``) if it is malformed."""
     view = memoryview(payload).cast("B")
+    return [(view[ho:ho + hn], view[bo:bo + bn]) for ho, hn, bo, bn in offsets(view)]
+
+
+def offsets(payload: Any) -> list[tuple[int, int, int, int]]:
+    """(header offset, header size, body offset, body size) of each message of a payload;
+    ProtocolError (``batch``) if it is malformed."""
+    view = memoryview(payload).cast("B")
     size = view.nbytes
     if size < _COUNT.size:
         raise ProtocolError("batch shorter than its count", reason="batch")
@@ -77,13 +83,13 @@ def split(payload: Any) -> list[tuple[memoryview, memoryview]]:
     if not 0 < n <= MAX_BATCH_MESSAGES or _COUNT.size + n * _ENTRY.size > size:
         raise ProtocolError(f"batch count {n} does not fit its {size} bytes", reason="batch")
     pos = _COUNT.size + n * _ENTRY.size
-    out = []
+    out: list[tuple[int, int, int, int]] = []
     for i in range(n):
         hl, bl = _ENTRY.unpack_from(view, _COUNT.size + i * _ENTRY.size)
         end = pos + hl + bl
         if end > size:
             raise ProtocolError("batch entry runs past the payload", reason="batch")
-        out.append((view[pos:pos + hl], view[pos + hl:end]))
+        out.append((pos, hl, pos + hl, bl))
         pos = end
     if pos != size:
         raise ProtocolError(f"{size - pos} stray bytes after the batch", reason="batch")
