@@ -137,7 +137,8 @@ class OutChannel:
         self.cid = secrets.token_bytes(16)
         cfg = svc.daemon.config
         self.sender = Sender(SenderConfig(max_buffer_bytes=cfg.channel_window_bytes,
-                                          max_message_bytes=MAX_PAYLOAD),
+                                          max_message_bytes=MAX_PAYLOAD,
+                                          first_message_free=True),
                              seal=self._seal, overhead=FRAME_OVERHEAD)
         self.race = PathRace(svc.me, peer, svc.table, svc.relay_candidates(peer),
                              RaceConfig(), kinds=kinds)
@@ -159,6 +160,7 @@ class OutChannel:
         self._marks: deque[tuple[int, int]] = deque()  # (batch seq, messages up to it)
         self._writable = asyncio.Event()
         self._acked = asyncio.Event()
+        self._keyed = asyncio.Event()  # set once the first handshake gave us keys to seal with
         self._timer: asyncio.TimerHandle | None = None
         self._retry_s = 0.5
         self.endpoint = svc.ipc_endpoint(f"tx-{self.cid.hex()[:16]}")
@@ -168,6 +170,14 @@ class OutChannel:
         self.pull.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD)
         self.pull.bind(self.endpoint)
         self._reader = asyncio.create_task(self._read_app(), name=f"tx-{name}")
+        self._reader.add_done_callback(self._reader_done)
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        """A bug must not leave a channel that silently stops reading its application."""
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("channel %r: reading the application failed", self.name, exc_info=exc)
+            self.state, self.error = "failed", f"internal error: {exc!r}"[:200]
 
     # -- path race ---------------------------------------------------------------------------------
 
@@ -304,6 +314,7 @@ class OutChannel:
             self.keys = keys
             self.sealer = Sealer.for_channel(keys)
             self.opener = Opener.for_channel(keys)
+            self._keyed.set()
             conn.send(link.FRAME, self.sealer.seal_control(bytes([CTRL_OPEN])
                                                            + self.name.encode()))
         else:
@@ -412,6 +423,7 @@ class OutChannel:
                             self.name)
                 continue
             count = _COUNT.unpack_from(buf, 0)[0]
+            await self._keyed.wait()  # the first message needs no credit, but it needs keys
             while True:
                 try:
                     seq = self.sender.send(buf, now=time.monotonic())

@@ -126,6 +126,7 @@ class Daemon:
         self._rng = random.Random()
         self.discovery: Discovery | None = None
         self.membership = MembershipService(self)
+        self.membership.subscribe(self._on_member_event)
         self.channels = ChannelService(self)
         self._known_members: frozenset[bytes] = frozenset()
         self._known_revoked: frozenset[bytes] = frozenset()
@@ -304,6 +305,10 @@ class Daemon:
                 self._log_ingest(self.view.ingest(msg["items"], self._now()), key)
         else:
             self.membership.deliver(msg["m"], key)
+
+    def _on_member_event(self, event: dict[str, Any]) -> None:
+        if event["type"] in ("joined", "alive"):  # a member to check reachability with now
+            self.channels.on_members_changed()
 
     async def send_to_member(self, key: bytes, msg: dict[str, Any]) -> bool:
         """A one-way message to a member: over the connection it keeps to us if there is one,
@@ -682,6 +687,7 @@ class Daemon:
         curve = self.key.curve_keypair()
         self.membership.close()
         self.membership = MembershipService(self, self.membership.config)
+        self.membership.subscribe(self._on_member_event)
         if self.dialer is not None:
             self.dialer.close()
         self.dialer = Dialer(self._ctx, curve, on_message=self._on_link_message)

@@ -104,6 +104,19 @@ def test_out_of_order_is_buffered_and_asks_for_a_fast_resend() -> None:
     assert [m.payload for m in iter(r.pop, None)] == [b"\x00", b"\x01", b"\x02"]
 
 
+def test_the_first_message_may_go_before_any_feedback_and_the_receiver_takes_it() -> None:
+    import dataclasses
+    s = Sender(dataclasses.replace(SCFG, first_message_free=True))
+    r = Receiver(RCFG)  # window_bytes (2000) >= max_message_bytes (1000): the invariant
+    assert s.send(b"y" * 1000, now=0) == 0      # one largest message, no credit granted yet
+    with pytest.raises(WouldBlock) as e:
+        s.send(b"x", now=0)
+    assert e.value.reason == "no-credit"
+    [t] = transmits(s)
+    r.on_data(t.seq, b"y" * 1000)               # within the receiver's credit: accepted
+    assert r.pop() is not None and r.take_feedback() is not None
+
+
 def test_sender_never_exceeds_credit_in_messages_or_bytes() -> None:
     s, _ = connected()
     for _ in range(4):
@@ -131,7 +144,7 @@ def test_buffer_bound_blocks_send() -> None:
 def test_receiver_refuses_frames_beyond_its_credit() -> None:
     r = Receiver(RCFG)
     with pytest.raises(ProtocolError) as e:
-        r.on_data(0, b"x")  # no credit granted yet
+        r.on_data(1, b"x")  # no credit granted yet beyond the free first message
     assert e.value.reason == "credit-exceeded"
     r.take_feedback()
     with pytest.raises(ProtocolError) as e:

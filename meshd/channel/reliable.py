@@ -80,6 +80,10 @@ class SenderConfig:
     """Initial retransmit timeout, seconds (reset to this on any progress)."""
     max_rto: float = 30.0
     """The timeout doubles per expiry without progress, up to this."""
+    first_message_free: bool = False
+    """Send seq 0 (up to ``max_message_bytes``) before the first Feedback: every receiver can
+    take it, since its window holds at least one message of the largest size.  Saves the round
+    trip of waiting for the first credit when a channel opens."""
 
     def __post_init__(self) -> None:
         if not (0 < self.max_message_bytes <= MAX_PAYLOAD):
@@ -140,8 +144,8 @@ class Sender:
         self._unacked: deque[tuple[int, bytes | bytearray]] = deque()
         self._buffered = 0
         self._sent_bytes = 0
-        self._max_seq = 0
-        self._max_bytes = 0
+        self._max_seq = 1 if config.first_message_free else 0
+        self._max_bytes = config.max_message_bytes if config.first_message_free else 0
         self._outgoing: list[Transmit | Probe] = []
         self._events: list[AllAcked | Writable] = []
         self._deadline: float | None = None
@@ -303,7 +307,7 @@ class Receiver:
         self._held = 0
         self._popped_count = 0
         self._popped_bytes = 0
-        self._adv_seq = 0
+        self._adv_seq = 1  # seq 0 is always welcome (``SenderConfig.first_message_free``)
         self._adv_bytes = 0
         self._due = True  # the first feedback grants the initial credit
         self.duplicates = 0
