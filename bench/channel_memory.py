@@ -47,15 +47,11 @@ did not verify or stay bounded.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -67,10 +63,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import numpy as np
-from channels import _size_name, parse_size, set_config
+from channels import DemoMesh, _size_name, parse_size
 
 SENDER, RECEIVER = "site-s", "site-r"
-MESH_TIMEOUT = 60.0
 APP_TIMEOUT = 60.0
 """Longest wait for an app to be ready, to take its warm-up messages, or to finish draining."""
 SILENCE = 30.0
@@ -256,91 +251,13 @@ class App:
         self.conn.close()
 
 
-# --- the mesh ------------------------------------------------------------------------------------
-
-class TwoSites:
-    """``site-s`` and ``site-r`` on loopback, one mesh; ``config`` goes into both config.toml."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self.root = Path(tempfile.mkdtemp(prefix="meshd-bench-memory-"))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def home(self, name: str) -> Path:
-        return self.root / name
-
-    def start(self) -> TwoSites:
-        from meshd.client import Client
-        from meshd.daemon import init_site
-        from meshd.demo import start_daemon, wait_until
-        from meshd.home import Home
-
-        for name in (RECEIVER, SENDER):
-            init_site(Home(self.home(name)), name, "127.0.0.1:0")
-            set_config(self.home(name) / "config.toml", discovery=False, **self.config)
-            self.procs[name] = start_daemon(self.home(name), self.home(name) / "daemon.log")
-        clients = {n: Client(self.home(n)) for n in self.procs}
-        try:
-            for name, client in clients.items():
-                wait_until(functools.partial(self._started, name, client), MESH_TIMEOUT,
-                           f"the daemon of {name}")
-            token = clients[RECEIVER].invite(uses=1, expires=3600)["token"]
-            j = clients[SENDER].join(token)
-            deadline = time.monotonic() + MESH_TIMEOUT
-            while j["state"] not in ("admitted", "failed") and time.monotonic() < deadline:
-                j = clients[SENDER].join_state(j["id"], wait=5, state=j["state"])
-            if j["state"] != "admitted":
-                raise RuntimeError(f"{SENDER} could not join: {j.get('error') or j['state']}")
-            for name, client in clients.items():
-                wait_until(functools.partial(self._sees_both, client), MESH_TIMEOUT,
-                           f"{name} to see both sites alive")
-        except Exception as exc:  # noqa: BLE001 - said again with the daemons' last words
-            logs = "; ".join(f"{n}: {self.log_tail(n)}" for n in self.procs)
-            raise RuntimeError(f"the bench mesh did not start: {exc} (daemon logs: {logs})"
-                               ) from None
-        finally:
-            for client in clients.values():
-                client.close()
-        return self
-
-    def _started(self, name: str, client: Any) -> Any:
-        if self.procs[name].poll() is not None:
-            raise RuntimeError(f"the daemon of {name} exited with {self.procs[name].returncode}")
-        return client.status()
-
-    @staticmethod
-    def _sees_both(client: Any) -> bool:
-        return bool(sum(bool(p["verified"]) and p["state"] == "alive"
-                        for p in client.peers()) == 2)
-
-    def log_tail(self, name: str, lines: int = 2) -> str:
-        try:
-            text = (self.home(name) / "daemon.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 # --- one run -------------------------------------------------------------------------------------
 
 class Sampler(threading.Thread):
     """Samples RSS of ``pids`` and both daemons' channel rows every ``interval`` s (and on
     ``now()``)."""
 
-    def __init__(self, mesh: TwoSites, pids: dict[str, int], sent: Any, name: str,
+    def __init__(self, mesh: DemoMesh, pids: dict[str, int], sent: Any, name: str,
                  interval: float) -> None:
         super().__init__(daemon=True, name="sampler")
         from meshd.client import Client
@@ -420,7 +337,7 @@ def one_run(setting: int | None, size: int, stall: float, warm: int, after: floa
     sent, total = ctx.Value("q", 0, lock=False), ctx.Value("q", -1, lock=False)
     result: dict[str, Any] = {"window": "default" if setting is None else setting,
                               "window_bytes": window, "size": size, "stall_s": stall}
-    mesh = TwoSites(config)
+    mesh = DemoMesh({RECEIVER: config, SENDER: config}, prefix="meshd-bench-memory-")
     apps: list[App] = []
     sampler: Sampler | None = None
     t_start = time.monotonic()

@@ -109,10 +109,14 @@ def set_config(path: Path, **values: Any) -> None:
 
 
 class DemoMesh:
-    """The daemons of :data:`SITES` on loopback, members of one mesh; ``close()`` stops them."""
+    """Daemons on loopback, members of one mesh (the first site invites the others);
+    ``sites`` maps each name to its config changes (``discovery = false`` for all).
+    ``close()`` stops them and removes their state."""
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="meshd-bench-channels-"))
+    def __init__(self, sites: dict[str, dict[str, Any]] | None = None,
+                 prefix: str = "meshd-bench-channels-") -> None:
+        self.sites = SITES if sites is None else sites
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def home(self, name: str) -> Path:
@@ -126,15 +130,15 @@ class DemoMesh:
 
         started = False
         try:
-            for name, changes in SITES.items():
+            for name, changes in self.sites.items():
                 init_site(Home(self.home(name)), name, "127.0.0.1:0")
                 set_config(self.home(name) / "config.toml", discovery=False, **changes)
                 self.procs[name] = start_daemon(self.home(name), self.home(name) / "daemon.log")
-            clients = {n: Client(self.home(n)) for n in SITES}
+            clients = {n: Client(self.home(n)) for n in self.sites}
             for name, client in clients.items():
                 wait_until(functools.partial(self._started, name, client), MESH_TIMEOUT,
                            f"the daemon of {name}")
-            founder, *joiners = SITES
+            founder, *joiners = self.sites
             token = clients[founder].invite(uses=len(joiners), expires=3600)["token"]
             for name in joiners:
                 j = clients[name].join(token)
@@ -145,12 +149,12 @@ class DemoMesh:
                     raise RuntimeError(f"{name} could not join: {j.get('error') or j['state']}")
             for name, client in clients.items():
                 wait_until(functools.partial(self._sees_all, client), MESH_TIMEOUT,
-                           f"{name} to see all {len(SITES)} sites alive")
+                           f"{name} to see all {len(self.sites)} sites alive")
             for client in clients.values():
                 client.close()
             started = True
         except Exception as exc:  # noqa: BLE001 - said again with the daemons' last words
-            logs = "; ".join(f"{n}: {self._log_tail(n)}" for n in SITES if self._log_tail(n))
+            logs = "; ".join(f"{n}: {self.log_tail(n)}" for n in self.sites if self.log_tail(n))
             raise RuntimeError(f"the bench mesh did not start: {exc}"
                                + (f" (daemon logs: {logs})" if logs else "")) from None
         finally:
@@ -165,17 +169,16 @@ class DemoMesh:
             raise RuntimeError(f"the daemon of {name} exited with {proc.returncode}")
         return client.status()
 
-    @staticmethod
-    def _sees_all(client: Any) -> bool:
+    def _sees_all(self, client: Any) -> bool:
         alive = sum(bool(p["verified"]) and p["state"] == "alive" for p in client.peers())
-        return bool(alive == len(SITES))
+        return bool(alive == len(self.sites))
 
-    def _log_tail(self, name: str) -> str:
-        log = self.home(name) / "daemon.log"
+    def log_tail(self, name: str, lines: int = 2) -> str:
         try:
-            return " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:])
+            text = (self.home(name) / "daemon.log").read_text(errors="replace")
         except OSError:
             return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def close(self) -> None:
         for proc in self.procs.values():

@@ -69,6 +69,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from channels import _now_ns, _serve  # noqa: E402  (the same app protocol as its setup figure)
 
 LAB = ROOT / "bootstrap" / "lab"
 A_IP, B_IP = "10.77.0.10", "10.77.0.20"
@@ -309,21 +312,6 @@ def measure_rtt() -> dict[str, dict[str, float]]:
 
 
 # --- the apps (spawned processes; mirror bench/channels.py's setup figure) ---------------------
-
-def _now_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # one clock for every process of the host
-
-
-def _serve(conn: Any, handle: Callable[[tuple[Any, ...]], Any]) -> None:
-    """Answer commands on ``conn`` with ``handle`` until ``("quit",)``; an error is the answer."""
-    try:
-        while (cmd := conn.recv())[0] != "quit":
-            conn.send(("ok", handle(cmd)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
 
 def _payload() -> Any:
     import numpy as np

@@ -449,15 +449,16 @@ class Daemon:
         dial, a one-way push over its own connection to each member that only dials out."""
         self.on_mesh_change()
         self.membership.start()
+        push: dict[str, Any] | None = None  # one snapshot for every member that only dials out
         for key in list(self.view.members):
             if key == self.key.public:
                 continue
             if self.dial_addresses(key):
                 self._spawn(self.sync_with(key), "announce")
             elif self.view.mesh_id is not None:
-                self._spawn(self.send_to_member(key, {
-                    "t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}),
-                    "announce-push")
+                if push is None:
+                    push = {"t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}
+                self._spawn(self.send_to_member(key, push), "announce-push")
 
     async def _sync_loop(self) -> None:
         while True:
