@@ -231,16 +231,23 @@ class OutChannel:
         timeout = self.race.config.attempt_timeout
         try:
             t0 = time.monotonic()
-            conn = await self._connect(path, timeout)
-            if self.keys is None:
-                init = Initiator(svc.daemon.key, self.peer, self.cid, now=time.time())
-                conn.send(link.HELLO, init.hello)
+            resume_keys = self.keys
+            init = (Initiator(svc.daemon.key, self.peer, self.cid, now=time.time())
+                    if resume_keys is None else None)
+            # A reversed path carries the Hello in its dial request: the receiver answers
+            # with Accept right after its preamble, one round trip sooner.
+            hello_in_dial = init is not None and path.kind is PathKind.REVERSED
+            conn = await self._connect(path, timeout,
+                                       hello=init.hello if init and hello_in_dial else None)
+            if init is not None:
+                if not hello_in_dial:
+                    conn.send(link.HELLO, init.hello)
                 body = await conn.expect(link.ACCEPT, timeout=timeout)
                 keys = init.on_accept(bytes(body))
                 fb = None
             else:
-                keys = self.keys
-                assert self.sealer is not None and self.opener is not None
+                assert resume_keys is not None and self.sealer is not None
+                keys = resume_keys
                 conn.send(link.FRAME, self.sealer.seal_control(encode_control(Probe())))
                 fb = await self._await_feedback(conn, timeout)
             rtt = time.monotonic() - t0
@@ -266,7 +273,8 @@ class OutChannel:
         self.race.attempt_succeeded(path, time.monotonic(), rtt)
         self._drive()
 
-    async def _connect(self, path: Path, timeout: float) -> DataConnection:
+    async def _connect(self, path: Path, timeout: float,
+                       hello: bytes | None = None) -> DataConnection:
         svc = self.svc
         me = svc.me
         if path.kind is PathKind.DIRECT:
@@ -280,7 +288,10 @@ class OutChannel:
             fut: asyncio.Future[DataConnection] = asyncio.get_running_loop().create_future()
             svc.reverse_waiters[self.cid] = (self.peer, fut)
             try:
-                if not await svc.send_control(self.peer, "dial", {"cid": self.cid}):
+                request: dict[str, Any] = {"cid": self.cid}
+                if hello is not None:
+                    request["hello"] = hello
+                if not await svc.send_control(self.peer, "dial", request):
                     raise OSError("no control link to the receiver")
                 return await asyncio.wait_for(fut, timeout)
             finally:
@@ -752,7 +763,11 @@ class ChannelService:
             if not isinstance(msg, dict):
                 raise ProtocolError(f"{op}: body is not a map", reason="malformed")
             if op == "dial":
-                self._spawn(self._dial_back_for_channel(key, _bin(msg, "cid", 16)), "chan-dial")
+                hello = msg.get("hello")
+                if hello is not None and not isinstance(hello, bytes):
+                    raise ProtocolError("dial: hello is not bytes", reason="malformed")
+                self._spawn(self._dial_back_for_channel(key, _bin(msg, "cid", 16), hello),
+                            "chan-dial")
             elif op == "relay":
                 self._spawn(self._join_relay(key, _bin(msg, "cid", 16), _bin(msg, "from", 32)),
                             "chan-relay")
@@ -823,10 +838,24 @@ class ChannelService:
 
     # -- the receiving end ---------------------------------------------------------------------------
 
-    async def _dial_back_for_channel(self, sender: bytes, cid: bytes) -> None:
-        """A sender asked us to dial it (a reversed path)."""
+    async def _dial_back_for_channel(self, sender: bytes, cid: bytes,
+                                     hello: bytes | None = None) -> None:
+        """A sender asked us to dial it (a reversed path), maybe with its Hello inside.
+
+        The Hello is checked before dialing, so a bad one costs no connection; the Accept
+        then follows the preamble on the new connection."""
         if "reversed" not in self._accepted_kinds():
             return
+        accepted: tuple[bytes, ChannelKeys] | None = None
+        if hello is not None:
+            try:
+                accepted = self._answer_hello(sender, cid, hello)
+                self.count("hello_in_dial")
+            except ProtocolError as exc:
+                self.count("refused_hello")
+                log.info("refused a reversed channel from %s: %s",
+                         self.daemon.view.name_of(sender), exc)
+                return
         try:
             conn, _, _ = await self.dial(sender, DIAL_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
@@ -835,6 +864,19 @@ class ChannelService:
         self._start_receiving_end(conn, cid, sender, "reversed", None)
         conn.send(link.PREAMBLE, link.encode_preamble(
             link.Preamble("direct", cid, self.me, sender, "r", b"", self.now_ms())))
+        if accepted is not None:
+            side = conn.owner
+            assert isinstance(side, _RSide)
+            accept, side.pending = accepted
+            conn.send(link.ACCEPT, accept)
+
+    def _answer_hello(self, sender: bytes, cid: bytes, hello: bytes) -> tuple[bytes, ChannelKeys]:
+        """Check a sender's Hello for channel ``cid``; ProtocolError if it is not acceptable."""
+        allowed = {sender} if self.daemon.view.is_member(sender) else set()
+        accept, keys = self.responder.on_hello(hello, now=time.time(), peers=allowed)
+        if keys.channel_id != cid:
+            raise ProtocolError("Hello for another channel", reason="wrong-channel")
+        return accept, keys
 
     async def _join_relay(self, relay: bytes, cid: bytes, sender: bytes) -> None:
         """A relay says a sender waits there for us."""
@@ -865,11 +907,7 @@ class ChannelService:
         if kind == link.HELLO:
             if side.inc is not None or side.pending is not None:
                 raise ProtocolError("a second Hello on one connection", reason="unexpected")
-            allowed = {side.sender} if self.daemon.view.is_member(side.sender) else set()
-            accept, keys = self.responder.on_hello(bytes(body), now=time.time(), peers=allowed)
-            if keys.channel_id != side.cid:
-                raise ProtocolError("Hello for another channel", reason="wrong-channel")
-            side.pending = keys
+            accept, side.pending = self._answer_hello(side.sender, side.cid, bytes(body))
             conn.send(link.ACCEPT, accept)
             return
         if kind == link.REFUSE:

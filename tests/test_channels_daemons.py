@@ -101,6 +101,8 @@ def test_an_outbound_only_receiver_is_reached_by_the_reversed_path(sites: Any) -
         assert np.array_equal(rx.recv(timeout=30).array, np.arange(1000))
         (out,) = [c for c in ma.channels() if c["direction"] == "out"]
         assert out["path"] == "reversed" and out["relay"] is None
+    # the Hello rode in the dial request (one round trip saved), checked before dialing back
+    assert b.client.status()["counters"].get("channel_hello_in_dial") == 1
 
 
 def test_a_forced_relay_carries_the_channel_and_sees_only_ciphertext(sites: Any) -> None:
