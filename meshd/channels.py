@@ -44,7 +44,15 @@ import zmq.asyncio
 
 from .channel import batch, link
 from .channel.events import AllAcked, Feedback, Probe, Transmit, Writable
-from .channel.frames import FRAME_OVERHEAD, KIND_CONTROL, KIND_DATA, MAX_PAYLOAD, Opener, Sealer
+from .channel.frames import (
+    FRAME_OVERHEAD,
+    KIND_CONTROL,
+    KIND_DATA,
+    MAX_PAYLOAD,
+    Block,
+    Opener,
+    Sealer,
+)
 from .channel.handshake import ChannelKeys, Initiator, Responder
 from .channel.paths import (
     CancelAttempt,
@@ -67,6 +75,7 @@ from .channel.reliable import (
     encode_control,
 )
 from .datalink import DataConnection, dial_any
+from .shmring import DESCRIPTOR, RING_MARK, Ring
 from .errors import LocalError, ProtocolError
 from .identity import site_id_of
 
@@ -86,6 +95,9 @@ RELAY_WAIT = 10.0
 MAX_RELAY_WAITING = 256
 DIAL_TIMEOUT = 3.0
 _COUNT = struct.Struct(">I")
+_BIG_PAYLOAD = 64 << 10
+"""Payloads at least this big go to the application through its ring (if it has one)."""
+MAX_RING_BYTES = 1 << 30
 _MAX_RETRY = 10.0
 
 
@@ -130,8 +142,11 @@ class _RSide:
 class OutChannel:
     """The sending end of one channel (owned by the sending site)."""
 
-    def __init__(self, svc: ChannelService, name: str, peer: bytes, kinds: Iterable[PathKind]):
+    def __init__(self, svc: ChannelService, name: str, peer: bytes, kinds: Iterable[PathKind],
+                 ring: Ring | None = None):
         self.svc = svc
+        self.ring = ring
+        """The application's shared-memory ring for big batches (see :mod:`meshd.shmring`)."""
         self.name = name
         self.peer = peer
         self.cid = secrets.token_bytes(16)
@@ -352,15 +367,15 @@ class OutChannel:
 
     # -- frames ------------------------------------------------------------------------------------
 
-    def _seal(self, seq: int, payload: Any) -> bytearray:
+    def _seal(self, seq: int, payload: Any) -> Block:
         assert self.sealer is not None
         return self.sealer.seal(seq, payload)
 
-    def _on_record(self, conn: DataConnection, kind: int, body: bytearray) -> None:
+    def _on_record(self, conn: DataConnection, kind: int, body: Block) -> None:
         if conn is not self.conn:
             return
         if kind == link.REFUSE:
-            conn.error = body[:200].decode("utf-8", "replace")
+            conn.error = bytes(body[:200]).decode("utf-8", "replace")
             conn.close()
             return
         if kind != link.FRAME:
@@ -424,10 +439,25 @@ class OutChannel:
 
     # -- the application's side ----------------------------------------------------------------------
 
+    def _app_batch(self, parts: list[zmq.Frame]) -> tuple[memoryview, int | None]:
+        """The batch an application message carries, inline or in the ring (then also the
+        ring offset to release once it is sealed); ProtocolError if it is malformed."""
+        if len(parts) == 1:
+            return parts[0].buffer, None
+        if len(parts) == 2 and parts[0].bytes == RING_MARK and self.ring is not None:
+            start, view = self.ring.record(parts[1].bytes)
+            return view, start + view.nbytes
+        raise ProtocolError(f"an application message of {len(parts)} parts", reason="frames")
+
     async def _read_app(self) -> None:
         while True:
-            frame = await self.pull.recv(copy=False)
-            buf = frame.buffer
+            parts = await self.pull.recv_multipart(copy=False)
+            try:
+                buf, release = self._app_batch(parts)
+            except ProtocolError as exc:
+                log.warning("channel %r: dropped a malformed message from the application: %s",
+                            self.name, exc)
+                continue
             n = buf.nbytes
             if n < _COUNT.size or not 0 < _COUNT.unpack_from(buf, 0)[0] <= batch.MAX_BATCH_MESSAGES:
                 log.warning("channel %r: dropped a malformed batch from the application",
@@ -443,6 +473,9 @@ class OutChannel:
                     self._writable.clear()
                     self._arm()
                     await self._writable.wait()
+            if release is not None:  # sealed: the sealed copy is what the resend buffer keeps
+                assert self.ring is not None
+                self.ring.release(release)
             self.messages += count
             self.bytes += n
             self._marks.append((seq, self.messages))
@@ -484,6 +517,8 @@ class OutChannel:
             self.conn.close()
         self.pull.close(0)
         self.svc.remove_ipc(self.endpoint)
+        if self.ring is not None:
+            self.ring.close()
 
     def _path_text(self) -> str:
         if self.path is None:
@@ -542,7 +577,7 @@ class InChannel:
         self.path, self.relay = side.path, side.relay
         side.inc = self
 
-    def on_frame(self, conn: DataConnection, side: _RSide, body: bytearray) -> None:
+    def on_frame(self, conn: DataConnection, side: _RSide, body: Block) -> None:
         frame = self.opener.open(body)  # ProtocolError: the connection is dropped, not the channel
         if conn is not self.conn:
             self.adopt(conn, side)
@@ -553,10 +588,10 @@ class InChannel:
         self.svc.wake_port(self.name)
         self.schedule_feedback()
 
-    def _on_control(self, payload: bytearray) -> None:
-        if payload[:1] == bytes([CTRL_OPEN]):
+    def _on_control(self, payload: Block) -> None:
+        if bytes(payload[:1]) == bytes([CTRL_OPEN]):
             return
-        if payload[:1] == bytes([CTRL_CLOSE]):
+        if bytes(payload[:1]) == bytes([CTRL_CLOSE]):
             self.closed_by_sender = True
             return
         msg = decode_control(payload)
@@ -601,10 +636,15 @@ class InChannel:
 class ReceiverPort:
     """An application's receiver for one channel name: a PUSH socket the daemon feeds."""
 
-    def __init__(self, svc: ChannelService, name: str, allow: frozenset[bytes] | None) -> None:
+    def __init__(self, svc: ChannelService, name: str, allow: frozenset[bytes] | None,
+                 ring: Ring | None = None) -> None:
         self.svc = svc
         self.name = name
         self.allow = allow
+        self.ring = ring
+        """Shared memory the application maps: big payloads go there, not through the socket."""
+        self.ring_records = 0
+        self.inline_records = 0
         self.endpoint = svc.ipc_endpoint(f"rx-{secrets.token_hex(8)}")
         self.sock = svc.zctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -633,13 +673,30 @@ class ReceiverPort:
                     inc.messages += count
                     inc.bytes += len(payload)
                     inc.schedule_feedback()
-                    await self.sock.send_multipart([meta, payload], copy=len(payload) < 65536)
+                    await self.sock.send_multipart(self._delivery(meta, payload),
+                                                   copy=len(payload) < _BIG_PAYLOAD)
             self.svc.gc_inbound()
+
+    def _delivery(self, meta: bytes, payload: Any) -> list[Any]:
+        """The frames that hand ``payload`` to the application: a descriptor of a ring record
+        when the ring has room, else the payload itself."""
+        n = len(payload)
+        if self.ring is not None and n >= _BIG_PAYLOAD:
+            start = self.ring.reserve(n)
+            if start is not None:
+                self.ring.region(start, n)[:] = payload
+                self.ring_records += 1
+                return [meta, RING_MARK, DESCRIPTOR.pack(start, n)]
+        self.inline_records += 1
+        return [meta, payload]
 
     def close(self) -> None:
         self.task.cancel()
         self.sock.close(0)
         self.svc.remove_ipc(self.endpoint)
+        if self.ring is not None:
+            self.ring.unlink()
+            self.ring.close()
 
 
 # ================================================================================== the service
@@ -802,7 +859,7 @@ class ChannelService:
         if isinstance(owner, _RSide) and owner.inc is not None:
             owner.inc.lost(conn)
 
-    def _on_preamble(self, conn: DataConnection, kind: int, body: bytearray) -> None:
+    def _on_preamble(self, conn: DataConnection, kind: int, body: Block) -> None:
         self._pending_conns.discard(conn)
         if kind != link.PREAMBLE:
             raise ProtocolError("a data connection must start with a preamble",
@@ -901,7 +958,7 @@ class ChannelService:
         conn.owner = _RSide(cid, sender, path, relay)
         conn.handler = self._on_receiving_record
 
-    def _on_receiving_record(self, conn: DataConnection, kind: int, body: bytearray) -> None:
+    def _on_receiving_record(self, conn: DataConnection, kind: int, body: Block) -> None:
         side = conn.owner
         assert isinstance(side, _RSide)
         if kind == link.HELLO:
@@ -927,7 +984,7 @@ class ChannelService:
             return
         opener = Opener.for_channel(side.pending)
         frame = opener.open(body)
-        if frame.kind != KIND_CONTROL or frame.payload[:1] != bytes([CTRL_OPEN]):
+        if frame.kind != KIND_CONTROL or bytes(frame.payload[:1]) != bytes([CTRL_OPEN]):
             raise ProtocolError("a channel must start with its name", reason="unexpected")
         try:
             name = check_name(bytes(frame.payload[1:]).decode())
@@ -1093,7 +1150,9 @@ class ChannelService:
 
     # -- the application API -------------------------------------------------------------------------
 
-    def open_sender(self, name: str, to: bytes, paths: list[str] | None = None) -> OutChannel:
+    def open_sender(self, name: str, to: bytes, paths: list[str] | None = None,
+                    ring: str | None = None) -> OutChannel:
+        """``ring``: the path of the application's shared-memory ring, if it made one."""
         check_name(name)
         view = self.daemon.view
         if to == self.me:
@@ -1105,17 +1164,37 @@ class ChannelService:
         if not kinds:
             raise LocalError(f"none of the paths {allowed} is allowed by this site's config",
                              reason="bad-path")
-        ch = OutChannel(self, name, to, kinds)
+        ch = OutChannel(self, name, to, kinds, self._attach_ring(ring))
         self.out[ch.cid] = ch
         ch.start()
         return ch
 
-    def open_receiver(self, name: str, allow: list[bytes] | None) -> ReceiverPort:
+    @staticmethod
+    def _attach_ring(path: str | None) -> Ring | None:
+        if path is None:
+            return None
+        try:
+            return Ring.attach(path)
+        except LocalError as exc:  # the application sends inline then
+            log.warning("not using an application's ring: %s", exc)
+            return None
+
+    def open_receiver(self, name: str, allow: list[bytes] | None,
+                      ring_bytes: int = 0) -> ReceiverPort:
+        """``ring_bytes``: the size of a shared-memory ring for the application, 0 for none."""
         check_name(name)
+        if not 0 <= ring_bytes <= MAX_RING_BYTES:
+            raise LocalError(f"ring_bytes must be 0..{MAX_RING_BYTES}", reason="usage")
+        ring = None
+        if ring_bytes:
+            try:
+                ring = Ring.create(ring_bytes)
+            except OSError as exc:  # no room in /dev/shm: deliver inline
+                log.warning("no ring for receiver %r: %s", name, exc)
         old = self.ports.pop(name, None)
         if old is not None:  # the newest receiver takes over (the old app may have died)
             old.close()
-        port = ReceiverPort(self, name, frozenset(allow) if allow else None)
+        port = ReceiverPort(self, name, frozenset(allow) if allow else None, ring)
         self.ports[name] = port
         return port
 

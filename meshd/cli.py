@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from . import config as config_mod
-    from .daemon import Daemon
+    from .daemon import Daemon, keep_freed_memory
 
     home = Home(resolve_home(args.home))
     home.require()
@@ -78,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    keep_freed_memory()
     asyncio.run(Daemon(home).serve_forever())
     return 0
 

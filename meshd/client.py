@@ -151,9 +151,10 @@ class Client:
         """Channels at this site: outgoing, incoming and relayed."""
         return self._call("GET", api.CHANNELS)  # type: ignore[no-any-return]
 
-    def open_sender(self, name: str, to: str, paths: list[str] | None = None) -> dict[str, Any]:
+    def open_sender(self, name: str, to: str, paths: list[str] | None = None,
+                    ring: str | None = None) -> dict[str, Any]:
         return self._call("POST", api.CHANNELS, {"name": name, "to": to,  # type: ignore[no-any-return]
-                                                 "paths": paths})
+                                                 "paths": paths, "ring": ring})
 
     def flush_sender(self, channel_id: str, messages: int,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -164,8 +165,10 @@ class Client:
     def close_sender(self, channel_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"{api.CHANNELS}/{quote(channel_id)}")  # type: ignore[no-any-return]
 
-    def open_receiver(self, name: str, allow: list[str] | None = None) -> dict[str, Any]:
-        return self._call("POST", api.RECEIVERS, {"name": name, "allow": allow})  # type: ignore[no-any-return]
+    def open_receiver(self, name: str, allow: list[str] | None = None,
+                      ring_bytes: int = 0) -> dict[str, Any]:
+        return self._call("POST", api.RECEIVERS, {"name": name, "allow": allow,  # type: ignore[no-any-return]
+                                                  "ring_bytes": ring_bytes})
 
     def close_receiver(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"{api.RECEIVERS}/{quote(name, safe='')}")  # type: ignore[no-any-return]

@@ -223,9 +223,11 @@ class ControlServer:
         paths = _field(data, "paths", list, None)
         if paths is not None and not all(isinstance(p, str) for p in paths):
             raise LocalError("paths must be a list of strings", reason="usage")
-        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths)
+        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths,
+                                              _field(data, "ring", str, None))
         return _json({"id": ch.cid.hex(), "endpoint": ch.endpoint, "name": ch.name,
-                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to)})
+                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to),
+                      "ring": ch.ring is not None})
 
     def _out_channel(self, request: web.Request) -> Any:
         try:
@@ -258,8 +260,10 @@ class ControlServer:
             if not all(isinstance(a, str) for a in allow):
                 raise LocalError("allow must be a list of site names or ids", reason="usage")
             keys = [self.daemon.find_site(a) for a in allow]
-        port = self.daemon.channels.open_receiver(_field(data, "name", str), keys)
-        return _json({"name": port.name, "endpoint": port.endpoint})
+        port = self.daemon.channels.open_receiver(_field(data, "name", str), keys,
+                                                  _field(data, "ring_bytes", int, 0))
+        return _json({"name": port.name, "endpoint": port.endpoint,
+                      "ring": None if port.ring is None else str(port.ring.path)})
 
     async def close_receiver(self, request: web.Request) -> web.Response:
         self.daemon.channels.close_receiver(request.match_info["name"])

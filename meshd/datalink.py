@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .channel import link
+from .channel.frames import Block, new_block
 from .errors import ProtocolError
 
 log = logging.getLogger("meshd.datalink")
@@ -27,7 +28,7 @@ _WRITE_HIGH = 8 << 20
 _WRITE_LOW = 2 << 20
 _COALESCE = 64 << 10
 
-Handler = Callable[["DataConnection", int, bytearray], None]
+Handler = Callable[["DataConnection", int, Block], None]
 
 
 class DataConnection(asyncio.BufferedProtocol):
@@ -38,7 +39,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.peer: str = "?"
         self.handler: Handler | None = None
         self.on_lost = on_lost
-        self.inbox: asyncio.Queue[tuple[int, bytearray] | None] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[int, Block] | None] = asyncio.Queue()
         self.closed = asyncio.get_running_loop().create_future()
         self.writable = asyncio.Event()
         self.writable.set()
@@ -48,7 +49,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self._scratch = bytearray(_SCRATCH)
         self._fill = 0
-        self._body: bytearray | None = None
+        self._body: Block | None = None
         self._body_kind = 0
         self._body_got = 0
         self._partner: DataConnection | None = None
@@ -152,12 +153,12 @@ class DataConnection(asyncio.BufferedProtocol):
                 link.check_record(kind, length)
                 have = self._fill - pos - hs
                 if have >= length:
-                    body = bytearray(view[pos + hs:pos + hs + length])
+                    small: Block = bytearray(view[pos + hs:pos + hs + length])
                     pos += hs + length
-                    self._deliver(kind, body)
+                    self._deliver(kind, small)
                     continue
                 if hs + length > len(self._scratch):  # receive the rest straight into the body
-                    body = bytearray(length)
+                    body = new_block(length)
                     body[:have] = view[pos + hs:self._fill]
                     self._body, self._body_kind, self._body_got = body, kind, have
                     pos = self._fill
@@ -175,7 +176,7 @@ class DataConnection(asyncio.BufferedProtocol):
             self._partner.write_raw(bytes(self._scratch[:rest]))
             self._fill = 0
 
-    def _deliver(self, kind: int, body: bytearray) -> None:
+    def _deliver(self, kind: int, body: Block) -> None:
         if self.handler is not None:
             try:
                 self.handler(self, kind, body)
@@ -187,7 +188,7 @@ class DataConnection(asyncio.BufferedProtocol):
         else:
             self.inbox.put_nowait((kind, body))
 
-    async def expect(self, *kinds: int, timeout: float) -> bytearray:
+    async def expect(self, *kinds: int, timeout: float) -> Block:
         """The next record from the inbox; ProtocolError if it is another type or closed."""
         try:
             item = await asyncio.wait_for(self.inbox.get(), timeout)
@@ -198,7 +199,7 @@ class DataConnection(asyncio.BufferedProtocol):
                                 reason="closed")
         kind, body = item
         if kind == link.REFUSE:
-            raise ProtocolError(f"refused: {body[:200].decode('utf-8', 'replace')}",
+            raise ProtocolError(f"refused: {bytes(body[:200]).decode('utf-8', 'replace')}",
                                 reason="refused")
         if kind not in kinds:
             raise ProtocolError(f"record type {kind} where {kinds} was expected",

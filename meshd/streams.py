@@ -29,6 +29,7 @@ import asyncio
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,11 +45,15 @@ from .channel.arrays import decode_message, encode_message
 from .client import Client
 from .errors import LocalError, ProtocolError
 from .identity import site_id_of
+from .shmring import DESCRIPTOR, RING_MARK, ReleaseTracker, Ring
 
 __all__ = ["AsyncMesh", "Mesh", "Message", "aconnect", "connect"]
 
 _BIG = 64 << 10
 _FLUSH_SLICE = 20.0
+RING_BYTES = 48 << 20
+"""Default size of the shared-memory ring between an application and its daemon, per sender
+and per receiver (room for two 16 MiB messages in flight); ``ring_bytes=0`` goes without."""
 
 
 @dataclass(slots=True)
@@ -123,24 +128,88 @@ def _decode(head: memoryview, body: memoryview, raw: np.ndarray[Any, Any]
     return msg.kind, msg.array, msg.meta
 
 
-def _messages(parts: list[Any], channel: str) -> list[Message]:
-    """The messages of one ``[meta, batch]`` delivery from the daemon."""
-    if len(parts) != 2:
+def _messages(parts: list[Any], channel: str, ring: ReleaseTracker | None) -> list[Message]:
+    """The messages of one delivery from the daemon: ``[meta, batch]``, or ``[meta, R,
+    descriptor]`` for a batch in the receiver's ring (its arrays then view the ring, and the
+    record is released once the last of them is garbage collected)."""
+    if len(parts) == 3 and ring is not None and parts[1].bytes == RING_MARK:
+        start, view = ring.ring.record(parts[2].bytes)
+        whole = np.frombuffer(view, dtype=np.uint8)
+        ring.track(start, start + view.nbytes)
+        weakref.finalize(whole, ring.freed, start)
+        keep: Any = whole
+    elif len(parts) == 2:
+        keep = parts[1]
+        view = memoryview(keep.buffer).cast("B")
+        whole = np.frombuffer(view, dtype=np.uint8)
+    else:
         raise ProtocolError(f"delivery of {len(parts)} frames", reason="frames")
     try:
         cid, sender, first, name = msgpack.unpackb(parts[0].bytes, raw=False)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         raise ProtocolError("bad delivery header", reason="malformed") from None
-    frame = parts[1]
     sid = site_id_of(sender)
-    view = memoryview(frame.buffer).cast("B")
-    whole = np.frombuffer(view, dtype=np.uint8)
     out = []
     for i, (ho, hn, bo, bn) in enumerate(batch.offsets(view)):
-        body = view[bo:bo + bn]
-        kind, array, meta = _decode(view[ho:ho + hn], body, whole[bo:bo + bn])
-        out.append(Message(array, body, meta, first + i, name, sid, channel, kind, frame))
+        raw = whole[bo:bo + bn]
+        # a ring's views must hold ``whole`` (its finalizer frees the record); a frame's need not
+        body = memoryview(raw) if keep is whole else view[bo:bo + bn]  # type: ignore[arg-type]
+        kind, array, meta = _decode(view[ho:ho + hn], body, raw)
+        out.append(Message(array, body, meta, first + i, name, sid, channel, kind, keep))
     return out
+
+
+def _new_ring(ring_bytes: int) -> Ring | None:
+    """A ring for a sender, or None (disabled, or no room in /dev/shm: inline then)."""
+    if not ring_bytes:
+        return None
+    try:
+        return Ring.create(ring_bytes)
+    except (OSError, LocalError):
+        return None
+
+
+def _into_ring(ring: Ring | None, head: Any, body: Any) -> list[bytes] | None:
+    """Write one big message into the sender's ring; the frames that announce it to the
+    daemon, or None if there is no ring or no room (send it inline then)."""
+    if ring is None:
+        return None
+    nbody = memoryview(body).nbytes
+    if nbody > batch.MAX_MESSAGE_BYTES:
+        return None  # batch.pack raises the error
+    size = batch.payload_size([(memoryview(head).nbytes, nbody)])
+    start = ring.reserve(size)
+    if start is None:
+        return None
+    batch.pack_into(ring.region(start, size), [(head, body)])
+    return [RING_MARK, DESCRIPTOR.pack(start, size)]
+
+
+def _open_sender(client: Client, name: str, to: str, paths: list[str] | None,
+                 ring_bytes: int) -> tuple[dict[str, Any], Ring | None]:
+    ring = _new_ring(ring_bytes)
+    try:
+        info = client.open_sender(name, to, paths, None if ring is None else str(ring.path))
+    finally:
+        if ring is not None:
+            ring.unlink()  # the daemon has mapped it (or refused it); no name is left behind
+    if ring is not None and not info.get("ring"):
+        ring.close()
+        ring = None
+    return info, ring
+
+
+def _open_receiver(client: Client, name: str, allow: list[str] | None,
+                   ring_bytes: int) -> tuple[dict[str, Any], ReleaseTracker | None]:
+    info = client.open_receiver(name, allow, ring_bytes)
+    if not info.get("ring"):
+        return info, None
+    try:
+        ring = Ring.attach(info["ring"])
+    except LocalError:  # cannot map the daemon's ring: ask for a receiver without one
+        return client.open_receiver(name, allow, 0), None
+    ring.unlink()
+    return info, ReleaseTracker(ring)
 
 
 # ================================================================================== synchronous
@@ -163,20 +232,23 @@ class Mesh:
         self.close()
 
     def sender(self, name: str, *, to: str, paths: list[str] | None = None,
-               linger: float = 0.002) -> Sender:
+               linger: float = 0.002, ring_bytes: int = RING_BYTES) -> Sender:
         """A sender on channel ``name`` to site ``to`` (a name or site id).  ``paths`` limits the
-        path kinds (``direct``, ``reversed``, ``relay``) within what the site allows."""
-        info = self.client.open_sender(name, to, paths)
-        tx = Sender(self, info, linger)
+        path kinds (``direct``, ``reversed``, ``relay``) within what the site allows.
+        ``ring_bytes``: shared memory for big messages on their way to the daemon (0: none)."""
+        info, ring = _open_sender(self.client, name, to, paths, ring_bytes)
+        tx = Sender(self, info, linger, ring)
         self._open.append(tx)
         return tx
 
-    def receiver(self, name: str, *, allow: list[str] | None = None) -> Receiver:
+    def receiver(self, name: str, *, allow: list[str] | None = None,
+                 ring_bytes: int = RING_BYTES) -> Receiver:
         """The receiver of channel ``name`` (messages from every sender on it, each sender's in
         order).  ``allow``: only these sites may open it.  A newer receiver of the same name
-        takes over from an older one."""
-        info = self.client.open_receiver(name, allow)
-        rx = Receiver(self, info)
+        takes over from an older one.  ``ring_bytes``: shared memory the daemon puts big
+        messages in (their arrays view it; a record is reused once no array views it; 0: none)."""
+        info, ring = _open_receiver(self.client, name, allow, ring_bytes)
+        rx = Receiver(self, info, ring)
         self._open.append(rx)
         return rx
 
@@ -196,8 +268,10 @@ class Mesh:
 class Sender:
     """Sends messages on one channel.  Not thread-safe (one sending thread)."""
 
-    def __init__(self, mesh: Mesh, info: dict[str, Any], linger: float) -> None:
+    def __init__(self, mesh: Mesh, info: dict[str, Any], linger: float,
+                 ring: Ring | None = None) -> None:
         self._mesh = mesh
+        self._ring = ring
         self.id: str = info["id"]
         self.name: str = info["name"]
         self.peer: str = info["peer"]
@@ -228,7 +302,11 @@ class Sender:
                 raise LocalError("the sender is closed", reason="closed")
             if nbody >= _BIG:
                 self._push_locked()
-                self._sock.send(batch.pack([(head, body)]), copy=False)
+                frames = _into_ring(self._ring, head, body)
+                if frames is not None:
+                    self._sock.send_multipart(frames)
+                else:
+                    self._sock.send(batch.pack([(head, body)]), copy=False)
             else:
                 if not self._batch:
                     self._batch_since = time.monotonic()
@@ -297,6 +375,8 @@ class Sender:
             self._closed = True
             self._lock.notify()
         self._sock.close(linger=2000)
+        if self._ring is not None:
+            self._ring.close()
         try:
             self._mesh.client.close_sender(self.id)
         except LocalError:
@@ -314,8 +394,10 @@ class Sender:
 class Receiver:
     """Receives the messages of one channel name."""
 
-    def __init__(self, mesh: Mesh, info: dict[str, Any]) -> None:
+    def __init__(self, mesh: Mesh, info: dict[str, Any],
+                 ring: ReleaseTracker | None = None) -> None:
         self._mesh = mesh
+        self._ring = ring
         self.name: str = info["name"]
         self._sock = mesh._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 4)
@@ -326,10 +408,12 @@ class Receiver:
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; TimeoutError after ``timeout`` seconds."""
         if not self._ready:
+            if self._ring is not None:
+                self._ring.collect()
             if timeout is not None and not self._sock.poll(int(timeout * 1000)):
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
             parts = self._sock.recv_multipart(copy=False)
-            self._ready.extend(_messages(parts, self.name))
+            self._ready.extend(_messages(parts, self.name, self._ring))
         return self._ready.popleft()
 
     def __iter__(self) -> Iterator[Message]:
@@ -340,6 +424,8 @@ class Receiver:
         if self._sock.closed:
             return
         self._sock.close(0)
+        if self._ring is not None:
+            self._ring.ring.close()
         try:
             self._mesh.client.close_receiver(self.name)
         except LocalError:
@@ -379,15 +465,17 @@ class AsyncMesh:
         await self.close()
 
     async def sender(self, name: str, *, to: str, paths: list[str] | None = None,
-                     linger: float = 0.002) -> AsyncSender:
-        info = await asyncio.to_thread(self.client.open_sender, name, to, paths)
-        tx = AsyncSender(self, info, linger)
+                     linger: float = 0.002, ring_bytes: int = RING_BYTES) -> AsyncSender:
+        info, ring = await asyncio.to_thread(_open_sender, self.client, name, to, paths,
+                                             ring_bytes)
+        tx = AsyncSender(self, info, linger, ring)
         self._open.append(tx)
         return tx
 
-    async def receiver(self, name: str, *, allow: list[str] | None = None) -> AsyncReceiver:
-        info = await asyncio.to_thread(self.client.open_receiver, name, allow)
-        rx = AsyncReceiver(self, info)
+    async def receiver(self, name: str, *, allow: list[str] | None = None,
+                       ring_bytes: int = RING_BYTES) -> AsyncReceiver:
+        info, ring = await asyncio.to_thread(_open_receiver, self.client, name, allow, ring_bytes)
+        rx = AsyncReceiver(self, info, ring)
         self._open.append(rx)
         return rx
 
@@ -401,8 +489,10 @@ class AsyncMesh:
 
 
 class AsyncSender:
-    def __init__(self, mesh: AsyncMesh, info: dict[str, Any], linger: float) -> None:
+    def __init__(self, mesh: AsyncMesh, info: dict[str, Any], linger: float,
+                 ring: Ring | None = None) -> None:
         self._mesh = mesh
+        self._ring = ring
         self.id: str = info["id"]
         self.name: str = info["name"]
         self.peer: str = info["peer"]
@@ -422,7 +512,11 @@ class AsyncSender:
         if nbody >= _BIG:
             await self._push()
             async with self._sending:
-                await self._sock.send(batch.pack([(head, body)]), copy=False)
+                frames = _into_ring(self._ring, head, body)
+                if frames is not None:
+                    await self._sock.send_multipart(frames)
+                else:
+                    await self._sock.send(batch.pack([(head, body)]), copy=False)
         else:
             if not self._batch and self._timer is None:
                 loop = asyncio.get_running_loop()
@@ -467,6 +561,8 @@ class AsyncSender:
         if flush:
             await self.flush()
         self._sock.close(linger=2000)
+        if self._ring is not None:
+            self._ring.close()
         try:
             await asyncio.to_thread(self._mesh.client.close_sender, self.id)
         except LocalError:
@@ -476,8 +572,10 @@ class AsyncSender:
 
 
 class AsyncReceiver:
-    def __init__(self, mesh: AsyncMesh, info: dict[str, Any]) -> None:
+    def __init__(self, mesh: AsyncMesh, info: dict[str, Any],
+                 ring: ReleaseTracker | None = None) -> None:
         self._mesh = mesh
+        self._ring = ring
         self.name: str = info["name"]
         self._sock = mesh._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 4)
@@ -487,11 +585,13 @@ class AsyncReceiver:
 
     async def recv(self, timeout: float | None = None) -> Message:
         if not self._ready:
+            if self._ring is not None:
+                self._ring.collect()
             try:
                 parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False), timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s") from None
-            self._ready.extend(_messages(parts, self.name))
+            self._ready.extend(_messages(parts, self.name, self._ring))
         return self._ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -505,6 +605,8 @@ class AsyncReceiver:
         if self._sock.closed:
             return
         self._sock.close(0)
+        if self._ring is not None:
+            self._ring.ring.close()
         try:
             await asyncio.to_thread(self._mesh.client.close_receiver, self.name)
         except LocalError:

@@ -24,7 +24,8 @@ from meshd.errors import LocalError, ProtocolError
 
 from .frames import MAX_PAYLOAD
 
-__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "MAX_MESSAGE_BYTES", "pack", "split"]
+__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "MAX_MESSAGE_BYTES", "pack", "pack_into",
+           "payload_size", "split"]
 
 MAX_MESSAGE_BYTES = 1 << 24
 """Largest array or byte string one message may carry (16 MiB); split larger data."""
@@ -59,6 +60,28 @@ def pack(messages: Sequence[tuple[Any, Any]]) -> bytes:
     if size > MAX_PAYLOAD:
         raise LocalError(f"batch of {size} bytes exceeds {MAX_PAYLOAD}", reason="too-large")
     return b"".join(entries + data)
+
+
+def pack_into(target: memoryview, messages: Sequence[tuple[Any, Any]]) -> None:
+    """Write the payload :func:`pack` would return into ``target`` (a writable byte view of
+    exactly :func:`payload_size` bytes): one copy of each body, straight into shared memory."""
+    n = len(messages)
+    if not 0 < n <= MAX_BATCH_MESSAGES:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_MESSAGES} messages, not {n}")
+    views = [(memoryview(h).cast("B"), memoryview(b).cast("B")) for h, b in messages]
+    if target.nbytes != payload_size([(h.nbytes, b.nbytes) for h, b in views]):
+        raise ValueError("target is not the size of the payload")
+    _COUNT.pack_into(target, 0, n)
+    pos = _COUNT.size + n * _ENTRY.size
+    for i, (h, b) in enumerate(views):
+        if b.nbytes > MAX_MESSAGE_BYTES:
+            raise LocalError(f"a message carries at most {MAX_MESSAGE_BYTES} bytes (16 MiB);"
+                             " split larger arrays", reason="too-large")
+        _ENTRY.pack_into(target, _COUNT.size + i * _ENTRY.size, h.nbytes, b.nbytes)
+        target[pos:pos + h.nbytes] = h
+        pos += h.nbytes
+        target[pos:pos + b.nbytes] = b
+        pos += b.nbytes
 
 
 def payload_size(messages: Sequence[tuple[int, int]]) -> int:

@@ -15,7 +15,7 @@ class Transmit:
     """Send this data frame (as given by the sender's ``seal``; never re-sealed on resend)."""
 
     seq: int
-    frame: bytes | bytearray
+    frame: bytes | bytearray | memoryview
     resend: bool
 
 
@@ -48,7 +48,7 @@ class Message:
     """One message delivered to the application, in order, exactly once."""
 
     seq: int
-    payload: bytes | bytearray
+    payload: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)

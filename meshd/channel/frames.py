@@ -77,14 +77,28 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from meshd.errors import LocalError, ProtocolError
 
+import numpy as np
+
 if TYPE_CHECKING:
-    import numpy as np
     import numpy.typing as npt
 
     from .handshake import ChannelKeys
 
 Buffer = Union[bytes, bytearray, memoryview, "npt.NDArray[np.generic]"]
 """What ``seal`` takes without copying: any C-contiguous buffer (numpy arrays included)."""
+Block = Union[bytearray, memoryview]
+"""A writable buffer this layer made: a bytearray, or for big sizes a memoryview (format ``B``)
+of memory that was never zero-filled (see :func:`new_block`)."""
+BIG_BLOCK = 64 << 10
+
+
+def new_block(n: int) -> Block:
+    """A writable buffer of ``n`` bytes that the caller overwrites entirely.  From 64 KiB on it
+    is not zero-filled: ``bytearray(n)`` spends as long filling a 1 MiB frame with zeros (and
+    faulting its pages in) as AES-GCM spends encrypting it."""
+    if n < BIG_BLOCK:
+        return bytearray(n)
+    return memoryview(np.empty(n, dtype=np.uint8))  # type: ignore[arg-type]
 
 __all__ = [
     "AES256GCM",
@@ -155,7 +169,7 @@ class Frame:
     kind: int
     seq: int
     flags: int
-    payload: bytearray
+    payload: Block
 
 
 def byte_view(payload: Buffer) -> memoryview:
@@ -220,7 +234,7 @@ class Sealer(_Keyed):
         return cls(keys.cipher, keys.send_key, keys.channel_id, keys.send_direction)
 
     def seal(self, seq: int, payload: Buffer, *, kind: int = KIND_DATA,
-             flags: int = 0) -> bytearray:
+             flags: int = 0) -> Block:
         """The frame for ``payload`` at ``seq``.  Seal each ``(kind, seq)`` once: the caller
         keeps the result for resends (resealing other bytes at a used seq reuses a nonce)."""
         if not (0 <= seq < MAX_SEQ):
@@ -234,13 +248,13 @@ class Sealer(_Keyed):
         if n > MAX_PAYLOAD:
             raise LocalError(f"payload of {n} bytes > {MAX_PAYLOAD}", reason="too-large")
         header = _HEADER.pack(VERSION, kind, self.direction, flags, self.channel_id, seq, n)
-        out = bytearray(HEADER_SIZE + n + TAG_SIZE)
+        out = new_block(HEADER_SIZE + n + TAG_SIZE)
         out[:HEADER_SIZE] = header
         self._aead(seq).encrypt_into(_nonce(self.direction, kind, seq), view, header,
                                      memoryview(out)[HEADER_SIZE:])
         return out
 
-    def seal_control(self, payload: Buffer) -> bytearray:
+    def seal_control(self, payload: Buffer) -> Block:
         """A control frame at the next control sequence number."""
         frame = self.seal(self.next_control_seq, payload, kind=KIND_CONTROL)
         self.next_control_seq += 1
@@ -285,7 +299,7 @@ class Opener(_Keyed):
                                 reason="length")
         if seq == MAX_SEQ:
             raise ProtocolError("frame at seq 2**64-1", reason="malformed")
-        out = bytearray(length)
+        out = new_block(length)
         try:
             self._aead(seq).decrypt_into(_nonce(direction, kind, seq), view[HEADER_SIZE:],
                                          header, out)

@@ -133,7 +133,7 @@ class Sender:
     )
 
     def __init__(self, config: SenderConfig = SenderConfig(), *,
-                 seal: Callable[[int, Buffer], bytes | bytearray] | None = None,
+                 seal: Callable[[int, Buffer], bytes | bytearray | memoryview] | None = None,
                  overhead: int = 0) -> None:
         if overhead < 0 or config.max_buffer_bytes < config.max_message_bytes + overhead:
             raise LocalError("max_buffer_bytes must hold one largest frame", reason="bad-config")
@@ -141,7 +141,7 @@ class Sender:
         self._seal = seal
         self._overhead = overhead
         self._next_seq = 0
-        self._unacked: deque[tuple[int, bytes | bytearray]] = deque()
+        self._unacked: deque[tuple[int, bytes | bytearray | memoryview]] = deque()
         self._buffered = 0
         self._sent_bytes = 0
         self._max_seq = 1 if config.first_message_free else 0
@@ -302,7 +302,7 @@ class Receiver:
     def __init__(self, config: ReceiverConfig = ReceiverConfig()) -> None:
         self.config = config
         self._next = 0
-        self._ooo: dict[int, bytes | bytearray] = {}
+        self._ooo: dict[int, bytes | bytearray | memoryview] = {}
         self._ready: deque[Message] = deque()
         self._held = 0
         self._popped_count = 0
@@ -327,7 +327,7 @@ class Receiver:
     def held_messages(self) -> int:
         return len(self._ready) + len(self._ooo)
 
-    def on_data(self, seq: int, payload: bytes | bytearray) -> None:
+    def on_data(self, seq: int, payload: bytes | bytearray | memoryview) -> None:
         """Take one authentic data frame's payload.  ProtocolError if the sender exceeded the
         credit we advertised."""
         if not (0 <= seq < MAX_SEQ):
@@ -400,7 +400,7 @@ def encode_control(msg: Feedback | Probe) -> bytes:
     return _FEEDBACK.pack(_T_FEEDBACK, int(msg.gap), msg.ack, msg.max_seq, msg.max_bytes)
 
 
-def decode_control(data: bytes | bytearray) -> Feedback | Probe:
+def decode_control(data: bytes | bytearray | memoryview) -> Feedback | Probe:
     """Parse a control message; ProtocolError (``malformed``) if it is not exactly one."""
     if len(data) == 1 and data[0] == _T_PROBE:
         return Probe()
