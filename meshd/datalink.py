@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,10 @@ from .errors import ProtocolError
 log = logging.getLogger("meshd.datalink")
 
 _SCRATCH = 256 << 10
+_WRITE_COPIES_REST = sys.version_info < (3, 12)
+"""Up to 3.11 an asyncio socket transport sends what it can at once and copies the rest into
+its own buffer, so a relay may hand it a view of its scratch buffer; from 3.12 on it keeps a
+reference to the view, and the relay must copy first."""
 _WRITE_HIGH = 8 << 20
 _WRITE_LOW = 2 << 20
 _COALESCE = 64 << 10
@@ -90,7 +95,9 @@ class DataConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
         if self._partner is not None:
-            self._partner.write_raw(bytes(memoryview(self._scratch)[:nbytes]))
+            view = memoryview(self._scratch)[:nbytes]
+            with view:
+                self._partner.write_raw(view if _WRITE_COPIES_REST else bytes(view))
             return
         if self._body is not None:
             self._body_got += nbytes
@@ -256,7 +263,7 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def write_raw(self, data: bytes) -> None:
+    def write_raw(self, data: bytes | memoryview) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
