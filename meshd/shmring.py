@@ -19,7 +19,10 @@ offset up to which every record has been read and may be overwritten.  Offsets a
 byte counts; a record lives at ``start % capacity`` and never wraps (the writer skips the tail of
 the ring instead).  The writer keeps its own ``head``; room is ``capacity - (head - released)``.
 
-Trust: the two sides are the same user (the control socket is 0600).  The file is created 0600
+Trust: the two sides are the same user (the control socket is 0600), who can signal the daemon
+anyway; so a ring is not armoured against that user (an application that truncates its ring file
+under the daemon's mapping makes the daemon die of SIGBUS; sealed memfds passed over a unix
+socket would close that, and are the way to go if rings ever cross users).  The file is created 0600
 with ``O_EXCL`` in ``/dev/shm`` (RAM), and attached only if it is a regular file of this user,
 not readable by others, of a sane size.  Every descriptor read from the socket is bounds-checked
 against the mapping before it is used; a bad one is a :class:`~meshd.errors.ProtocolError`.
@@ -160,7 +163,9 @@ class Ring:
             raise ProtocolError("a ring descriptor is 16 bytes", reason="ring")
         start, n = DESCRIPTOR.unpack(descriptor)
         pos = start % self.capacity
-        if n == 0 or pos + n > self.capacity or start < self.head:
+        # An honest writer's next record starts at most one lap (a skipped tail) past the last.
+        lap = 2 * self.capacity
+        if n == 0 or pos + n > self.capacity or not self.head <= start < self.head + lap:
             raise ProtocolError(f"ring record {start}+{n} is outside the ring", reason="ring")
         self.head = start + n  # the reader's head: records come in order
         return start, self.data[pos:pos + n]

@@ -50,6 +50,10 @@ from .shmring import DESCRIPTOR, RING_MARK, ReleaseTracker, Ring
 __all__ = ["AsyncMesh", "Mesh", "Message", "aconnect", "connect"]
 
 _BIG = 64 << 10
+"""A message body this big is not copied when it is batched (the caller leaves it alone until
+``flush``); a smaller one is copied, since the caller may reuse its buffer at once."""
+_ALONE = batch.MAX_BATCH_BYTES
+"""A message this big is sent at once, in a batch of its own."""
 _FLUSH_SLICE = 20.0
 RING_BYTES = 48 << 20
 """Default size of the shared-memory ring between an application and its daemon, per sender
@@ -169,20 +173,18 @@ def _new_ring(ring_bytes: int) -> Ring | None:
         return None
 
 
-def _into_ring(ring: Ring | None, head: Any, body: Any) -> list[bytes] | None:
-    """Write one big message into the sender's ring; the frames that announce it to the
-    daemon, or None if there is no ring or no room (send it inline then)."""
-    if ring is None:
-        return None
-    nbody = memoryview(body).nbytes
-    if nbody > batch.MAX_MESSAGE_BYTES:
-        return None  # batch.pack raises the error
-    size = batch.payload_size([(memoryview(head).nbytes, nbody)])
-    start = ring.reserve(size)
-    if start is None:
-        return None
-    batch.pack_into(ring.region(start, size), [(head, body)])
-    return [RING_MARK, DESCRIPTOR.pack(start, size)]
+def _batch_frames(ring: Ring | None, messages: list[tuple[Any, Any]]) -> list[Any]:
+    """The frames that hand a batch to the daemon: a descriptor of the batch written into the
+    sender's ring when the batch is big and the ring has room, else the packed batch inline."""
+    if ring is not None:
+        sizes = [(memoryview(h).nbytes, memoryview(b).nbytes) for h, b in messages]
+        size = batch.payload_size(sizes)
+        if size >= _BIG and max(b for _, b in sizes) <= batch.MAX_MESSAGE_BYTES:
+            start = ring.reserve(size)
+            if start is not None:
+                batch.pack_into(ring.region(start, size), messages)
+                return [RING_MARK, DESCRIPTOR.pack(start, size)]
+    return [batch.pack(messages)]  # raises the errors a bad batch deserves
 
 
 def _open_sender(client: Client, name: str, to: str, paths: list[str] | None,
@@ -300,18 +302,15 @@ class Sender:
         with self._lock:
             if self._closed:
                 raise LocalError("the sender is closed", reason="closed")
-            if nbody >= _BIG:
+            if nbody >= _ALONE:
                 self._push_locked()
-                frames = _into_ring(self._ring, head, body)
-                if frames is not None:
-                    self._sock.send_multipart(frames)
-                else:
-                    self._sock.send(batch.pack([(head, body)]), copy=False)
+                self._sock.send_multipart(_batch_frames(self._ring, [(head, body)]), copy=False)
             else:
                 if not self._batch:
                     self._batch_since = time.monotonic()
                     self._lock.notify()
-                self._batch.append((head, body if isinstance(body, bytes) else bytes(body)))
+                self._batch.append((head, body if isinstance(body, bytes) or nbody >= _BIG
+                                    else bytes(body)))
                 self._batch_bytes += nbody + len(head) + 12
                 if (self._batch_bytes >= batch.MAX_BATCH_BYTES
                         or len(self._batch) >= batch.MAX_BATCH_MESSAGES):
@@ -320,10 +319,10 @@ class Sender:
 
     def _push_locked(self) -> None:
         if self._batch:
-            data = batch.pack(self._batch)
+            frames = _batch_frames(self._ring, self._batch)
             self._batch = []
             self._batch_bytes = 0
-            self._sock.send(data, copy=False)
+            self._sock.send_multipart(frames, copy=False)
 
     def _linger_loop(self) -> None:
         with self._lock:
@@ -509,20 +508,18 @@ class AsyncSender:
     async def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
         head, body = _encode(obj, meta)
         nbody = memoryview(body).nbytes
-        if nbody >= _BIG:
+        if nbody >= _ALONE:
             await self._push()
             async with self._sending:
-                frames = _into_ring(self._ring, head, body)
-                if frames is not None:
-                    await self._sock.send_multipart(frames)
-                else:
-                    await self._sock.send(batch.pack([(head, body)]), copy=False)
+                await self._sock.send_multipart(_batch_frames(self._ring, [(head, body)]),
+                                                copy=False)
         else:
             if not self._batch and self._timer is None:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self._linger,
                                               lambda: asyncio.ensure_future(self._push()))
-            self._batch.append((head, body if isinstance(body, bytes) else bytes(body)))
+            self._batch.append((head, body if isinstance(body, bytes) or nbody >= _BIG
+                                else bytes(body)))
             self._batch_bytes += nbody + len(head) + 12
             if (self._batch_bytes >= batch.MAX_BATCH_BYTES
                     or len(self._batch) >= batch.MAX_BATCH_MESSAGES):
@@ -535,11 +532,11 @@ class AsyncSender:
             self._timer = None
         if not self._batch:
             return
-        data = batch.pack(self._batch)
+        frames = _batch_frames(self._ring, self._batch)
         self._batch = []
         self._batch_bytes = 0
         async with self._sending:
-            await self._sock.send(data, copy=False)
+            await self._sock.send_multipart(frames, copy=False)
 
     async def flush(self, timeout: float | None = None) -> None:
         await self._push()
