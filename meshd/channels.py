@@ -75,7 +75,7 @@ from .channel.reliable import (
     encode_control,
 )
 from .datalink import DataConnection, dial_any
-from .shmring import DESCRIPTOR, RING_MARK, Ring
+from .shmring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
 from .errors import LocalError, ProtocolError
 from .identity import site_id_of
 
@@ -673,15 +673,16 @@ class ReceiverPort:
                     inc.messages += count
                     inc.bytes += len(payload)
                     inc.schedule_feedback()
-                    await self.sock.send_multipart(self._delivery(meta, payload),
+                    await self.sock.send_multipart(self._delivery(meta, payload, count),
                                                    copy=len(payload) < _BIG_PAYLOAD)
             self.svc.gc_inbound()
 
-    def _delivery(self, meta: bytes, payload: Any) -> list[Any]:
-        """The frames that hand ``payload`` to the application: a descriptor of a ring record
-        when the ring has room, else the payload itself."""
+    def _delivery(self, meta: bytes, payload: Any, count: int) -> list[Any]:
+        """The frames that hand ``payload`` (a batch of ``count`` messages) to the application: a
+        descriptor of a ring record when the batch is worth it and the ring has room, else the
+        payload itself."""
         n = len(payload)
-        if self.ring is not None and n >= _BIG_PAYLOAD:
+        if self.ring is not None and ring_worthy(n, count):
             start = self.ring.reserve(n)
             if start is not None:
                 self.ring.region(start, n)[:] = payload

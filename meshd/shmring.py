@@ -45,7 +45,7 @@ import numpy as np
 from .errors import LocalError, ProtocolError
 
 __all__ = ["DESCRIPTOR", "HEADER_SIZE", "MAX_CAPACITY", "RING_MARK", "Ring", "ReleaseTracker",
-           "ring_dir"]
+           "ring_dir", "ring_worthy"]
 
 HEADER_SIZE = 64
 MAX_CAPACITY = 1 << 31
@@ -55,6 +55,17 @@ DESCRIPTOR = struct.Struct("<QQ")
 RING_MARK = b"R"
 """The frame before a descriptor: ``[R, descriptor]`` app -> daemon, ``[meta, R, descriptor]``
 daemon -> app (an inline batch is one frame, an inline delivery two)."""
+
+
+RING_MIN_BYTES = 64 << 10
+RING_MIN_AVERAGE = 16 << 10
+
+
+def ring_worthy(nbytes: int, count: int) -> bool:
+    """Whether a batch of ``nbytes`` holding ``count`` messages should go through a ring: big,
+    and of big messages.  A batch of thousands of small messages is cheaper over the socket:
+    the Python spent per message on views of the ring costs more than the copies it saves."""
+    return nbytes >= RING_MIN_BYTES and nbytes >= count * RING_MIN_AVERAGE
 
 
 def ring_dir() -> Path:

@@ -45,7 +45,7 @@ from .channel.arrays import decode_message, encode_message
 from .client import Client
 from .errors import LocalError, ProtocolError
 from .identity import site_id_of
-from .shmring import DESCRIPTOR, RING_MARK, ReleaseTracker, Ring
+from .shmring import DESCRIPTOR, RING_MARK, ReleaseTracker, Ring, ring_worthy
 
 __all__ = ["AsyncMesh", "Mesh", "Message", "aconnect", "connect"]
 
@@ -173,13 +173,15 @@ def _new_ring(ring_bytes: int) -> Ring | None:
         return None
 
 
-def _batch_frames(ring: Ring | None, messages: list[tuple[Any, Any]]) -> list[Any]:
+def _batch_frames(ring: Ring | None, messages: list[tuple[Any, Any]], nbytes: int) -> list[Any]:
     """The frames that hand a batch to the daemon: a descriptor of the batch written into the
-    sender's ring when the batch is big and the ring has room, else the packed batch inline."""
-    if ring is not None:
+    sender's ring when its messages are big (``nbytes``: about the batch's size) and the ring
+    has room, else the packed batch inline (for many small messages ``bytes.join`` beats
+    writing each one into the ring from Python)."""
+    if ring is not None and ring_worthy(nbytes, len(messages)):
         sizes = [(memoryview(h).nbytes, memoryview(b).nbytes) for h, b in messages]
         size = batch.payload_size(sizes)
-        if size >= _BIG and max(b for _, b in sizes) <= batch.MAX_MESSAGE_BYTES:
+        if max(b for _, b in sizes) <= batch.MAX_MESSAGE_BYTES:
             start = ring.reserve(size)
             if start is not None:
                 batch.pack_into(ring.region(start, size), messages)
@@ -304,7 +306,8 @@ class Sender:
                 raise LocalError("the sender is closed", reason="closed")
             if nbody >= _ALONE:
                 self._push_locked()
-                self._sock.send_multipart(_batch_frames(self._ring, [(head, body)]), copy=False)
+                self._sock.send_multipart(_batch_frames(self._ring, [(head, body)], nbody),
+                                          copy=False)
             else:
                 if not self._batch:
                     self._batch_since = time.monotonic()
@@ -319,7 +322,7 @@ class Sender:
 
     def _push_locked(self) -> None:
         if self._batch:
-            frames = _batch_frames(self._ring, self._batch)
+            frames = _batch_frames(self._ring, self._batch, self._batch_bytes)
             self._batch = []
             self._batch_bytes = 0
             self._sock.send_multipart(frames, copy=False)
@@ -511,8 +514,8 @@ class AsyncSender:
         if nbody >= _ALONE:
             await self._push()
             async with self._sending:
-                await self._sock.send_multipart(_batch_frames(self._ring, [(head, body)]),
-                                                copy=False)
+                await self._sock.send_multipart(
+                    _batch_frames(self._ring, [(head, body)], nbody), copy=False)
         else:
             if not self._batch and self._timer is None:
                 loop = asyncio.get_running_loop()
@@ -532,7 +535,7 @@ class AsyncSender:
             self._timer = None
         if not self._batch:
             return
-        frames = _batch_frames(self._ring, self._batch)
+        frames = _batch_frames(self._ring, self._batch, self._batch_bytes)
         self._batch = []
         self._batch_bytes = 0
         async with self._sending:
