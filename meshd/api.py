@@ -25,7 +25,8 @@ EVENTS = "/v1/events"          # GET  -> JSON lines: membership events, history 
 CHANNELS = "/v1/channels"      # GET -> [Channel];  POST {"name", "to", "paths"?} -> OpenSender
                                # DELETE /v1/channels/{id};  POST /v1/channels/{id}/flush
                                #   {"messages", "timeout"?} -> {"acked_messages"}
-RECEIVERS = "/v1/receivers"    # POST {"name", "allow"?} -> OpenReceiver;  DELETE /v1/receivers/{name}
+                               # POST /v1/channels/{id}/ring {"ring": path} -> {"ring": bool}
+RECEIVERS = "/v1/receivers"    # POST {"name", "allow"?, "ring_bytes"?} -> OpenReceiver;  DELETE /v1/receivers/{name}
 
 
 class Status(TypedDict):

@@ -1151,9 +1151,7 @@ class ChannelService:
 
     # -- the application API -------------------------------------------------------------------------
 
-    def open_sender(self, name: str, to: bytes, paths: list[str] | None = None,
-                    ring: str | None = None) -> OutChannel:
-        """``ring``: the path of the application's shared-memory ring, if it made one."""
+    def open_sender(self, name: str, to: bytes, paths: list[str] | None = None) -> OutChannel:
         check_name(name)
         view = self.daemon.view
         if to == self.me:
@@ -1165,33 +1163,41 @@ class ChannelService:
         if not kinds:
             raise LocalError(f"none of the paths {allowed} is allowed by this site's config",
                              reason="bad-path")
-        ch = OutChannel(self, name, to, kinds, self._attach_ring(ring))
+        ch = OutChannel(self, name, to, kinds)
         self.out[ch.cid] = ch
         ch.start()
         return ch
 
     @staticmethod
-    def _attach_ring(path: str | None) -> Ring | None:
-        if path is None:
-            return None
+    def attach_ring(ch: OutChannel, path: str) -> bool:
+        """Map the shared-memory ring a sending application made (once per channel)."""
+        if ch.ring is not None:
+            raise LocalError("this channel has a ring already", reason="conflict")
         try:
-            return Ring.attach(path)
+            ch.ring = Ring.attach(path)
         except LocalError as exc:  # the application sends inline then
             log.warning("not using an application's ring: %s", exc)
+            return False
+        return True
+
+    @staticmethod
+    async def make_ring(ring_bytes: int) -> Ring | None:
+        """A receiver's ring of ``ring_bytes`` (0: none), its memory allocated in a thread;
+        None if ``/dev/shm`` has no room (the receiver is then fed inline)."""
+        if not 0 <= ring_bytes <= MAX_RING_BYTES:
+            raise LocalError(f"ring_bytes must be 0..{MAX_RING_BYTES}", reason="usage")
+        if not ring_bytes:
+            return None
+        try:
+            return await asyncio.to_thread(Ring.create, ring_bytes, background=False)
+        except OSError as exc:
+            log.warning("no shared-memory ring for a receiver: %s", exc)
             return None
 
     def open_receiver(self, name: str, allow: list[bytes] | None,
-                      ring_bytes: int = 0) -> ReceiverPort:
-        """``ring_bytes``: the size of a shared-memory ring for the application, 0 for none."""
+                      ring: Ring | None = None) -> ReceiverPort:
+        """``ring``: shared memory the application maps (see :meth:`make_ring`)."""
         check_name(name)
-        if not 0 <= ring_bytes <= MAX_RING_BYTES:
-            raise LocalError(f"ring_bytes must be 0..{MAX_RING_BYTES}", reason="usage")
-        ring = None
-        if ring_bytes:
-            try:
-                ring = Ring.create(ring_bytes)
-            except OSError as exc:  # no room in /dev/shm: deliver inline
-                log.warning("no ring for receiver %r: %s", name, exc)
         old = self.ports.pop(name, None)
         if old is not None:  # the newest receiver takes over (the old app may have died)
             old.close()

@@ -151,10 +151,14 @@ class Client:
         """Channels at this site: outgoing, incoming and relayed."""
         return self._call("GET", api.CHANNELS)  # type: ignore[no-any-return]
 
-    def open_sender(self, name: str, to: str, paths: list[str] | None = None,
-                    ring: str | None = None) -> dict[str, Any]:
+    def open_sender(self, name: str, to: str, paths: list[str] | None = None) -> dict[str, Any]:
         return self._call("POST", api.CHANNELS, {"name": name, "to": to,  # type: ignore[no-any-return]
-                                                 "paths": paths, "ring": ring})
+                                                 "paths": paths})
+
+    def attach_ring(self, channel_id: str, path: str) -> dict[str, Any]:
+        """Hand a sender's shared-memory ring (a file path) to the daemon; ``{"ring": bool}``."""
+        return self._call("POST", f"{api.CHANNELS}/{quote(channel_id)}/ring",  # type: ignore[no-any-return]
+                          {"ring": path})
 
     def flush_sender(self, channel_id: str, messages: int,
                      timeout: float | None = None) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class ControlServer:
             web.post(api.CHANNELS, self.open_sender),
             web.delete(api.CHANNELS + "/{id}", self.close_sender),
             web.post(api.CHANNELS + "/{id}/flush", self.flush),
+            web.post(api.CHANNELS + "/{id}/ring", self.attach_ring),
             web.post(api.RECEIVERS, self.open_receiver),
             web.delete(api.RECEIVERS + "/{name}", self.close_receiver),
         ])
@@ -223,11 +224,14 @@ class ControlServer:
         paths = _field(data, "paths", list, None)
         if paths is not None and not all(isinstance(p, str) for p in paths):
             raise LocalError("paths must be a list of strings", reason="usage")
-        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths,
-                                              _field(data, "ring", str, None))
+        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths)
         return _json({"id": ch.cid.hex(), "endpoint": ch.endpoint, "name": ch.name,
-                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to),
-                      "ring": ch.ring is not None})
+                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to)})
+
+    async def attach_ring(self, request: web.Request) -> web.Response:
+        ch = self._out_channel(request)
+        data = await _body(request)
+        return _json({"ring": self.daemon.channels.attach_ring(ch, _field(data, "ring", str))})
 
     def _out_channel(self, request: web.Request) -> Any:
         try:
@@ -260,8 +264,15 @@ class ControlServer:
             if not all(isinstance(a, str) for a in allow):
                 raise LocalError("allow must be a list of site names or ids", reason="usage")
             keys = [self.daemon.find_site(a) for a in allow]
-        port = self.daemon.channels.open_receiver(_field(data, "name", str), keys,
-                                                  _field(data, "ring_bytes", int, 0))
+        name = _field(data, "name", str)
+        ring = await self.daemon.channels.make_ring(_field(data, "ring_bytes", int, 0))
+        try:
+            port = self.daemon.channels.open_receiver(name, keys, ring)
+        except LocalError:
+            if ring is not None:
+                ring.unlink()
+                ring.close()
+            raise
         return _json({"name": port.name, "endpoint": port.endpoint,
                       "ring": None if port.ring is None else str(port.ring.path)})
 

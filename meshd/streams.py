@@ -189,18 +189,23 @@ def _batch_frames(ring: Ring | None, messages: list[tuple[Any, Any]], nbytes: in
     return [batch.pack(messages)]  # raises the errors a bad batch deserves
 
 
-def _open_sender(client: Client, name: str, to: str, paths: list[str] | None,
-                 ring_bytes: int) -> tuple[dict[str, Any], Ring | None]:
+def _start_ring(client: Client, channel_id: str, ring_bytes: int) -> Ring | None:
+    """A sender's ring, made on its first big batch (a channel of small messages never pays
+    for one, and its setup is not slowed) and handed to the daemon; None if that fails.  Its
+    memory is allocated in the background: the batches until then go inline."""
     ring = _new_ring(ring_bytes)
+    if ring is None:
+        return None
     try:
-        info = client.open_sender(name, to, paths, None if ring is None else str(ring.path))
+        taken = client.attach_ring(channel_id, str(ring.path)).get("ring")
+    except LocalError:
+        taken = False
     finally:
-        if ring is not None:
-            ring.unlink()  # the daemon has mapped it (or refused it); no name is left behind
-    if ring is not None and not info.get("ring"):
+        ring.unlink()  # the daemon has mapped it (or refused it); no name is left behind
+    if not taken:
         ring.close()
-        ring = None
-    return info, ring
+        return None
+    return ring
 
 
 def _open_receiver(client: Client, name: str, allow: list[str] | None,
@@ -240,8 +245,8 @@ class Mesh:
         """A sender on channel ``name`` to site ``to`` (a name or site id).  ``paths`` limits the
         path kinds (``direct``, ``reversed``, ``relay``) within what the site allows.
         ``ring_bytes``: shared memory for big messages on their way to the daemon (0: none)."""
-        info, ring = _open_sender(self.client, name, to, paths, ring_bytes)
-        tx = Sender(self, info, linger, ring)
+        info = self.client.open_sender(name, to, paths)
+        tx = Sender(self, info, linger, ring_bytes)
         self._open.append(tx)
         return tx
 
@@ -273,9 +278,10 @@ class Sender:
     """Sends messages on one channel.  Not thread-safe (one sending thread)."""
 
     def __init__(self, mesh: Mesh, info: dict[str, Any], linger: float,
-                 ring: Ring | None = None) -> None:
+                 ring_bytes: int = RING_BYTES) -> None:
         self._mesh = mesh
-        self._ring = ring
+        self._ring: Ring | None = None
+        self._ring_bytes = ring_bytes  # 0 once a ring was made or tried
         self.id: str = info["id"]
         self.name: str = info["name"]
         self.peer: str = info["peer"]
@@ -306,8 +312,7 @@ class Sender:
                 raise LocalError("the sender is closed", reason="closed")
             if nbody >= _ALONE:
                 self._push_locked()
-                self._sock.send_multipart(_batch_frames(self._ring, [(head, body)], nbody),
-                                          copy=False)
+                self._sock.send_multipart(self._frames([(head, body)], nbody), copy=False)
             else:
                 if not self._batch:
                     self._batch_since = time.monotonic()
@@ -322,10 +327,16 @@ class Sender:
 
     def _push_locked(self) -> None:
         if self._batch:
-            frames = _batch_frames(self._ring, self._batch, self._batch_bytes)
+            frames = self._frames(self._batch, self._batch_bytes)
             self._batch = []
             self._batch_bytes = 0
             self._sock.send_multipart(frames, copy=False)
+
+    def _frames(self, messages: list[tuple[Any, Any]], nbytes: int) -> list[Any]:
+        if self._ring_bytes and ring_worthy(nbytes, len(messages)):
+            self._ring = _start_ring(self._mesh.client, self.id, self._ring_bytes)
+            self._ring_bytes = 0
+        return _batch_frames(self._ring, messages, nbytes)
 
     def _linger_loop(self) -> None:
         with self._lock:
@@ -468,9 +479,8 @@ class AsyncMesh:
 
     async def sender(self, name: str, *, to: str, paths: list[str] | None = None,
                      linger: float = 0.002, ring_bytes: int = RING_BYTES) -> AsyncSender:
-        info, ring = await asyncio.to_thread(_open_sender, self.client, name, to, paths,
-                                             ring_bytes)
-        tx = AsyncSender(self, info, linger, ring)
+        info = await asyncio.to_thread(self.client.open_sender, name, to, paths)
+        tx = AsyncSender(self, info, linger, ring_bytes)
         self._open.append(tx)
         return tx
 
@@ -492,9 +502,10 @@ class AsyncMesh:
 
 class AsyncSender:
     def __init__(self, mesh: AsyncMesh, info: dict[str, Any], linger: float,
-                 ring: Ring | None = None) -> None:
+                 ring_bytes: int = RING_BYTES) -> None:
         self._mesh = mesh
-        self._ring = ring
+        self._ring: Ring | None = None
+        self._ring_bytes = ring_bytes  # 0 once a ring was made or tried
         self.id: str = info["id"]
         self.name: str = info["name"]
         self.peer: str = info["peer"]
@@ -514,8 +525,8 @@ class AsyncSender:
         if nbody >= _ALONE:
             await self._push()
             async with self._sending:
-                await self._sock.send_multipart(
-                    _batch_frames(self._ring, [(head, body)], nbody), copy=False)
+                await self._sock.send_multipart(await self._frames([(head, body)], nbody),
+                                                copy=False)
         else:
             if not self._batch and self._timer is None:
                 loop = asyncio.get_running_loop()
@@ -535,11 +546,18 @@ class AsyncSender:
             self._timer = None
         if not self._batch:
             return
-        frames = _batch_frames(self._ring, self._batch, self._batch_bytes)
+        messages, nbytes = self._batch, self._batch_bytes
         self._batch = []
         self._batch_bytes = 0
         async with self._sending:
-            await self._sock.send_multipart(frames, copy=False)
+            await self._sock.send_multipart(await self._frames(messages, nbytes), copy=False)
+
+    async def _frames(self, messages: list[tuple[Any, Any]], nbytes: int) -> list[Any]:
+        if self._ring_bytes and ring_worthy(nbytes, len(messages)):
+            ring_bytes, self._ring_bytes = self._ring_bytes, 0
+            self._ring = await asyncio.to_thread(_start_ring, self._mesh.client, self.id,
+                                                 ring_bytes)
+        return _batch_frames(self._ring, messages, nbytes)
 
     async def flush(self, timeout: float | None = None) -> None:
         await self._push()

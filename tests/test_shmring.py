@@ -41,6 +41,7 @@ def made(tmp_path: Path) -> Any:
     def make(capacity: int) -> Ring:
         ring = Ring.create(capacity, tmp_path)
         rings.append(ring)
+        assert ring.wait_ready(10)  # allocated by a background thread
         return ring
 
     yield make
@@ -302,16 +303,21 @@ def test_big_arrays_cross_both_rings_in_order_and_intact(sites: Any) -> None:
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
         rx = mb.receiver("big")
         tx = ma.sender("big", to="alcf")
-        assert tx._ring is not None and rx._ring is not None
+        assert tx._ring is None and rx._ring is not None  # a sender's is made when needed
+        tx.send(b"small")  # small messages need no ring
+        assert tx._ring is None and rx.recv(timeout=30).bytes() == b"small"
+        tx.send(_big(-1))  # the first big one makes it (and goes inline while it is allocated)
+        assert tx._ring is not None and tx._ring.wait_ready(10)
+        assert np.array_equal(rx.recv(timeout=30).array, _big(-1))
         assert not tx._ring.path.exists() and not rx._ring.ring.path.exists()
         assert tx._ring.path.name.startswith("meshd-ring-")
-        seq = 0
+        seq = 2
         for g in range(0, n, group):
             for i in range(g, g + group):
                 tx.send(_big(i), meta={"i": i})
             for i in range(g, g + group):
                 msg = rx.recv(timeout=30)
-                assert msg.seq == seq == i and msg.meta == {"i": i} and msg.sender == "aps"
+                assert msg.seq == seq == i + 2 and msg.meta == {"i": i} and msg.sender == "aps"
                 assert _is_ring(msg), f"message {i} was delivered inline"
                 assert msg.array.dtype == np.float64 and msg.array.shape == (1 << 17,)
                 assert np.array_equal(msg.array, _big(i))
@@ -323,7 +329,7 @@ def test_big_arrays_cross_both_rings_in_order_and_intact(sites: Any) -> None:
         # and the app released every record its daemon wrote
         assert rx._ring.ring.released == rx._ring.ring.head >= n * (8 << 17)
         (out,) = [c for c in ma.channels() if c["direction"] == "out"]
-        assert out["messages"] == n and out["acked_messages"] == n
+        assert out["messages"] == n + 2 and out["acked_messages"] == n + 2
 
 
 def test_a_full_receiver_ring_falls_back_inline_and_overwrites_nothing(sites: Any) -> None:
@@ -382,15 +388,19 @@ def test_without_rings_big_arrays_go_inline_and_arrive_the_same(sites: Any) -> N
 def test_a_hostile_application_cannot_hurt_its_daemon(sites: Any) -> None:
     a, b = mesh_of(sites, "aps", "alcf")
     ring = Ring.create(1 << 20)
+    assert ring.wait_ready(10)
     ctx = zmq.Context()
     try:
         with meshd.connect(b.home) as mb:
             rx = mb.receiver("evil")
+            info = a.client.open_sender("evil", "alcf", None)
             try:
-                info = a.client.open_sender("evil", "alcf", None, str(ring.path))
+                assert a.client.attach_ring(info["id"], str(ring.path)) == {"ring": True}
             finally:
                 ring.unlink()
-            assert info["ring"] is True
+            with pytest.raises(meshd.LocalError) as err:  # one ring per channel
+                a.client.attach_ring(info["id"], str(ring.path))
+            assert err.value.reason == "conflict"
             push = ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
             push.connect(info["endpoint"])
@@ -449,18 +459,35 @@ async def test_big_arrays_through_rings_with_asyncio(sites: Any) -> None:
     async with meshd.aconnect(b.home) as mb, meshd.aconnect(a.home) as ma:
         rx = await mb.receiver("abig")
         tx = await ma.sender("abig", to="alcf")
-        assert tx._ring is not None and rx._ring is not None
+        assert tx._ring is None and rx._ring is not None
+        await tx.send(_big(-1))  # the first big message makes the sender's ring
+        assert tx._ring is not None and tx._ring.wait_ready(10)
+        assert np.array_equal((await rx.recv(timeout=30)).array, _big(-1))
         assert not tx._ring.path.exists() and not rx._ring.ring.path.exists()
         for g in range(0, n, group):
             for i in range(g, g + group):
                 await tx.send(_big(i), meta={"i": i})
             for i in range(g, g + group):
                 msg = await rx.recv(timeout=30)
-                assert msg.seq == i and msg.meta == {"i": i} and _is_ring(msg)
+                assert msg.seq == i + 1 and msg.meta == {"i": i} and _is_ring(msg)
                 assert np.array_equal(msg.array, _big(i))
                 del msg
         await tx.send(b"tail")
         await tx.flush(timeout=30)
         assert tx._ring.released == tx._ring.head >= n * (8 << 17)
         last = await rx.recv(timeout=30)
-        assert last.seq == n and last.bytes() == b"tail"
+        assert last.seq == n + 1 and last.bytes() == b"tail"
+
+
+def test_a_ring_is_not_used_before_its_memory_is_allocated(tmp_path: Path) -> None:
+    path = tmp_path / "ring"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, HEADER_SIZE + 4096)
+    ring = Ring(path, fd, 4096, ready=False)
+    try:
+        assert ring.reserve(100) is None and ring.head == 0  # the writer goes inline meanwhile
+        ring._allocate()
+        assert ring.ready and ring.reserve(100) == 0
+        assert os.stat(path).st_blocks * 512 >= HEADER_SIZE + 4096  # really allocated
+    finally:
+        ring.close()
