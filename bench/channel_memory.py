@@ -36,7 +36,9 @@ large message travels alone): the receiving daemon W (``held_bytes``) + SNDHWM 4
 the app + the one it awaits; the receiving app RCVHWM 4 + one in hand; the sending daemon W (the
 resend buffer, which is ~0 once the receiving daemon has acked what it holds, but reaches W
 while data flows) + RCVHWM 8 + the one being sealed; the sending app SNDHWM 8 + the one being
-packed + its copy.  ``bounded`` means every process grew by at most max(2 MiB, 2 messages) in the
+packed + its copy.  Each daemon also maps one shared-memory ring (``meshd.streams.RING_BYTES``,
+48 MiB: the receiver's, which it fills, or the sending app's, which it reads; RSS counts a
+ring's pages once touched).  ``bounded`` means every process grew by at most max(2 MiB, 2 messages) in the
 stall's second half and each daemon's ``peak_growth_over_idle`` stayed within its design bound
 + 16 MiB (allocator slack: RSS is what the kernel counts, freed-but-cached memory included).
 
@@ -320,9 +322,13 @@ def _window_of(setting: int | None) -> int:
 
 def expected_growth(window: int, size: int) -> dict[str, int]:
     """The design bound on each process's RSS growth over idle, in bytes (see the docstring)."""
+    from meshd.streams import RING_BYTES
+
     batch = size + 256  # one message per batch: count, entry, msgpack header and the frame
-    return {"receiver_daemon": window + RX_QUEUE * batch,
-            "sender_daemon": window + TX_QUEUE * batch,
+    # Each daemon also maps a shared-memory ring (the receiver's, which it fills; the sending
+    # app's, which it reads): RSS counts the ring's pages once the daemon has touched them.
+    return {"receiver_daemon": window + RX_QUEUE * batch + RING_BYTES,
+            "sender_daemon": window + TX_QUEUE * batch + RING_BYTES,
             "receiver_app": RX_QUEUE * batch,
             "sender_app": (TX_QUEUE + 1) * batch}
 
