@@ -1094,6 +1094,22 @@ class ChannelService:
     # -- reachability ------------------------------------------------------------------------------
 
     def on_members_changed(self) -> None:
+        """The member set, or a member's record, changed: forget what we knew about dialing a
+        site whose advertised addresses changed (ours included), then re-check."""
+        now = time.time()
+        view = self.daemon.view
+        current: dict[bytes, list[str]] = {self.me: list(self.daemon.addrs)}
+        for key in view.members:
+            rec = view.record_of(key)
+            if key != self.me and rec is not None:
+                current[key] = list(rec.addrs)
+        for key, addrs in current.items():
+            if self.table.note_addresses(key, addrs, now):
+                self.count("reach_addresses_changed")
+                log.info("%s advertises new addresses %s: checking reachability again",
+                         "this site" if key == self.me else view.name_of(key), addrs)
+        for key in self.table.members_with_addresses() - current.keys():
+            self.table.forget(key)
         self._reach_wake.set()
 
     async def _reach_loop(self) -> None:

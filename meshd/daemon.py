@@ -346,6 +346,7 @@ class Daemon:
         members, revoked = frozenset(self.view.members), self.view.revoked
         if members == self._known_members and revoked == self._known_revoked:
             self.membership.sync_blobs()  # a newer record, say: the core carries it from now on
+            self.channels.on_members_changed()  # maybe with new addresses
             return
         for key in members - self._known_members:
             self.membership.emit("admitted", key)

@@ -94,6 +94,24 @@ def test_address_change_invalidates_what_no_longer_holds() -> None:
     assert t.can_dial(A, C, 5.0) is Tri.NO
 
 
+def test_a_running_site_notes_addresses_and_rechecks_only_on_a_change() -> None:
+    t = ReachabilityTable()
+    t.record(obs(A, B, OK, at=1.0))                          # observed before B's record is seen
+    t.record(obs(B, A, FAILED, at=1.0))
+    assert t.note_addresses(B, ["10.0.0.1:7000"], now=2.0) is False   # first sighting: kept
+    assert t.note_addresses(A, ["10.0.0.2:7000"], now=2.0) is False
+    assert t.can_dial(A, B, 2.0) is Tri.YES and t.can_dial(B, A, 2.0) is Tri.NO
+    assert t.note_addresses(B, ["10.0.0.1:7000"], now=3.0) is False   # same set (any order)
+    assert t.members_with_addresses() == {A, B}
+    assert t.note_addresses(B, ["10.9.9.9:7000"], now=4.0) is True    # B moved
+    assert t.can_dial(A, B, 4.0) is Tri.UNKNOWN               # so A asks again
+    assert t.can_dial(B, A, 4.0) is Tri.NO                    # dialing A: untouched
+    assert t.dial_back_plan(B, [A], now=4.0) == [A]           # B asks A to dial it back
+    # we moved ourselves: everyone is asked again
+    assert t.note_addresses(A, ["198.51.100.7:7000"], now=5.0) is True
+    assert t.can_dial(B, A, 5.0) is Tri.UNKNOWN and t.dial_back_plan(A, [B, C], now=5.0) == [B, C]
+
+
 def test_reporter_speaks_only_for_its_own_dials() -> None:
     t = ReachabilityTable()
     # C claims that A dialed B, and that B could not dial A: neither is C's to say.

@@ -136,3 +136,28 @@ def test_a_receiver_policy_refuses_sites_not_allowed(sites: Any) -> None:
         msg = rx.recv(timeout=30)
         assert msg.sender == "nersc" and msg.bytes() == b"from nersc"
         ma.close(flush=False)
+
+
+def test_a_member_that_moves_is_checked_again(sites: Any) -> None:
+    """Reachability is re-checked when a member's advertised addresses change."""
+    import socket
+
+    a, b = mesh_of(sites, "aps", "alcf")
+
+    def a_dials_b() -> Any:
+        return {p["name"]: p["we_dial"] for p in a.client.peers()}.get("alcf")
+
+    wait_until(lambda: a_dials_b() == "yes", 60, "aps to have dialed alcf back")
+    assert not a.client.status()["counters"].get("channel_reach_addresses_changed")
+    b.stop()
+    with socket.socket() as s:  # a port alcf has not used: its record changes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    set_config(b, f'listen = "127.0.0.1:{port}"')
+    b.start()
+    wait_until(lambda: a.client.status()["counters"].get("channel_reach_addresses_changed"),
+               60, "aps to notice that alcf moved")
+    assert any(a_ == f"127.0.0.1:{port}" for p in a.client.peers() if p["name"] == "alcf"
+               for a_ in p["addrs"])
+    wait_until(lambda: a_dials_b() == "yes", 60, "aps to have dialed alcf at its new address")
+    assert "advertises new addresses" in a.log()

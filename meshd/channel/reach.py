@@ -138,6 +138,23 @@ class ReachabilityTable:
                 continue
             del self._entries[key]
 
+    def note_addresses(self, member: NodeId, addresses: Iterable[str], now: float) -> bool:
+        """What a running site calls whenever it learns ``member``'s advertised addresses: the
+        first sighting is only remembered (what was observed before it stays), a different set
+        later is :meth:`addresses_changed`.  True if observations were invalidated."""
+        new = frozenset(addresses)
+        old = self._addresses.get(member)
+        if old is None:
+            self._addresses[member] = new
+            return False
+        if old == new:
+            return False
+        self.addresses_changed(member, new, now)
+        return True
+
+    def members_with_addresses(self) -> frozenset[NodeId]:
+        return frozenset(self._addresses)
+
     def forget(self, member: NodeId) -> None:
         """Drop everything about ``member`` (it left or was declared dead)."""
         for key in [k for k in self._entries if member in k]:
