@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .channel import batch, link
 from .channel.events import AllAcked, Feedback, Probe, Transmit, Writable
@@ -99,6 +100,27 @@ _BIG_PAYLOAD = 64 << 10
 """Payloads at least this big go to the application through its ring (if it has one)."""
 MAX_RING_BYTES = 1 << 30
 _MAX_RETRY = 10.0
+
+
+async def until_app_leaves(sock: zmq.asyncio.Socket) -> None:
+    """Return once no application is connected to ``sock`` (an ipc socket the daemon bound)
+    after one was, or after the only one that connected before this started watching left:
+    how a daemon notices an application that died without closing its channel."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    try:
+        connected = 0
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                connected += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                connected -= 1
+                if connected <= 0:
+                    return
+    finally:
+        if not sock.closed:
+            sock.disable_monitor()
+        monitor.close(0)
 
 
 def check_name(name: object) -> str:
@@ -184,8 +206,10 @@ class OutChannel:
         self.pull.setsockopt(zmq.RCVHWM, 8)
         self.pull.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD)
         self.pull.bind(self.endpoint)
+        self._in_hand = False  # a batch read from the app and not yet queued for sending
         self._reader = asyncio.create_task(self._read_app(), name=f"tx-{name}")
         self._reader.add_done_callback(self._reader_done)
+        self._watcher = asyncio.create_task(self._watch_app(), name=f"tx-watch-{name}")
 
     def _reader_done(self, task: asyncio.Task[None]) -> None:
         """A bug must not leave a channel that silently stops reading its application."""
@@ -449,9 +473,30 @@ class OutChannel:
             return view, start + view.nbytes
         raise ProtocolError(f"an application message of {len(parts)} parts", reason="frames")
 
+    async def _watch_app(self) -> None:
+        """An application that dies without closing its sender: what it handed over still goes
+        through, then the channel closes itself (its resend buffer and ring are freed)."""
+        await until_app_leaves(self.pull)
+        if self.state == "closed":
+            return
+        log.info("channel %r to %s: the application is gone; closing once the receiver has"
+                 " everything it sent", self.name, self.svc.daemon.view.name_of(self.peer))
+        while self.state != "closed":
+            if (not self._in_hand and not int(self.pull.get(zmq.EVENTS)) & zmq.POLLIN
+                    and self.acked_messages >= self.messages):
+                self.svc.count("orphans_closed")
+                self.svc.close_sender(self.cid)
+                return
+            try:
+                await asyncio.wait_for(self._acked.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
     async def _read_app(self) -> None:
         while True:
+            self._in_hand = False
             parts = await self.pull.recv_multipart(copy=False)
+            self._in_hand = True
             try:
                 buf, release = self._app_batch(parts)
             except ProtocolError as exc:
@@ -507,6 +552,8 @@ class OutChannel:
             return
         self.state = "closed"
         self._reader.cancel()
+        if self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
         for task in self.attempts.values():
             task.cancel()
         if self._timer is not None:
@@ -653,6 +700,16 @@ class ReceiverPort:
         self.wake = asyncio.Event()
         self.wake.set()
         self.task = asyncio.create_task(self._run(), name=f"rx-{name}")
+        self._watcher = asyncio.create_task(self._watch_app(), name=f"rx-watch-{name}")
+
+    async def _watch_app(self) -> None:
+        """An application that dies without closing its receiver: the port closes, and what
+        arrives for the name is held (within the window) until a new receiver opens it."""
+        await until_app_leaves(self.sock)
+        if self.svc.ports.get(self.name) is self:
+            log.info("receiver %r: the application is gone; closing it", self.name)
+            self.svc.count("orphans_closed")
+            self.svc.close_receiver(self.name)
 
     async def _run(self) -> None:
         while True:
@@ -693,6 +750,8 @@ class ReceiverPort:
 
     def close(self) -> None:
         self.task.cancel()
+        if self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
         self.sock.close(0)
         self.svc.remove_ipc(self.endpoint)
         if self.ring is not None:

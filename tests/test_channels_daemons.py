@@ -161,3 +161,36 @@ def test_a_member_that_moves_is_checked_again(sites: Any) -> None:
                for a_ in p["addrs"])
     wait_until(lambda: a_dials_b() == "yes", 60, "aps to have dialed alcf at its new address")
     assert "advertises new addresses" in a.log()
+
+
+_DYING_APP = """
+import os, sys, numpy as np, meshd
+mesh = meshd.connect(sys.argv[1])
+rx = mesh.receiver("left-behind")
+tx = mesh.sender("orphan", to="alcf")
+for i in range(20):
+    tx.send(np.full(100_000, i, dtype=np.int32))
+tx.flush(timeout=30)  # (ZeroMQ would drop what its io thread still holds at a hard exit)
+print("sent", flush=True)
+os._exit(0)  # dies without closing its sender or receiver
+"""
+
+
+def test_an_application_that_dies_leaves_nothing_behind(sites: Any) -> None:
+    """The daemon notices (the ipc connections drop) and closes its sender and receiver."""
+    import subprocess
+    import sys
+
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb:
+        rx = mb.receiver("orphan")
+        app = subprocess.run([sys.executable, "-c", _DYING_APP, str(a.home)],
+                             capture_output=True, text=True, timeout=60)
+        assert app.returncode == 0 and "sent" in app.stdout, app.stderr
+        got = [rx.recv(timeout=30) for _ in range(20)]
+        assert [m.seq for m in got] == list(range(20))
+        assert all(np.all(m.array == i) for i, m in enumerate(got))
+    wait_until(lambda: a.client.status()["counters"].get("channel_orphans_closed") == 2, 30,
+               "aps to close the dead application's sender and receiver")
+    assert not [c for c in a.client.channels() if c["direction"] == "out"]
+    assert "the application is gone" in a.log()
