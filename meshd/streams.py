@@ -264,14 +264,24 @@ class Mesh:
     def channels(self) -> list[dict[str, Any]]:
         return self.client.channels()
 
-    def close(self, *, flush: bool = True) -> None:
-        """Close every sender (after a flush, unless ``flush`` is False) and receiver."""
+    def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Close every sender (after a flush, unless ``flush`` is False, of at most ``timeout``
+        seconds each) and receiver.  LocalError (``timeout``) once all are closed if a flush
+        timed out."""
+        timed_out: LocalError | None = None
         for item in list(self._open):
             if isinstance(item, Sender):
-                item.close(flush=flush)
+                try:
+                    item.close(flush=flush, timeout=timeout)
+                except LocalError as exc:
+                    if exc.reason != "timeout":
+                        raise
+                    timed_out = exc
             else:
                 item.close()
         self._ctx.destroy(linger=1000)
+        if timed_out is not None:
+            raise timed_out
 
 
 class Sender:
@@ -375,15 +385,23 @@ class Sender:
                 return ch
         raise LocalError("the channel is gone", reason="not-found")
 
-    def close(self, *, flush: bool = True) -> None:
-        """Close the channel: with ``flush`` (the default) only once the receiving daemon has
-        every message; without, whatever is not acknowledged yet is dropped."""
+    def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Close the channel: with ``flush`` (the default) once the receiving daemon has every
+        message; without, whatever is not acknowledged yet is dropped.  With a ``timeout``
+        the flush waits at most that long: then the channel is closed all the same, dropping
+        what is unacknowledged, and LocalError (reason ``timeout``) says so."""
         with self._lock:
             if self._closed:
                 return
             self._push_locked()
+        timed_out: LocalError | None = None
         if flush:
-            self.flush()
+            try:
+                self.flush(timeout)
+            except LocalError as exc:
+                if exc.reason != "timeout":
+                    raise
+                timed_out = exc
         with self._lock:
             self._closed = True
             self._lock.notify()
@@ -396,6 +414,8 @@ class Sender:
             pass
         if self in self._mesh._open:
             self._mesh._open.remove(self)
+        if timed_out is not None:
+            raise timed_out
 
     def __enter__(self) -> Sender:
         return self
@@ -494,10 +514,22 @@ class AsyncMesh:
     async def channels(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.client.channels)
 
-    async def close(self) -> None:
+    async def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """As :meth:`Mesh.close`."""
+        timed_out: LocalError | None = None
         for item in list(self._open):
-            await item.close()
+            if isinstance(item, AsyncSender):
+                try:
+                    await item.close(flush=flush, timeout=timeout)
+                except LocalError as exc:
+                    if exc.reason != "timeout":
+                        raise
+                    timed_out = exc
+            else:
+                await item.close()
         self._ctx.destroy(linger=1000)
+        if timed_out is not None:
+            raise timed_out
 
 
 class AsyncSender:
@@ -574,10 +606,17 @@ class AsyncSender:
                 if exc.reason != "timeout" or (deadline is not None and loop.time() >= deadline):
                     raise
 
-    async def close(self, *, flush: bool = True) -> None:
+    async def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """As :meth:`Sender.close`."""
         await self._push()
+        timed_out: LocalError | None = None
         if flush:
-            await self.flush()
+            try:
+                await self.flush(timeout)
+            except LocalError as exc:
+                if exc.reason != "timeout":
+                    raise
+                timed_out = exc
         self._sock.close(linger=2000)
         if self._ring is not None:
             self._ring.close()
@@ -587,6 +626,8 @@ class AsyncSender:
             pass
         if self in self._mesh._open:
             self._mesh._open.remove(self)
+        if timed_out is not None:
+            raise timed_out
 
 
 class AsyncReceiver:

@@ -194,3 +194,21 @@ def test_an_application_that_dies_leaves_nothing_behind(sites: Any) -> None:
                "aps to close the dead application's sender and receiver")
     assert not [c for c in a.client.channels() if c["direction"] == "out"]
     assert "the application is gone" in a.log()
+
+
+def test_close_with_a_timeout_gives_up_on_a_receiver_that_is_gone(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    assert b.stop() == 0
+    with meshd.connect(a.home) as ma:
+        tx = ma.sender("nowhere", to="alcf")
+        tx.send(b"never acknowledged")
+        with pytest.raises(meshd.LocalError) as err:
+            tx.close(timeout=1.0)  # without a timeout this would wait for alcf forever
+        assert err.value.reason == "timeout"
+        assert not [c for c in ma.channels() if c["direction"] == "out"]  # closed all the same
+        tx2 = ma.sender("nowhere-2", to="alcf")
+        tx2.send(b"also never acknowledged")
+        with pytest.raises(meshd.LocalError) as err:
+            ma.close(timeout=1.0)  # the context manager's exit would have waited too
+        assert err.value.reason == "timeout"
+    assert not [c for c in a.client.channels() if c["direction"] == "out"]
