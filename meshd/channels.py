@@ -497,18 +497,17 @@ class OutChannel:
             self._in_hand = False
             parts = await self.pull.recv_multipart(copy=False)
             self._in_hand = True
+            release = None
             try:
                 buf, release = self._app_batch(parts)
+                count = batch.check(buf)  # a malformed batch never reaches the far app
             except ProtocolError as exc:
                 log.warning("channel %r: dropped a malformed message from the application: %s",
                             self.name, exc)
+                if release is not None and self.ring is not None:
+                    self.ring.release(release)
                 continue
             n = buf.nbytes
-            if n < _COUNT.size or not 0 < _COUNT.unpack_from(buf, 0)[0] <= batch.MAX_BATCH_MESSAGES:
-                log.warning("channel %r: dropped a malformed batch from the application",
-                            self.name)
-                continue
-            count = _COUNT.unpack_from(buf, 0)[0]
             await self._keyed.wait()  # the first message needs no credit, but it needs keys
             while True:
                 try:

@@ -26,6 +26,7 @@ a receiving application that dies loses what was in its ipc queue (at most a few
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -48,6 +49,8 @@ from .identity import site_id_of
 from .shmring import DESCRIPTOR, RING_MARK, ReleaseTracker, Ring, ring_worthy
 
 __all__ = ["AsyncMesh", "Mesh", "Message", "aconnect", "connect"]
+
+log = logging.getLogger(__name__)
 
 _BIG = 64 << 10
 """A message body this big is not copied when it is batched (the caller leaves it alone until
@@ -161,6 +164,17 @@ def _messages(parts: list[Any], channel: str, ring: ReleaseTracker | None) -> li
         kind, array, meta = _decode(view[ho:ho + hn], body, raw)
         out.append(Message(array, body, meta, first + i, name, sid, channel, kind, keep))
     return out
+
+
+def _checked_messages(parts: list[Any], channel: str, ring: ReleaseTracker | None
+                      ) -> list[Message]:
+    """:func:`_messages`, or none (logged) for a malformed delivery: one bad batch from a far
+    sender must not end the application's receive loop."""
+    try:
+        return _messages(parts, channel, ring)
+    except ProtocolError as exc:
+        log.warning("channel %r: skipped a malformed delivery: %s", channel, exc)
+        return []
 
 
 def _new_ring(ring_bytes: int) -> Ring | None:
@@ -439,14 +453,15 @@ class Receiver:
         self._ready: deque[Message] = deque()
 
     def recv(self, timeout: float | None = None) -> Message:
-        """The next message; TimeoutError after ``timeout`` seconds."""
-        if not self._ready:
+        """The next message; TimeoutError after ``timeout`` seconds.  A malformed delivery is
+        logged and skipped (its messages' sequence numbers are then missing)."""
+        while not self._ready:
             if self._ring is not None:
                 self._ring.collect()
             if timeout is not None and not self._sock.poll(int(timeout * 1000)):
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
             parts = self._sock.recv_multipart(copy=False)
-            self._ready.extend(_messages(parts, self.name, self._ring))
+            self._ready.extend(_checked_messages(parts, self.name, self._ring))
         return self._ready.popleft()
 
     def __iter__(self) -> Iterator[Message]:
@@ -643,14 +658,14 @@ class AsyncReceiver:
         self._ready: deque[Message] = deque()
 
     async def recv(self, timeout: float | None = None) -> Message:
-        if not self._ready:
+        while not self._ready:
             if self._ring is not None:
                 self._ring.collect()
             try:
                 parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False), timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s") from None
-            self._ready.extend(_messages(parts, self.name, self._ring))
+            self._ready.extend(_checked_messages(parts, self.name, self._ring))
         return self._ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[Message]:

@@ -335,3 +335,49 @@ def test_recv_array_reports_malformed_messages(tmp_path: Any) -> None:
         push.close(linger=0)
         pull.close(linger=0)
         ctx.term()
+
+
+def test_batch_check_accepts_exactly_what_pack_builds() -> None:
+    import struct
+
+    from meshd.channel import batch
+    from meshd.errors import ProtocolError
+
+    msgs = [(b"h" * 7, b"x" * 64), (b"", b""), (b"head", bytes(range(256)) * 10)]
+    payload = batch.pack(msgs)
+    assert batch.check(payload) == 3 == len(batch.offsets(payload))
+    assert batch.check(batch.pack([(b"a", b"b")] * batch.MAX_BATCH_MESSAGES)) \
+        == batch.MAX_BATCH_MESSAGES
+    bad = [
+        b"", b"\0\0\0", struct.pack(">I", 0),                     # too short; no message
+        payload + b"!", payload[:-1],                               # a byte too many or few
+        struct.pack(">I", batch.MAX_BATCH_MESSAGES + 1) + bytes(12 * 9000),
+        struct.pack(">IIQ", 1, 0, batch.MAX_MESSAGE_BYTES + 1),     # a message too big
+        struct.pack(">IIQIQ", 2, 0, 2 ** 63, 0, 2 ** 63),            # sums that wrap to 0
+        struct.pack(">IIQ", 1, 2 ** 32 - 1, 0),                     # a header too big
+    ]
+    for payload in bad:
+        with pytest.raises(ProtocolError) as err:
+            batch.check(payload)
+        assert err.value.reason == "batch"
+
+
+def test_a_malformed_delivery_is_skipped_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    import struct
+
+    import msgpack
+    import zmq
+
+    from meshd.channel import batch
+    from meshd.channel.arrays import encode_message
+    from meshd.streams import _checked_messages
+
+    meta = zmq.Frame(msgpack.packb([b"\x01" * 16, b"\x02" * 32, 7, "aps"]))
+    good = zmq.Frame(batch.pack([tuple(encode_message(np.arange(5)))]))
+    (msg,) = _checked_messages([meta, good], "c", None)
+    assert msg.seq == 7 and msg.sender == "aps" and np.array_equal(msg.array, np.arange(5))
+    with caplog.at_level("WARNING", logger="meshd.streams"):
+        assert _checked_messages([meta, zmq.Frame(struct.pack(">IIQ", 1, 0, 8))], "c", None) == []
+        assert _checked_messages([meta], "c", None) == []
+        assert _checked_messages([zmq.Frame(b"\xc1"), good], "c", None) == []
+    assert caplog.text.count("skipped a malformed delivery") == 3

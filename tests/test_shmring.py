@@ -9,6 +9,7 @@ application still holds, ``ring_bytes=0``, a hostile local application, and the 
 from __future__ import annotations
 
 import os
+import struct
 import random
 import stat
 import threading
@@ -427,6 +428,10 @@ def test_a_hostile_application_cannot_hurt_its_daemon(sites: Any) -> None:
                 [RING_MARK, DESCRIPTOR.pack(0, 16), b"extra"],
                 [b""],  # an inline batch too short for its count
                 [b"\0\0\0\0garbage"],  # a count of 0
+                # entries that do not add up: a count of 1 and an 8-byte message in 12 bytes,
+                # which used to be sealed and make the far application's recv() raise
+                [struct.pack(">IIQ", 1, 0, 8)],
+                [struct.pack(">IIQ", 1, 2 ** 31, 2 ** 63) + b"xx"],  # sums that would overflow
             ]
             for parts in hostile:
                 push.send_multipart(parts)
