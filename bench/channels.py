@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -181,15 +180,9 @@ class DemoMesh:
         return " | ".join(text.strip().splitlines()[-lines:])
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        from meshd.demo import stop_daemons
+
+        stop_daemons(self.procs.values())
         self.procs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -423,6 +416,21 @@ def setup_sender(conn: Any, home: str, to: str) -> None:
         _serve(conn, handle)
 
 
+def stop_apps(apps: dict[str, tuple[Any, Any]]) -> None:
+    """Tell each app process (a pipe and a process, as ``_serve`` runs it) to quit; terminate
+    one that does not."""
+    for conn, proc in apps.values():
+        try:
+            conn.send(("quit",))
+        except OSError:
+            pass
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        conn.close()
+
+
 def _ask(conn: Any, proc: Any, cmd: tuple[Any, ...], timeout: float = 60.0) -> Any:
     conn.send(cmd)
     if not conn.poll(timeout):
@@ -461,16 +469,7 @@ def _setup_latencies(mesh: DemoMesh, runs: int) -> dict[str, Any]:
             if i:
                 ms.append((t1 - t0) / 1e6)
     finally:
-        for conn, proc in apps.values():
-            try:
-                conn.send(("quit",))
-            except OSError:
-                pass
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-            conn.close()
+        stop_apps(apps)
     p99 = statistics.quantiles(ms, n=100, method="inclusive")[98] if len(ms) > 1 else ms[0]
     return {"p50": round(statistics.median(ms), 2), "p99": round(p99, 2), "n": len(ms)}
 

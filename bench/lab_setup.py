@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from channels import _now_ns, _serve  # noqa: E402  (the same app protocol as its setup figure)
+from channels import _now_ns, _serve, stop_apps  # noqa: E402  (the same app protocol as its setup figure)
 
 LAB = ROOT / "bootstrap" / "lab"
 A_IP, B_IP = "10.77.0.10", "10.77.0.20"
@@ -92,19 +92,14 @@ class BenchError(Exception):
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        try:
-            value = predicate()
-        except Exception:  # noqa: BLE001 - e.g. the daemon not answering yet
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+    """:func:`meshd.demo.wait_until`, where any error means "not yet" (a daemon in another
+    namespace not answering), and a timeout is a BenchError."""
+    from meshd.demo import wait_until
+
+    try:
+        return wait_until(predicate, timeout, what, ignore=(Exception,))
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def lab(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -191,15 +186,11 @@ class Site:
             time.sleep(0.1)
 
     def stop(self) -> int | None:
+        from meshd.demo import stop_daemons
+
         if self.proc is None:
             return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            code = -9
+        (code,) = stop_daemons([self.proc])
         self.proc = None
         return code
 
@@ -440,16 +431,7 @@ def measure_pair(src: Site, dst: Site, runs: int) -> dict[str, Any]:
                 after_ms.append(ms - float(row["setup_ms"]))
             paths[label] = paths.get(label, 0) + 1
     finally:
-        for conn, proc in apps.values():
-            try:
-                conn.send(("quit",))
-            except OSError:
-                pass
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-            conn.close()
+        stop_apps(apps)
     return {"app_ms": _stats(app_ms), "daemon_setup_ms": _stats(daemon_ms) if daemon_ms else None,
             "app_minus_daemon_ms_p50": (round(statistics.median(after_ms), 1) if after_ms
                                         else None),

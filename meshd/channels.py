@@ -76,9 +76,9 @@ from .channel.reliable import (
     encode_control,
 )
 from .datalink import DataConnection, dial_any
-from .shmring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
 from .errors import LocalError, ProtocolError
 from .identity import site_id_of
+from .shmring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -97,8 +97,7 @@ MAX_RELAY_WAITING = 256
 DIAL_TIMEOUT = 3.0
 _COUNT = struct.Struct(">I")
 _BIG_PAYLOAD = 64 << 10
-"""Payloads at least this big go to the application through its ring (if it has one)."""
-MAX_RING_BYTES = 1 << 30
+"""Payloads at least this big are handed to ZeroMQ without a copy."""
 _MAX_RETRY = 10.0
 
 
@@ -164,11 +163,11 @@ class _RSide:
 class OutChannel:
     """The sending end of one channel (owned by the sending site)."""
 
-    def __init__(self, svc: ChannelService, name: str, peer: bytes, kinds: Iterable[PathKind],
-                 ring: Ring | None = None):
+    def __init__(self, svc: ChannelService, name: str, peer: bytes, kinds: Iterable[PathKind]):
         self.svc = svc
-        self.ring = ring
-        """The application's shared-memory ring for big batches (see :mod:`meshd.shmring`)."""
+        self.ring: Ring | None = None
+        """The application's shared-memory ring for big batches, once it hands one over
+        (:meth:`ChannelService.attach_ring`, see :mod:`meshd.shmring`)."""
         self.name = name
         self.peer = peer
         self.cid = secrets.token_bytes(16)
@@ -689,8 +688,6 @@ class ReceiverPort:
         self.allow = allow
         self.ring = ring
         """Shared memory the application maps: big payloads go there, not through the socket."""
-        self.ring_records = 0
-        self.inline_records = 0
         self.endpoint = svc.ipc_endpoint(f"rx-{secrets.token_hex(8)}")
         self.sock = svc.zctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -742,9 +739,7 @@ class ReceiverPort:
             start = self.ring.reserve(n)
             if start is not None:
                 self.ring.region(start, n)[:] = payload
-                self.ring_records += 1
                 return [meta, RING_MARK, DESCRIPTOR.pack(start, n)]
-        self.inline_records += 1
         return [meta, payload]
 
     def close(self) -> None:
@@ -1257,9 +1252,8 @@ class ChannelService:
     @staticmethod
     async def make_ring(ring_bytes: int) -> Ring | None:
         """A receiver's ring of ``ring_bytes`` (0: none), its memory allocated in a thread;
-        None if ``/dev/shm`` has no room (the receiver is then fed inline)."""
-        if not 0 <= ring_bytes <= MAX_RING_BYTES:
-            raise LocalError(f"ring_bytes must be 0..{MAX_RING_BYTES}", reason="usage")
+        None if ``/dev/shm`` has no room (the receiver is then fed inline).  LocalError if the
+        size is out of range."""
         if not ring_bytes:
             return None
         try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from . import api, tokens
+from .channels import check_name
 from .errors import LocalError, MeshdError, RemoteError
 from .identity import fingerprint_of, site_id_of
 
@@ -264,15 +265,9 @@ class ControlServer:
             if not all(isinstance(a, str) for a in allow):
                 raise LocalError("allow must be a list of site names or ids", reason="usage")
             keys = [self.daemon.find_site(a) for a in allow]
-        name = _field(data, "name", str)
+        name = check_name(_field(data, "name", str))  # before any ring is made for it
         ring = await self.daemon.channels.make_ring(_field(data, "ring_bytes", int, 0))
-        try:
-            port = self.daemon.channels.open_receiver(name, keys, ring)
-        except LocalError:
-            if ring is not None:
-                ring.unlink()
-                ring.close()
-            raise
+        port = self.daemon.channels.open_receiver(name, keys, ring)
         return _json({"name": port.name, "endpoint": port.endpoint,
                       "ring": None if port.ring is None else str(port.ring.path)})
 

@@ -15,7 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .client import Client
 from .daemon import init_site
@@ -30,14 +31,16 @@ def _step(text: str, quiet: bool) -> None:
         print(f"==> {text}", flush=True)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy or ``timeout`` passes."""
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *,
+               ignore: tuple[type[BaseException], ...] = (DaemonNotRunning,)) -> Any:
+    """Poll ``predicate`` until it returns something truthy or ``timeout`` passes (TimeoutError);
+    ``ignore``: exceptions that mean "not yet"."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
         try:
             value = predicate()
-        except DaemonNotRunning:
+        except ignore:
             value = None
         if value:
             return value
@@ -45,6 +48,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
+
+
+def stop_daemons(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 20.0) -> list[int]:
+    """SIGTERM every daemon still running, then wait for each; one that has not exited within
+    ``timeout`` is killed (exit code -9).  The exit codes, in order."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            codes.append(-9)
+    return codes
 
 
 def start_daemon(home: Path, log_path: Path) -> subprocess.Popen[bytes]:
@@ -140,13 +161,7 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
         return 1
     finally:
         if not keep:
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_daemons(procs, timeout=10)
 
 
 def _wait_join(client: Client, join: dict[str, Any], until: tuple[str, ...], timeout: float,

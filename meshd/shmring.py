@@ -117,29 +117,34 @@ class Ring:
             path.unlink(missing_ok=True)
             raise
         if background:
-            threading.Thread(target=ring._allocate, name="meshd-ring-alloc", daemon=True).start()
+            threading.Thread(target=ring._allocate_quietly, name="meshd-ring-alloc",
+                             daemon=True).start()
             return ring
         try:
-            ring._allocate(raising=True)
+            ring._allocate()
         except OSError:
             ring.unlink()
             ring.close()
             raise
         return ring
 
-    def _allocate(self, raising: bool = False) -> None:
+    def _allocate(self) -> None:
+        """Allocate the file's memory and make the ring :attr:`ready`; OSError if ``/dev/shm``
+        has no room (the ring then stays unused)."""
         fd = self._fd
         if fd is None:
             return
         try:
             os.posix_fallocate(fd, 0, HEADER_SIZE + self.capacity)
-        except OSError:  # no room in /dev/shm: this ring stays unused
-            if raising:
-                raise
-            return
         finally:
             self._close_fd()
         self._ready.set()
+
+    def _allocate_quietly(self) -> None:
+        try:
+            self._allocate()
+        except OSError:
+            pass  # never ready: the writer keeps sending inline
 
     @property
     def ready(self) -> bool:

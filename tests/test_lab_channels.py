@@ -14,7 +14,6 @@ If the lab cannot be built these tests fail with the script's error; they never 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ import pytest
 
 import meshd
 from meshd.client import Client
-from meshd.demo import wait_until
+from meshd.demo import stop_daemons, wait_until
 
 from .conftest import meshd as meshd_cli
 from .test_channels_daemons import set_config
@@ -106,13 +105,7 @@ class LabSite:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            code = -9
+        (code,) = stop_daemons([self.proc])
         self.proc = None
         return code
 

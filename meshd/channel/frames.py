@@ -72,12 +72,11 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union, cast
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from meshd.errors import LocalError, ProtocolError
-
-import numpy as np
 
 if TYPE_CHECKING:
     import numpy.typing as npt
