@@ -36,7 +36,7 @@ large message travels alone): the receiving daemon W (``held_bytes``) + SNDHWM 4
 the app + the one it awaits; the receiving app RCVHWM 4 + one in hand; the sending daemon W (the
 resend buffer, which is ~0 once the receiving daemon has acked what it holds, but reaches W
 while data flows) + RCVHWM 8 + the one being sealed; the sending app SNDHWM 8 + the one being
-packed + its copy.  Each daemon also maps one shared-memory ring (``meshd.streams.RING_BYTES``,
+packed + its copy.  Each daemon also maps one shared-memory ring (``meshd.app.streams.RING_BYTES``,
 48 MiB: the receiver's, which it fills, or the sending app's, which it reads; RSS counts a
 ring's pages once touched).  ``bounded`` means every process grew by at most max(2 MiB, 2 messages) in the
 stall's second half and each daemon's ``peak_growth_over_idle`` stayed within its design bound
@@ -262,7 +262,7 @@ class Sampler(threading.Thread):
     def __init__(self, mesh: DemoMesh, pids: dict[str, int], sent: Any, name: str,
                  interval: float) -> None:
         super().__init__(daemon=True, name="sampler")
-        from meshd.client import Client
+        from meshd.app.client import Client
 
         self.pids = pids
         self.sent = sent
@@ -315,14 +315,14 @@ class Sampler(threading.Thread):
 
 
 def _window_of(setting: int | None) -> int:
-    from meshd.config import Config
+    from meshd.state.config import Config
 
     return setting if setting is not None else Config().channel_window_bytes
 
 
 def expected_growth(window: int, size: int) -> dict[str, int]:
     """The design bound on each process's RSS growth over idle, in bytes (see the docstring)."""
-    from meshd.streams import RING_BYTES
+    from meshd.app.streams import RING_BYTES
 
     batch = size + 256  # one message per batch: count, entry, msgpack header and the frame
     # Each daemon also maps a shared-memory ring (the receiver's, which it fills; the sending

@@ -122,10 +122,10 @@ class DemoMesh:
         return self.root / name
 
     def start(self) -> DemoMesh:
-        from meshd.client import Client
-        from meshd.daemon import init_site
-        from meshd.demo import start_daemon, wait_until
-        from meshd.home import Home
+        from meshd.app.client import Client
+        from meshd.daemon.app import init_site
+        from meshd.testing.processes import start_daemon, wait_until
+        from meshd.state.home import Home
 
         started = False
         try:
@@ -180,7 +180,7 @@ class DemoMesh:
         return " | ".join(text.strip().splitlines()[-lines:])
 
     def close(self) -> None:
-        from meshd.demo import stop_daemons
+        from meshd.testing.processes import stop_daemons
 
         stop_daemons(self.procs.values())
         self.procs.clear()
@@ -311,7 +311,7 @@ def _channel_window(mesh: DemoMesh, sender: str, size: int, seconds: float,
 
 def _channel_state(mesh: DemoMesh, site: str, name: str) -> str:
     """``"; at SITE: state S, error E"`` of channel ``name`` (while its sender is still open)."""
-    from meshd.client import Client
+    from meshd.app.client import Client
 
     try:
         with Client(mesh.home(site), timeout=5) as client:

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from meshd.sim import Simulator
+from meshd.testing.sim import Simulator
 from meshd.swim import MemberDead, MemberJoined, MemberSuspect, SwimConfig
 from meshd.swim.events import Event
 from meshd.swim.util import suspicion_timeout

@@ -92,9 +92,9 @@ class BenchError(Exception):
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """:func:`meshd.demo.wait_until`, where any error means "not yet" (a daemon in another
+    """:func:`meshd.cli.demo.wait_until`, where any error means "not yet" (a daemon in another
     namespace not answering), and a timeout is a BenchError."""
-    from meshd.demo import wait_until
+    from meshd.testing.processes import wait_until
 
     try:
         return wait_until(predicate, timeout, what, ignore=(Exception,))
@@ -155,7 +155,7 @@ class Site:
         path.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        from meshd.client import Client
+        from meshd.app.client import Client
 
         with open(self.home / "daemon.log", "ab") as log:
             self.proc = subprocess.Popen(
@@ -186,7 +186,7 @@ class Site:
             time.sleep(0.1)
 
     def stop(self) -> int | None:
-        from meshd.demo import stop_daemons
+        from meshd.testing.processes import stop_daemons
 
         if self.proc is None:
             return None
@@ -195,7 +195,7 @@ class Site:
         return code
 
     def peers(self) -> dict[str, dict[str, Any]]:
-        from meshd.client import Client
+        from meshd.app.client import Client
 
         with Client(self.home, timeout=5) as c:
             return {p["name"]: p for p in c.peers() if not p["self"]}

@@ -1,79 +1,29 @@
-"""Fixtures that start real ``meshd`` daemons as separate processes on loopback."""
+"""Fixtures shared by every test, and the layer markers.
+
+Each test directory is one rung of the testing ladder and carries its marker, so a part of the
+suite can be selected: ``unit`` (pure cores, no sockets), ``glue`` (the asyncio glue pumped with
+real cores and fake or in-process transports), ``system`` (real ``meshd run`` processes over real
+sockets) and ``lab`` (network namespaces and iptables; needs root, fails when the lab cannot be
+built).  ``python3 -m pytest -m "unit or glue"`` is the fast part.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from meshd.client import Client
-from meshd.demo import start_daemon, wait_until
+from tests.helpers import Site, meshd
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def meshd(*args: str, home: Path | None = None, input: str | None = None,
-          timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the real ``meshd`` command line in a child process."""
-    cmd = [sys.executable, "-m", "meshd", *args]
-    if home is not None:
-        cmd += ["--home", str(home)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+LAYERS = ("unit", "glue", "system", "lab")
 
 
-def meshd_json(*args: str, home: Path) -> Any:
-    r = meshd(*args, "--json", home=home)
-    assert r.returncode == 0, f"meshd {' '.join(args)} failed: {r.stderr}"
-    return json.loads(r.stdout)
-
-
-@dataclass
-class Site:
-    name: str
-    home: Path
-    proc: subprocess.Popen[bytes] | None = None
-    client: Client = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.client = Client(self.home)
-
-    def start(self) -> "Site":
-        self.proc = start_daemon(self.home, self.home / "daemon.log")
-        wait_until(self.client.status, 30, f"the daemon of {self.name}")
-        return self
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(20)
-        self.proc = None
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to flush anything."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(20)
-        self.proc = None
-
-    def log(self) -> str:
-        path = self.home / "daemon.log"
-        return path.read_text() if path.exists() else ""
-
-    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return meshd(*args, home=self.home, input=input)
-
-    def json(self, *args: str) -> Any:
-        return meshd_json(*args, home=self.home)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = Path(str(item.fspath)).parent.name
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 @pytest.fixture

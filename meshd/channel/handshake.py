@@ -70,7 +70,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from meshd.errors import LocalError, ProtocolError
-from meshd.identity import SiteKey, verify_signature
+from meshd.trust.identity import SiteKey, verify_signature
 
 from .frames import AES256GCM, CHACHA20POLY1305, CIPHERS, DIR_I2R, DIR_R2I
 

@@ -40,7 +40,7 @@ from typing import Any
 import msgpack
 
 from meshd.errors import ProtocolError
-from meshd.identity import SiteKey, verify_signature
+from meshd.trust.identity import SiteKey, verify_signature
 
 from .frames import FRAME_OVERHEAD, MAX_PAYLOAD
 

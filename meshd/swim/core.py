@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The owner (the daemon glue, a test, or :mod:`meshd.sim`) feeds decoded messages to
+The owner (the daemon glue, a test, or :mod:`meshd.testing.sim`) feeds decoded messages to
 :meth:`Membership.receive`, calls :meth:`Membership.handle_timer` when :meth:`get_timer` says so,
 and drains :meth:`outgoing` (``(destination id, message)`` pairs) and :meth:`events`.  The core
 never reads a clock or a global random generator: ``now`` and ``rng`` come in.

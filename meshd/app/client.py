@@ -1,0 +1,179 @@
+"""The typed client of a local daemon's control socket (synchronous, standard library only).
+
+The CLI is a thin caller of this class; applications use it through ``meshd.connect()``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any, Iterator
+from urllib.parse import quote
+
+from meshd.local import api
+from meshd.errors import DaemonNotRunning, LocalError, MeshdError, RemoteError
+from meshd.state.home import Home, resolve_home
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    """Calls one daemon's control API. Every method raises a MeshdError subclass on failure."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> None:
+        self.home = Home(resolve_home(home))
+        self.timeout = timeout
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def _not_running(self) -> DaemonNotRunning:
+        return DaemonNotRunning(f"no meshd daemon is running for {self.home.root}; start one"
+                                f" with: meshd run --home {self.home.root}", reason="not-running")
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> Any:
+        sock_path = self.home.socket_path
+        conn = _UnixConnection(str(sock_path), timeout or self.timeout)
+        try:
+            try:
+                payload = None if body is None else json.dumps(body)
+                headers = {"Content-Type": "application/json"} if payload is not None else {}
+                conn.request(method, path, body=payload, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise self._not_running() from None
+            except socket.timeout:
+                raise LocalError(f"the daemon did not answer {path} within"
+                                 f" {timeout or self.timeout:.0f} s", reason="timeout") from None
+        finally:
+            conn.close()
+        if resp.headers.get_content_type() != "application/json":
+            if resp.status >= 400:
+                raise MeshdError(f"daemon answered {resp.status}", reason="http")
+            return data.decode()
+        try:
+            out = json.loads(data)
+        except json.JSONDecodeError:
+            raise MeshdError("the daemon answered with invalid JSON", reason="http") from None
+        if resp.status >= 400:
+            err = out.get("error", {}) if isinstance(out, dict) else {}
+            cls = RemoteError if resp.status == 502 else LocalError if resp.status == 400 else MeshdError
+            raise cls(str(err.get("message", f"HTTP {resp.status}")),
+                      reason=str(err.get("reason", "error")))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", api.STATUS)  # type: ignore[no-any-return]
+
+    def invite(self, *, name: str = "", expires: float | None = None, uses: int = 1,
+               role: str = "member", approve: bool = False) -> dict[str, Any]:
+        return self._call("POST", api.INVITES, {"name": name, "expires": expires, "uses": uses,  # type: ignore[no-any-return]
+                                                "role": role, "approve": approve})
+
+    def join(self, text: str) -> dict[str, Any]:
+        return self._call("POST", api.JOINS, {"text": text})  # type: ignore[no-any-return]
+
+    def join_state(self, join_id: str, *, wait: float = 0.0, state: str | None = None) -> dict[str, Any]:
+        query = f"?wait={wait}" + (f"&state={quote(state)}" if state else "")
+        return self._call("GET", f"{api.JOINS}/{quote(join_id)}{query}",  # type: ignore[no-any-return]
+                          timeout=self.timeout + wait)
+
+    def pending(self) -> list[dict[str, Any]]:
+        return self._call("GET", api.PENDING)  # type: ignore[no-any-return]
+
+    def approve(self, fingerprint: str) -> dict[str, Any]:
+        return self._call("POST", api.APPROVE, {"fingerprint": fingerprint})  # type: ignore[no-any-return]
+
+    def deny(self, fingerprint: str) -> dict[str, Any]:
+        return self._call("POST", api.DENY, {"fingerprint": fingerprint})  # type: ignore[no-any-return]
+
+    def peers(self, *, discovered: bool = False, revoked: bool = False) -> list[dict[str, Any]]:
+        """Members with their verified records; with ``discovered``, daemons seen on the LAN;
+        with ``revoked``, the sites shut out of the mesh."""
+        query = "?discovered=1" if discovered else "?revoked=1" if revoked else ""
+        return self._call("GET", api.PEERS + query)  # type: ignore[no-any-return]
+
+    def revoke(self, site: str, reason: str = "") -> dict[str, Any]:
+        return self._call("POST", api.REVOKE, {"site": site, "reason": reason})  # type: ignore[no-any-return]
+
+    def events(self, *, history: bool = True) -> Iterator[dict[str, Any]]:
+        """Membership events as they happen (after the recent history, unless ``history`` is
+        False); runs until the daemon stops or the caller stops iterating."""
+        conn = _UnixConnection(str(self.home.socket_path), None)  # type: ignore[arg-type]
+        try:
+            try:
+                conn.request("GET", api.EVENTS + ("" if history else "?history=0"))
+                resp = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise self._not_running() from None
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                yield json.loads(line)
+        finally:
+            conn.close()
+
+    def rotate(self) -> dict[str, Any]:
+        """Retire this site's key and hand its membership to a new one."""
+        return self._call("POST", api.ROTATE, {})  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        return self._call("GET", api.METRICS)  # type: ignore[no-any-return]
+
+    # -- channels (the streaming API in meshd.app.streams builds on these) ------------------------------
+
+    def channels(self) -> list[dict[str, Any]]:
+        """Channels at this site: outgoing, incoming and relayed."""
+        return self._call("GET", api.CHANNELS)  # type: ignore[no-any-return]
+
+    def open_sender(self, name: str, to: str, paths: list[str] | None = None) -> dict[str, Any]:
+        return self._call("POST", api.CHANNELS, {"name": name, "to": to,  # type: ignore[no-any-return]
+                                                 "paths": paths})
+
+    def attach_ring(self, channel_id: str, path: str) -> dict[str, Any]:
+        """Hand a sender's shared-memory ring (a file path) to the daemon; ``{"ring": bool}``."""
+        return self._call("POST", f"{api.CHANNELS}/{quote(channel_id)}/ring",  # type: ignore[no-any-return]
+                          {"ring": path})
+
+    def flush_sender(self, channel_id: str, messages: int,
+                     timeout: float | None = None) -> dict[str, Any]:
+        return self._call("POST", f"{api.CHANNELS}/{quote(channel_id)}/flush",  # type: ignore[no-any-return]
+                          {"messages": messages, "timeout": timeout},
+                          timeout=None if timeout is None else timeout + 5)
+
+    def close_sender(self, channel_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"{api.CHANNELS}/{quote(channel_id)}")  # type: ignore[no-any-return]
+
+    def open_receiver(self, name: str, allow: list[str] | None = None,
+                      ring_bytes: int = 0) -> dict[str, Any]:
+        return self._call("POST", api.RECEIVERS, {"name": name, "allow": allow,  # type: ignore[no-any-return]
+                                                  "ring_bytes": ring_bytes})
+
+    def close_receiver(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"{api.RECEIVERS}/{quote(name, safe='')}")  # type: ignore[no-any-return]
+

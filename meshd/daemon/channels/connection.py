@@ -1,0 +1,320 @@
+"""Data connections between daemons: TCP carrying :mod:`meshd.channel.link` records (asyncio glue).
+
+:class:`DataConnection` is an :class:`asyncio.BufferedProtocol`: small records are parsed out of a
+reused scratch buffer; a large record (a frame of a big message) is received straight into its
+own buffer, so the kernel's copy is the only one before decryption.  Records go to ``handler``
+(by default an inbox queue that handshakes await with :meth:`DataConnection.expect`).  A relay
+switches a connection to :meth:`DataConnection.splice`: raw bytes to the partner, with flow
+control both ways, nothing parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from meshd.channel import link
+from meshd.channel.frames import Block, new_block
+from meshd.errors import ProtocolError
+
+log = logging.getLogger("meshd.daemon.channels.connection")
+
+_SCRATCH = 256 << 10
+_WRITE_COPIES_REST = sys.version_info < (3, 12)
+"""Up to 3.11 an asyncio socket transport sends what it can at once and copies the rest into
+its own buffer, so a relay may hand it a view of its scratch buffer; from 3.12 on it keeps a
+reference to the view, and the relay must copy first."""
+_WRITE_HIGH = 8 << 20
+_WRITE_LOW = 2 << 20
+_COALESCE = 64 << 10
+
+Handler = Callable[["DataConnection", int, Block], None]
+
+
+class DataConnection(asyncio.BufferedProtocol):
+    """One data connection (either side)."""
+
+    def __init__(self, on_lost: Callable[[DataConnection], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: str = "?"
+        self.handler: Handler | None = None
+        self.on_lost = on_lost
+        self.inbox: asyncio.Queue[tuple[int, Block] | None] = asyncio.Queue()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.owner: Any = None
+        """Whatever this connection serves now (an attempt, a channel end, a relay leg)."""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._scratch = bytearray(_SCRATCH)
+        self._fill = 0
+        self._body: Block | None = None
+        self._body_kind = 0
+        self._body_got = 0
+        self._partner: DataConnection | None = None
+        self._held = False
+        self._parsing = False
+        self._queue: collections.deque[Any] = collections.deque()
+        self._queued = 0
+        self._transport_full = False
+        self._close_when_sent = False
+        self.error: str | None = None
+
+    # -- asyncio callbacks -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # The transport is handed a record only while its own buffer is empty (it tells us by
+        # pause/resume_writing at 0): a record it can send at once is never copied into that
+        # buffer; the rest wait, uncopied, in ``_queue`` (see ``send``).
+        transport.set_write_buffer_limits(high=0, low=0)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return memoryview(self._body)[self._body_got:]
+        if self._fill == len(self._scratch):  # held bytes fill it (relay leg waiting)
+            self._scratch.extend(bytes(_SCRATCH))
+        return memoryview(self._scratch)[self._fill:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        if self._partner is not None:
+            view = memoryview(self._scratch)[:nbytes]
+            with view:
+                self._partner.write_raw(view if _WRITE_COPIES_REST else bytes(view))
+            return
+        if self._body is not None:
+            self._body_got += nbytes
+            if self._body_got == len(self._body):
+                body, self._body = self._body, None
+                self._deliver(self._body_kind, body)
+            return
+        self._fill += nbytes
+        if not self._held:
+            self._parse()
+
+    def pause_writing(self) -> None:
+        self._transport_full = True
+        if self._partner is not None:
+            self.writable.clear()
+            if self._partner.transport is not None:
+                self._partner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._transport_full = False
+        if self._partner is not None:
+            self.writable.set()
+            if self._partner.transport is not None:
+                self._partner.transport.resume_reading()
+            return
+        self._write_queued()
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._queue.clear()
+        self._queued = 0
+        self.writable.set()
+        self.inbox.put_nowait(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        partner, self._partner = self._partner, None
+        if partner is not None:
+            partner.close()
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        self._parsing = True
+        try:
+            self._parse_records()
+        finally:
+            self._parsing = False
+
+    def _parse_records(self) -> None:
+        view = memoryview(self._scratch)
+        pos = 0
+        hs = link.RECORD_HEADER.size
+        try:
+            while self._fill - pos >= hs and not self._held and self._partner is None:
+                kind, length = link.RECORD_HEADER.unpack_from(view, pos)
+                link.check_record(kind, length)
+                have = self._fill - pos - hs
+                if have >= length:
+                    small: Block = bytearray(view[pos + hs:pos + hs + length])
+                    pos += hs + length
+                    self._deliver(kind, small)
+                    continue
+                if hs + length > len(self._scratch):  # receive the rest straight into the body
+                    body = new_block(length)
+                    body[:have] = view[pos + hs:self._fill]
+                    self._body, self._body_kind, self._body_got = body, kind, have
+                    pos = self._fill
+                break
+        except ProtocolError as exc:
+            view.release()
+            self.abort(str(exc))
+            return
+        rest = self._fill - pos
+        if pos:
+            view[:rest] = view[pos:self._fill]
+        view.release()
+        self._fill = rest
+        if self._partner is not None and rest:  # spliced while parsing: pass the rest on
+            self._partner.write_raw(bytes(self._scratch[:rest]))
+            self._fill = 0
+
+    def _deliver(self, kind: int, body: Block) -> None:
+        if self.handler is not None:
+            try:
+                self.handler(self, kind, body)
+            except ProtocolError as exc:
+                self.abort(f"{exc.reason}: {exc}")
+            except Exception as exc:  # a bug in a handler must not kill the loop
+                log.exception("data connection handler failed")
+                self.abort(f"internal error: {type(exc).__name__}")
+        else:
+            self.inbox.put_nowait((kind, body))
+
+    async def expect(self, *kinds: int, timeout: float) -> Block:
+        """The next record from the inbox; ProtocolError if it is another type or closed."""
+        try:
+            item = await asyncio.wait_for(self.inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            raise ProtocolError("no answer on the data connection", reason="timeout") from None
+        if item is None:
+            raise ProtocolError(f"connection closed{': ' + self.error if self.error else ''}",
+                                reason="closed")
+        kind, body = item
+        if kind == link.REFUSE:
+            raise ProtocolError(f"refused: {bytes(body[:200]).decode('utf-8', 'replace')}",
+                                reason="refused")
+        if kind not in kinds:
+            raise ProtocolError(f"record type {kind} where {kinds} was expected",
+                                reason="unexpected")
+        return body
+
+    def send(self, kind: int, body: Any) -> bool:
+        """Queue one record; False if the connection is closed."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return False
+        n = memoryview(body).nbytes
+        head = link.record_header(kind, n)
+        if n < _COALESCE:
+            self._queue.append(head + body)
+        else:
+            self._queue.append(head)
+            self._queue.append(body)
+        self._queued += n + len(head)
+        self.bytes_out += n + len(head)
+        self._write_queued()
+        return True
+
+    def _write_queued(self) -> None:
+        """Hand queued records to the transport while it can send them without buffering."""
+        t = self.transport
+        queue = self._queue
+        while queue and not self._transport_full and t is not None and not t.is_closing():
+            item = queue.popleft()
+            self._queued -= len(item) if isinstance(item, bytes) else memoryview(item).nbytes
+            t.write(item)  # may call pause_writing at once
+        if not queue and self._close_when_sent:
+            self.close()
+        elif self._queued > _WRITE_HIGH:
+            self.writable.clear()
+        elif self._queued <= _WRITE_LOW:
+            self.writable.set()
+
+    def hold(self) -> None:
+        """Stop parsing and reading (a relay leg waiting for its partner)."""
+        self._held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def splice(self, partner: DataConnection) -> None:
+        """From now on pass every byte to ``partner`` (and what is held already)."""
+        self._partner = partner
+        self._held = False
+        if self.transport is not None:  # raw bytes go through the transport's buffer
+            self.transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        if not self._parsing and self._fill:  # (else the parser passes the rest on)
+            partner.write_raw(bytes(self._scratch[:self._fill]))
+            self._fill = 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write_raw(self, data: bytes | memoryview) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+            self.bytes_out += len(data)
+
+    def refuse(self, reason: str) -> None:
+        """Tell the other side why (a hint) and close."""
+        log.debug("refusing data connection from %s: %s", self.peer, reason)
+        self.error = reason
+        self.send(link.REFUSE, reason.encode()[:200])
+        self.close()
+
+    def abort(self, reason: str) -> None:
+        log.info("closing data connection %s: %s", self.peer, reason)
+        self.error = reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Close once every queued record is handed to the transport (which sends its buffer
+        before it closes)."""
+        self._close_when_sent = True
+        if self._queue:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+async def dial(address: str, *, timeout: float,
+               on_lost: Callable[[DataConnection], None] | None = None) -> DataConnection:
+    """Open a data connection to ``HOST:PORT``; OSError (or TimeoutError) on failure."""
+    host, _, port = address.rpartition(":")
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: DataConnection(on_lost), host, int(port)), timeout)
+    return proto
+
+
+async def dial_any(addresses: list[str], *, timeout: float,
+                   on_lost: Callable[[DataConnection], None] | None = None
+                   ) -> tuple[DataConnection, str, float]:
+    """Dial each address in turn; the connection, the address and the connect time."""
+    if not addresses:
+        raise OSError("no address to dial (the site only dials out)")
+    loop = asyncio.get_running_loop()
+    errors = []
+    for address in addresses:
+        t0 = loop.time()
+        try:
+            conn = await dial(address, timeout=timeout, on_lost=on_lost)
+            return conn, address, loop.time() - t0
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            errors.append(f"{address}: {exc or type(exc).__name__}")
+    raise OSError("; ".join(errors))

@@ -1,0 +1,303 @@
+"""The local control API: a route table over a unix socket (mode 0600) in the state directory.
+
+Only the site's own user can open the socket, so every caller is trusted to act for the site; the
+routes validate their JSON input and turn meshd errors into ``{"error": {reason, message}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from meshd.local import api
+from meshd.trust import tokens
+from meshd.daemon.channels.service import check_name
+from meshd.errors import LocalError, MeshdError, RemoteError
+from meshd.trust.identity import fingerprint_of, site_id_of
+
+if TYPE_CHECKING:
+    from meshd.daemon.app import Daemon
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LocalError as exc:
+        return _json(api.error_body(exc.reason, exc.message), 400)
+    except RemoteError as exc:
+        return _json(api.error_body(exc.reason, exc.message), 502)
+    except MeshdError as exc:
+        return _json(api.error_body(exc.reason, exc.message), 500)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length and request.content_length > 1 << 20:
+        raise LocalError("request body too large", reason="usage")
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LocalError("request body is not JSON", reason="usage") from None
+    if not isinstance(data, dict):
+        raise LocalError("request body must be a JSON object", reason="usage")
+    return data
+
+
+def _field(data: dict[str, Any], name: str, typ: type, default: Any = ...) -> Any:
+    if name not in data or data[name] is None:
+        if default is ...:
+            raise LocalError(f"missing field {name!r}", reason="usage")
+        return default
+    value = data[name]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise LocalError(f"field {name!r} must be {typ.__name__}", reason="usage")
+    return value
+
+
+class ControlServer:
+    """Serves the daemon's control routes on its unix socket."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+        self.app.add_routes([
+            web.get(api.STATUS, self.status),
+            web.post(api.INVITES, self.invite),
+            web.post(api.JOINS, self.join),
+            web.get(api.JOINS + "/{id}", self.join_state),
+            web.get(api.PENDING, self.pending),
+            web.post(api.APPROVE, self.approve),
+            web.post(api.DENY, self.deny),
+            web.get(api.PEERS, self.peers),
+            web.post(api.REVOKE, self.revoke),
+            web.post(api.ROTATE, self.rotate),
+            web.get(api.METRICS, self.metrics),
+            web.get(api.EVENTS, self.events),
+            web.get(api.CHANNELS, self.channels),
+            web.post(api.CHANNELS, self.open_sender),
+            web.delete(api.CHANNELS + "/{id}", self.close_sender),
+            web.post(api.CHANNELS + "/{id}/flush", self.flush),
+            web.post(api.CHANNELS + "/{id}/ring", self.attach_ring),
+            web.post(api.RECEIVERS, self.open_receiver),
+            web.delete(api.RECEIVERS + "/{name}", self.close_receiver),
+        ])
+        self._runner: web.AppRunner | None = None
+        self._path: Path | None = None
+        self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    async def start(self, path: Path) -> None:
+        if path.exists():
+            if await _socket_answers(path):
+                raise LocalError(f"another meshd daemon is already running on {path}",
+                                 reason="running")
+            path.unlink()
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        old = os.umask(0o177)
+        try:
+            await web.UnixSite(self._runner, str(path)).start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._path = path
+
+    async def stop(self) -> None:
+        for queue in list(self._streams):
+            queue.put_nowait(None)  # end every event stream, so that shutdown need not wait
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(self.daemon.status())
+
+    async def invite(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        inv = self.daemon.invite(
+            name_hint=_field(data, "name", str, ""),
+            expires=_field(data, "expires", float, None),
+            uses=_field(data, "uses", int, 1),
+            role=_field(data, "role", str, "member"),
+            approve=_field(data, "approve", bool, False))
+        return _json({"token": tokens.armor(inv), "invite_id": inv.invite_id.hex(),
+                      "expires": inv.expires, "approve": inv.approve,
+                      "addrs": [str(a) for a in inv.addrs]})
+
+    async def join(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        attempt = self.daemon.start_join(_field(data, "text", str))
+        return _json(self.daemon.join_view(attempt))
+
+    async def join_state(self, request: web.Request) -> web.Response:
+        attempt = self.daemon.joins.get(request.match_info["id"])
+        if attempt is None:
+            raise LocalError("no such join", reason="not-found")
+        try:
+            wait = min(float(request.query.get("wait", "0")), 60.0)
+        except ValueError:
+            raise LocalError("wait must be a number of seconds", reason="usage") from None
+        state = attempt.state
+        if wait > 0 and state == request.query.get("state", state):
+            try:
+                await asyncio.wait_for(attempt.changed.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        return _json(self.daemon.join_view(attempt))
+
+    async def pending(self, request: web.Request) -> web.Response:
+        return _json([{**_pending(p), "state": "pending"}
+                      for p in self.daemon.admissions.pending()])
+
+    async def approve(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        done = self.daemon.approve(_field(data, "fingerprint", str))
+        return _json(_decided(done))
+
+    async def deny(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        done = self.daemon.deny(_field(data, "fingerprint", str))
+        return _json(_decided(done))
+
+    async def peers(self, request: web.Request) -> web.Response:
+        if request.query.get("discovered") in ("1", "true", "yes"):
+            return _json(self.daemon.discovered())
+        return _json(self.daemon.peers(revoked=request.query.get("revoked") in ("1", "true")))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Membership events as JSON lines: the recent history (unless ``history=0``), then each
+        new one as it happens, until the client goes away."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10_000)
+
+        def listener(event: dict[str, Any]) -> None:
+            if queue.qsize() < queue.maxsize - 1:  # keep room for the end-of-stream marker
+                queue.put_nowait(event)
+
+        membership = self.daemon.membership
+        unsubscribe = membership.subscribe(listener)
+        self._streams.add(queue)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        try:
+            await resp.prepare(request)
+            if request.query.get("history", "1") not in ("0", "false", "no"):
+                for past in list(membership.history):
+                    await resp.write(json.dumps(past).encode() + b"\n")
+            while (live := await queue.get()) is not None:
+                await resp.write(json.dumps(live).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            unsubscribe()
+            self._streams.discard(queue)
+        return resp
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        subject = self.daemon.revoke(_field(data, "site", str), _field(data, "reason", str, ""))
+        return _json({"revoked": site_id_of(subject), "name": self.daemon.view.name_of(subject),
+                      "fingerprint": fingerprint_of(subject)})
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        old, new = await self.daemon.rotate()
+        return _json({"old_site_id": site_id_of(old), "site_id": site_id_of(new),
+                      "fingerprint": fingerprint_of(new)})
+
+    # -- channels ---------------------------------------------------------------------------------
+
+    async def channels(self, request: web.Request) -> web.Response:
+        return _json(self.daemon.channels.describe())
+
+    async def open_sender(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        to = self.daemon.find_site(_field(data, "to", str))
+        paths = _field(data, "paths", list, None)
+        if paths is not None and not all(isinstance(p, str) for p in paths):
+            raise LocalError("paths must be a list of strings", reason="usage")
+        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths)
+        return _json({"id": ch.cid.hex(), "endpoint": ch.endpoint, "name": ch.name,
+                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to)})
+
+    async def attach_ring(self, request: web.Request) -> web.Response:
+        ch = self._out_channel(request)
+        data = await _body(request)
+        return _json({"ring": self.daemon.channels.attach_ring(ch, _field(data, "ring", str))})
+
+    def _out_channel(self, request: web.Request) -> Any:
+        try:
+            cid = bytes.fromhex(request.match_info["id"])
+        except ValueError:
+            raise LocalError("a channel id is hex", reason="usage") from None
+        ch = self.daemon.channels.out.get(cid)
+        if ch is None:
+            raise LocalError("no such channel at this site", reason="not-found")
+        return ch
+
+    async def close_sender(self, request: web.Request) -> web.Response:
+        ch = self._out_channel(request)
+        self.daemon.channels.close_sender(ch.cid)
+        return _json(ch.describe())
+
+    async def flush(self, request: web.Request) -> web.Response:
+        ch = self._out_channel(request)
+        data = await _body(request)
+        messages = _field(data, "messages", int)
+        timeout = _field(data, "timeout", float, None)
+        acked = await ch.flush(messages, timeout)
+        return _json({"acked_messages": acked})
+
+    async def open_receiver(self, request: web.Request) -> web.Response:
+        data = await _body(request)
+        allow = _field(data, "allow", list, None)
+        keys = None
+        if allow is not None:
+            if not all(isinstance(a, str) for a in allow):
+                raise LocalError("allow must be a list of site names or ids", reason="usage")
+            keys = [self.daemon.find_site(a) for a in allow]
+        name = check_name(_field(data, "name", str))  # before any ring is made for it
+        ring = await self.daemon.channels.make_ring(_field(data, "ring_bytes", int, 0))
+        port = self.daemon.channels.open_receiver(name, keys, ring)
+        return _json({"name": port.name, "endpoint": port.endpoint,
+                      "ring": None if port.ring is None else str(port.ring.path)})
+
+    async def close_receiver(self, request: web.Request) -> web.Response:
+        self.daemon.channels.close_receiver(request.match_info["name"])
+        return _json({"closed": request.match_info["name"]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        status = self.daemon.status()
+        lines = ["# TYPE meshd_members gauge", f"meshd_members {status['members']}"]
+        for name, value in sorted(status["counters"].items()):
+            lines += [f"# TYPE meshd_{name} counter", f"meshd_{name} {value}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _pending(p: Any) -> dict[str, Any]:
+    return {"name": p.name, "site_id": p.site_id, "fingerprint": p.fingerprint,
+            "invite": p.invite, "since": p.since, "addrs": list(p.addrs)}
+
+
+def _decided(r: Any) -> dict[str, Any]:
+    return {"name": r.name, "site_id": site_id_of(r.joiner), "fingerprint": fingerprint_of(r.joiner),
+            "state": r.state}
+
+
+async def _socket_answers(path: Path) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True

@@ -1,0 +1,267 @@
+"""The asyncio glue of the membership core (``meshd.swim``) in the daemon: feed, flush, re-arm.
+
+Only verified members of the mesh ever reach the core: a message from a key that is not a
+member is refused by the peer port, and gossip about non-members (updates and push-pull rows)
+is cut out before the core sees it, so a peer cannot make us believe in a site that no chain of
+vouches admits.  Messages travel as one-way ``swim`` peer messages, back over the connection a
+peer made to us when there is one (the only way to reach a site that cannot be dialed), else
+over a link we dial.  Signed objects ride on the core's push-pull as blobs, verified by
+``MeshView.ingest`` before the core keeps or forwards them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from meshd.trust import records
+from meshd import swim
+from meshd.errors import ProtocolError
+from meshd.trust.identity import curve_public_of, site_id_of
+
+if TYPE_CHECKING:
+    from meshd.daemon.app import Daemon
+
+log = logging.getLogger("meshd.daemon.membership")
+
+_UPDATES = (swim.Ping, swim.PingReq, swim.Ack, swim.Nack, swim.Gossip)
+_STATES = (swim.PushPullRequest, swim.PushPullResponse)
+EVENT_HISTORY = 1000
+"""Membership events kept for ``meshd events`` (a client that connects later sees them)."""
+
+
+class MembershipService:
+    """Runs one ``swim.Membership`` core for the daemon."""
+
+    def __init__(self, daemon: "Daemon", config: swim.SwimConfig | None = None) -> None:
+        self.daemon = daemon
+        self.config = config or swim.SwimConfig()
+        self.core: swim.Membership | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pings: dict[int, tuple[bytes, float]] = {}
+        self.rtt: dict[bytes, float] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._sends: set[asyncio.Task[None]] = set()
+        self.sent = 0
+        self.received = 0
+        self.filtered = 0
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the core once this site is in a mesh (at start-up, or when it founds or joins one)."""
+        view = self.daemon.view
+        if self.core is not None or view.mesh_id is None:
+            return
+        now = self.now()
+        # A restarted site must outrank what others remember of it (left, or dead, at the
+        # incarnation it had): start above the last one used, and remember it first.
+        store = self.daemon.store
+        incarnation = store.get_int("incarnation") + 1
+        store.set_meta("incarnation", incarnation)
+        self.core = swim.Membership(
+            self.daemon.key.public, self.config, random.Random(), now,
+            reachable=self.daemon.bound is not None, verify_blob=self._verify_blob,
+            incarnation=incarnation)
+        self.sync_blobs()
+        self.sync_members()
+        self._flush()
+
+    def sync_members(self) -> None:
+        """Tell the core about members it does not know yet (after an admission or a join),
+        and make it forget keys that are members no more (revoked, or retired by a rotation)."""
+        core = self.core
+        if core is None:
+            return
+        now = self.now()
+        known = {m.node for m in core.members()}
+        for gone in known - set(self.daemon.view.members) - {self.daemon.key.public}:
+            core.forget(gone)
+        new = [k for k in self.daemon.view.members if k not in known]
+        if not new:
+            self.sync_blobs()
+            return
+        reachable = {k: bool(r.reachable) if (r := self.daemon.view.record_of(k)) else True
+                     for k in new}
+        core.restore([(k, 0, b"", reachable[k]) for k in new], now)
+        core.join([k for k in new if self.daemon.dial_addresses(k)], now)
+        self.sync_blobs()
+        self._flush()
+
+    def sync_blobs(self) -> None:
+        """Make the core carry exactly the mesh view's signed objects: new ones published,
+        superseded ones (an older site record, a revoked site's) dropped."""
+        core = self.core
+        if core is None:
+            return
+        wanted = {records.digest_of(raw): raw for raw in self.daemon.view.snapshot()}
+        held = core.blobs()
+        for key in held.keys() - wanted.keys():
+            core.remove_blob(key)
+        for key in wanted.keys() - held.keys():
+            core.publish_blob(wanted[key])
+
+    def leave(self) -> None:
+        """Gossip a graceful leave (the daemon is stopping)."""
+        if self.core is not None:
+            self.core.leave(self.now())
+            self._flush()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._sends):
+            task.cancel()
+
+    # -- input -------------------------------------------------------------------------------------
+
+    def deliver(self, data: bytes, sender: bytes) -> None:
+        """One ``swim`` message from a member (already authenticated and checked to be one)."""
+        core = self.core
+        if core is None:
+            return
+        try:
+            msg = swim.from_bytes(data)
+        except ProtocolError as exc:
+            self.daemon.count("swim_malformed")
+            log.info("dropped a bad membership message from %s: %s", site_id_of(sender), exc)
+            return
+        self.received += 1
+        now = self.now()
+        if isinstance(msg, swim.Ack):
+            sent = self._pings.pop(msg.seq, None)
+            if sent is not None and sent[0] == sender:
+                self.rtt[sender] = now - sent[1]
+        core.receive(self._members_only(msg), sender, now)
+        self._flush()
+
+    def _members_only(self, msg: swim.Message) -> swim.Message:
+        is_member = self.daemon.view.is_member
+        if isinstance(msg, _UPDATES):
+            kept = tuple(u for u in msg.updates if is_member(u.node))
+            if len(kept) != len(msg.updates):
+                self.filtered += len(msg.updates) - len(kept)
+                return dataclasses.replace(msg, updates=kept)
+        elif isinstance(msg, _STATES):
+            rows = tuple(s for s in msg.states if is_member(s.node))
+            if len(rows) != len(msg.states):
+                self.filtered += len(msg.states) - len(rows)
+                return dataclasses.replace(msg, states=rows)
+        return msg
+
+    def _verify_blob(self, blob: bytes) -> bytes | None:
+        """The core's hook: a signed object is kept and forwarded only if the mesh view takes it."""
+        view = self.daemon.view
+        result = view.ingest([blob], int(time.time()))
+        if result.stored:  # not from inside the core's own call: it is merging right now
+            asyncio.get_running_loop().call_soon(self.daemon.on_mesh_change)
+        return records.digest_of(blob) if result.stored or result.duplicate else None
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        now = self.now()
+        for dest, msg in core.outgoing():
+            if not self.daemon.view.is_member(dest):
+                continue
+            if isinstance(msg, swim.Ping) and msg.target == dest:
+                self._pings[msg.seq] = (dest, now)
+                if len(self._pings) > 4096:
+                    self._pings.pop(next(iter(self._pings)))
+            task = asyncio.ensure_future(self._send(dest, swim.to_bytes(msg)))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+        for event in core.events():
+            self._publish(event)
+        self._arm()
+
+    async def _send(self, dest: bytes, data: bytes) -> None:
+        daemon = self.daemon
+        curve = curve_public_of(dest)
+        msg = {"t": "swim", "m": data}
+        self.sent += 1
+        if daemon.server is not None and await daemon.server.push(curve, msg):
+            return
+        if daemon.dialer is not None:
+            await daemon.dialer.send(curve, daemon.dial_addresses(dest), msg)
+
+    def _arm(self) -> None:
+        core = self.core
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if core is None:
+            return
+        when = core.get_timer()
+        if when is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + max(0.0, when - self.now()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.core is not None:
+            self.core.handle_timer(self.now())
+            self._flush()
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``listener`` with each membership event from now on; returns an unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def emit(self, kind: str, node: bytes, **fields: Any) -> None:
+        """Record an event (also for the daemon's own: admitted, revoked, joined)."""
+        event = {"type": kind, "site_id": site_id_of(node),
+                 "name": self.daemon.view.name_of(node), "time": time.time(), **fields}
+        self.history.append(event)
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _publish(self, event: swim.Event) -> None:
+        kind = {swim.MemberJoined: "joined", swim.MemberUpdated: "updated",
+                swim.MemberSuspect: "suspect", swim.MemberAlive: "alive",
+                swim.MemberDead: "dead", swim.MemberLeft: "left",
+                swim.Refuted: "refuted"}.get(type(event))
+        if kind is None:
+            return
+        if isinstance(event, swim.Refuted):
+            self.daemon.store.set_meta("incarnation", event.incarnation)
+        node = getattr(event, "node", self.daemon.key.public)
+        fields: dict[str, Any] = {"incarnation": event.incarnation}  # type: ignore[union-attr]
+        source = getattr(event, "source", None)
+        if source is not None:
+            fields["by"] = site_id_of(source)
+        if kind in ("suspect", "dead", "left", "refuted") or (kind == "alive"):
+            log.info("member %s (%s) is %s (incarnation %d)", self.daemon.view.name_of(node),
+                     site_id_of(node)[:12], kind, fields["incarnation"])
+        self.emit(kind, node, **fields)
+
+    # -- reports ------------------------------------------------------------------------------------
+
+    def state_of(self, key: bytes) -> dict[str, Any]:
+        """State, incarnation, last heard (unix time) and RTT of one member, as the core sees it."""
+        core = self.core
+        info = core.member(key) if core is not None else None
+        if info is None:
+            return {"state": "alive" if key == self.daemon.key.public else "unknown",
+                    "incarnation": 0, "last_seen": None, "rtt_ms": None}
+        now = self.now()
+        last = None if info.last_heard is None else time.time() - (now - info.last_heard)
+        rtt = self.rtt.get(key)
+        return {"state": info.status.name.lower(), "incarnation": info.incarnation,
+                "last_seen": last, "rtt_ms": None if rtt is None else round(rtt * 1000, 3)}

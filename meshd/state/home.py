@@ -1,0 +1,90 @@
+"""Where a site keeps its state: the home directory and the files in it.
+
+The home is chosen by ``--home DIR``, else ``$MESHD_HOME``, else the platform's per-user data
+directory (``$XDG_DATA_HOME/meshd`` or ``~/.local/share/meshd``; ``~/Library/Application
+Support/meshd`` on macOS).  It is created with mode 0700 and holds:
+
+=================  ====================================================================
+``site.key``       the Ed25519 site key, mode 0600 (refused if looser)
+``config.toml``    the daemon's settings, every field documented in place
+``state.db``       the trust store (SQLite, WAL): records, vouches, invitations
+``control.sock``   the local control socket (HTTP+JSON), mode 0600, while the daemon runs
+``daemon.pid``     the running daemon's process id
+=================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshd.errors import StateError
+
+
+def default_home() -> Path:
+    """The per-user default state directory for this platform."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "meshd"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "meshd"
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """``home`` if given, else ``$MESHD_HOME``, else :func:`default_home`; made absolute."""
+    chosen = home if home is not None else os.environ.get("MESHD_HOME") or default_home()
+    return Path(chosen).expanduser().absolute()
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """The files of one site's state directory."""
+
+    root: Path
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / "site.key"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.root / "daemon.pid"
+
+    def exists(self) -> bool:
+        return self.key_path.exists()
+
+    def create(self) -> None:
+        """Create the directory with mode 0700 (tightening an existing empty one)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def require(self) -> None:
+        """Raise a StateError that says what to run when the site is not initialised."""
+        if not self.key_path.exists():
+            raise StateError(
+                f"no meshd site in {self.root}; create one with: meshd init --name NAME"
+                f" --home {self.root}",
+                reason="not-initialised",
+            )
+        mode = stat.S_IMODE(self.root.stat().st_mode)
+        if mode & 0o022:
+            raise StateError(
+                f"state directory {self.root} is writable by others (mode {mode:04o});"
+                f" run: chmod 700 {self.root}",
+                reason="permissions",
+            )

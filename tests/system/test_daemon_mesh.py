@@ -1,0 +1,172 @@
+"""Real daemons on loopback: invitations, approval, record propagation, refusals.
+
+Every site is a separate ``meshd run`` process; the CLI runs as separate processes too, and talks
+to the daemons over their real control sockets; the daemons talk over their real CURVE peer ports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from meshd.trust import tokens
+from meshd.testing.processes import wait_until
+
+from tests.helpers import as_email, invite, meshd, ROOT, Site, state_dump, verified_names
+
+
+def test_three_sites_join_by_email_and_approval(sites: Any) -> None:
+    a, b, c = sites("aps-8id"), sites("alcf"), sites("nersc")
+
+    token_ab = invite(a, "--name", "alcf", "--role", "introducer")
+    assert token_ab.startswith("-----BEGIN MESHD INVITATION-----")
+    r = b.cli("join", input=as_email(token_ab))
+    assert r.returncode == 0, r.stderr + b.log()
+
+    token_bc = invite(b, "--name", "nersc", "--approve")
+    email = c.home / "invitation.eml"
+    email.write_text(as_email(token_bc))
+    join_c = subprocess.Popen(
+        [sys.executable, "-m", "meshd", "join", str(email), "--home", str(c.home)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    pending = wait_until(lambda: b.json("pending"), 30, "the pending join at alcf")
+    assert [p["name"] for p in pending] == ["nersc"]
+    c_fp = c.json("status")["fingerprint"]
+    assert pending[0]["fingerprint"] == c_fp
+    assert c.client.peers() == []  # not admitted yet: nothing adopted
+    r = b.cli("approve", c_fp.lower().replace("-", " "))
+    assert r.returncode == 0, r.stderr
+    out, err = join_c.communicate(timeout=60)
+    assert join_c.returncode == 0, err + c.log()
+    assert c_fp in err and b.json("status")["fingerprint"] in err  # both shown for the phone call
+
+    for site in (a, b, c):
+        wait_until(lambda s=site: verified_names(s) == {"aps-8id", "alcf", "nersc"}, 30,
+                   f"{site.name} to know all three sites")
+        peers = site.json("peers")
+        assert {p["name"]: p["role"] for p in peers} == {
+            "aps-8id": "introducer", "alcf": "introducer", "nersc": "member"}
+        assert all(p["verified"] and p["site_id"] and p["state"] for p in peers)
+        assert [p["name"] for p in peers if p["self"]] == [site.name]
+        assert all(p["state"] in ("alive", "suspect", "dead", "left") for p in peers)
+
+    # nersc's role is member: it may not invite.
+    r = c.cli("invite")
+    assert r.returncode == 1 and "only introducers" in r.stderr
+
+    # The used token is refused over the real sockets, also after the inviter restarts.
+    assert a.stop() == 0
+    a.start()
+    d = sites("desy")
+    r = d.cli("join", input=token_ab)
+    assert r.returncode == 1
+    assert "already been used" in r.stderr
+    assert d.json("status")["mesh_id"] is None
+    assert a.json("status")["counters"].get("joins_refused_used") == 1
+
+
+def test_bad_tokens_are_refused_and_write_nothing(sites: Any) -> None:
+    a = sites("aps-8id", start=False)
+    config = a.home / "config.toml"
+    config.write_text(config.read_text().replace("join_failure_base = 1.0",
+                                                 "join_failure_base = 600.0"))
+    a.start()
+    d = sites("desy")
+    token = invite(a, "--name", "desy")
+    inv = tokens.parse(token)
+    before = state_dump(d)
+
+    expired = tokens.encode(tokens.Invitation(**{**_fields(inv), "expires": 1_000_000_000}))
+    typo = _change_one_symbol(tokens.encode(inv))
+    other_mesh = tokens.encode(tokens.Invitation(**{**_fields(inv), "mesh_id": b"\x01" * 16}))
+    cases = {
+        "expired": (expired, "expired"),
+        "typo": (typo, "typo"),
+        "truncated": (tokens.encode(inv)[:60], "cut short"),
+        "missing": ("hello, no token here", "no meshd invitation"),
+    }
+    for name, (text, words) in cases.items():
+        r = d.cli("join", input=text)
+        assert r.returncode == 1, name
+        assert words in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert state_dump(d) == before, name
+
+    # For another mesh than the inviter's: refused by the inviter, nothing written.
+    r = d.cli("join", input=other_mesh)
+    assert r.returncode == 1 and "another mesh" in r.stderr, r.stderr
+    assert state_dump(d) == before
+
+    # A wrong secret is refused, counted, and the next try from the same source is slowed.
+    wrong = tokens.encode(tokens.Invitation(**{**_fields(inv), "secret": b"\x00" * 16}))
+    r1 = d.cli("join", "--json", input=wrong)
+    assert r1.returncode == 1
+    assert json.loads(r1.stdout)["error"]["reason"] == "unknown"
+    r2 = d.cli("join", "--json", input=tokens.encode(inv))
+    assert r2.returncode == 1 and json.loads(r2.stdout)["error"]["reason"] == "throttled"
+    counters = a.json("status")["counters"]
+    assert counters["joins_refused_unknown"] == 1 and counters["joins_refused_throttled"] == 1
+    assert state_dump(d) == before
+
+
+def _fields(inv: tokens.Invitation) -> dict[str, Any]:
+    return {f: getattr(inv, f) for f in inv.__slots__}  # type: ignore[attr-defined]
+
+
+def _change_one_symbol(token: str) -> str:
+    i = len(token) // 2
+    while token[i] == "-":
+        i += 1
+    new = "X" if token[i] != "X" else "Y"
+    return token[:i] + new + token[i + 1:]
+
+
+def test_cli_without_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "lonely", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    r = meshd("status", home=home)
+    assert r.returncode == 3
+    assert "no meshd daemon is running" in r.stderr and "meshd run" in r.stderr
+    r = meshd("peers", "--json", home=home)
+    assert r.returncode == 3 and json.loads(r.stdout)["error"]["reason"] == "not-running"
+
+
+def test_init_refuses_overwrite_and_run_refuses_loose_key(tmp_path: Path) -> None:
+    home = tmp_path / "site"
+    r = meshd("init", "--name", "aps-8id", "--json", home=home)
+    assert r.returncode == 0
+    info = json.loads(r.stdout)
+    assert re.fullmatch(r"[A-Z0-9]{4}-[A-Z0-9]{4}-[A-Z0-9]{4}", info["fingerprint"])
+    assert (home / "site.key").stat().st_mode & 0o777 == 0o600
+    assert (home / "state.db").stat().st_mode & 0o077 == 0
+    assert "listen" in (home / "config.toml").read_text()
+    key_before = (home / "site.key").read_bytes()
+    r = meshd("init", "--name", "other", home=home)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    assert (home / "site.key").read_bytes() == key_before
+    (home / "site.key").chmod(0o644)
+    r = meshd("run", home=home, timeout=30)
+    assert r.returncode == 1
+    assert "chmod 600" in r.stderr
+
+
+def test_two_daemons_find_each_other_on_the_lan_without_addresses(sites: Any) -> None:
+    a, b = sites("aps-8id"), sites("alcf")
+
+    def sees(site: Site, other: Site) -> dict[str, Any] | None:
+        other_id = other.json("status")["site_id"]
+        hits = [s for s in site.client.peers(discovered=True) if s["site_id"] == other_id]
+        return hits[0] if hits else None
+
+    seen = wait_until(lambda: sees(a, b), 30, "aps-8id to see alcf by mDNS")
+    assert seen["name"] == "alcf" and seen["member"] is False
+    assert seen["addrs"] == [b.json("status")["listen"]]
+    wait_until(lambda: sees(b, a), 30, "alcf to see aps-8id by mDNS")
+    r = a.cli("peers", "--discovered", "--json")
+    assert r.returncode == 0 and any(s["name"] == "alcf" for s in json.loads(r.stdout))
+    # A stranger on the LAN is listed, never trusted: it is not among the members.
+    assert "alcf" not in {p["name"] for p in a.client.peers()}

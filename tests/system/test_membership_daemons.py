@@ -1,0 +1,174 @@
+"""Gossip membership between real daemons: crash detection, pauses, graceful leave, events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from meshd.app.client import Client
+from meshd.testing.processes import wait_until
+from meshd.swim import SwimConfig
+from meshd.swim.util import suspicion_timeout
+
+from tests.helpers import invite, Site
+
+
+def five_sites(sites: Any) -> list[Site]:
+    names = ["aps-8id", "alcf", "nersc", "slac", "ornl"]
+    all_sites = [sites(n) for n in names]
+    token = invite(all_sites[0], "--uses", "4")
+    for s in all_sites[1:]:
+        r = s.cli("join", input=token)
+        assert r.returncode == 0, r.stderr
+    for s in all_sites:
+        wait_until(lambda s=s: _states(s) == {n: "alive" for n in names}, 60,
+                   f"{s.name} to see all five alive")
+    return all_sites
+
+
+def _states(site: Site) -> dict[str, str]:
+    return {p["name"]: p["state"] for p in site.client.peers()}
+
+
+class EventLog:
+    """Collects a daemon's membership events from its real control socket, in a thread."""
+
+    def __init__(self, site: Site) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._client = Client(site.home)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self._client.events():
+                self.events.append(event)
+        except Exception:
+            pass
+
+    def of(self, name: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["name"] == name and e["type"] == kind]
+
+
+def test_a_crashed_site_is_declared_dead_by_every_live_site(sites: Any) -> None:
+    a, b, c, d, e = five_sites(sites)
+    started = time.monotonic()
+    e.kill()
+    for s in (a, b, c, d):
+        wait_until(lambda s=s: _states(s)["ornl"] == "dead", 60, f"{s.name} to declare ornl dead")
+    elapsed = time.monotonic() - started
+    # Nobody else was declared anything but alive.
+    for s in (a, b, c, d):
+        states = _states(s)
+        assert {n: st for n, st in states.items() if n != "ornl"} == {
+            "aps-8id": "alive", "alcf": "alive", "nersc": "alive", "slac": "alive"}
+        peers = {p["name"]: p for p in s.client.peers()}
+        assert peers["alcf"]["incarnation"] >= 0 and peers["ornl"]["incarnation"] >= 0
+    assert elapsed < 60
+
+
+def test_a_paused_site_shorter_than_the_suspicion_timeout_is_never_declared_dead(
+        sites: Any) -> None:
+    all_sites = five_sites(sites)
+    paused = all_sites[2]
+    logs = [EventLog(s) for s in all_sites if s is not paused]
+    wait_until(lambda: all(lg.events for lg in logs), 30, "the event streams to start")
+    assert paused.proc is not None
+    # The pause is the stimulus: shorter than the smallest suspicion timeout for N=5.
+    cfg = SwimConfig()
+    pause = 0.5 * suspicion_timeout(cfg.suspicion_mult, 5, cfg.probe_interval)
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    time.sleep(pause)
+    os.kill(paused.proc.pid, signal.SIGCONT)
+    resumed = time.time()
+    # Every other site hears from it again after the pause...
+    for s in all_sites:
+        if s is not paused:
+            wait_until(lambda s=s: ({p["name"]: p for p in s.client.peers()}["nersc"]["last_seen"]
+                                    or 0) > resumed, 30, f"{s.name} to hear from nersc again")
+    # ...and none of them ever declared it dead.
+    for lg in logs:
+        assert lg.of("nersc", "dead") == []
+    for s in all_sites:
+        assert _states(s)["nersc"] in ("alive", "suspect")
+
+
+def test_graceful_stop_is_seen_as_left_not_dead(sites: Any) -> None:
+    a, b, c, d, e = five_sites(sites)
+    assert d.stop() == 0
+    for s in (a, b, c, e):
+        wait_until(lambda s=s: _states(s)["slac"] == "left", 30, f"{s.name} to see slac leave")
+    left_at = {p["name"]: p for p in a.client.peers()}["slac"]["incarnation"]
+    # Back again: it must outrank the "left" everyone remembers, so it starts a higher incarnation.
+    d.start()
+    for s in (a, b, c, e):
+        wait_until(lambda s=s: _states(s)["slac"] == "alive", 30, f"{s.name} to see slac back")
+    assert {p["name"]: p for p in a.client.peers()}["slac"]["incarnation"] > left_at
+
+
+def test_a_site_that_only_dials_out_is_kept_alive_and_detected_when_it_dies(sites: Any) -> None:
+    a, b = sites("aps-8id"), sites("alcf")
+    c = sites("edge-box", listen=None)  # no inbound port at all
+    token = invite(a, "--uses", "2")
+    assert b.cli("join", input=token).returncode == 0
+    assert c.cli("join", input=token).returncode == 0
+    names = {"aps-8id", "alcf", "edge-box"}
+    for s in (a, b, c):
+        wait_until(lambda s=s: _states(s) == {n: "alive" for n in names}, 60,
+                   f"{s.name} to see all three alive")
+    peers = {p["name"]: p for p in a.client.peers()}
+    assert peers["edge-box"]["addrs"] == [] and peers["edge-box"]["reachable"] is False
+    assert peers["edge-box"]["reached"] == "inbound"
+    # Alive for several suspicion timeouts although nobody can dial it.
+    log = EventLog(a)
+    cfg = SwimConfig()
+    horizon = time.time() + 3 * suspicion_timeout(cfg.suspicion_mult, 3, cfg.probe_interval)
+    wait_until(lambda: time.time() > horizon
+               and ({p["name"]: p for p in a.client.peers()}["edge-box"]["last_seen"] or 0)
+               > horizon - 1, 60, "three suspicion timeouts with edge-box heard from")
+    assert log.of("edge-box", "dead") == [] and log.of("edge-box", "suspect") == []
+    c.kill()
+    for s in (a, b):
+        wait_until(lambda s=s: _states(s)["edge-box"] == "dead", 60,
+                   f"{s.name} to declare edge-box dead")
+
+
+def test_key_rotation_hands_membership_to_the_new_key_and_the_mesh_follows(sites: Any) -> None:
+    a, b, c = sites("aps-8id"), sites("alcf"), sites("nersc")
+    assert b.cli("join", input=invite(a, "--role", "introducer")).returncode == 0
+    assert c.cli("join", input=invite(b)).returncode == 0
+    stale_token = invite(b)
+    for s in (a, b, c):
+        wait_until(lambda s=s: sum(p["verified"] for p in s.client.peers()) == 3, 30,
+                   f"{s.name} to know all three")
+    old = b.json("status")
+    r = b.cli("rotate", "--json")
+    assert r.returncode == 0, r.stderr + b.log()
+    rotated = json.loads(r.stdout)
+    assert rotated["old_site_id"] == old["site_id"] and rotated["site_id"] != old["site_id"]
+    assert b.json("status")["site_id"] == rotated["site_id"]
+    assert oct((b.home / "site.key").stat().st_mode & 0o777) == "0o600"
+    assert not (b.home / "site.key.new").exists()
+
+    def alcf_is_new(s: Site) -> bool:
+        peers = {p["name"]: p for p in s.client.peers()}
+        p = peers.get("alcf")
+        return (p is not None and p["site_id"] == rotated["site_id"] and p["verified"]
+                and p["state"] == "alive" and len(peers) == 3)
+
+    for s in (a, b, c):
+        wait_until(lambda s=s: alcf_is_new(s), 30, f"{s.name} to follow alcf's new key")
+        peers = {p["name"]: p for p in s.client.peers()}
+        assert peers["alcf"]["role"] == "introducer"
+        assert old["site_id"] not in {p["site_id"] for p in s.client.peers()}
+        assert peers["nersc"]["role"] == "member"  # admitted by the old key: still a member
+    # The new key works for everything the old one did; the old key's invitation is void.
+    d = sites("desy")
+    assert d.cli("join", input=invite(b)).returncode == 0
+    e = sites("eve")
+    r = e.cli("join", input=stale_token)
+    assert r.returncode == 1
