@@ -123,7 +123,7 @@ class DemoMesh:
 
     def start(self) -> DemoMesh:
         from meshd.app.client import Client
-        from meshd.daemon.app import init_site
+        from meshd.state.site import init_site
         from meshd.testing.processes import start_daemon, wait_until
         from meshd.state.home import Home
 

@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.app.client import Client  # noqa: E402
-from meshd.daemon.app import init_site  # noqa: E402
+from meshd.state.site import init_site  # noqa: E402
 from meshd.testing.processes import start_daemon, wait_until  # noqa: E402
 from meshd.state.home import Home  # noqa: E402
 

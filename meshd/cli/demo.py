@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.app.client import Client
-from meshd.daemon.app import init_site
+from meshd.state.site import init_site
 from meshd.errors import MeshdError
 from meshd.state.home import Home
 from meshd.testing.processes import start_daemon, stop_daemons, wait_until

@@ -51,7 +51,7 @@ def _say(text: str) -> None:
 # -- subcommands -----------------------------------------------------------------------------------
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from meshd.daemon.app import init_site
+    from meshd.state.site import init_site
 
     home = Home(resolve_home(args.home))
     listen = "" if args.no_listen else args.listen

@@ -46,6 +46,7 @@ from meshd.daemon.membership import MembershipService
 from meshd.state.view import MeshView
 from meshd.peer.links import Dialer, PeerInfo, PeerServer, Unreachable
 from meshd.trust.records import Revocation, SiteRecord, Vouch
+from meshd.state.site import SiteKeys
 from meshd.state.store import Store
 
 log = logging.getLogger("meshd")
@@ -125,16 +126,16 @@ class Daemon:
         home.require()
         self.home = home
         self.config = config_mod.load(home.config_path)
-        self.key = SiteKey.load(home.key_path)
+        self.keys = SiteKeys(SiteKey.load(home.key_path))
         self.store = Store(home.db_path)
         name = self.store.get_meta("name")
         if not isinstance(name, str):
             raise StateError(f"{home.db_path} has no site name; was `meshd init` interrupted?",
                              reason="not-initialised")
         self.name = name
-        self.view = MeshView(self.store, self.key)
+        self.view = MeshView(self.store, self.keys)
         self.view.load(int(now if now is not None else time.time()))
-        self.admissions = Admissions(self.store, self.view, self.key, self.config)
+        self.admissions = Admissions(self.store, self.view, self.keys, self.config)
         self.contacts: dict[bytes, Contact] = {}
         self.joins: dict[str, JoinAttempt] = {}
         self.counters: dict[str, int] = {}
@@ -152,6 +153,10 @@ class Daemon:
         self.channels = ChannelService(self)
         self._known_members: frozenset[bytes] = frozenset()
         self._known_revoked: frozenset[bytes] = frozenset()
+
+    @property
+    def key(self) -> SiteKey:
+        return self.keys.key
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -697,7 +702,7 @@ class Daemon:
         tmp.unlink(missing_ok=True)
         new.save(tmp)
         os.replace(tmp, self.home.key_path)
-        self.key = self.admissions.key = self.view.key = new
+        self.keys.rotate_to(new)
         await self._restart_transport()
         self._refresh_own_record()
         log.info("rotated the site key: %s -> %s (fingerprint %s)", old.site_id, new.site_id,
@@ -815,26 +820,3 @@ class Daemon:
                 "inviter_fingerprint": fingerprint_of(inv.inviter_key),
                 "fingerprint": self.key.fingerprint, "mesh_id": inv.mesh_id.hex(),
                 "approve": inv.approve, "error": attempt.error}
-
-
-def init_site(home: Home, name: str, listen: str | None) -> SiteKey:
-    """Create a site's state directory: key (0600), config, trust store. Refuses to overwrite."""
-    if not records.is_valid_name(name):
-        raise LocalError("a site name is 1 to 64 letters, digits, '.', '_' or '-', starting with"
-                         " a letter or digit", reason="usage")
-    if home.exists():
-        raise StateError(f"a site already exists in {home.root}; remove it first or pick"
-                         " another --home", reason="exists")
-    if listen:
-        config_mod.check_listen(listen)
-    home.create()
-    key = SiteKey.generate()
-    cfg = Config() if listen is None else Config(listen=listen)
-    config_mod.save(home.config_path, cfg)
-    store = Store(home.db_path)
-    try:
-        store.set_meta("name", name, own_seq=0)
-    finally:
-        store.close()
-    key.save(home.key_path)
-    return key

@@ -26,6 +26,7 @@ from meshd.errors import JoinRefused, LocalError, RecordError, StateError
 from meshd.trust.identity import SiteKey, curve_public_of, fingerprint_of, site_id_of
 from meshd.state.view import MeshView
 from meshd.trust.records import SiteRecord, Vouch
+from meshd.state.site import SiteKeys
 from meshd.state.store import InvitationRow, Redemption, Store
 from meshd.state.throttle import Throttle
 
@@ -50,16 +51,21 @@ def normalize_fingerprint(text: str) -> str:
 class Admissions:
     """Issues invitations and answers join requests for one site."""
 
-    def __init__(self, store: Store, view: MeshView, key: SiteKey, config: Config) -> None:
+    def __init__(self, store: Store, view: MeshView, keys: SiteKeys, config: Config) -> None:
         self.store = store
         self.view = view
-        self.key = key
+        self.keys = keys
         self.config = config
         self.throttle = Throttle(config.join_failure_base, config.join_failure_cap)
         self.refused: Counter[str] = Counter()
         self.admitted = 0
 
     # -- issuing ----------------------------------------------------------------------------------
+
+    @property
+    def key(self) -> SiteKey:
+        """The site key now (read from the one holder, so a rotation is seen at once)."""
+        return self.keys.key
 
     def invite(self, *, addrs: list[tokens.Address], alternates: list[tokens.Alternate],
                name_hint: str, expires_in: float, uses: int, role: str, approve: bool,

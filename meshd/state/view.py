@@ -18,6 +18,7 @@ from meshd.trust import rules as trust
 from meshd.errors import RecordError
 from meshd.trust.identity import SiteKey, curve_public_of
 from meshd.trust.records import Genesis, Revocation, Rotation, Signed, SiteRecord, Vouch
+from meshd.state.site import SiteKeys
 from meshd.state.store import Store
 
 log = logging.getLogger("meshd.state.view")
@@ -38,9 +39,9 @@ class IngestResult:
 class MeshView:
     """The verified state of one mesh, backed by the store."""
 
-    def __init__(self, store: Store, key: SiteKey) -> None:
+    def __init__(self, store: Store, keys: SiteKeys) -> None:
         self.store = store
-        self.key = key
+        self.keys = keys
         self.refused: Counter[str] = Counter()
         self.genesis: Signed | None = None
         self.site_records: dict[bytes, Signed] = {}
@@ -65,6 +66,11 @@ class MeshView:
     @property
     def mesh_name(self) -> str:
         return "" if self.genesis is None else self._genesis_body.mesh_name
+
+    @property
+    def key(self) -> SiteKey:
+        """The site key now (read from the one holder, so a rotation is seen at once)."""
+        return self.keys.key
 
     def load(self, now: int) -> None:
         """Read the store back, verifying every object again.

@@ -20,6 +20,7 @@ from meshd.state.admission import Admissions
 from meshd.state.config import Config
 from meshd.errors import JoinRefused, LocalError
 from meshd.trust.identity import SiteKey, curve_public_of
+from meshd.state.site import SiteKeys
 from meshd.state.view import MeshView
 from meshd.trust.records import Revocation, SiteRecord, Vouch
 from meshd.state.store import Store
@@ -63,16 +64,16 @@ class Inviter:
 
 def open_inviter(path: Path, key_: SiteKey = INVITER) -> Inviter:
     store = Store(path)
-    view = MeshView(store, key_)
+    view = MeshView(store, SiteKeys(key_))
     view.load(NOW)
-    return Inviter(path, store, view, Admissions(store, view, key_, Config()))
+    return Inviter(path, store, view, Admissions(store, view, SiteKeys(key_), Config()))
 
 
 @pytest.fixture
 def inviter(tmp_path: Path) -> Iterator[Inviter]:
     path = tmp_path / "inviter.db"
     store = Store(path)
-    MeshView(store, INVITER).found("testmesh", b"\x01" * 16, NOW)
+    MeshView(store, SiteKeys(INVITER)).found("testmesh", b"\x01" * 16, NOW)
     store.close()
     inv = open_inviter(path)
     yield inv
@@ -126,7 +127,7 @@ def test_admitted_answer_is_adopted_by_a_fresh_joiner_store(inviter: Inviter,
     assert inviter.view.is_member(J1.public) and inviter.adm.admitted == 1
 
     jstore = Store(tmp_path / "joiner.db")
-    jview = MeshView(jstore, J1)
+    jview = MeshView(jstore, SiteKeys(J1))
     jview.adopt(answer["items"], inviter.mesh, NOW)
     assert jview.members == inviter.view.members
     assert jview.members[J1.public].role == "introducer"
@@ -292,9 +293,9 @@ def test_single_use_survives_closing_and_reopening_the_store(inviter: Inviter) -
 def test_invite_by_a_member_role_site_is_refused(inviter: Inviter, tmp_path: Path) -> None:
     answer = join(inviter, inviter.invite(role="member"), J1)
     jstore = Store(tmp_path / "member.db")
-    jview = MeshView(jstore, J1)
+    jview = MeshView(jstore, SiteKeys(J1))
     jview.adopt(answer["items"], inviter.mesh, NOW)
-    adm = Admissions(jstore, jview, J1, Config())
+    adm = Admissions(jstore, jview, SiteKeys(J1), Config())
     with pytest.raises(LocalError) as exc:
         adm.invite(addrs=[tokens.Address("192.0.2.3", 4750)], alternates=[], name_hint="",
                    expires_in=HOUR, uses=1, role="member", approve=False, now=NOW)

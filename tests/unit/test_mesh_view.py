@@ -15,6 +15,7 @@ import pytest
 from meshd.trust import records
 from meshd.errors import RecordError
 from meshd.trust.identity import SiteKey
+from meshd.state.site import SiteKeys
 from meshd.state.view import MeshView
 from meshd.trust.records import Genesis, Revocation, Signed, SiteRecord, Vouch
 from meshd.state.store import Store
@@ -72,7 +73,7 @@ def founded(tmp_path: Path):
     """A founder's store and view over a fresh mesh."""
     path = tmp_path / "founder.db"
     store = Store(path)
-    view = MeshView(store, F)
+    view = MeshView(store, SiteKeys(F))
     view.found("testmesh", SALT, NOW)
     yield path, store, view
     store.close()
@@ -153,7 +154,7 @@ def test_vouches_for_an_outsider_by_an_outsider_are_unauthorized(founded) -> Non
 def test_dependent_vouches_in_one_batch_are_admitted_in_any_order(tmp_path: Path, order) -> None:
     path = tmp_path / "f.db"
     store = Store(path)
-    view = MeshView(store, F)
+    view = MeshView(store, SiteKeys(F))
     view.found("testmesh", SALT, NOW)
     mesh = mesh_of(view)
     chain = [vouch(F, A, mesh, "introducer"), vouch(A, B, mesh, "introducer"), vouch(B, C, mesh)]
@@ -226,7 +227,7 @@ def test_adopt_makes_the_joiner_a_member(founded, tmp_path: Path) -> None:
     mesh = mesh_of(view)
     view.ingest([vouch(F, A, mesh, "introducer").raw, site_record(A, mesh).raw], NOW)
     jstore = Store(tmp_path / "a.db")
-    joiner = MeshView(jstore, A)
+    joiner = MeshView(jstore, SiteKeys(A))
     joiner.adopt(view.snapshot(), mesh, NOW)
     assert joiner.members == view.members
     assert joiner.mesh_id == mesh
@@ -241,7 +242,7 @@ def test_adopt_a_snapshot_without_us_raises_and_writes_nothing(founded, tmp_path
     view.ingest([vouch(F, A, mesh).raw, site_record(A, mesh).raw], NOW)
     path = tmp_path / "x.db"
     xstore = Store(path)
-    outsider = MeshView(xstore, X)
+    outsider = MeshView(xstore, SiteKeys(X))
     with pytest.raises(RecordError) as exc:
         outsider.adopt(view.snapshot(), mesh, NOW)
     assert exc.value.reason == "unauthorized"
@@ -259,7 +260,7 @@ def test_adopt_refuses_a_snapshot_with_one_forged_item_and_keeps_the_old_mesh(
     view.ingest([vouch(F, A, mesh).raw], NOW)
     path = tmp_path / "a.db"
     astore = Store(path)
-    a = MeshView(astore, A)
+    a = MeshView(astore, SiteKeys(A))
     a.found("mine", b"\x03" * 16, NOW)
     before = astore.get_meta("genesis")
     with pytest.raises(RecordError) as exc:
@@ -275,7 +276,7 @@ def test_adopt_refuses_a_snapshot_with_one_forged_item_and_keeps_the_old_mesh(
 
 def _populated(path: Path) -> tuple[Store, MeshView, bytes]:
     store = Store(path)
-    view = MeshView(store, F)
+    view = MeshView(store, SiteKeys(F))
     view.found("testmesh", SALT, NOW)
     mesh = mesh_of(view)
     view.ingest([vouch(F, A, mesh, "introducer").raw, vouch(A, B, mesh).raw,
@@ -291,7 +292,7 @@ def test_load_after_reopening_gives_the_same_members(tmp_path: Path) -> None:
     assert set(members) == {F.public, A.public, B.public}
     store.close()
     store2 = Store(path)
-    again = MeshView(store2, F)
+    again = MeshView(store2, SiteKeys(F))
     again.load(NOW + 10)
     assert again.members == members
     assert again.revoked == revoked == frozenset({C.public})
@@ -312,7 +313,7 @@ def _tamper(path: Path, table: str, where: str, arg: bytes) -> bytes:
 
 def _load_untrusting(path: Path) -> MeshView | RecordError:
     store = Store(path)
-    view = MeshView(store, F)
+    view = MeshView(store, SiteKeys(F))
     try:
         view.load(NOW)
     except RecordError as exc:
@@ -364,7 +365,7 @@ def test_load_accepts_records_issued_ahead_of_a_clock_set_back(tmp_path: Path) -
     members = set(view.members)
     store.close()
     store = Store(path)
-    later = MeshView(store, F)
+    later = MeshView(store, SiteKeys(F))
     later.load(NOW - 3600)  # the clock went back an hour since these were stored
     assert set(later.members) == members and not later.refused
     store.close()
@@ -383,7 +384,7 @@ def test_vouch_by_a_revoked_introducer_is_refused(founded) -> None:
 def test_ingest_before_joining_a_mesh_stores_nothing(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     store = Store(path)
-    view = MeshView(store, X)
+    view = MeshView(store, SiteKeys(X))
     view.load(NOW)
     other = records.sign(Genesis(F.public, "m", NOW, SALT), F)
     result = view.ingest([other.raw, vouch(F, X, other.body.mesh_id).raw], NOW)  # type: ignore[union-attr]
@@ -410,7 +411,7 @@ def test_rotation_by_a_member_hands_over_and_survives_reload(founded, tmp_path: 
     # A vouch signed by the retired key (it admitted C before the handover) still counts.
     assert view.ingest([vouch(A, C, mesh).raw], NOW).stored == 1 and view.is_member(C.public)
     store.close()
-    again = MeshView(Store(path), F)
+    again = MeshView(Store(path), SiteKeys(F))
     again.load(NOW)
     assert set(again.members) == set(view.members)
     assert rotation.raw in again.snapshot()
@@ -432,7 +433,7 @@ def test_a_joiner_adopts_a_snapshot_with_a_rotated_introducer(founded, tmp_path:
     view.ingest([vouch(F, A, mesh, "introducer").raw], NOW)
     view.ingest([records.sign_rotation(mesh, A, A2, NOW).raw], NOW)
     view.ingest([vouch(A2, B, mesh).raw], NOW)  # the new key admits B
-    joiner = MeshView(Store(tmp_path / "b.db"), B)
+    joiner = MeshView(Store(tmp_path / "b.db"), SiteKeys(B))
     joiner.adopt(view.snapshot(), mesh, NOW)
     assert set(joiner.members) == {F.public, A2.public, B.public}
     joiner.store.close()
