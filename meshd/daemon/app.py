@@ -44,7 +44,8 @@ from meshd.state.home import Home
 from meshd.trust.identity import SiteKey, curve_public_of, fingerprint_of, site_id_of
 from meshd.daemon.membership import MembershipService
 from meshd.state.view import MeshView
-from meshd.peer.links import Dialer, PeerInfo, PeerServer, Unreachable
+from meshd.peer.dialer import Dialer, Unreachable
+from meshd.peer.server import PeerInfo, PeerServer
 from meshd.trust.records import Revocation, SiteRecord, Vouch
 from meshd.state.site import SiteKeys
 from meshd.state.store import Store

@@ -16,7 +16,7 @@ from nacl.public import PrivateKey
 from zmq.utils.monitor import recv_monitor_message
 
 from meshd.peer import wire
-from meshd.peer.links import PeerInfo, PeerServer
+from meshd.peer.server import PeerInfo, PeerServer
 from meshd.peer.portmux import AliasPool, PortMux
 
 T = 10.0  # seconds: the bound on every wait for something that should happen at once
