@@ -16,7 +16,7 @@ from aiohttp import web
 
 from meshd.local import api
 from meshd.trust import tokens
-from meshd.daemon.channels.service import check_name
+from meshd.channel.control import check_name
 from meshd.errors import LocalError, MeshdError, RemoteError
 from meshd.trust.identity import fingerprint_of, site_id_of
 

@@ -44,6 +44,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from meshd.channel import batch, link
+from meshd.channel.control import CTRL_CLOSE, CTRL_OPEN, check_name
 from meshd.channel.events import AllAcked, Feedback, Probe, Transmit, Writable
 from meshd.channel.frames import (
     FRAME_OVERHEAD,
@@ -85,12 +86,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshd.daemon.channels.service")
 
-CTRL_OPEN = 0x10
-"""Sender -> receiver control payload: ``0x10`` + the channel name (UTF-8); the first frame."""
-CTRL_CLOSE = 0x11
-"""Sender -> receiver: the application closed the channel; nothing more will come."""
-
-MAX_NAME = 128
 PREAMBLE_TIMEOUT = 10.0
 RELAY_WAIT = 10.0
 MAX_RELAY_WAITING = 256
@@ -120,14 +115,6 @@ async def until_app_leaves(sock: zmq.asyncio.Socket) -> None:
         if not sock.closed:
             sock.disable_monitor()
         monitor.close(0)
-
-
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not 0 < len(name.encode()) <= MAX_NAME \
-            or not name.isprintable():
-        raise LocalError(f"a channel name is 1-{MAX_NAME} bytes of printable text",
-                         reason="bad-name")
-    return name
 
 
 def _pack(obj: Any) -> bytes:
