@@ -242,10 +242,6 @@ class Simulator:
         """Drop everything ``src`` sends to ``dst`` (one direction only)."""
         self._blocked.add((src, dst))
 
-    def unblock(self, src: bytes, dst: bytes) -> None:
-        """Undo :meth:`block`."""
-        self._blocked.discard((src, dst))
-
     def call_at(self, when: float, fn: Callable[[], None]) -> None:
         """Run ``fn()`` when the clock reaches ``when`` (to script faults inside a run)."""
         self._push(when, _CALL, fn, None, None)

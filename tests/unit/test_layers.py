@@ -164,6 +164,30 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
+GLUE_AND_CALLERS = ("meshd.daemon", "meshd.peer", "meshd.state", "meshd.app", "meshd.cli",
+                    "meshd.local")
+MAX_MODULE_LINES = 500
+MAX_CLASS_LINES = 300
+
+
+def test_glue_and_caller_modules_and_classes_stay_small() -> None:
+    """A module of the glue or the callers that grows past these limits holds more than one
+    concern (the pure cores may be longer where one state machine needs it)."""
+    big = []
+    for name, path in ALL.items():
+        if layer_of(name) not in GLUE_AND_CALLERS:
+            continue
+        text = path.read_text()
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            big.append(f"{name}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    big.append(f"{name}.{node.name}: class of {size} lines")
+    assert not big, "\n".join(big)
+
+
 def test_the_checker_sees_a_cycle_and_a_forbidden_import(tmp_path: Path) -> None:
     """The checks above can fail: a two-module cycle is found, a clock import in a pure core is seen."""
     assert strongly_connected({"a": {"b"}, "b": {"a"}, "c": set()}) == [{"a", "b"}]
