@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from meshd.state import config as config_mod
-    from meshd.daemon.app import Daemon, keep_freed_memory
+    from meshd.daemon.app import Daemon
+    from meshd.daemon.host import keep_freed_memory
 
     home = Home(resolve_home(args.home))
     home.require()

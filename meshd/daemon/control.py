@@ -10,18 +10,23 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from meshd.local import api
-from meshd.trust import tokens
 from meshd.channel.control import check_name
+from meshd.daemon.admin import Admin
+from meshd.daemon.channels.service import ChannelService
+from meshd.daemon.joins import Joins
+from meshd.daemon.membership import MembershipService
+from meshd.daemon.reports import Reports
 from meshd.errors import LocalError, MeshdError, RemoteError
+from meshd.local import api
+from meshd.state.admission import PendingJoin
+from meshd.state.store import Redemption
+from meshd.state.view import MeshView
+from meshd.trust import tokens
 from meshd.trust.identity import fingerprint_of, site_id_of
-
-if TYPE_CHECKING:
-    from meshd.daemon.app import Daemon
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,10 +73,20 @@ def _field(data: dict[str, Any], name: str, typ: type, default: Any = ...) -> An
 
 
 class ControlServer:
-    """Serves the daemon's control routes on its unix socket."""
+    """Serves the daemon's control routes on its unix socket, each by the service it concerns.
 
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
+    ``rotate`` is the key rotation (``Rotation.rotate``)."""
+
+    def __init__(self, *, view: MeshView, reports: Reports, admin: Admin, joins: Joins,
+                 membership: MembershipService, channels: ChannelService,
+                 rotate: Callable[[], Awaitable[tuple[bytes, bytes]]]) -> None:
+        self.view = view
+        self.reports = reports
+        self.admin = admin
+        self.joins = joins
+        self.membership = membership
+        self.channels = channels
+        self.rotate_key = rotate
         self.app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
         self.app.add_routes([
             web.get(api.STATUS, self.status),
@@ -86,7 +101,7 @@ class ControlServer:
             web.post(api.ROTATE, self.rotate),
             web.get(api.METRICS, self.metrics),
             web.get(api.EVENTS, self.events),
-            web.get(api.CHANNELS, self.channels),
+            web.get(api.CHANNELS, self.list_channels),
             web.post(api.CHANNELS, self.open_sender),
             web.delete(api.CHANNELS + "/{id}", self.close_sender),
             web.post(api.CHANNELS + "/{id}/flush", self.flush),
@@ -123,11 +138,11 @@ class ControlServer:
             self._path.unlink(missing_ok=True)
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(self.daemon.status())
+        return _json(self.reports.status())
 
     async def invite(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        inv = self.daemon.invite(
+        inv = self.admin.invite(
             name_hint=_field(data, "name", str, ""),
             expires=_field(data, "expires", float, None),
             uses=_field(data, "uses", int, 1),
@@ -139,11 +154,11 @@ class ControlServer:
 
     async def join(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        attempt = self.daemon.start_join(_field(data, "text", str))
-        return _json(self.daemon.join_view(attempt))
+        attempt = self.joins.start(_field(data, "text", str))
+        return _json(self.reports.join_view(attempt))
 
     async def join_state(self, request: web.Request) -> web.Response:
-        attempt = self.daemon.joins.get(request.match_info["id"])
+        attempt = self.joins.attempts.get(request.match_info["id"])
         if attempt is None:
             raise LocalError("no such join", reason="not-found")
         try:
@@ -156,26 +171,26 @@ class ControlServer:
                 await asyncio.wait_for(attempt.changed.wait(), wait)
             except asyncio.TimeoutError:
                 pass
-        return _json(self.daemon.join_view(attempt))
+        return _json(self.reports.join_view(attempt))
 
     async def pending(self, request: web.Request) -> web.Response:
         return _json([{**_pending(p), "state": "pending"}
-                      for p in self.daemon.admissions.pending()])
+                      for p in self.admin.pending()])
 
     async def approve(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        done = self.daemon.approve(_field(data, "fingerprint", str))
+        done = self.admin.approve(_field(data, "fingerprint", str))
         return _json(_decided(done))
 
     async def deny(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        done = self.daemon.deny(_field(data, "fingerprint", str))
+        done = self.admin.deny(_field(data, "fingerprint", str))
         return _json(_decided(done))
 
     async def peers(self, request: web.Request) -> web.Response:
         if request.query.get("discovered") in ("1", "true", "yes"):
-            return _json(self.daemon.discovered())
-        return _json(self.daemon.peers(revoked=request.query.get("revoked") in ("1", "true")))
+            return _json(self.reports.discovered())
+        return _json(self.reports.peers(revoked=request.query.get("revoked") in ("1", "true")))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Membership events as JSON lines: the recent history (unless ``history=0``), then each
@@ -186,7 +201,7 @@ class ControlServer:
             if queue.qsize() < queue.maxsize - 1:  # keep room for the end-of-stream marker
                 queue.put_nowait(event)
 
-        membership = self.daemon.membership
+        membership = self.membership
         unsubscribe = membership.subscribe(listener)
         self._streams.add(queue)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -206,48 +221,48 @@ class ControlServer:
 
     async def revoke(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        subject = self.daemon.revoke(_field(data, "site", str), _field(data, "reason", str, ""))
-        return _json({"revoked": site_id_of(subject), "name": self.daemon.view.name_of(subject),
+        subject = self.admin.revoke(_field(data, "site", str), _field(data, "reason", str, ""))
+        return _json({"revoked": site_id_of(subject), "name": self.view.name_of(subject),
                       "fingerprint": fingerprint_of(subject)})
 
     async def rotate(self, request: web.Request) -> web.Response:
-        old, new = await self.daemon.rotate()
+        old, new = await self.rotate_key()
         return _json({"old_site_id": site_id_of(old), "site_id": site_id_of(new),
                       "fingerprint": fingerprint_of(new)})
 
     # -- channels ---------------------------------------------------------------------------------
 
-    async def channels(self, request: web.Request) -> web.Response:
-        return _json(self.daemon.channels.describe())
+    async def list_channels(self, request: web.Request) -> web.Response:
+        return _json(self.channels.describe())
 
     async def open_sender(self, request: web.Request) -> web.Response:
         data = await _body(request)
-        to = self.daemon.find_site(_field(data, "to", str))
+        to = self.admin.find_site(_field(data, "to", str))
         paths = _field(data, "paths", list, None)
         if paths is not None and not all(isinstance(p, str) for p in paths):
             raise LocalError("paths must be a list of strings", reason="usage")
-        ch = self.daemon.channels.open_sender(_field(data, "name", str), to, paths)
+        ch = self.channels.open_sender(_field(data, "name", str), to, paths)
         return _json({"id": ch.cid.hex(), "endpoint": ch.endpoint, "name": ch.name,
-                      "peer": self.daemon.view.name_of(to), "peer_id": site_id_of(to)})
+                      "peer": self.view.name_of(to), "peer_id": site_id_of(to)})
 
     async def attach_ring(self, request: web.Request) -> web.Response:
         ch = self._out_channel(request)
         data = await _body(request)
-        return _json({"ring": self.daemon.channels.attach_ring(ch, _field(data, "ring", str))})
+        return _json({"ring": self.channels.attach_ring(ch, _field(data, "ring", str))})
 
     def _out_channel(self, request: web.Request) -> Any:
         try:
             cid = bytes.fromhex(request.match_info["id"])
         except ValueError:
             raise LocalError("a channel id is hex", reason="usage") from None
-        ch = self.daemon.channels.out.get(cid)
+        ch = self.channels.out.get(cid)
         if ch is None:
             raise LocalError("no such channel at this site", reason="not-found")
         return ch
 
     async def close_sender(self, request: web.Request) -> web.Response:
         ch = self._out_channel(request)
-        self.daemon.channels.close_sender(ch.cid)
+        self.channels.close_sender(ch.cid)
         return _json(ch.describe())
 
     async def flush(self, request: web.Request) -> web.Response:
@@ -265,31 +280,31 @@ class ControlServer:
         if allow is not None:
             if not all(isinstance(a, str) for a in allow):
                 raise LocalError("allow must be a list of site names or ids", reason="usage")
-            keys = [self.daemon.find_site(a) for a in allow]
+            keys = [self.admin.find_site(a) for a in allow]
         name = check_name(_field(data, "name", str))  # before any ring is made for it
-        ring = await self.daemon.channels.make_ring(_field(data, "ring_bytes", int, 0))
-        port = self.daemon.channels.open_receiver(name, keys, ring)
+        ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0))
+        port = self.channels.open_receiver(name, keys, ring)
         return _json({"name": port.name, "endpoint": port.endpoint,
                       "ring": None if port.ring is None else str(port.ring.path)})
 
     async def close_receiver(self, request: web.Request) -> web.Response:
-        self.daemon.channels.close_receiver(request.match_info["name"])
+        self.channels.close_receiver(request.match_info["name"])
         return _json({"closed": request.match_info["name"]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        status = self.daemon.status()
+        status = self.reports.status()
         lines = ["# TYPE meshd_members gauge", f"meshd_members {status['members']}"]
         for name, value in sorted(status["counters"].items()):
             lines += [f"# TYPE meshd_{name} counter", f"meshd_{name} {value}"]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-def _pending(p: Any) -> dict[str, Any]:
+def _pending(p: PendingJoin) -> dict[str, Any]:
     return {"name": p.name, "site_id": p.site_id, "fingerprint": p.fingerprint,
             "invite": p.invite, "since": p.since, "addrs": list(p.addrs)}
 
 
-def _decided(r: Any) -> dict[str, Any]:
+def _decided(r: Redemption) -> dict[str, Any]:
     return {"name": r.name, "site_id": site_id_of(r.joiner), "fingerprint": fingerprint_of(r.joiner),
             "state": r.state}
 

@@ -9,13 +9,13 @@ key; a sighting of anyone else is only listed (``meshd peers --discovered``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from meshd.daemon.tasks import TaskSet
 from meshd.trust import base32
 from meshd.trust.identity import site_id_of
 from meshd.trust.records import is_valid_name
@@ -81,7 +81,7 @@ class Discovery:
         self._azc: Any = None
         self._browser: Any = None
         self._info: Any = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("discovery")
 
     @property
     def instance(self) -> str:
@@ -129,9 +129,7 @@ class Discovery:
 
         if state_change is ServiceStateChange.Removed:
             return
-        task = asyncio.ensure_future(self._resolve(service_type, name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._resolve(service_type, name), "resolve")
 
     async def _resolve(self, service_type: str, name: str) -> None:
         from zeroconf.asyncio import AsyncServiceInfo
@@ -160,8 +158,7 @@ class Discovery:
             self.on_sighting(sighting)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.close()
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._azc is not None:

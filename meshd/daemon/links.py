@@ -9,16 +9,13 @@ rotation restarts it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
+from meshd.daemon.discovery import Sighting
 from meshd.peer.dialer import Dialer, Unreachable
 from meshd.peer.server import PeerServer
 from meshd.state.view import MeshView
 from meshd.trust.identity import curve_public_of
-
-
-class Sighting(Protocol):
-    addrs: tuple[str, ...] | list[str]
 
 
 class MemberLinks:
@@ -70,6 +67,11 @@ class MemberLinks:
             self.dialer.forget(curve)
         if self.server is not None:
             self.server.routes.pop(curve, None)
+
+    def remember_route(self, curve_key: bytes, route: bytes) -> None:
+        """A member's latest connection to our peer port: the way back to it for :meth:`send`."""
+        if self.server is not None:
+            self.server.routes[curve_key] = route
 
     def rtt(self, key: bytes) -> float | None:
         """The last round trip of a request to a member over a dialed link, in seconds."""

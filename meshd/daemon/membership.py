@@ -17,15 +17,18 @@ import logging
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from meshd.trust import records
 from meshd import swim
+from meshd.daemon.counters import Counters
+from meshd.daemon.links import MemberLinks
+from meshd.daemon.site import LocalSite
+from meshd.daemon.tasks import CoreTimer, TaskSet
 from meshd.errors import ProtocolError
-from meshd.trust.identity import curve_public_of, site_id_of
-
-if TYPE_CHECKING:
-    from meshd.daemon.app import Daemon
+from meshd.state.store import Store
+from meshd.state.view import MeshView
+from meshd.trust import records
+from meshd.trust.identity import site_id_of
 
 log = logging.getLogger("meshd.daemon.membership")
 
@@ -36,46 +39,61 @@ EVENT_HISTORY = 1000
 
 
 class MembershipService:
-    """Runs one ``swim.Membership`` core for the daemon."""
+    """Runs one ``swim.Membership`` core for the daemon.
 
-    def __init__(self, daemon: "Daemon", config: swim.SwimConfig | None = None) -> None:
-        self.daemon = daemon
+    ``store`` keeps the incarnation across restarts; ``links`` sends the core's messages;
+    ``on_change`` is called (soon, from the loop) when gossip brought a new signed object."""
+
+    def __init__(self, *, site: LocalSite, view: MeshView, store: Store, links: MemberLinks,
+                 counters: Counters, on_change: Callable[[], None],
+                 config: swim.SwimConfig | None = None) -> None:
+        self.site = site
+        self.view = view
+        self.store = store
+        self.links = links
+        self.counters = counters
+        self.on_change = on_change
         self.config = config or swim.SwimConfig()
         self.core: swim.Membership | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = CoreTimer(self._on_timer)
+        self._sends = TaskSet("membership")
+        self._left = asyncio.Event()
         self._pings: dict[int, tuple[bytes, float]] = {}
         self.rtt: dict[bytes, float] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._sends: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.received = 0
         self.filtered = 0
 
-    @staticmethod
-    def now() -> float:
-        return time.monotonic()
+    now = staticmethod(CoreTimer.now)
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the core once this site is in a mesh (at start-up, or when it founds or joins one)."""
-        view = self.daemon.view
-        if self.core is not None or view.mesh_id is None:
+        if self.core is not None or self.view.mesh_id is None:
             return
         now = self.now()
         # A restarted site must outrank what others remember of it (left, or dead, at the
         # incarnation it had): start above the last one used, and remember it first.
-        store = self.daemon.store
-        incarnation = store.get_int("incarnation") + 1
-        store.set_meta("incarnation", incarnation)
+        incarnation = self.store.get_int("incarnation") + 1
+        self.store.set_meta("incarnation", incarnation)
+        self._left.clear()
         self.core = swim.Membership(
-            self.daemon.key.public, self.config, random.Random(), now,
-            reachable=self.daemon.bound is not None, verify_blob=self._verify_blob,
+            self.site.keys.public, self.config, random.Random(), now,
+            reachable=self.site.reachable, verify_blob=self._verify_blob,
             incarnation=incarnation)
         self.sync_blobs()
         self.sync_members()
         self._flush()
+
+    async def restart(self) -> None:
+        """A new core under the current site key (after a rotation); listeners and history stay."""
+        await self.close()
+        self._pings.clear()
+        self.rtt.clear()
+        self.start()
 
     def sync_members(self) -> None:
         """Tell the core about members it does not know yet (after an admission or a join),
@@ -85,16 +103,16 @@ class MembershipService:
             return
         now = self.now()
         known = {m.node for m in core.members()}
-        for gone in known - set(self.daemon.view.members) - {self.daemon.key.public}:
+        for gone in known - set(self.view.members) - {self.site.keys.public}:
             core.forget(gone)
-        new = [k for k in self.daemon.view.members if k not in known]
+        new = [k for k in self.view.members if k not in known]
         if not new:
             self.sync_blobs()
             return
-        reachable = {k: bool(r.reachable) if (r := self.daemon.view.record_of(k)) else True
+        reachable = {k: bool(r.reachable) if (r := self.view.record_of(k)) else True
                      for k in new}
         core.restore([(k, 0, b"", reachable[k]) for k in new], now)
-        core.join([k for k in new if self.daemon.dial_addresses(k)], now)
+        core.join([k for k in new if self.links.dial_addresses(k)], now)
         self.sync_blobs()
         self._flush()
 
@@ -104,24 +122,30 @@ class MembershipService:
         core = self.core
         if core is None:
             return
-        wanted = {records.digest_of(raw): raw for raw in self.daemon.view.snapshot()}
+        wanted = {records.digest_of(raw): raw for raw in self.view.snapshot()}
         held = core.blobs()
         for key in held.keys() - wanted.keys():
             core.remove_blob(key)
         for key in wanted.keys() - held.keys():
             core.publish_blob(wanted[key])
 
-    def leave(self) -> None:
-        """Gossip a graceful leave (the daemon is stopping)."""
-        if self.core is not None:
-            self.core.leave(self.now())
-            self._flush()
+    async def leave(self, timeout: float) -> None:
+        """Gossip a graceful leave (the daemon is stopping) and wait up to ``timeout`` seconds
+        until the core has sent it as often as it means to."""
+        if self.core is None or self.view.mesh_id is None:
+            return
+        self.core.leave(self.now())
+        self._flush()
+        try:
+            await asyncio.wait_for(self._left.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        for task in list(self._sends):
-            task.cancel()
+    async def close(self) -> None:
+        """Stop the core: its timer and the sends in flight."""
+        self._timer.cancel()
+        self.core = None
+        await self._sends.close()
 
     # -- input -------------------------------------------------------------------------------------
 
@@ -133,7 +157,7 @@ class MembershipService:
         try:
             msg = swim.from_bytes(data)
         except ProtocolError as exc:
-            self.daemon.count("swim_malformed")
+            self.counters.count("malformed")
             log.info("dropped a bad membership message from %s: %s", site_id_of(sender), exc)
             return
         self.received += 1
@@ -146,7 +170,7 @@ class MembershipService:
         self._flush()
 
     def _members_only(self, msg: swim.Message) -> swim.Message:
-        is_member = self.daemon.view.is_member
+        is_member = self.view.is_member
         if isinstance(msg, _UPDATES):
             kept = tuple(u for u in msg.updates if is_member(u.node))
             if len(kept) != len(msg.updates):
@@ -161,10 +185,9 @@ class MembershipService:
 
     def _verify_blob(self, blob: bytes) -> bytes | None:
         """The core's hook: a signed object is kept and forwarded only if the mesh view takes it."""
-        view = self.daemon.view
-        result = view.ingest([blob], int(time.time()))
+        result = self.view.ingest([blob], int(time.time()))
         if result.stored:  # not from inside the core's own call: it is merging right now
-            asyncio.get_running_loop().call_soon(self.daemon.on_mesh_change)
+            asyncio.get_running_loop().call_soon(self.on_change)
         return records.digest_of(blob) if result.stored or result.duplicate else None
 
     # -- output ------------------------------------------------------------------------------------
@@ -175,46 +198,24 @@ class MembershipService:
             return
         now = self.now()
         for dest, msg in core.outgoing():
-            if not self.daemon.view.is_member(dest):
+            if not self.view.is_member(dest):
                 continue
             if isinstance(msg, swim.Ping) and msg.target == dest:
                 self._pings[msg.seq] = (dest, now)
                 if len(self._pings) > 4096:
                     self._pings.pop(next(iter(self._pings)))
-            task = asyncio.ensure_future(self._send(dest, swim.to_bytes(msg)))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+            self.sent += 1
+            self._sends.spawn(self.links.send(dest, {"t": "swim", "m": swim.to_bytes(msg)}),
+                              "send")
         for event in core.events():
             self._publish(event)
-        self._arm()
+        if core.leave_done:
+            self._left.set()
+        self._timer.arm(core.get_timer())
 
-    async def _send(self, dest: bytes, data: bytes) -> None:
-        daemon = self.daemon
-        curve = curve_public_of(dest)
-        msg = {"t": "swim", "m": data}
-        self.sent += 1
-        if daemon.server is not None and await daemon.server.push(curve, msg):
-            return
-        if daemon.dialer is not None:
-            await daemon.dialer.send(curve, daemon.dial_addresses(dest), msg)
-
-    def _arm(self) -> None:
-        core = self.core
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if core is None:
-            return
-        when = core.get_timer()
-        if when is None:
-            return
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + max(0.0, when - self.now()), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_timer(self, now: float) -> None:
         if self.core is not None:
-            self.core.handle_timer(self.now())
+            self.core.handle_timer(now)
             self._flush()
 
     # -- events -------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class MembershipService:
     def emit(self, kind: str, node: bytes, **fields: Any) -> None:
         """Record an event (also for the daemon's own: admitted, revoked, joined)."""
         event = {"type": kind, "site_id": site_id_of(node),
-                 "name": self.daemon.view.name_of(node), "time": time.time(), **fields}
+                 "name": self.view.name_of(node), "time": time.time(), **fields}
         self.history.append(event)
         for listener in list(self._listeners):
             listener(event)
@@ -240,14 +241,14 @@ class MembershipService:
         if kind is None:
             return
         if isinstance(event, swim.Refuted):
-            self.daemon.store.set_meta("incarnation", event.incarnation)
-        node = getattr(event, "node", self.daemon.key.public)
+            self.store.set_meta("incarnation", event.incarnation)
+        node = getattr(event, "node", self.site.keys.public)
         fields: dict[str, Any] = {"incarnation": event.incarnation}  # type: ignore[union-attr]
         source = getattr(event, "source", None)
         if source is not None:
             fields["by"] = site_id_of(source)
         if kind in ("suspect", "dead", "left", "refuted") or (kind == "alive"):
-            log.info("member %s (%s) is %s (incarnation %d)", self.daemon.view.name_of(node),
+            log.info("member %s (%s) is %s (incarnation %d)", self.view.name_of(node),
                      site_id_of(node)[:12], kind, fields["incarnation"])
         self.emit(kind, node, **fields)
 
@@ -258,7 +259,7 @@ class MembershipService:
         core = self.core
         info = core.member(key) if core is not None else None
         if info is None:
-            return {"state": "alive" if key == self.daemon.key.public else "unknown",
+            return {"state": "alive" if key == self.site.keys.public else "unknown",
                     "incarnation": 0, "last_seen": None, "rtt_ms": None}
         now = self.now()
         last = None if info.last_heard is None else time.time() - (now - info.last_heard)
