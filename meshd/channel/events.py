@@ -8,6 +8,10 @@ sender to receiver, :class:`Feedback` from receiver to sender.  To the owner: :c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .paths import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +65,47 @@ class AllAcked:
 @dataclass(frozen=True, slots=True)
 class Writable:
     """A ``send`` that would have blocked may succeed now (credit arrived or buffer freed)."""
+
+
+# -- the channel ends' cores (:mod:`.outbound`, :mod:`.inbound`) --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """Outbound action: write this sealed frame on the channel's current connection."""
+
+    frame: bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class PathOpen:
+    """Outbound event: the race chose ``path`` (a :class:`~.paths.Path`) after ``setup_s``."""
+
+    path: Path
+    setup_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PathLost:
+    """Outbound event: the channel's connection was lost; a new race has begun."""
+
+
+@dataclass(frozen=True, slots=True)
+class NoPathLeft:
+    """Outbound event: every path failed (``error`` says why each); the race runs again in
+    ``retry_in`` seconds."""
+
+    error: str
+    retry_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """Outbound event: the receiver's daemon now has the first ``messages`` messages."""
+
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed:
+    """Outbound event: the channel is closed (nothing more is sent or started)."""

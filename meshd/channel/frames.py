@@ -70,7 +70,7 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Protocol, Union, cast
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -81,7 +81,23 @@ from meshd.errors import LocalError, ProtocolError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from .handshake import ChannelKeys
+
+class FrameKeys(Protocol):
+    """What a frame layer needs of :class:`.handshake.ChannelKeys` (typed here, so that this
+    module, which the handshake imports, does not import it back)."""
+
+    @property
+    def channel_id(self) -> bytes: ...
+    @property
+    def cipher(self) -> int: ...
+    @property
+    def send_key(self) -> bytes: ...
+    @property
+    def recv_key(self) -> bytes: ...
+    @property
+    def send_direction(self) -> int: ...
+    @property
+    def recv_direction(self) -> int: ...
 
 Buffer = Union[bytes, bytearray, memoryview, "npt.NDArray[np.generic]"]
 """What ``seal`` takes without copying: any C-contiguous buffer (numpy arrays included)."""
@@ -229,7 +245,7 @@ class Sealer(_Keyed):
         self.next_control_seq = 0
 
     @classmethod
-    def for_channel(cls, keys: ChannelKeys) -> Sealer:
+    def for_channel(cls, keys: FrameKeys) -> Sealer:
         return cls(keys.cipher, keys.send_key, keys.channel_id, keys.send_direction)
 
     def seal(self, seq: int, payload: Buffer, *, kind: int = KIND_DATA,
@@ -271,7 +287,7 @@ class Opener(_Keyed):
         """Lowest control seq still accepted."""
 
     @classmethod
-    def for_channel(cls, keys: ChannelKeys) -> Opener:
+    def for_channel(cls, keys: FrameKeys) -> Opener:
         return cls(keys.cipher, keys.recv_key, keys.channel_id, keys.recv_direction)
 
     def open(self, frame: Buffer, *, expect_seq: int | None = None) -> Frame:

@@ -256,14 +256,18 @@ class Initiator:
 
 
 class Responder:
-    """The side that accepts channels: one per site, long-lived (it holds the replay cache)."""
+    """The side that accepts channels: one per site, long-lived (it holds the replay cache).
+
+    ``site_key`` is the key itself (a fixed key) or a provider called at each Hello: a running
+    site passes ``lambda: keys.key`` so that a key rotation reaches the responder at once, while
+    the replay cache carries over the rotation."""
 
     __slots__ = ("_ciphers", "_expiry", "_max", "_not_before_ms", "_randbytes", "_seen",
                  "_site")
 
     def __init__(
         self,
-        site_key: SiteKey,
+        site_key: SiteKey | Callable[[], SiteKey],
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         ciphers: Sequence[int] = (AES256GCM, CHACHA20POLY1305),
@@ -275,7 +279,8 @@ class Responder:
         just before a restart could be replayed just after."""
         if max_remembered < 1:
             raise LocalError("max_remembered must be at least 1", reason="bad-config")
-        self._site = site_key
+        self._site: Callable[[], SiteKey] = (
+            site_key if callable(site_key) else (lambda: site_key))
         self._ciphers = _check_ciphers(ciphers)
         self._randbytes = randbytes
         self._max = max_remembered
@@ -317,7 +322,8 @@ class Responder:
             raise _fail("oversized", f"Hello of {len(data)} bytes, {expected} expected")
         body, sig = data[:-64], data[-64:]
         offered = _parse_ciphers(body[_HELLO_HEAD.size :])
-        if not hmac.compare_digest(responder, self._site.public):
+        site = self._site()  # the current key: read at each Hello, never kept
+        if not hmac.compare_digest(responder, site.public):
             raise _fail("wrong-responder", "Hello addressed to another site")
         if initiator not in peers:
             raise _fail("unknown-peer", "Hello from a site we take no channels from")
@@ -345,7 +351,7 @@ class Responder:
         heapq.heappush(self._expiry, (t_ms + _SKEW_MS, key))
         a_body = _ACCEPT_BODY.pack(VERSION, _T_ACCEPT, channel_id, eph_pk, cipher)
         hello_hash = _hash(data, b"meshd-chan-hello")
-        accept = a_body + self._site.sign(ACCEPT_DOMAIN + hello_hash + a_body)
+        accept = a_body + site.sign(ACCEPT_DOMAIN + hello_hash + a_body)
         th = _hash(data + a_body, b"meshd-chan-th")
         keys = ChannelKeys(channel_id=channel_id, initiator=False, peer=initiator, cipher=cipher,
                            send_direction=DIR_R2I, recv_direction=DIR_I2R, transcript_hash=th,

@@ -7,8 +7,9 @@ bytes arrive.  A ZMTP 2/3 greeting starts with 0xFF, so
 - first byte 0xFF: the connection is *spliced* byte-for-byte to the internal ZeroMQ ROUTER
   (``zmq_target``, on loopback).  The splice connects from a loopback alias ``127.x.y.z`` that
   stands for the remote IP, so the ROUTER's ``Peer-Address`` tells remote IPs apart and
-  ``real_address`` maps it back.  Two ``_Pipe`` protocols copy chunks across, each pausing the
-  other's reading while its own write buffer is above the high-water mark;
+  ``real_address`` maps it back.  Two ``_Pipe`` protocols copy chunks across with
+  :mod:`meshd.peer.splice`, each pausing the other's reading while its own write buffer is above
+  the high-water mark;
 - anything else: ``on_other(transport, first_bytes)`` returns the protocol that takes the
   connection over (or None to close it).
 
@@ -30,6 +31,8 @@ import logging
 import socket
 from collections import OrderedDict
 from typing import Callable
+
+from meshd.peer.splice import SpliceEnd, pair
 
 log = logging.getLogger("meshd.peer.portmux")
 
@@ -103,36 +106,36 @@ class AliasPool:
 
 
 class _Pipe(asyncio.Protocol):
-    """One side of a splice: what it reads, the other side writes."""
+    """One side of a splice: what it reads, the other side writes (:mod:`meshd.peer.splice`)."""
 
     def __init__(self, splice: _Splice) -> None:
         self.splice = splice
-        self.transport: asyncio.Transport | None = None
+        self.end = SpliceEnd()
         self.other: _Pipe | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.end.transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.end.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        out = self.other.transport if self.other is not None else None
-        if out is not None and not out.is_closing():
-            out.write(data)
+        self.end.received(data)
 
     def eof_received(self) -> bool | None:
         self.splice.finish(self.other, aborted=False)
         return None  # close this side too, after it has flushed
 
     def pause_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.pause_reading()
+        self.end.pause_writing()
 
     def resume_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.resume_reading()
+        self.end.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+        self.end.transport = None
         self.splice.lost(self, exc)
 
 
@@ -145,6 +148,7 @@ class _Splice:
         self.outer = _Pipe(self)
         self.inner = _Pipe(self)
         self.outer.other, self.inner.other = self.inner, self.outer
+        pair(self.outer.end, self.inner.end)
         self._open = 2
 
     def finish(self, pipe: _Pipe | None, *, aborted: bool) -> None:

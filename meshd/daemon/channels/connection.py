@@ -5,7 +5,7 @@ reused scratch buffer; a large record (a frame of a big message) is received str
 own buffer, so the kernel's copy is the only one before decryption.  Records go to ``handler``
 (by default an inbox queue that handshakes await with :meth:`DataConnection.expect`).  A relay
 switches a connection to :meth:`DataConnection.splice`: raw bytes to the partner, with flow
-control both ways, nothing parsed.
+control both ways (:mod:`meshd.peer.splice`), nothing parsed.
 """
 
 from __future__ import annotations
@@ -14,21 +14,17 @@ import asyncio
 import collections
 import logging
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from meshd.channel import link
 from meshd.channel.frames import Block, new_block
 from meshd.errors import ProtocolError
+from meshd.peer.splice import SpliceEnd, pair
 
 log = logging.getLogger("meshd.daemon.channels.connection")
 
 _SCRATCH = 256 << 10
-_WRITE_COPIES_REST = sys.version_info < (3, 12)
-"""Up to 3.11 an asyncio socket transport sends what it can at once and copies the rest into
-its own buffer, so a relay may hand it a view of its scratch buffer; from 3.12 on it keeps a
-reference to the view, and the relay must copy first."""
 _WRITE_HIGH = 8 << 20
 _WRITE_LOW = 2 << 20
 _COALESCE = 64 << 10
@@ -51,12 +47,13 @@ class DataConnection(asyncio.BufferedProtocol):
         self.owner: Any = None
         """Whatever this connection serves now (an attempt, a channel end, a relay leg)."""
         self.bytes_in = 0
-        self.bytes_out = 0
+        self._bytes_sent = 0
         self._scratch = bytearray(_SCRATCH)
         self._fill = 0
         self._body: Block | None = None
         self._body_kind = 0
         self._body_got = 0
+        self._end = SpliceEnd()
         self._partner: DataConnection | None = None
         self._held = False
         self._parsing = False
@@ -70,7 +67,7 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = self._end.transport = transport
         # The transport is handed a record only while its own buffer is empty (it tells us by
         # pause/resume_writing at 0): a record it can send at once is never copied into that
         # buffer; the rest wait, uncopied, in ``_queue`` (see ``send``).
@@ -95,9 +92,8 @@ class DataConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
         if self._partner is not None:
-            view = memoryview(self._scratch)[:nbytes]
-            with view:
-                self._partner.write_raw(view if _WRITE_COPIES_REST else bytes(view))
+            with memoryview(self._scratch)[:nbytes] as view:
+                self._end.received(view, reused=True)
             return
         if self._body is not None:
             self._body_got += nbytes
@@ -113,15 +109,13 @@ class DataConnection(asyncio.BufferedProtocol):
         self._transport_full = True
         if self._partner is not None:
             self.writable.clear()
-            if self._partner.transport is not None:
-                self._partner.transport.pause_reading()
+            self._end.pause_writing()
 
     def resume_writing(self) -> None:
         self._transport_full = False
         if self._partner is not None:
             self.writable.set()
-            if self._partner.transport is not None:
-                self._partner.transport.resume_reading()
+            self._end.resume_writing()
             return
         self._write_queued()
 
@@ -180,7 +174,7 @@ class DataConnection(asyncio.BufferedProtocol):
         view.release()
         self._fill = rest
         if self._partner is not None and rest:  # spliced while parsing: pass the rest on
-            self._partner.write_raw(bytes(self._scratch[:rest]))
+            self._end.received(bytes(self._scratch[:rest]))
             self._fill = 0
 
     def _deliver(self, kind: int, body: Block) -> None:
@@ -226,7 +220,7 @@ class DataConnection(asyncio.BufferedProtocol):
             self._queue.append(head)
             self._queue.append(body)
         self._queued += n + len(head)
-        self.bytes_out += n + len(head)
+        self._bytes_sent += n + len(head)
         self._write_queued()
         return True
 
@@ -254,20 +248,20 @@ class DataConnection(asyncio.BufferedProtocol):
     def splice(self, partner: DataConnection) -> None:
         """From now on pass every byte to ``partner`` (and what is held already)."""
         self._partner = partner
+        pair(self._end, partner._end)
         self._held = False
         if self.transport is not None:  # raw bytes go through the transport's buffer
             self.transport.set_write_buffer_limits(high=_WRITE_HIGH)
         if not self._parsing and self._fill:  # (else the parser passes the rest on)
-            partner.write_raw(bytes(self._scratch[:self._fill]))
+            self._end.received(bytes(self._scratch[:self._fill]))
             self._fill = 0
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def write_raw(self, data: bytes | memoryview) -> None:
-        t = self.transport
-        if t is not None and not t.is_closing():
-            t.write(data)
-            self.bytes_out += len(data)
+    @property
+    def bytes_out(self) -> int:
+        """Bytes written: records, and raw bytes a splice passed through."""
+        return self._bytes_sent + self._end.bytes_out
 
     def refuse(self, reason: str) -> None:
         """Tell the other side why (a hint) and close."""

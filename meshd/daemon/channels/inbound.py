@@ -1,0 +1,336 @@
+"""The receiving ends of channels, and the receiver ports that feed applications (asyncio glue).
+
+A data connection becomes a *receiving end* when the sender dials us (direct), when we dial
+the sender back (reversed, maybe with the Hello already checked), or when we join the sender at
+a relay.  Its records go to :meth:`Receiving.on_record`: the Hello is answered by the site's one
+:class:`~meshd.channel.handshake.Responder` (which reads the current site key at each Hello),
+the first frame must open the channel (:func:`~meshd.channel.inbound.open_first_frame`), every
+later frame goes to the channel's :class:`~meshd.channel.inbound.ReceivingEnd`.  A
+:class:`ReceiverPort` hands delivered batches to the application's PUSH socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from meshd.channel import link
+from meshd.channel.control import DialRequest, RelayNotice
+from meshd.channel.frames import Block
+from meshd.channel.handshake import ChannelKeys, Responder
+from meshd.channel.inbound import ReceivingEnd, delivery_meta, open_first_frame
+from meshd.channel.reliable import ReceiverConfig
+from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.ipc import IpcEndpoints, delivery, until_app_leaves
+from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
+from meshd.daemon.counters import Counters
+from meshd.daemon.site import LocalSite
+from meshd.daemon.tasks import TaskSet
+from meshd.errors import LocalError, ProtocolError
+from meshd.local.ring import Ring
+from meshd.state.config import Config
+from meshd.state.view import MeshView
+from meshd.trust.identity import site_id_of
+
+log = logging.getLogger("meshd.daemon.channels.inbound")
+
+_BIG_PAYLOAD = 64 << 10
+"""Payloads at least this big are handed to ZeroMQ without a copy."""
+
+
+class _RSide:
+    """What a receiving-end data connection is for, before and after it joins a channel."""
+
+    __slots__ = ("cid", "inc", "path", "pending", "relay", "sender")
+
+    def __init__(self, cid: bytes, sender: bytes, path: str, relay: bytes | None) -> None:
+        self.cid = cid
+        self.sender = sender
+        self.path = path
+        self.relay = relay
+        self.pending: ChannelKeys | None = None
+        self.inc: InChannel | None = None
+
+
+class InChannel:
+    """The receiving end of one channel: its core, its current connection, the feedback flush."""
+
+    def __init__(self, core: ReceivingEnd, side: _RSide) -> None:
+        self.core = core
+        self.cid = core.cid
+        self.sender = core.sender
+        self.name = core.name
+        self.conn: DataConnection | None = None
+        self.path = side.path
+        self.relay = side.relay
+        self.created = time.time()
+
+    def adopt(self, conn: DataConnection, side: _RSide) -> None:
+        self.conn = conn
+        self.path, self.relay = side.path, side.relay
+        side.inc = self
+        self.core.connection_adopted()
+        self.pump()
+
+    def on_frame(self, conn: DataConnection, side: _RSide, body: Block) -> None:
+        self.core.frame_received(body)  # ProtocolError: the connection is dropped, not the channel
+        if conn is not self.conn:
+            self.adopt(conn, side)
+        self.pump()
+
+    def lost(self, conn: DataConnection) -> None:
+        if conn is self.conn:
+            self.conn = None
+            self.core.connection_lost()
+
+    def pump(self) -> None:
+        """Run a feedback flush soon if the core wants one."""
+        if self.core.take_flush():
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        frame = self.core.take_feedback()
+        if frame is not None and self.conn is not None:
+            self.conn.send(link.FRAME, frame)
+
+    def describe(self, view: MeshView) -> dict[str, Any]:
+        core = self.core
+        elapsed = max(1e-9, time.time() - self.created)
+        return {
+            "id": self.cid.hex(), "name": self.name, "direction": "in",
+            "peer": view.name_of(self.sender), "peer_id": site_id_of(self.sender),
+            "path": self.path, "relay": view.name_of(self.relay) if self.relay else None,
+            "state": core.state, "bytes": core.bytes, "messages": core.messages,
+            "rate_Bps": round(core.bytes / elapsed), "retransmits": None, **core.counters(),
+        }
+
+
+class ReceiverPort:
+    """An application's receiver for one channel name: a PUSH socket the daemon feeds."""
+
+    def __init__(self, owner: Receiving, name: str, allow: frozenset[bytes] | None,
+                 ring: Ring | None = None) -> None:
+        self.owner = owner
+        self.name = name
+        self.allow = allow
+        self.ring = ring
+        """Shared memory the application maps: big payloads go there, not through the socket."""
+        self.endpoint = owner.ipc.endpoint(f"rx-{secrets.token_hex(8)}")
+        self.sock = owner.zctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 4)
+        self.sock.bind(self.endpoint)
+        self.wake = asyncio.Event()
+        self.wake.set()
+        self.task = owner.tasks.spawn(self._run(), f"rx-{name}")
+        self._watcher = owner.tasks.spawn(self._watch_app(), f"rx-watch-{name}")
+
+    async def _watch_app(self) -> None:
+        """An application that dies without closing its receiver: the port closes, and what
+        arrives for the name is held (within the window) until a new receiver opens it."""
+        await until_app_leaves(self.sock)
+        if self.owner.ports.get(self.name) is self:
+            log.info("receiver %r: the application is gone; closing it", self.name)
+            self.owner.counters.count("orphans_closed")
+            self.owner.close_receiver(self.name)
+
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            progressed = True
+            while progressed:
+                progressed = False
+                for inc in [c for c in self.owner.inc.values() if c.name == self.name]:
+                    got = inc.core.pop()
+                    if got is None:
+                        continue
+                    progressed = True
+                    inc.pump()
+                    meta = delivery_meta(inc.cid, inc.sender, got.first,
+                                         self.owner.view.name_of(inc.sender))
+                    await self.sock.send_multipart(
+                        delivery(self.ring, meta, got.payload, got.count),
+                        copy=len(got.payload) < _BIG_PAYLOAD)
+            self.owner.gc()
+
+    def close(self) -> None:
+        self.task.cancel()
+        if self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        self.sock.close(0)
+        self.owner.ipc.remove(self.endpoint)
+        if self.ring is not None:
+            self.ring.unlink()
+            self.ring.close()
+
+
+class Receiving:
+    """Every receiving end and receiver port of this site (see the module docstring)."""
+
+    def __init__(self, *, site: LocalSite, view: MeshView, config: Config, reach: Reachability,
+                 counters: Counters, tasks: TaskSet, ipc: IpcEndpoints,
+                 zctx: zmq.asyncio.Context) -> None:
+        self.site = site
+        self.view = view
+        self.config = config
+        self.reach = reach
+        self.counters = counters
+        self.tasks = tasks
+        self.ipc = ipc
+        self.zctx = zctx
+        self.responder = Responder(lambda: site.keys.key, not_before=time.time())
+        self.inc: dict[bytes, InChannel] = {}
+        self.ports: dict[str, ReceiverPort] = {}
+
+    # -- connections -------------------------------------------------------------------------
+
+    def start_end(self, conn: DataConnection, cid: bytes, sender: bytes, path: str,
+                  relay: bytes | None) -> _RSide:
+        """Make ``conn`` a receiving end of channel ``cid`` from ``sender``."""
+        side = _RSide(cid, sender, path, relay)
+        conn.owner = side
+        conn.handler = self.on_record
+        return side
+
+    def conn_lost(self, conn: DataConnection) -> None:
+        owner = conn.owner
+        if isinstance(owner, _RSide) and owner.inc is not None:
+            owner.inc.lost(conn)
+
+    def answer_hello(self, sender: bytes, cid: bytes, hello: bytes) -> tuple[bytes, ChannelKeys]:
+        """Check a sender's Hello for channel ``cid``; ProtocolError if it is not acceptable."""
+        allowed = {sender} if self.view.is_member(sender) else set()
+        accept, keys = self.responder.on_hello(hello, now=time.time(), peers=allowed)
+        if keys.channel_id != cid:
+            raise ProtocolError("Hello for another channel", reason="wrong-channel")
+        return accept, keys
+
+    def on_record(self, conn: DataConnection, kind: int, body: Block) -> None:
+        side = conn.owner
+        assert isinstance(side, _RSide)
+        if kind == link.HELLO:
+            if side.inc is not None or side.pending is not None:
+                raise ProtocolError("a second Hello on one connection", reason="unexpected")
+            accept, side.pending = self.answer_hello(side.sender, side.cid, bytes(body))
+            conn.send(link.ACCEPT, accept)
+            return
+        if kind == link.REFUSE:
+            conn.close()
+            return
+        if kind != link.FRAME:
+            raise ProtocolError(f"record type {kind} at a receiving end", reason="unexpected")
+        inc = side.inc or self.inc.get(side.cid)
+        if inc is not None:
+            if inc.sender != side.sender:
+                raise ProtocolError("frame for another site's channel", reason="wrong-channel")
+            inc.on_frame(conn, side, body)
+            self.wake_port(inc.name)
+            return
+        if side.pending is None:
+            conn.refuse("unknown-channel: this site has no such channel (restarted?)")
+            self.counters.count("refused_unknown_channel")
+            return
+        self._open(conn, side, side.pending, body)
+
+    def _open(self, conn: DataConnection, side: _RSide, keys: ChannelKeys, body: Block) -> None:
+        opener, name = open_first_frame(keys, body)
+        port = self.ports.get(name)
+        if port is not None and port.allow is not None and side.sender not in port.allow:
+            self.counters.count("refused_policy")
+            conn.refuse(f"not-allowed: channel {name!r} does not take messages from you")
+            return
+        cfg = self.config
+        core = ReceivingEnd(keys, opener, name, ReceiverConfig(
+            window_messages=cfg.channel_window_messages, window_bytes=cfg.channel_window_bytes))
+        inc = InChannel(core, side)
+        self.inc[side.cid] = inc
+        inc.adopt(conn, side)
+        log.info("channel %r from %s open (%s%s)", name, self.view.name_of(side.sender),
+                 side.path, f" via {self.view.name_of(side.relay)}" if side.relay else "")
+        self.wake_port(name)
+
+    async def dial_back(self, sender: bytes, req: DialRequest) -> None:
+        """A sender asked us to dial it (a reversed path), maybe with its Hello inside.
+
+        The Hello is checked before dialing, so a bad one costs no connection; the Accept
+        then follows the preamble on the new connection."""
+        accepted: tuple[bytes, ChannelKeys] | None = None
+        if req.hello is not None:
+            try:
+                accepted = self.answer_hello(sender, req.cid, req.hello)
+                self.counters.count("hello_in_dial")
+            except ProtocolError as exc:
+                self.counters.count("refused_hello")
+                log.info("refused a reversed channel from %s: %s", self.view.name_of(sender), exc)
+                return
+        try:
+            conn, _, _ = await self.reach.dial(sender, DIAL_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("cannot dial %s back for a channel: %s", self.view.name_of(sender), exc)
+            return
+        side = self.start_end(conn, req.cid, sender, "reversed", None)
+        conn.on_lost = self.conn_lost
+        conn.send(link.PREAMBLE, link.encode_preamble(
+            link.Preamble("direct", req.cid, self.site.public, sender, "r", b"", now_ms())))
+        if accepted is not None:
+            accept, side.pending = accepted
+            conn.send(link.ACCEPT, accept)
+
+    async def join_relay(self, relay: bytes, notice: RelayNotice) -> None:
+        """A relay says a sender waits there for us."""
+        if not self.view.is_member(notice.sender):
+            return
+        try:
+            conn, _, _ = await self.reach.dial(relay, DIAL_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("cannot dial relay %s: %s", self.view.name_of(relay), exc)
+            return
+        self.start_end(conn, notice.cid, notice.sender, "relay", relay)
+        conn.on_lost = self.conn_lost
+        conn.send(link.PREAMBLE, link.encode_preamble(
+            link.Preamble("relay", notice.cid, self.site.public, notice.sender, "r", relay,
+                          now_ms()).signed(self.site.keys.key)))
+
+    # -- ports -------------------------------------------------------------------------------
+
+    def wake_port(self, name: str) -> None:
+        port = self.ports.get(name)
+        if port is not None:
+            port.wake.set()
+
+    def gc(self) -> None:
+        """Forget the channels their senders closed once everything is delivered."""
+        for cid, inc in list(self.inc.items()):
+            if inc.core.finished:
+                del self.inc[cid]
+                if inc.conn is not None:
+                    inc.conn.close()
+
+    def open_receiver(self, name: str, allow: frozenset[bytes] | None,
+                      ring: Ring | None) -> ReceiverPort:
+        old = self.ports.pop(name, None)
+        if old is not None:  # the newest receiver takes over (the old app may have died)
+            old.close()
+        port = ReceiverPort(self, name, allow, ring)
+        self.ports[name] = port
+        return port
+
+    def close_receiver(self, name: str) -> None:
+        port = self.ports.pop(name, None)
+        if port is None:
+            raise LocalError("no such receiver", reason="not-found")
+        port.close()
+
+    def close(self) -> None:
+        for port in list(self.ports.values()):
+            port.close()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [c.describe(self.view) for c in self.inc.values()]

@@ -1,0 +1,121 @@
+"""The applications' side of channels: ipc endpoints, noticing an application that left, and
+the shared-memory rings (asyncio glue).
+
+A sender writes batches (:mod:`meshd.channel.batch`) to a PULL socket the daemon binds per
+channel; a receiver reads ``[meta, batch]`` from a PUSH socket the daemon binds per name.  Both
+over ipc in the site's home directory (mode 0700).  Big batches may travel in a shared-memory
+ring instead (:mod:`meshd.local.ring`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from pathlib import Path as FsPath
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from meshd.errors import LocalError, ProtocolError
+from meshd.local.ring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
+
+log = logging.getLogger("meshd.daemon.channels.ipc")
+
+
+class IpcEndpoints:
+    """Where the daemon binds its ipc sockets: the site's home directory, or a private temporary
+    directory when the home path is too long for a unix socket address."""
+
+    def __init__(self, root: FsPath) -> None:
+        self.root = root
+        self._fallback: FsPath | None = None
+
+    def endpoint(self, name: str) -> str:
+        path = self.root / name
+        if len(str(path)) > 100:  # sun_path is 108 bytes
+            if self._fallback is None:
+                self._fallback = FsPath(tempfile.mkdtemp(prefix="meshd-"))
+            path = self._fallback / name
+        return f"ipc://{path}"
+
+    @staticmethod
+    def remove(endpoint: str) -> None:
+        try:
+            os.unlink(endpoint.removeprefix("ipc://"))
+        except OSError:
+            pass
+
+
+async def until_app_leaves(sock: zmq.asyncio.Socket) -> None:
+    """Return once no application is connected to ``sock`` (an ipc socket the daemon bound)
+    after one was, or after the only one that connected before this started watching left:
+    how a daemon notices an application that died without closing its channel."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    try:
+        connected = 0
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                connected += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                connected -= 1
+                if connected <= 0:
+                    return
+    finally:
+        if not sock.closed:
+            sock.disable_monitor()
+        monitor.close(0)
+
+
+# -- rings ------------------------------------------------------------------------------------
+
+
+def attach_ring(path: str) -> Ring | None:
+    """Map the shared-memory ring a sending application made; None if it cannot be used (the
+    application then sends inline)."""
+    try:
+        return Ring.attach(path)
+    except LocalError as exc:
+        log.warning("not using an application's ring: %s", exc)
+        return None
+
+
+async def make_ring(ring_bytes: int) -> Ring | None:
+    """A receiver's ring of ``ring_bytes`` (0: none), its memory allocated in a thread; None if
+    ``/dev/shm`` has no room (the receiver is then fed inline).  LocalError if the size is out
+    of range."""
+    if not ring_bytes:
+        return None
+    try:
+        return await asyncio.to_thread(Ring.create, ring_bytes, background=False)
+    except OSError as exc:
+        log.warning("no shared-memory ring for a receiver: %s", exc)
+        return None
+
+
+def app_batch(parts: list[zmq.Frame], ring: Ring | None) -> tuple[memoryview, int | None]:
+    """The batch a sending application's message carries, inline or in the ring (then also the
+    ring offset to release once it is sealed); ProtocolError if it is malformed."""
+    if len(parts) == 1:
+        return parts[0].buffer, None
+    if len(parts) == 2 and parts[0].bytes == RING_MARK and ring is not None:
+        start, view = ring.record(parts[1].bytes)
+        return view, start + view.nbytes
+    raise ProtocolError(f"an application message of {len(parts)} parts", reason="frames")
+
+
+def delivery(ring: Ring | None, meta: bytes, payload: Any, count: int) -> list[Any]:
+    """The frames that hand ``payload`` (a batch of ``count`` messages) to a receiving
+    application: a descriptor of a ring record when the batch is worth it and the ring has
+    room, else the payload itself."""
+    n = len(payload)
+    if ring is not None and ring_worthy(n, count):
+        start = ring.reserve(n)
+        if start is not None:
+            ring.region(start, n)[:] = payload
+            return [meta, RING_MARK, DESCRIPTOR.pack(start, n)]
+    return [meta, payload]
