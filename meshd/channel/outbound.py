@@ -81,7 +81,7 @@ Event = PathOpen | PathLost | NoPathLeft | Writable | Acked | ChannelClosed
 
 @dataclass(frozen=True, slots=True)
 class OutboundConfig:
-    window_bytes: int = 8 << 20
+    window_bytes: int = 64 << 20
     """Most bytes of sealed frames kept for resending (the sender's buffer)."""
     race: RaceConfig = RaceConfig()
 
@@ -180,6 +180,7 @@ class SendingEnd:
         if self._go("connection-lost"):
             self._events.append(PathLost())
             self._renegotiate(now, "connection-lost")
+            self._pump(now)
 
     def handle_timer(self, now: float) -> None:
         self.race.handle_timer(now)

@@ -352,3 +352,24 @@ def test_local_misuse_is_a_local_error() -> None:
         Initiator(A, B.public, CH, now=NOW, ciphers=(5,))
     with pytest.raises(LocalError):
         Responder(B, max_remembered=0)
+
+
+def test_a_responder_reads_its_key_at_each_hello_and_keeps_its_replay_cache_over_a_rotation(
+) -> None:
+    current = [B]
+    resp = Responder(lambda: current[0], randbytes=rb(77))
+    first = Initiator(A, B.public, CH, now=NOW, randbytes=rb(1))
+    accept, _ = resp.on_hello(first.hello, now=NOW, peers={A.public})
+    first.on_accept(accept)
+    current[0] = C  # the site rotated its key
+    to_new = Initiator(A, C.public, CH2, now=NOW, randbytes=rb(2))
+    accept, keys = resp.on_hello(to_new.hello, now=NOW, peers={A.public})
+    assert to_new.on_accept(accept).send_key == keys.recv_key  # signed by the new key
+    with pytest.raises(ProtocolError) as exc:  # a Hello for the old key is now for another site
+        resp.on_hello(Initiator(A, B.public, CH, now=NOW, randbytes=rb(3)).hello, now=NOW,
+                      peers={A.public})
+    assert reason(exc) == "wrong-responder"
+    current[0] = B  # and the replay cache survived the rotations
+    with pytest.raises(ProtocolError) as exc:
+        resp.on_hello(first.hello, now=NOW, peers={A.public})
+    assert reason(exc) == "replay"

@@ -1,0 +1,113 @@
+"""The receiving end's core, driven directly: the first frame, delivery, feedback, close."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from meshd.channel import batch
+from meshd.channel.control import CLOSE_PAYLOAD, open_payload
+from meshd.channel.events import Feedback, Probe
+from meshd.channel.frames import Opener, Sealer
+from meshd.channel.handshake import Initiator, Responder
+from meshd.channel.inbound import ReceivingEnd, delivery_meta, open_first_frame
+from meshd.channel.reliable import ReceiverConfig, decode_control, encode_control
+from meshd.errors import ProtocolError
+from meshd.trust.identity import SiteKey
+
+A = SiteKey(bytes(range(32)))
+B = SiteKey(bytes(range(1, 33)))
+CID = b"\x09" * 16
+
+
+def keys() -> tuple[Any, Any]:
+    init = Initiator(A, B.public, CID, now=1_800_000_000.0)
+    accept, rkeys = Responder(B).on_hello(init.hello, now=1_800_000_000.0, peers={A.public})
+    return init.on_accept(accept), rkeys
+
+
+def opened(window: int = 16) -> tuple[ReceivingEnd, Sealer, Opener]:
+    """A receiving end after a good first frame; the sender's sealer and opener."""
+    ikeys, rkeys = keys()
+    tx = Sealer.for_channel(ikeys)
+    opener, name = open_first_frame(rkeys, tx.seal_control(open_payload("frames")))
+    end = ReceivingEnd(rkeys, opener, name, ReceiverConfig(window_messages=window))
+    end.connection_adopted()
+    return end, tx, Opener.for_channel(ikeys)
+
+
+def test_the_first_frame_names_the_channel() -> None:
+    end, _, _ = opened()
+    assert end.name == "frames" and end.cid == CID and end.sender == A.public
+    assert end.state == "open" and end.take_flush()  # credit is due at once
+
+
+@pytest.mark.parametrize("payload", [b"", bytes([0x11]), bytes([0x10]), bytes([0x10]) + b"\x00bad",
+                                     bytes([0x10]) + b"\xff\xfe", encode_control(Probe())])
+def test_a_bad_first_frame_is_refused(payload: bytes) -> None:
+    ikeys, rkeys = keys()
+    with pytest.raises(ProtocolError):
+        open_first_frame(rkeys, Sealer.for_channel(ikeys).seal_control(payload))
+
+
+def test_a_first_frame_under_other_keys_or_a_data_frame_is_refused() -> None:
+    ikeys, rkeys = keys()
+    other, _ = keys()  # another handshake: other keys
+    with pytest.raises(ProtocolError):
+        open_first_frame(rkeys, Sealer.for_channel(other).seal_control(open_payload("x")))
+    with pytest.raises(ProtocolError):
+        open_first_frame(rkeys, Sealer.for_channel(ikeys).seal(0, open_payload("x")))
+
+
+def test_batches_are_delivered_in_order_with_message_numbers_and_feedback_once() -> None:
+    end, tx, rx_of_sender = opened()
+    end.take_flush()
+    end.take_feedback()
+    payloads = [batch.pack([(b"h", b"x")] * n) for n in (2, 3)]
+    end.frame_received(tx.seal(1, payloads[1]))  # out of order: held
+    assert end.take_flush() and end.pop() is None
+    end.frame_received(tx.seal(0, payloads[0]))
+    assert not end.take_flush()  # one flush covers both frames
+    first, second = end.pop(), end.pop()
+    assert first is not None and second is not None and end.pop() is None
+    assert (first.count, first.first, second.count, second.first) == (2, 0, 3, 2)
+    assert end.messages == 5 and end.bytes == sum(map(len, payloads))
+    fb = decode_control(rx_of_sender.open(end.take_feedback()).payload)
+    assert isinstance(fb, Feedback) and fb.ack == 2
+    assert not end.take_flush()  # the deliveries rode on the flush already due
+    end.frame_received(tx.seal_control(encode_control(Probe())))
+    assert end.take_flush() and not end.take_flush()  # after a flush, the next input asks again
+
+
+def test_no_feedback_while_disconnected_and_fresh_feedback_after() -> None:
+    end, tx, _ = opened()
+    end.connection_lost()
+    assert end.state == "waiting"
+    end.frame_received(tx.seal(0, batch.pack([(b"h", b"x")])))
+    assert end.take_feedback() is None
+    end.connection_adopted()
+    assert end.take_feedback() is not None
+
+
+def test_close_by_the_sender_finishes_once_everything_is_delivered() -> None:
+    end, tx, _ = opened()
+    end.frame_received(tx.seal(0, batch.pack([(b"h", b"x")])))
+    end.frame_received(tx.seal_control(CLOSE_PAYLOAD))
+    assert end.state == "closed" and not end.finished
+    assert end.pop() is not None
+    assert end.finished
+
+
+def test_a_tampered_frame_is_a_protocol_error_and_changes_nothing() -> None:
+    end, tx, _ = opened()
+    frame = bytearray(tx.seal(0, b"abcd"))
+    frame[-1] ^= 1
+    with pytest.raises(ProtocolError):
+        end.frame_received(frame)
+    assert end.pop() is None and end.counters()["held_messages"] == 0
+
+
+def test_delivery_meta_is_the_documented_msgpack_list() -> None:
+    assert msgpack.unpackb(delivery_meta(CID, A.public, 7, "aps")) == [CID, A.public, 7, "aps"]
