@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from meshd.daemon.own_record import OwnRecord
 from meshd.daemon.site import LocalSite
@@ -22,22 +23,20 @@ from meshd.trust.records import Revocation
 log = logging.getLogger("meshd")
 
 
+@dataclass(kw_only=True, eq=False)
 class Admin:
     """Invite, approve, deny, revoke (for the control API).
 
     ``announce`` pushes our objects to every member after a change; ``advertise_mesh`` tells the
     LAN which mesh this site is in once it founded one."""
 
-    def __init__(self, *, site: LocalSite, view: MeshView, admissions: Admissions,
-                 config: Config, own_record: OwnRecord, announce: Callable[[], None],
-                 advertise_mesh: Callable[[], None]) -> None:
-        self.site = site
-        self.view = view
-        self.admissions = admissions
-        self.config = config
-        self.own_record = own_record
-        self.announce = announce
-        self.advertise_mesh = advertise_mesh
+    site: LocalSite
+    view: MeshView
+    admissions: Admissions
+    config: Config
+    own_record: OwnRecord
+    announce: Callable[[], None]
+    advertise_mesh: Callable[[], None]
 
     def invite(self, name_hint: str, expires: float | None, uses: int, role: str,
                approve: bool) -> tokens.Invitation:

@@ -55,27 +55,24 @@ class JoinAttempt:
         self.changed = asyncio.Event()
 
 
+@dataclass(kw_only=True, eq=False)
 class Joins:
     """Makes joins (:meth:`start`) and answers them (:meth:`answer`, the ``join`` peer request).
 
     ``announce`` pushes our objects to every member (after an admission, or once joined);
     ``advertise_mesh`` tells the LAN which mesh this site is in now."""
 
-    def __init__(self, *, site: LocalSite, view: MeshView, admissions: Admissions,
-                 config: Config, links: MemberLinks, own_record: OwnRecord, counters: Counters,
-                 tasks: TaskSet, announce: Callable[[], None],
-                 advertise_mesh: Callable[[], None]) -> None:
-        self.site = site
-        self.view = view
-        self.admissions = admissions
-        self.config = config
-        self.links = links
-        self.own_record = own_record
-        self.counters = counters
-        self.tasks = tasks
-        self.announce = announce
-        self.advertise_mesh = advertise_mesh
-        self.attempts: dict[str, JoinAttempt] = {}
+    site: LocalSite
+    view: MeshView
+    admissions: Admissions
+    config: Config
+    links: MemberLinks
+    own_record: OwnRecord
+    counters: Counters
+    tasks: TaskSet
+    announce: Callable[[], None]
+    advertise_mesh: Callable[[], None]
+    attempts: dict[str, JoinAttempt] = field(default_factory=dict, init=False)
 
     # -- answering --------------------------------------------------------------------------------
 

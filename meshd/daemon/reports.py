@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from meshd import __version__
@@ -19,25 +20,22 @@ from meshd.trust.identity import fingerprint_of, site_id_of
 from meshd.trust.records import SiteRecord
 
 
+@dataclass(kw_only=True, eq=False)
 class Reports:
     """Read-only views of the daemon's state, as JSON-ready dicts.
 
     ``reach_of`` is the channel service's reachability of a member (``we_dial``, ``dials_us``);
     ``dropped`` the count of messages the peer port dropped."""
 
-    def __init__(self, *, site: LocalSite, view: MeshView, admissions: Admissions,
-                 counters: Counters, contacts: Contacts, membership: MembershipService,
-                 links: MemberLinks, reach_of: Callable[[bytes], dict[str, Any]],
-                 dropped: Callable[[], int]) -> None:
-        self.site = site
-        self.view = view
-        self.admissions = admissions
-        self.counters = counters
-        self.contacts = contacts
-        self.membership = membership
-        self.links = links
-        self.reach_of = reach_of
-        self.dropped = dropped
+    site: LocalSite
+    view: MeshView
+    admissions: Admissions
+    counters: Counters
+    contacts: Contacts
+    membership: MembershipService
+    links: MemberLinks
+    reach_of: Callable[[bytes], dict[str, Any]]
+    dropped: Callable[[], int]
 
     def status(self) -> dict[str, Any]:
         site, key, view = self.site, self.site.keys.key, self.view
