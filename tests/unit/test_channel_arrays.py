@@ -370,14 +370,14 @@ def test_a_malformed_delivery_is_skipped_not_raised(caplog: pytest.LogCaptureFix
 
     from meshd.channel import batch
     from meshd.channel.arrays import encode_message
-    from meshd.app.streams import _checked_messages
+    from meshd.app.message import checked_messages
 
     meta = zmq.Frame(msgpack.packb([b"\x01" * 16, b"\x02" * 32, 7, "aps"]))
     good = zmq.Frame(batch.pack([tuple(encode_message(np.arange(5)))]))
-    (msg,) = _checked_messages([meta, good], "c", None)
+    (msg,) = checked_messages([meta, good], "c", None)
     assert msg.seq == 7 and msg.sender == "aps" and np.array_equal(msg.array, np.arange(5))
     with caplog.at_level("WARNING", logger="meshd.app.streams"):
-        assert _checked_messages([meta, zmq.Frame(struct.pack(">IIQ", 1, 0, 8))], "c", None) == []
-        assert _checked_messages([meta], "c", None) == []
-        assert _checked_messages([zmq.Frame(b"\xc1"), good], "c", None) == []
+        assert checked_messages([meta, zmq.Frame(struct.pack(">IIQ", 1, 0, 8))], "c", None) == []
+        assert checked_messages([meta], "c", None) == []
+        assert checked_messages([zmq.Frame(b"\xc1"), good], "c", None) == []
     assert caplog.text.count("skipped a malformed delivery") == 3

@@ -1,0 +1,173 @@
+"""The asyncio flavour of the application API: :func:`aconnect`, :class:`AsyncMesh`,
+:class:`AsyncSender`, :class:`AsyncReceiver` (see :mod:`meshd.app.streams`).
+
+A sender's batching is :class:`~meshd.app.batching.Batcher` with one loop timer, re-armed after
+each call; control calls run in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import zmq.asyncio
+
+from meshd.app.batching import RING_BYTES, Batch
+from meshd.app.client import Client
+from meshd.app.ends import (FlushWait, MeshEnd, ReceiverEnd, SenderEnd, TimeoutLater,
+                            open_receiver, start_ring)
+from meshd.app.message import Message, encode
+from meshd.errors import LocalError
+
+__all__ = ["AsyncMesh", "AsyncReceiver", "AsyncSender", "aconnect"]
+
+
+class AsyncMesh(MeshEnd):
+    """The asyncio flavour of :class:`~meshd.app.sync.Mesh` (see :func:`aconnect`)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(Client(home), zmq.asyncio.Context())
+
+    async def __aenter__(self) -> AsyncMesh:
+        await asyncio.to_thread(self.client.status)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def sender(self, name: str, *, to: str, paths: list[str] | None = None,
+                     linger: float = 0.002, ring_bytes: int = RING_BYTES) -> AsyncSender:
+        info = await asyncio.to_thread(self.client.open_sender, name, to, paths)
+        tx = AsyncSender(self, info, linger, ring_bytes)
+        self._open.append(tx)
+        return tx
+
+    async def receiver(self, name: str, *, allow: list[str] | None = None,
+                       ring_bytes: int = RING_BYTES) -> AsyncReceiver:
+        info, ring = await asyncio.to_thread(open_receiver, self.client, name, allow, ring_bytes)
+        rx = AsyncReceiver(self, info, ring)
+        self._open.append(rx)
+        return rx
+
+    async def channels(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.client.channels)
+
+    async def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """As :meth:`~meshd.app.sync.Mesh.close`."""
+        later = TimeoutLater()
+        for item in list(self._open):
+            if isinstance(item, AsyncSender):
+                with later:
+                    await item.close(flush=flush, timeout=timeout)
+            else:
+                await item.close()
+        self._closed_all(later)
+
+
+class AsyncSender(SenderEnd):
+    """The asyncio flavour of :class:`~meshd.app.sync.Sender`."""
+
+    def __init__(self, mesh: AsyncMesh, info: dict[str, Any], linger: float,
+                 ring_bytes: int = RING_BYTES) -> None:
+        super().__init__(mesh, info, linger, ring_bytes)
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending = asyncio.Lock()
+
+    async def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        head, body = encode(obj, meta)
+        batches = self._core.add(head, body, asyncio.get_running_loop().time())
+        self._rearm()
+        for b in batches:
+            await self._ship(b)
+        self._core.added()
+
+    def _rearm(self) -> None:
+        """Keep the one timer on the batcher's deadline."""
+        deadline = self._core.deadline
+        if deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(
+                deadline, lambda: asyncio.ensure_future(self._push()))
+
+    async def _push(self) -> None:
+        b = self._core.take()
+        self._rearm()
+        if b is not None:
+            await self._ship(b)
+
+    async def _ship(self, b: Batch) -> None:
+        async with self._sending:
+            wanted = self._core.ring_wanted(b)
+            if wanted:
+                self._core.ring = await asyncio.to_thread(start_ring, self._mesh.client, self.id,
+                                                          wanted)
+            await self._sock.send_multipart(self._core.frames(b), copy=False)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        await self._push()
+        target = self.sent
+        loop = asyncio.get_running_loop()
+        wait = FlushWait(timeout, loop.time())
+        while True:
+            try:
+                await asyncio.to_thread(self._mesh.client.flush_sender, self.id, target,
+                                        wait.slice(loop.time()))
+                return
+            except LocalError as exc:
+                if wait.ends(exc, loop.time()):
+                    raise
+
+    async def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """As :meth:`~meshd.app.sync.Sender.close`."""
+        await self._push()
+        later = TimeoutLater()
+        if flush:
+            with later:
+                await self.flush(timeout)
+        self._release()
+        try:
+            await asyncio.to_thread(self._mesh.client.close_sender, self.id)
+        except LocalError:
+            pass
+        self._forget()
+        later.raise_kept()
+
+
+class AsyncReceiver(ReceiverEnd):
+    """The asyncio flavour of :class:`~meshd.app.sync.Receiver`."""
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        while not self._ready:
+            self._collect()
+            try:
+                parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False), timeout)
+            except asyncio.TimeoutError:
+                raise self._timed_out(timeout) from None
+            self._take(parts)
+        return self._ready.popleft()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.recv()
+
+    async def close(self) -> None:
+        if not self._release():
+            return
+        try:
+            await asyncio.to_thread(self._mesh.client.close_receiver, self.name)
+        except LocalError:
+            pass
+        self._forget()
+
+
+def aconnect(home: str | os.PathLike[str] | None = None) -> AsyncMesh:
+    """The asyncio flavour of :func:`~meshd.app.sync.connect`:
+    ``async with meshd.aconnect() as mesh:``."""
+    return AsyncMesh(home)

@@ -1,0 +1,195 @@
+"""What the sync and the asyncio flavour share around a channel: the state of a mesh, a sender
+and a receiver, their sockets, and the blocking control steps they take (the asyncio flavour
+runs those in a thread).  The flavours add only how they wait: a lock and a thread, or the
+event loop."""
+
+from __future__ import annotations
+
+from collections import deque
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from meshd.app.batching import Batcher
+from meshd.app.client import Client
+from meshd.app.message import Message, checked_messages
+from meshd.errors import LocalError
+from meshd.local.ring import ReleaseTracker, Ring
+
+__all__ = ["FLUSH_SLICE", "FlushWait", "MeshEnd", "ReceiverEnd", "SenderEnd", "TimeoutLater",
+           "open_receiver", "start_ring"]
+
+FLUSH_SLICE = 20.0
+"""A flush asks the daemon at most this long at a time (then asks again)."""
+
+
+def _new_ring(ring_bytes: int) -> Ring | None:
+    """A ring for a sender, or None (disabled, or no room in /dev/shm: inline then)."""
+    if not ring_bytes:
+        return None
+    try:
+        return Ring.create(ring_bytes)
+    except (OSError, LocalError):
+        return None
+
+
+def start_ring(client: Client, channel_id: str, ring_bytes: int) -> Ring | None:
+    """A sender's ring, made on its first big batch (a channel of small messages never pays
+    for one, and its setup is not slowed) and handed to the daemon; None if that fails.  Its
+    memory is allocated in the background: the batches until then go inline."""
+    ring = _new_ring(ring_bytes)
+    if ring is None:
+        return None
+    try:
+        taken = client.attach_ring(channel_id, str(ring.path)).get("ring")
+    except LocalError:
+        taken = False
+    finally:
+        ring.unlink()  # the daemon has mapped it (or refused it); no name is left behind
+    if not taken:
+        ring.close()
+        return None
+    return ring
+
+
+def open_receiver(client: Client, name: str, allow: list[str] | None,
+                  ring_bytes: int) -> tuple[dict[str, Any], ReleaseTracker | None]:
+    """Open the receiver ``name`` with a ring of ``ring_bytes`` (0: none), mapped here; without
+    one if the daemon's ring cannot be mapped."""
+    info = client.open_receiver(name, allow, ring_bytes)
+    if not info.get("ring"):
+        return info, None
+    try:
+        ring = Ring.attach(info["ring"])
+    except LocalError:  # cannot map the daemon's ring: ask for a receiver without one
+        return client.open_receiver(name, allow, 0), None
+    ring.unlink()
+    return info, ReleaseTracker(ring)
+
+
+class FlushWait:
+    """A flush's wait for the receiving daemon's acknowledgement, as control calls of at most
+    :data:`FLUSH_SLICE` seconds each, until ``timeout`` seconds (None: no end) from ``now``."""
+
+    def __init__(self, timeout: float | None, now: float) -> None:
+        self._deadline = None if timeout is None else now + timeout
+
+    def slice(self, now: float) -> float:
+        """How long the next control call may wait."""
+        if self._deadline is None:
+            return FLUSH_SLICE
+        return min(FLUSH_SLICE, max(0.0, self._deadline - now))
+
+    def ends(self, exc: LocalError, now: float) -> bool:
+        """Whether the error ``exc`` of a control call ends the wait (else: ask again)."""
+        return exc.reason != "timeout" or (self._deadline is not None and now >= self._deadline)
+
+
+class TimeoutLater:
+    """A ``with`` block whose LocalError of reason ``timeout`` is kept, to be raised by
+    :meth:`raise_kept` once the rest is closed (the last one kept wins); other errors go through."""
+
+    def __init__(self) -> None:
+        self.kept: LocalError | None = None
+
+    def __enter__(self) -> TimeoutLater:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if isinstance(exc, LocalError) and exc.reason == "timeout":
+            self.kept = exc
+            return True
+        return False
+
+    def raise_kept(self) -> None:
+        if self.kept is not None:
+            raise self.kept
+
+
+class MeshEnd:
+    """A connection to the local daemon: its control client, a ZeroMQ context for the channels'
+    ipc sockets, and the senders and receivers open on it."""
+
+    def __init__(self, client: Client, ctx: zmq.Context[Any]) -> None:
+        self.client = client
+        self._ctx = ctx
+        self._open: list[Any] = []
+
+    def _closed_all(self, later: TimeoutLater) -> None:
+        """The end of ``close`` once every sender and receiver is closed."""
+        self._ctx.destroy(linger=1000)
+        later.raise_kept()
+
+
+class SenderEnd:
+    """A sender's state: the channel, its ipc socket (PUSH to the daemon) and its batching."""
+
+    def __init__(self, mesh: MeshEnd, info: dict[str, Any], linger: float,
+                 ring_bytes: int) -> None:
+        self._mesh = mesh
+        self.id: str = info["id"]
+        self.name: str = info["name"]
+        self.peer: str = info["peer"]
+        self._core = Batcher(linger, ring_bytes)
+        self._sock: Any = mesh._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, 8)
+        self._sock.setsockopt(zmq.LINGER, -1)
+        self._sock.connect(info["endpoint"])
+
+    @property
+    def sent(self) -> int:
+        """Messages handed to the daemon (or batched) so far."""
+        return self._core.sent
+
+    def _release(self) -> None:
+        """Close the socket (what it holds still goes, for two seconds) and the ring."""
+        self._sock.close(linger=2000)
+        if self._core.ring is not None:
+            self._core.ring.close()
+
+    def _forget(self) -> None:
+        if self in self._mesh._open:
+            self._mesh._open.remove(self)
+
+
+class ReceiverEnd:
+    """A receiver's state: its ipc socket (PULL from the daemon), its ring and the messages of
+    the last delivery not yet handed out."""
+
+    def __init__(self, mesh: MeshEnd, info: dict[str, Any],
+                 ring: ReleaseTracker | None = None) -> None:
+        self._mesh = mesh
+        self._ring = ring
+        self.name: str = info["name"]
+        self._sock: Any = mesh._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 4)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(info["endpoint"])
+        self._ready: deque[Message] = deque()
+
+    def _collect(self) -> None:
+        """Release the ring records no received array views any more."""
+        if self._ring is not None:
+            self._ring.collect()
+
+    def _take(self, parts: list[Any]) -> None:
+        """Decode one delivery (a malformed one is logged and skipped)."""
+        self._ready.extend(checked_messages(parts, self.name, self._ring))
+
+    def _timed_out(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(f"no message on {self.name!r} within {timeout} s")
+
+    def _release(self) -> bool:
+        """Close the socket and the ring; False if they were closed already."""
+        if self._sock.closed:
+            return False
+        self._sock.close(0)
+        if self._ring is not None:
+            self._ring.ring.close()
+        return True
+
+    def _forget(self) -> None:
+        if self in self._mesh._open:
+            self._mesh._open.remove(self)

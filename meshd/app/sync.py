@@ -1,0 +1,220 @@
+"""The synchronous flavour of the application API: :func:`connect`, :class:`Mesh`,
+:class:`Sender`, :class:`Receiver` (see :mod:`meshd.app.streams`).
+
+A sender's batching is :class:`~meshd.app.batching.Batcher` under a lock; a thread per sender
+ships what is batched once its linger time is up."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import zmq
+
+from meshd.app.batching import RING_BYTES, Batch
+from meshd.app.client import Client
+from meshd.app.ends import (FlushWait, MeshEnd, ReceiverEnd, SenderEnd, TimeoutLater,
+                            open_receiver, start_ring)
+from meshd.app.message import Message, encode
+from meshd.errors import LocalError
+
+__all__ = ["Mesh", "Receiver", "Sender", "connect"]
+
+
+class Mesh(MeshEnd):
+    """A connection to the local daemon (see :func:`connect`)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, *,
+                 timeout: float = 30.0) -> None:
+        client = Client(home, timeout=timeout)
+        client.status()  # fail now, with "start the daemon with …", if it is not running
+        super().__init__(client, zmq.Context())
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sender(self, name: str, *, to: str, paths: list[str] | None = None,
+               linger: float = 0.002, ring_bytes: int = RING_BYTES) -> Sender:
+        """A sender on channel ``name`` to site ``to`` (a name or site id).  ``paths`` limits the
+        path kinds (``direct``, ``reversed``, ``relay``) within what the site allows.
+        ``ring_bytes``: shared memory for big messages on their way to the daemon (0: none)."""
+        info = self.client.open_sender(name, to, paths)
+        tx = Sender(self, info, linger, ring_bytes)
+        self._open.append(tx)
+        return tx
+
+    def receiver(self, name: str, *, allow: list[str] | None = None,
+                 ring_bytes: int = RING_BYTES) -> Receiver:
+        """The receiver of channel ``name`` (messages from every sender on it, each sender's in
+        order).  ``allow``: only these sites may open it.  A newer receiver of the same name
+        takes over from an older one.  ``ring_bytes``: shared memory the daemon puts big
+        messages in (their arrays view it; a record is reused once no array views it; 0: none)."""
+        info, ring = open_receiver(self.client, name, allow, ring_bytes)
+        rx = Receiver(self, info, ring)
+        self._open.append(rx)
+        return rx
+
+    def channels(self) -> list[dict[str, Any]]:
+        return self.client.channels()
+
+    def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Close every sender (after a flush, unless ``flush`` is False, of at most ``timeout``
+        seconds each) and receiver.  LocalError (``timeout``) once all are closed if a flush
+        timed out."""
+        later = TimeoutLater()
+        for item in list(self._open):
+            if isinstance(item, Sender):
+                with later:
+                    item.close(flush=flush, timeout=timeout)
+            else:
+                item.close()
+        self._closed_all(later)
+
+
+class Sender(SenderEnd):
+    """Sends messages on one channel.  Not thread-safe (one sending thread)."""
+
+    def __init__(self, mesh: Mesh, info: dict[str, Any], linger: float,
+                 ring_bytes: int = RING_BYTES) -> None:
+        super().__init__(mesh, info, linger, ring_bytes)
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._linger_loop, daemon=True,
+                                        name=f"meshd-tx-{self.name}")
+        self._thread.start()
+
+    def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """Queue one numpy array (any dtype but object, any shape) or bytes-like, with an
+        optional msgpack-able ``meta`` dict.  Blocks while the channel has no room.  Do not
+        modify an array until ``flush`` returns if it is 64 KiB or larger (it is not copied)."""
+        head, body = encode(obj, meta)
+        with self._lock:
+            if self._closed:
+                raise LocalError("the sender is closed", reason="closed")
+            idle = self._core.deadline is None
+            batches = self._core.add(head, body, time.monotonic())
+            if idle and self._core.deadline is not None:
+                self._lock.notify()  # the linger thread waits for the new batch's time
+            for b in batches:
+                self._ship(b)
+            self._core.added()
+
+    def _push_locked(self) -> None:
+        b = self._core.take()
+        if b is not None:
+            self._ship(b)
+
+    def _ship(self, b: Batch) -> None:
+        wanted = self._core.ring_wanted(b)
+        if wanted:
+            self._core.ring = start_ring(self._mesh.client, self.id, wanted)
+        self._sock.send_multipart(self._core.frames(b), copy=False)
+
+    def _linger_loop(self) -> None:
+        with self._lock:
+            while not self._closed:
+                deadline = self._core.deadline
+                if deadline is None:
+                    self._lock.wait()
+                    continue
+                due = deadline - time.monotonic()
+                if due > 0:
+                    self._lock.wait(due)
+                    continue
+                self._push_locked()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what is batched and wait until the receiving daemon has acknowledged every
+        message sent so far.  LocalError (reason ``timeout``) after ``timeout`` seconds."""
+        with self._lock:
+            self._push_locked()
+            target = self.sent
+        wait = FlushWait(timeout, time.monotonic())
+        while True:
+            try:
+                self._mesh.client.flush_sender(self.id, target, timeout=wait.slice(time.monotonic()))
+                return
+            except LocalError as exc:
+                if wait.ends(exc, time.monotonic()):
+                    raise
+
+    def stats(self) -> dict[str, Any]:
+        for ch in self._mesh.client.channels():
+            if ch.get("id") == self.id:
+                return ch
+        raise LocalError("the channel is gone", reason="not-found")
+
+    def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Close the channel: with ``flush`` (the default) once the receiving daemon has every
+        message; without, whatever is not acknowledged yet is dropped.  With a ``timeout``
+        the flush waits at most that long: then the channel is closed all the same, dropping
+        what is unacknowledged, and LocalError (reason ``timeout``) says so."""
+        with self._lock:
+            if self._closed:
+                return
+            self._push_locked()
+        later = TimeoutLater()
+        if flush:
+            with later:
+                self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._release()
+        try:
+            self._mesh.client.close_sender(self.id)
+        except LocalError:
+            pass
+        self._forget()
+        later.raise_kept()
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(flush=exc_type is None)
+
+
+class Receiver(ReceiverEnd):
+    """Receives the messages of one channel name."""
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message; TimeoutError after ``timeout`` seconds.  A malformed delivery is
+        logged and skipped (its messages' sequence numbers are then missing)."""
+        while not self._ready:
+            self._collect()
+            if timeout is not None and not self._sock.poll(int(timeout * 1000)):
+                raise self._timed_out(timeout)
+            self._take(self._sock.recv_multipart(copy=False))
+        return self._ready.popleft()
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            yield self.recv()
+
+    def close(self) -> None:
+        if not self._release():
+            return
+        try:
+            self._mesh.client.close_receiver(self.name)
+        except LocalError:
+            pass
+        self._forget()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(home: str | os.PathLike[str] | None = None) -> Mesh:
+    """The local daemon's mesh (``home``, else ``$MESHD_HOME``, else the default home).
+    Raises DaemonNotRunning if no daemon runs there."""
+    return Mesh(home)
