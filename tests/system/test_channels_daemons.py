@@ -7,6 +7,7 @@ daemons' real control sockets and ipc endpoints; the daemons talk over their rea
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -184,3 +185,21 @@ def test_close_with_a_timeout_gives_up_on_a_receiver_that_is_gone(sites: Any) ->
             ma.close(timeout=1.0)  # the context manager's exit would have waited too
         assert err.value.reason == "timeout"
     assert not [c for c in a.client.channels() if c["direction"] == "out"]
+
+
+def test_a_channel_to_a_site_that_rotated_its_key_opens_and_delivers(sites: Any) -> None:
+    """The receiving daemon answers Hellos with the key it has now, not the one it started with."""
+    a, b = mesh_of(sites, "aps", "alcf")
+    r = b.cli("rotate", "--json")
+    assert r.returncode == 0, r.stderr + b.log()
+    new_id = json.loads(r.stdout)["site_id"]
+    wait_until(lambda: [(p["site_id"], p["state"]) for p in a.client.peers()
+                        if p["name"] == "alcf"] == [(new_id, "alive")], 30,
+               "aps to follow alcf's new key")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("after-rotation")
+        tx = ma.sender("after-rotation", to=new_id, paths=["direct"])
+        tx.send(np.arange(100))
+        tx.flush(timeout=30)
+        assert np.array_equal(rx.recv(timeout=30).array, np.arange(100))
+    assert b.client.status()["counters"].get("channel_accepted", 0) >= 1
