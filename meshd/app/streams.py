@@ -15,8 +15,8 @@ The client asks the daemon over the control socket for a channel and gets an ipc
 data then flows app -> daemon over ZeroMQ ipc, never through the control socket.  Small
 messages are batched here (up to :data:`~meshd.channel.batch.MAX_BATCH_BYTES`, and for at most
 ``linger`` seconds) so that the daemons pay their per-frame cost once per batch; a message of
-256 KiB or more goes at once (and one of 64 KiB or more is not copied).  ``flush`` sends what is batched and waits for the receiving
-daemon's acknowledgement of every message sent so far.
+256 KiB or more goes at once (and one of 64 KiB or more is not copied).  ``flush`` sends what
+is batched and waits for the receiving daemon's acknowledgement of every message sent so far.
 
 Guarantee: messages reach the receiving daemon in order and exactly once while the sending
 daemon runs (across lost connections and relays).  A receiving application gets them in order;

@@ -138,7 +138,8 @@ class Sender(SenderEnd):
         wait = FlushWait(timeout, time.monotonic())
         while True:
             try:
-                self._mesh.client.flush_sender(self.id, target, timeout=wait.slice(time.monotonic()))
+                self._mesh.client.flush_sender(self.id, target,
+                                               timeout=wait.slice(time.monotonic()))
                 return
             except LocalError as exc:
                 if wait.ends(exc, time.monotonic()):
