@@ -51,7 +51,8 @@ from .events import (
     Transmit,
     Writable,
 )
-from .frames import FRAME_OVERHEAD, KIND_CONTROL, MAX_PAYLOAD, Block, Opener, Sealer
+from .frames import FRAME_OVERHEAD, KIND_CONTROL, MAX_PAYLOAD, Block, Buffer, Opener, Sealer
+from .frames import byte_view
 from .handshake import ChannelKeys
 from .paths import CancelAttempt, NoPath, Path, PathChosen, PathKind, PathRace, RaceConfig
 from .paths import StartAttempt
@@ -162,14 +163,14 @@ class SendingEnd:
             self.sender.on_feedback(msg, now=now)
         self._pump(now)
 
-    def send_batch(self, payload: Block | memoryview, messages: int, now: float) -> int:
+    def send_batch(self, payload: Buffer, messages: int, now: float) -> int:
         """Queue one batch of ``messages`` messages; its seq.  WouldBlock without credit,
         LocalError before the channel has keys."""
         if self.keys is None:
             raise LocalError("the channel has no keys yet", reason="not-keyed")
         seq = self.sender.send(payload, now=now)
         self.messages += messages
-        self.bytes += memoryview(payload).nbytes
+        self.bytes += byte_view(payload).nbytes
         self._marks.append((seq, self.messages))
         self._pump(now)
         return seq
@@ -255,7 +256,7 @@ class SendingEnd:
         self.state = nxt
         return True
 
-    def _seal(self, seq: int, payload: Block | memoryview) -> Block:
+    def _seal(self, seq: int, payload: Buffer) -> Block:
         assert self._sealer is not None
         return self._sealer.seal(seq, payload)
 

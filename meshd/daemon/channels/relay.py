@@ -84,7 +84,7 @@ class Relay:
             return
         self.waiting[key] = conn
         conn.owner = ("relay-leg", key)
-        conn.on_lost = lambda c: self._drop_waiting(key, c)
+        conn.on_lost = lambda c: self._leg_lost(key, c)
         expiry = CoreTimer(lambda now: self._expired(key, conn))
         expiry.arm(CoreTimer.now() + RELAY_WAIT)
         self.tasks.spawn(self._notify_receiver(key, conn), "relay-notify")
@@ -115,6 +115,9 @@ class Relay:
             del self.waiting[key]
             return True
         return False
+
+    def _leg_lost(self, key: LegKey, conn: DataConnection) -> None:
+        self._drop_waiting(key, conn)
 
     def _expired(self, key: LegKey, conn: DataConnection) -> None:
         if self._drop_waiting(key, conn):
