@@ -143,6 +143,11 @@ class SenderEnd:
         """Messages handed to the daemon (or batched) so far."""
         return self._core.sent
 
+    @property
+    def _ring(self) -> Ring | None:
+        """The sender's ring, once made (None until its first big batch, or without one)."""
+        return self._core.ring
+
     def _release(self) -> None:
         """Close the socket (what it holds still goes, for two seconds) and the ring."""
         self._sock.close(linger=2000)

@@ -190,7 +190,7 @@ def send_sync(home: Path) -> None:
             if step == "flush":
                 tx.flush(timeout=T)
             elif step == "ring":
-                assert tx._core.ring is not None and tx._core.ring.wait_ready(T)
+                assert tx._ring is not None and tx._ring.wait_ready(T)
             else:
                 tx.send(*step)
         tx.close(timeout=T)
@@ -203,7 +203,7 @@ async def send_async(home: Path) -> None:
             if step == "flush":
                 await tx.flush(timeout=T)
             elif step == "ring":
-                assert tx._core.ring is not None and tx._core.ring.wait_ready(T)
+                assert tx._ring is not None and tx._ring.wait_ready(T)
             else:
                 await tx.send(*step)
         await tx.close(timeout=T)
