@@ -21,7 +21,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 
 from meshd.errors import LocalError, ProtocolError
 
@@ -56,12 +55,6 @@ class Delivery:
     payload: bytes | bytearray | memoryview
     count: int
     first: int
-
-
-def delivery_meta(cid: bytes, sender: bytes, first: int, sender_name: str) -> bytes:
-    """The first frame of a delivery to a receiving application."""
-    data: bytes = msgpack.packb([cid, sender, first, sender_name], use_bin_type=True)
-    return data
 
 
 class ReceivingEnd:

@@ -12,8 +12,9 @@ Daemon -> app, one message per delivered batch::
 
 ``meta`` is the msgpack list ``[cid, sender, first_seq, sender_name]``: the channel id (bytes),
 the sending site's public key (bytes), the sequence number of the batch's first message and the
-sending site's name.  This module is the application's side of that codec; the daemon's side
-builds and reads the same frames.
+sending site's name.  Both sides use this module: the application packs batches
+(:func:`batch_frames`) and reads deliveries (:func:`read_delivery`); the daemon reads batches
+(:func:`read_batch`) and packs deliveries (:func:`pack_meta`, :func:`delivery_frames`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from meshd.errors import ProtocolError
 
 from .ring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
 
-__all__ = ["Delivery", "DeliveryMeta", "batch_frames", "pack_meta", "read_delivery",
-           "unpack_meta"]
+__all__ = ["Delivery", "DeliveryMeta", "batch_frames", "delivery_frames", "pack_meta",
+           "read_batch", "read_delivery", "unpack_meta"]
 
 
 class DeliveryMeta(NamedTuple):
@@ -97,3 +98,30 @@ def batch_frames(messages: list[tuple[Any, Any]], nbytes: int, ring: Ring | None
                 batch.pack_into(ring.region(start, size), messages)
                 return [RING_MARK, DESCRIPTOR.pack(start, size)]
     return [batch.pack(messages)]
+
+
+# -- the daemon's side ----------------------------------------------------------------------------
+
+
+def read_batch(parts: list[Any], ring: Ring | None) -> tuple[memoryview, int | None]:
+    """The batch a sending application's message carries, inline or in the sender's ``ring``
+    (then also the ring offset to release once it is sealed); ProtocolError if it is malformed."""
+    if len(parts) == 1:
+        return parts[0].buffer, None
+    if len(parts) == 2 and parts[0].bytes == RING_MARK and ring is not None:
+        start, view = ring.record(parts[1].bytes)
+        return view, start + view.nbytes
+    raise ProtocolError(f"an application message of {len(parts)} parts", reason="frames")
+
+
+def delivery_frames(ring: Ring | None, meta: bytes, payload: Any, count: int) -> list[Any]:
+    """The frames that hand ``payload`` (a batch of ``count`` messages) to a receiving
+    application: a descriptor of a record of the receiver's ``ring`` when the batch is worth it
+    and the ring has room, else the payload itself."""
+    n = len(payload)
+    if ring is not None and ring_worthy(n, count):
+        start = ring.reserve(n)
+        if start is not None:
+            ring.region(start, n)[:] = payload
+            return [meta, RING_MARK, DESCRIPTOR.pack(start, n)]
+    return [meta, payload]

@@ -24,7 +24,6 @@ from meshd.state.site import SiteKeys, init_site
 from meshd.state.store import Store
 from meshd.state.view import MeshView
 from meshd.trust import records
-from meshd.trust.identity import SiteKey
 from meshd.trust.records import SiteRecord, Vouch
 
 T = 10.0

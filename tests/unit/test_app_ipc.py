@@ -83,3 +83,32 @@ def test_a_bad_meta_after_a_ring_record_still_releases_it(tmp_path: Path) -> Non
     gc.collect()
     tracker.collect()
     assert writer.released == start + len(payload)
+
+
+def test_the_daemon_reads_what_the_application_packs(tmp_path: Path) -> None:
+    """``batch_frames`` (app) and ``read_batch`` (daemon) agree, inline and through a ring."""
+    msgs = [encode(np.arange(40_000, dtype=np.float64), {"i": i}) for i in range(3)]
+    inline = ipc.batch_frames(msgs, 3 * 320_000, None)
+    body, release = ipc.read_batch(frames(*inline), None)
+    assert bytes(body) == batch.pack(msgs) and release is None
+    ring = Ring.create(1 << 22, tmp_path, background=False)
+    shipped = ipc.batch_frames(msgs, 3 * 320_000, ring)
+    assert shipped[0] == RING_MARK
+    daemon_view = Ring.attach(str(ring.path))
+    body, release = ipc.read_batch(frames(*shipped), daemon_view)
+    assert bytes(body) == batch.pack(msgs) and release == len(body)
+    with pytest.raises(ProtocolError):
+        ipc.read_batch(frames(*shipped), None)  # a descriptor without a ring is refused
+
+
+def test_the_application_reads_what_the_daemon_delivers(tmp_path: Path) -> None:
+    """``delivery_frames`` (daemon) and ``read_delivery`` (app) agree, inline and in a ring."""
+    payload = batch.pack([encode(np.ones(300_000), None)])
+    meta = ipc.pack_meta(b"c", SENDER, 0, "aps")
+    got = ipc.read_delivery(frames(*ipc.delivery_frames(None, meta, payload, 1)), None)
+    assert bytes(got.payload) == payload and got.ring_start is None
+    ring = Ring.create(1 << 23, tmp_path, background=False)
+    parts = ipc.delivery_frames(ring, meta, payload, 1)
+    assert parts[1] == RING_MARK
+    got = ipc.read_delivery(frames(*parts), Ring.attach(str(ring.path)))
+    assert bytes(got.payload) == payload and got.ring_start == 0 and got.meta == meta

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
 import pytest
 
 from meshd.channel import batch
@@ -12,7 +11,7 @@ from meshd.channel.control import CLOSE_PAYLOAD, open_payload
 from meshd.channel.events import Feedback, Probe
 from meshd.channel.frames import Opener, Sealer
 from meshd.channel.handshake import Initiator, Responder
-from meshd.channel.inbound import ReceivingEnd, delivery_meta, open_first_frame
+from meshd.channel.inbound import ReceivingEnd, open_first_frame
 from meshd.channel.reliable import ReceiverConfig, decode_control, encode_control
 from meshd.errors import ProtocolError
 from meshd.trust.identity import SiteKey
@@ -107,7 +106,3 @@ def test_a_tampered_frame_is_a_protocol_error_and_changes_nothing() -> None:
     with pytest.raises(ProtocolError):
         end.frame_received(frame)
     assert end.pop() is None and end.counters()["held_messages"] == 0
-
-
-def test_delivery_meta_is_the_documented_msgpack_list() -> None:
-    assert msgpack.unpackb(delivery_meta(CID, A.public, 7, "aps")) == [CID, A.public, 7, "aps"]

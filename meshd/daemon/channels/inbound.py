@@ -24,10 +24,11 @@ from meshd.channel import link
 from meshd.channel.control import DialRequest, RelayNotice
 from meshd.channel.frames import Block
 from meshd.channel.handshake import ChannelKeys, Responder
-from meshd.channel.inbound import ReceivingEnd, delivery_meta, open_first_frame
+from meshd.channel.inbound import ReceivingEnd, open_first_frame
 from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection
-from meshd.daemon.channels.ipc import IpcEndpoints, delivery, until_app_leaves
+from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
+from meshd.local.ipc import delivery_frames, pack_meta
 from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
 from meshd.daemon.counters import Counters
 from meshd.daemon.site import LocalSite
@@ -153,10 +154,10 @@ class ReceiverPort:
                         continue
                     progressed = True
                     inc.pump()
-                    meta = delivery_meta(inc.cid, inc.sender, got.first,
+                    meta = pack_meta(inc.cid, inc.sender, got.first,
                                          self.owner.view.name_of(inc.sender))
                     await self.sock.send_multipart(
-                        delivery(self.ring, meta, got.payload, got.count),
+                        delivery_frames(self.ring, meta, got.payload, got.count),
                         copy=len(got.payload) < _BIG_PAYLOAD)
             self.owner.gc()
 

@@ -14,14 +14,13 @@ import logging
 import os
 import tempfile
 from pathlib import Path as FsPath
-from typing import Any
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from meshd.errors import LocalError, ProtocolError
-from meshd.local.ring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
+from meshd.errors import LocalError
+from meshd.local.ring import Ring
 
 log = logging.getLogger("meshd.daemon.channels.ipc")
 
@@ -95,27 +94,3 @@ async def make_ring(ring_bytes: int) -> Ring | None:
     except OSError as exc:
         log.warning("no shared-memory ring for a receiver: %s", exc)
         return None
-
-
-def app_batch(parts: list[zmq.Frame], ring: Ring | None) -> tuple[memoryview, int | None]:
-    """The batch a sending application's message carries, inline or in the ring (then also the
-    ring offset to release once it is sealed); ProtocolError if it is malformed."""
-    if len(parts) == 1:
-        return parts[0].buffer, None
-    if len(parts) == 2 and parts[0].bytes == RING_MARK and ring is not None:
-        start, view = ring.record(parts[1].bytes)
-        return view, start + view.nbytes
-    raise ProtocolError(f"an application message of {len(parts)} parts", reason="frames")
-
-
-def delivery(ring: Ring | None, meta: bytes, payload: Any, count: int) -> list[Any]:
-    """The frames that hand ``payload`` (a batch of ``count`` messages) to a receiving
-    application: a descriptor of a ring record when the batch is worth it and the ring has
-    room, else the payload itself."""
-    n = len(payload)
-    if ring is not None and ring_worthy(n, count):
-        start = ring.reserve(n)
-        if start is not None:
-            ring.region(start, n)[:] = payload
-            return [meta, RING_MARK, DESCRIPTOR.pack(start, n)]
-    return [meta, payload]

@@ -29,7 +29,8 @@ from meshd.channel.outbound import CLOSED, OutboundConfig, SendingEnd
 from meshd.channel.paths import CancelAttempt, Path, PathKind, StartAttempt
 from meshd.channel.reliable import WouldBlock
 from meshd.daemon.channels.connection import DataConnection
-from meshd.daemon.channels.ipc import IpcEndpoints, app_batch, until_app_leaves
+from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
+from meshd.local.ipc import read_batch
 from meshd.daemon.channels.reach import Reachability, now_ms
 from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
@@ -235,7 +236,7 @@ class OutChannel:
             self._in_hand = True
             release = None
             try:
-                buf, release = app_batch(parts, self.ring)
+                buf, release = read_batch(parts, self.ring)
                 count = batch.check(buf)  # a malformed batch never reaches the far app
             except ProtocolError as exc:
                 log.warning("channel %r: dropped a malformed message from the application: %s",
