@@ -1,4 +1,4 @@
-"""Channels (layer 5): end-to-end keys, AEAD frames, ordered exactly-once delivery.
+"""Channels: end-to-end keys, AEAD frames, ordered exactly-once delivery.
 
 All three parts are pure: bytes and messages in, bytes, messages and events out; time passed in.
 

@@ -1,1 +1,2 @@
-"""TODO"""
+"""Channels in the daemon (glue around the pure :mod:`meshd.channel` cores); :mod:`.service`
+builds the parts and is what the daemon calls."""
