@@ -35,6 +35,7 @@ from meshd.daemon.site import LocalSite
 from meshd.daemon.sync import MeshSync
 from meshd.daemon.tasks import TaskSet
 from meshd.daemon.transport import Transport
+from meshd.peer.limits import quiet_accept_errors, raise_fd_limit
 from meshd.errors import StateError
 from meshd.state import config as config_mod
 from meshd.state.admission import Admissions
@@ -109,7 +110,8 @@ class Daemon:
         reports = self.reports = Reports(
             site=site, view=view, admissions=admissions, counters=counters, contacts=contacts,
             membership=membership, links=links, reach_of=channels.reach_of,
-            dropped=lambda: transport.dropped)
+            dropped=lambda: transport.dropped, port=transport.port_stats,
+            untrusted=lambda: len(channels.untrusted))
         self.control = ControlServer(view=view, reports=reports, admin=admin, joins=joins,
                                      membership=membership, channels=channels,
                                      rotate=rotation.rotate)
@@ -152,6 +154,9 @@ class Daemon:
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        fds = raise_fd_limit()
+        log.debug("open-file limit %d", fds)
+        quiet_accept_errors(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.start()

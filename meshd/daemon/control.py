@@ -296,6 +296,8 @@ class ControlServer:
         lines = ["# TYPE meshd_members gauge", f"meshd_members {status['members']}"]
         for name, value in sorted(status["counters"].items()):
             lines += [f"# TYPE meshd_{name} counter", f"meshd_{name} {value}"]
+        for name, value in sorted(status["peer_port"].items()):
+            lines += [f"# TYPE meshd_peer_port_{name} gauge", f"meshd_peer_port_{name} {value}"]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

@@ -25,7 +25,9 @@ class Reports:
     """Read-only views of the daemon's state, as JSON-ready dicts.
 
     ``reach_of`` is the channel service's reachability of a member (``we_dial``, ``dials_us``);
-    ``dropped`` the count of messages the peer port dropped."""
+    ``dropped`` the count of messages the peer port dropped; ``port`` the peer port's counters
+    and gauges (:meth:`meshd.peer.server.PeerServer.port_stats`) and ``untrusted`` the count of
+    accepted data connections not authenticated yet."""
 
     site: LocalSite
     view: MeshView
@@ -36,6 +38,8 @@ class Reports:
     links: MemberLinks
     reach_of: Callable[[bytes], dict[str, Any]]
     dropped: Callable[[], int]
+    port: Callable[[], tuple[dict[str, int], dict[str, int]]]
+    untrusted: Callable[[], int]
 
     def status(self) -> dict[str, Any]:
         site, key, view = self.site, self.site.keys.key, self.view
@@ -47,12 +51,19 @@ class Reports:
             counters[f"joins_refused_{reason.replace('-', '_')}"] = n
         counters["joins_admitted"] = self.admissions.admitted
         counters["peer_dropped"] = self.dropped()
+        port_counters, port_gauges = self.port()
+        for name, n in port_counters.items():
+            counters[f"peer_port_{name}"] = n
+        untrusted = self.untrusted()
+        gauges = {**port_gauges, "untrusted_data": untrusted,
+                  "unauthenticated": port_gauges.get("sniffing", 0) + untrusted}
         return {
             "name": site.name, "site_id": key.site_id, "fingerprint": key.fingerprint,
             "mesh_id": view.mesh_id.hex() if view.mesh_id else None,
             "mesh_name": view.mesh_name or None, "role": me.role if me else None,
             "listen": site.bound, "addrs": site.addrs, "members": len(view.members),
             "version": __version__, "pid": os.getpid(), "counters": counters,
+            "peer_port": gauges,
         }
 
     def peers(self, *, revoked: bool = False) -> list[dict[str, Any]]:

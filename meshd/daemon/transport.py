@@ -63,6 +63,10 @@ class Transport:
         """Messages the peer port dropped (malformed, or from no authenticated key)."""
         return self.server.dropped if self.server is not None else 0
 
+    def port_stats(self) -> tuple[dict[str, int], dict[str, int]]:
+        """The peer port's defensive counters and what it holds open now (empty: no port)."""
+        return self.server.port_stats() if self.server is not None else ({}, {})
+
     async def start(self) -> None:
         """Bind the peer port, make the dialer, and start LAN discovery."""
         curve = self.site.keys.key.curve_keypair()

@@ -13,9 +13,13 @@ bytes arrive.  A ZMTP 2/3 greeting starts with 0xFF, so
 - anything else: ``on_other(transport, first_bytes)`` returns the protocol that takes the
   connection over (or None to close it).
 
-A connection that sends nothing for ``sniff_timeout`` seconds is dropped; at most
-``max_pending`` connections may be in the sniff phase, others are dropped on arrival.  Nothing
-per connection is logged above DEBUG, so a port scan cannot flood the log.
+A connection that sends nothing for ``sniff_timeout`` seconds is dropped.  Strangers are bounded
+(:mod:`meshd.peer.limits`): at most ``max_pending`` connections may be in the sniff phase, and
+``max_pending_per_source`` from one address; at most ``max_splices`` ZeroMQ splices may be open
+(each costs three file descriptors until ZeroMQ's CURVE handshake admits or drops it), and
+``max_splices_per_source`` from one address.  A connection over a bound is closed on arrival and
+counted.  Nothing per connection is logged above DEBUG, and refusals make one WARNING line a
+minute at most, so a port scan or a flood cannot fill the log.
 
 Linux routes all of 127.0.0.0/8 to ``lo``, so the aliases need no setup.  A freed alias keeps its
 mapping (a *lingering* alias) until its slot is reused, which happens only after the allocation
@@ -32,6 +36,7 @@ import socket
 from collections import OrderedDict
 from typing import Callable
 
+from meshd.peer.limits import RateLimitedLog, SourceLimit, fd_budget
 from meshd.peer.splice import SpliceEnd, pair
 
 log = logging.getLogger("meshd.peer.portmux")
@@ -43,7 +48,14 @@ FLUSH_GRACE = 10.0
 OnOther = Callable[[asyncio.Transport, bytes], asyncio.BaseProtocol | None]
 """Takes a non-ZeroMQ connection and its first bytes; returns the protocol that takes it over."""
 
-STAT_KEYS = ("accepted", "zmtp", "other", "sniff_timeouts", "refused_busy")
+STAT_KEYS = ("accepted", "zmtp", "other", "sniff_timeouts", "refused_busy",
+             "refused_busy_source", "refused_splices", "refused_splices_source")
+"""Counters of the peer port (cumulative): accepted connections, how each was sniffed, and the
+connections refused because a bound (total, or per source address) was reached."""
+
+SPLICE_FDS = 3
+"""Descriptors one splice holds in this process: the remote's socket, ours to the ROUTER and
+the ROUTER's end of it."""
 
 
 class AliasPool:
@@ -182,14 +194,18 @@ class _Sniffer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.source = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         mux = self.mux
         mux.stats["accepted"] += 1
-        if len(mux._pending) >= mux.max_pending or mux._closed:
-            mux.stats["refused_busy"] += 1
-            log.debug("busy: dropped a connection from %s", transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]) if peer else "?"
+        why = "total" if mux._closed else mux._sniffing.admit(self.source)
+        if why is not None:
+            mux._refused("refused_busy" if why == "total" else "refused_busy_source",
+                         self.source, "connections waiting for their first bytes")
             transport.abort()
             return
         self.transport = transport
@@ -200,7 +216,9 @@ class _Sniffer(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.mux._pending.discard(self)
+        if self in self.mux._pending:
+            self.mux._pending.discard(self)
+            self.mux._sniffing.release(self.source)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -251,11 +269,17 @@ class PortMux:
     other connection to ``on_other`` (see the module docstring)."""
 
     def __init__(self, *, zmq_target: str, on_other: OnOther = _refuse,
-                 sniff_timeout: float = 10.0, max_pending: int = 256) -> None:
+                 sniff_timeout: float = 10.0, max_pending: int = 256,
+                 max_pending_per_source: int = 32, max_splices: int | None = None,
+                 max_splices_per_source: int = 64) -> None:
         self._target = _host_port(zmq_target)
         self._on_other = on_other
         self.sniff_timeout = sniff_timeout
-        self.max_pending = max_pending
+        self._sniffing = SourceLimit(total=max_pending, per_source=max_pending_per_source)
+        self._splicing = SourceLimit(
+            total=max_splices if max_splices is not None else fd_budget(SPLICE_FDS + 1, 4096),
+            per_source=max_splices_per_source)
+        self._refusals = RateLimitedLog(log)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self.address: str | None = None
         self._server: asyncio.Server | None = None
@@ -291,6 +315,17 @@ class PortMux:
     def open_splices(self) -> int:
         return len(self._splices)
 
+    def gauges(self) -> dict[str, int]:
+        """What is open now: connections in the sniff phase, splices, and their bounds."""
+        return {"sniffing": len(self._pending), "splices": len(self._splicing),
+                "splice_sources": self._splicing.sources, "max_splices": self._splicing.total}
+
+    def _refused(self, counter: str, source: str, what: str) -> None:
+        self.stats[counter] += 1
+        log.debug("busy: dropped a connection from %s (%s)", source, counter)
+        self._refusals.warning("peer port busy: refusing connections over the bound on %s "
+                               "(latest from %s)", what, source)
+
     async def close(self) -> None:
         """Stop listening; abort every spliced and pending connection.  Connections handed to
         ``on_other`` belong to their protocol and stay open."""
@@ -323,11 +358,18 @@ class PortMux:
             client.abort()
             return
         remote = str(peer[0])
+        why = self._splicing.admit(remote)
+        if why is not None:
+            self._refused("refused_splices" if why == "total" else "refused_splices_source",
+                          remote, "ZeroMQ connections")
+            client.abort()
+            return
         splice = _Splice(self, remote)
         loop = asyncio.get_running_loop()
         try:
             alias = self._aliases.acquire(remote)
         except OSError as exc:
+            self._splicing.release(remote)
             log.debug("cannot splice %s to the ZeroMQ port: %s", remote, exc)
             client.abort()
             return
@@ -336,11 +378,13 @@ class PortMux:
                 lambda: splice.inner, *self._target, local_addr=(alias, 0))
         except OSError as exc:
             self._aliases.release(remote)
+            self._splicing.release(remote)
             log.debug("cannot splice %s to the ZeroMQ port: %s", remote, exc)
             client.abort()
             return
         except asyncio.CancelledError:
             self._aliases.release(remote)
+            self._splicing.release(remote)
             client.abort()
             raise
         self._splices.add(splice)
@@ -352,6 +396,7 @@ class PortMux:
     def _splice_done(self, splice: _Splice) -> None:
         self._splices.discard(splice)
         self._aliases.release(splice.remote)
+        self._splicing.release(splice.remote)
 
     def _hand_over(self, transport: asyncio.Transport, first: bytes) -> None:
         self.stats["other"] += 1

@@ -103,6 +103,13 @@ class PeerServer:
         self._task = asyncio.create_task(self._serve(), name="peer-server")
         return self.address
 
+    def port_stats(self) -> tuple[dict[str, int], dict[str, int]]:
+        """The public port's counters (cumulative) and gauges (open now), see
+        :mod:`meshd.peer.portmux`."""
+        if self._mux is None:
+            return {}, {}
+        return dict(self._mux.stats), self._mux.gauges()
+
     async def _serve(self) -> None:
         assert self._sock is not None and self._mux is not None
         mux = self._mux
@@ -128,7 +135,7 @@ class PeerServer:
             msg = wire.decode(data)
         except ProtocolError as exc:
             self.dropped += 1
-            log.info("dropped a bad message from %s: %s", info.address, exc)
+            log.debug("dropped a bad message from %s: %s", info.address, exc)
             return
         if msg["t"] in ("ok", "error"):
             self.dropped += 1

@@ -6,6 +6,7 @@ state directory; :func:`wait_until` polls a predicate (a client call, say) with 
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -34,6 +35,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *,
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
+
+
+async def wait_until_async(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """:func:`wait_until` inside an event loop: polls ``predicate`` while the loop runs on."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
+    return value
 
 
 def stop_daemons(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 20.0) -> list[int]:

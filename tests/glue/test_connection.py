@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from meshd.channel import link
-from meshd.daemon.channels.connection import DataConnection, dial_any
+from meshd.daemon.channels.connection import MAX_INBOX, DataConnection, dial_any
 from meshd.errors import ProtocolError
 from meshd.peer.splice import SpliceEnd, pair
 
@@ -18,19 +18,88 @@ pytestmark = pytest.mark.glue
 T = 10.0
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[str, asyncio.Queue[DataConnection]]]:
+async def _server(trusted: bool) -> tuple[asyncio.Server, str, asyncio.Queue[DataConnection]]:
     accepted: asyncio.Queue[DataConnection] = asyncio.Queue()
 
     def make() -> DataConnection:
-        conn = DataConnection()
+        conn = DataConnection(trusted=trusted)
         accepted.put_nowait(conn)
         return conn
 
     srv = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
-    yield f"127.0.0.1:{port}", accepted
+    return srv, f"127.0.0.1:{port}", accepted
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[str, asyncio.Queue[DataConnection]]]:
+    srv, address, accepted = await _server(trusted=True)
+    yield address, accepted
     srv.close()
+
+
+@pytest.fixture
+async def stranger_server() -> AsyncIterator[tuple[str, asyncio.Queue[DataConnection]]]:
+    """Accepts as the channel service does: untrusted until told otherwise."""
+    srv, address, accepted = await _server(trusted=False)
+    yield address, accepted
+    srv.close()
+
+
+async def test_an_untrusted_connection_refuses_a_big_record_before_allocating_it(
+        stranger_server: Any) -> None:
+    address, accepted = stranger_server
+    conn, _, _ = await dial_any([address], timeout=T)
+    far = await asyncio.wait_for(accepted.get(), T)
+    released = []
+    far.release_slot = lambda: released.append(1)
+    assert len(far._scratch) <= 8 << 10  # a stranger costs a few KiB
+    conn.send(link.PREAMBLE, b"p" * 100)  # small records are fine
+    assert bytes(await far.expect(link.PREAMBLE, timeout=T)) == b"p" * 100
+    # A 16 MiB frame announced: closed on its header, nothing allocated for its body.
+    conn.transport.write(link.record_header(link.FRAME, 16 << 20) + b"x" * 1000)  # type: ignore
+    await asyncio.wait_for(far.closed, T)
+    assert far._body is None and "before the connection is authenticated" in (far.error or "")
+    assert released == [1]  # its slot came back once
+
+
+async def test_a_trusted_connection_takes_whole_frames_and_gives_its_slot_back_once(
+        stranger_server: Any) -> None:
+    address, accepted = stranger_server
+    conn, _, _ = await dial_any([address], timeout=T)
+    far = await asyncio.wait_for(accepted.get(), T)
+    released = []
+    far.release_slot = lambda: released.append(1)
+    conn.send(link.HELLO, b"h")
+    assert bytes(await far.expect(link.HELLO, timeout=T)) == b"h"
+    far.trust()
+    assert released == [1] and far.max_record == link.MAX_RECORD
+    big = b"b" * (2 << 20)
+    conn.send(link.FRAME, big)
+    assert bytes(await far.expect(link.FRAME, timeout=T)) == big
+    conn.close()
+    await asyncio.wait_for(far.closed, T)
+    assert released == [1]
+
+
+async def test_a_record_that_stalls_halfway_is_timed_out_and_freed(server: Any) -> None:
+    address, accepted = server
+    conn, _, _ = await dial_any([address], timeout=T)
+    far = await asyncio.wait_for(accepted.get(), T)
+    far.stall_timeout = 0.2
+    conn.transport.write(link.record_header(link.FRAME, 4 << 20) + b"x" * (1 << 20))  # type: ignore
+    await asyncio.wait_for(far.closed, T)
+    assert far._body is None and "stalled in the middle of a 4194304-byte record" in far.error
+
+
+async def test_unread_records_are_bounded(server: Any) -> None:
+    address, accepted = server
+    conn, _, _ = await dial_any([address], timeout=T)
+    far = await asyncio.wait_for(accepted.get(), T)
+    for _ in range(MAX_INBOX + 1):  # nobody reads far's inbox
+        conn.send(link.REFUSE, b"r")
+    await asyncio.wait_for(far.closed, T)
+    assert "nobody has read" in (far.error or "")
 
 
 async def test_small_and_large_records_arrive_whole_and_in_order(server: Any) -> None:

@@ -64,7 +64,9 @@ class Control:
         reports = Reports(site=site, view=view, admissions=admissions, counters=node.counters,
                           contacts=Contacts(), membership=self.membership,
                           links=links,  # type: ignore[arg-type]
-                          reach_of=Channels().reach_of, dropped=lambda: 3)
+                          reach_of=Channels().reach_of, dropped=lambda: 3,
+                          port=lambda: ({"refused_busy": 5}, {"sniffing": 2}),
+                          untrusted=lambda: 1)
         self.channels = Channels()
         self.rotations = 0
         self.server = ControlServer(view=view, reports=reports, admin=self.admin, joins=joins,
@@ -105,8 +107,12 @@ async def test_status_and_metrics_report_the_site(control) -> None:
     code, status = await call(session, "GET", api.STATUS)
     assert code == 200 and status["name"] == "ctl" and status["site_id"] == site_id_of(c.node.key)
     assert status["counters"]["peer_dropped"] == 3 and status["mesh_id"] is None
+    assert status["counters"]["peer_port_refused_busy"] == 5
+    assert status["peer_port"]["unauthenticated"] == 3  # 2 sniffing + 1 data connection
     async with session.get("http://meshd" + api.METRICS) as resp:
-        assert "meshd_peer_dropped 3" in await resp.text()
+        text = await resp.text()
+    assert "meshd_peer_dropped 3" in text and "meshd_peer_port_refused_busy 5" in text
+    assert "# TYPE meshd_peer_port_unauthenticated gauge\nmeshd_peer_port_unauthenticated 3" in text
     assert stat.S_IMODE(c.node.home.socket_path.stat().st_mode) == 0o600
 
 

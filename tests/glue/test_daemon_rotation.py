@@ -43,7 +43,8 @@ async def test_rotation_makes_the_new_key_visible_to_every_reader(tmp_path: Path
     reports = Reports(site=f.site, view=f.view, admissions=admissions, counters=f.counters,
                       contacts=contacts, membership=membership,
                       links=links,  # type: ignore[arg-type]
-                      reach_of=lambda key: {}, dropped=lambda: 0)
+                      reach_of=lambda key: {}, dropped=lambda: 0, port=lambda: ({}, {}),
+                      untrusted=lambda: 0)
     told_under: list[bytes] = []  # the key that was current when a member was told
     restarts: list[bytes] = []  # the key the transport restarted under
 

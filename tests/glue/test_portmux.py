@@ -4,6 +4,7 @@ connections handed to their protocol, and the limits on connections that say not
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from meshd.peer import wire
 from meshd.peer.server import PeerInfo, PeerServer
-from meshd.peer.portmux import AliasPool, PortMux
+from meshd.peer.portmux import STAT_KEYS, AliasPool, PortMux
+from meshd.testing.processes import wait_until_async
 
 T = 10.0  # seconds: the bound on every wait for something that should happen at once
 
@@ -265,8 +267,7 @@ async def test_other_connections_reach_their_protocol_with_first_bytes_intact(
         writer.write(more)
         assert await asyncio.wait_for(proto.done, T) == first + more
         assert proto.made
-        assert mux.stats == {"accepted": 1, "zmtp": 0, "other": 1, "sniff_timeouts": 0,
-                             "refused_busy": 0}
+        assert mux.stats == {**dict.fromkeys(STAT_KEYS, 0), "accepted": 1, "other": 1}
     finally:
         writer.close()
         await mux.close()
@@ -334,8 +335,55 @@ async def test_too_many_pending_connections_are_dropped_at_once(
         assert await asyncio.wait_for(handed.get(), T) == b"B"
         conns[1][1].write(b"C")
         assert await asyncio.wait_for(handed.get(), T) == b"C"
-        assert mux.stats == {"accepted": 4, "zmtp": 0, "other": 3, "sniff_timeouts": 0,
+        assert mux.stats == {**dict.fromkeys(STAT_KEYS, 0), "accepted": 4, "other": 3,
                              "refused_busy": 1}
+    finally:
+        for _, w in conns:
+            w.close()
+        await mux.close()
+
+
+async def test_one_source_cannot_take_every_pending_slot(
+        router: tuple[zmq.asyncio.Socket, str], caplog: pytest.LogCaptureFixture) -> None:
+    mux = PortMux(zmq_target=router[1], on_other=lambda t, b: None, max_pending=8,
+                  max_pending_per_source=2, sniff_timeout=60)
+    public = await mux.start("127.0.0.1:0")
+    host, port = host_port(public)
+    conns = []
+    try:
+        with caplog.at_level(logging.DEBUG, "meshd.peer.portmux"):
+            for _ in range(5):  # from 127.0.0.2: two wait, three are refused at once
+                conns.append(await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0)))
+            for reader, _ in conns[2:]:
+                assert await closed_by_server(reader) == b""
+            other = await asyncio.open_connection(host, port, local_addr=("127.0.0.3", 0))
+            conns.append(other)
+            await wait_until_async(lambda: mux.gauges()["sniffing"] == 3, T, "3 sniffing")
+        assert mux.stats["refused_busy_source"] == 3 and mux.stats["refused_busy"] == 0
+        # three refusals, one WARNING line (the rest counted into the next one)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "peer port busy" in warnings[0].getMessage()
+    finally:
+        for _, w in conns:
+            w.close()
+        await mux.close()
+
+
+async def test_zeromq_splices_are_bounded_per_source(
+        router: tuple[zmq.asyncio.Socket, str]) -> None:
+    mux = PortMux(zmq_target=router[1], max_splices=10, max_splices_per_source=2)
+    public = await mux.start("127.0.0.1:0")
+    host, port = host_port(public)
+    conns = []
+    try:
+        for _ in range(4):
+            r, w = await asyncio.open_connection(host, port, local_addr=("127.0.0.4", 0))
+            w.write(b"\xff" + b"\x00" * 8 + b"\x7f")  # a ZMTP signature, then nothing
+            conns.append((r, w))
+        # (which two win is up to the order the loop reads them in)
+        await wait_until_async(lambda: mux.stats["refused_splices_source"] == 2, T, "refusals")
+        assert mux.open_splices == 2
+        assert mux.gauges()["splices"] == 2 and mux.gauges()["splice_sources"] == 1
     finally:
         for _, w in conns:
             w.close()

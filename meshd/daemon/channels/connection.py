@@ -6,6 +6,19 @@ own buffer, so the kernel's copy is the only one before decryption.  Records go 
 (by default an inbox queue that handshakes await with :meth:`DataConnection.expect`).  A relay
 switches a connection to :meth:`DataConnection.splice`: raw bytes to the partner, with flow
 control both ways (:mod:`meshd.peer.splice`), nothing parsed.
+
+What a connection may cost before it is authenticated.  A connection this daemon *accepted*
+starts untrusted: its records may be at most :data:`~meshd.channel.link.MAX_SMALL` bytes and it
+parses them in a small scratch buffer, so a stranger costs a few KiB however big a record it
+announces (a bigger one closes the connection).  The service calls :meth:`DataConnection.trust`
+once the far end has proved itself (a valid Hello, a frame under a channel's keys, a relay
+preamble signed by a member); only then may a record be a whole frame.  A connection this daemon
+*dialed* goes to an address from a signed site record and is trusted from the start.
+
+Stalls.  A record received in pieces must keep coming: if no byte of it arrives for
+:data:`STALL_TIMEOUT` seconds, or it takes longer than that plus its size at
+:data:`MIN_RECORD_RATE`, the connection is closed and its buffer freed.  At most
+:data:`MAX_INBOX` records wait in the inbox of a connection nobody reads yet.
 """
 
 from __future__ import annotations
@@ -25,6 +38,13 @@ from meshd.peer.splice import SpliceEnd, pair
 log = logging.getLogger("meshd.daemon.channels.connection")
 
 _SCRATCH = 256 << 10
+_SMALL_SCRATCH = 8 << 10
+"""Scratch of an untrusted connection: a header and the largest small record fit."""
+STALL_TIMEOUT = 15.0
+"""Seconds a record being received may go without a byte before the connection is closed."""
+MIN_RECORD_RATE = 1 << 20
+"""Bytes per second a record being received must average (after STALL_TIMEOUT of grace)."""
+MAX_INBOX = 64
 _WRITE_HIGH = 8 << 20
 _WRITE_LOW = 2 << 20
 _COALESCE = 64 << 10
@@ -32,10 +52,51 @@ _COALESCE = 64 << 10
 Handler = Callable[["DataConnection", int, Block], None]
 
 
+class _StallWatch:
+    """Times the record a connection receives in pieces (see the module docstring)."""
+
+    __slots__ = ("conn", "started", "last", "timer")
+
+    def __init__(self, conn: DataConnection) -> None:
+        self.conn = conn
+        self.started = self.last = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.started = self.last = loop.time()
+        if self.timer is None:
+            self.timer = loop.call_later(self.conn.stall_timeout, self._check)
+
+    def progress(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _check(self) -> None:
+        self.timer = None
+        conn, body = self.conn, self.conn._body
+        if body is None:
+            return
+        now = asyncio.get_running_loop().time()
+        idle_until = self.last + conn.stall_timeout
+        finish_by = self.started + conn.stall_timeout + len(body) / MIN_RECORD_RATE
+        if now >= min(idle_until, finish_by):
+            conn.abort(f"stalled in the middle of a {len(body)}-byte record"
+                       f" ({conn._body_got} bytes in {now - self.started:.0f} s)")
+            return
+        self.timer = asyncio.get_running_loop().call_later(min(idle_until, finish_by) - now,
+                                                           self._check)
+
+
 class DataConnection(asyncio.BufferedProtocol):
     """One data connection (either side)."""
 
-    def __init__(self, on_lost: Callable[[DataConnection], None] | None = None) -> None:
+    def __init__(self, on_lost: Callable[[DataConnection], None] | None = None, *,
+                 trusted: bool = True) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: str = "?"
         self.handler: Handler | None = None
@@ -48,11 +109,18 @@ class DataConnection(asyncio.BufferedProtocol):
         """Whatever this connection serves now (an attempt, a channel end, a relay leg)."""
         self.bytes_in = 0
         self._bytes_sent = 0
-        self._scratch = bytearray(_SCRATCH)
+        self.trusted = trusted
+        self.max_record = link.MAX_RECORD if trusted else link.MAX_SMALL
+        self.release_slot: Callable[[], None] | None = None
+        """Called once, when an untrusted connection is trusted or lost, whichever comes first
+        (it gives back the slot the accepting service took for it)."""
+        self.stall_timeout = STALL_TIMEOUT
+        self._scratch = bytearray(_SCRATCH if trusted else _SMALL_SCRATCH)
         self._fill = 0
         self._body: Block | None = None
         self._body_kind = 0
         self._body_got = 0
+        self._stall = _StallWatch(self)
         self._end = SpliceEnd()
         self._partner: DataConnection | None = None
         self._held = False
@@ -62,6 +130,8 @@ class DataConnection(asyncio.BufferedProtocol):
         self._transport_full = False
         self._close_when_sent = False
         self.error: str | None = None
+        self.refused_for: str | None = None
+        """The reason code of the protocol error that closed the connection, if one did."""
 
     # -- asyncio callbacks -----------------------------------------------------------------------
 
@@ -87,6 +157,8 @@ class DataConnection(asyncio.BufferedProtocol):
             return memoryview(self._body)[self._body_got:]
         if self._fill == len(self._scratch):  # held bytes fill it (relay leg waiting)
             self._scratch.extend(bytes(_SCRATCH))
+        elif self.trusted and len(self._scratch) < _SCRATCH:
+            self._scratch.extend(bytes(_SCRATCH - len(self._scratch)))
         return memoryview(self._scratch)[self._fill:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -97,6 +169,7 @@ class DataConnection(asyncio.BufferedProtocol):
             return
         if self._body is not None:
             self._body_got += nbytes
+            self._stall.progress()
             if self._body_got == len(self._body):
                 body, self._body = self._body, None
                 self._deliver(self._body_kind, body)
@@ -125,6 +198,9 @@ class DataConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._queue.clear()
         self._queued = 0
+        self._body = None
+        self._stall.cancel()
+        self._release_slot()
         self.writable.set()
         self.inbox.put_nowait(None)
         if not self.closed.done():
@@ -152,6 +228,10 @@ class DataConnection(asyncio.BufferedProtocol):
             while self._fill - pos >= hs and not self._held and self._partner is None:
                 kind, length = link.RECORD_HEADER.unpack_from(view, pos)
                 link.check_record(kind, length)
+                if length > self.max_record:
+                    raise ProtocolError(
+                        f"record of {length} bytes before the connection is authenticated"
+                        f" (at most {self.max_record})", reason="oversized")
                 have = self._fill - pos - hs
                 if have >= length:
                     small: Block = bytearray(view[pos + hs:pos + hs + length])
@@ -162,10 +242,12 @@ class DataConnection(asyncio.BufferedProtocol):
                     body = new_block(length)
                     body[:have] = view[pos + hs:self._fill]
                     self._body, self._body_kind, self._body_got = body, kind, have
+                    self._stall.start()
                     pos = self._fill
                 break
         except ProtocolError as exc:
             view.release()
+            self.refused_for = exc.reason
             self.abort(str(exc))
             return
         rest = self._fill - pos
@@ -177,15 +259,31 @@ class DataConnection(asyncio.BufferedProtocol):
             self._end.received(bytes(self._scratch[:rest]))
             self._fill = 0
 
+    def trust(self) -> None:
+        """The far end has proved itself: records may be whole frames from now on."""
+        if self.trusted:
+            return
+        self.trusted = True
+        self.max_record = link.MAX_RECORD  # the scratch grows in get_buffer (no view held there)
+        self._release_slot()
+
+    def _release_slot(self) -> None:
+        release, self.release_slot = self.release_slot, None
+        if release is not None:
+            release()
+
     def _deliver(self, kind: int, body: Block) -> None:
         if self.handler is not None:
             try:
                 self.handler(self, kind, body)
             except ProtocolError as exc:
+                self.refused_for = exc.reason
                 self.abort(f"{exc.reason}: {exc}")
             except Exception as exc:  # a bug in a handler must not kill the loop
                 log.exception("data connection handler failed")
                 self.abort(f"internal error: {type(exc).__name__}")
+        elif self.inbox.qsize() >= MAX_INBOX:
+            self.abort(f"more than {MAX_INBOX} records nobody has read yet")
         else:
             self.inbox.put_nowait((kind, body))
 
@@ -271,7 +369,9 @@ class DataConnection(asyncio.BufferedProtocol):
         self.close()
 
     def abort(self, reason: str) -> None:
-        log.info("closing data connection %s: %s", self.peer, reason)
+        # A stranger's garbage is not worth a log line each (the service counts it).
+        log.log(logging.INFO if self.trusted else logging.DEBUG,
+                "closing data connection %s: %s", self.peer, reason)
         self.error = reason
         if self.transport is not None:
             self.transport.abort()

@@ -220,6 +220,7 @@ class Receiving:
             if side.inc is not None or side.pending is not None:
                 raise ProtocolError("a second Hello on one connection", reason="unexpected")
             accept, side.pending = self.answer_hello(side.sender, side.cid, bytes(body))
+            conn.trust()
             conn.send(link.ACCEPT, accept)
             return
         if kind == link.REFUSE:
@@ -231,7 +232,8 @@ class Receiving:
         if inc is not None:
             if inc.sender != side.sender:
                 raise ProtocolError("frame for another site's channel", reason="wrong-channel")
-            inc.on_frame(conn, side, body)
+            inc.on_frame(conn, side, body)  # authentic, or ProtocolError
+            conn.trust()
             self.wake_port(inc.name)
             return
         if side.pending is None:

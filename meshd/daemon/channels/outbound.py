@@ -148,6 +148,7 @@ class OutChannel:
                 conn.send(link.FRAME, self.core.probe_frame())
                 while fb is None:
                     fb = self.core.feedback_in(await conn.expect(link.FRAME, timeout=timeout))
+            conn.trust()  # the far end proved the channel's keys
             rtt = time.monotonic() - t0
         except asyncio.CancelledError:
             if conn is not None and conn is not self.conn:

@@ -64,6 +64,7 @@ class Relay:
         if not self.view.is_member(pre.to):
             conn.refuse("not-member: the far end is not a member")
             return
+        conn.trust()  # a member signed it
         s, r = (pre.sender, pre.to) if pre.role == "s" else (pre.to, pre.sender)
         key = (pre.cid, s, r)
         conn.handler = None

@@ -46,13 +46,17 @@ from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import CoreTimer, TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.ring import Ring
+from meshd.peer.limits import SourceLimit
 from meshd.state.config import Config
 from meshd.state.home import Home
 from meshd.state.view import MeshView
 
 log = logging.getLogger("meshd.daemon.channels.service")
 
-PREAMBLE_TIMEOUT = 10.0
+AUTH_TIMEOUT = 10.0
+"""Seconds an accepted data connection has to prove itself (see :meth:`ChannelService.accept`)."""
+MAX_UNTRUSTED = 256
+MAX_UNTRUSTED_PER_SOURCE = 32
 
 
 class ChannelService:
@@ -77,6 +81,8 @@ class ChannelService:
                                reach=self.reach, counters=counters, tasks=self.tasks,
                                ipc=endpoints, zctx=zctx)
         self.out: dict[bytes, OutChannel] = self.sending.out
+        self.untrusted = SourceLimit(total=MAX_UNTRUSTED, per_source=MAX_UNTRUSTED_PER_SOURCE)
+        """Accepted data connections that have not proved themselves yet."""
         self._pending_conns: set[DataConnection] = set()
 
     def start(self) -> None:
@@ -118,23 +124,40 @@ class ChannelService:
 
     # -- incoming data connections ---------------------------------------------------------
 
-    def accept(self, transport: asyncio.Transport, first: bytes) -> DataConnection:
-        """The port multiplexer hands over a connection that is not ZeroMQ."""
-        conn = DataConnection(self._conn_lost)
+    def accept(self, transport: asyncio.Transport, first: bytes) -> DataConnection | None:
+        """The port multiplexer hands over a connection that is not ZeroMQ.
+
+        Until it proves itself (a valid Hello, a frame under a channel's keys, a member's signed
+        relay preamble: :meth:`DataConnection.trust`) it costs a few KiB, it must do so within
+        AUTH_TIMEOUT, and at most MAX_UNTRUSTED such connections may be open, at most
+        MAX_UNTRUSTED_PER_SOURCE from one address; over the bound it is closed at once."""
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        why = self.untrusted.admit(source)
+        if why is not None:
+            self.counters.count("refused_busy" if why == "total" else "refused_busy_source")
+            return None
+        conn = DataConnection(self._conn_lost, trusted=False)
+        conn.release_slot = lambda: self.untrusted.release(source)
         conn.handler = self._on_preamble
         self._pending_conns.add(conn)
-        deadline = CoreTimer(lambda now: self._preamble_deadline(conn))
-        deadline.arm(CoreTimer.now() + PREAMBLE_TIMEOUT)
+        deadline = CoreTimer(lambda now: self._auth_deadline(conn))
+        deadline.arm(CoreTimer.now() + AUTH_TIMEOUT)
         self.counters.count("accepted")
         return conn
 
-    def _preamble_deadline(self, conn: DataConnection) -> None:
-        if conn in self._pending_conns:
-            self._pending_conns.discard(conn)
-            conn.abort("no preamble in time")
+    def _auth_deadline(self, conn: DataConnection) -> None:
+        self._pending_conns.discard(conn)
+        if not conn.trusted and not conn.closed.done():
+            self.counters.count("auth_timeouts")
+            conn.abort("did not authenticate in time")
 
     def _conn_lost(self, conn: DataConnection) -> None:
         self._pending_conns.discard(conn)
+        if not conn.trusted:  # a stranger's failures are counted, not logged one by one
+            self.counters.count("untrusted_closed")
+            if conn.refused_for:
+                self.counters.count(f"untrusted_refused_{conn.refused_for.replace('-', '_')}")
         self.receiving.conn_lost(conn)
 
     def _on_preamble(self, conn: DataConnection, kind: int, body: Block) -> None:
