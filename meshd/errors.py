@@ -35,9 +35,10 @@ class RemoteError(MeshdError):
 class TokenError(LocalError):
     """An invitation token cannot be used.
 
-    Reasons: ``not-found`` (no token in the text), ``truncated``, ``checksum`` (a typo: the check
-    code does not match), ``version`` (made by a newer meshd), ``malformed``, ``expired``,
-    ``used``, ``wrong-mesh``, ``unknown`` (the inviter does not know this invitation).
+    Reasons: ``too-large`` (more input than the parser reads), ``not-found`` (no token in the
+    text), ``truncated``, ``checksum`` (a typo: the check code does not match), ``version``
+    (made by a newer meshd), ``malformed``, ``expired``, ``used``, ``wrong-mesh``, ``unknown``
+    (the inviter does not know this invitation).
     """
 
 

@@ -8,6 +8,7 @@ Exit status: 0 success, 1 the request failed (the message says why), 2 usage err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -17,8 +18,9 @@ from typing import Any, Callable
 
 from meshd import __version__
 from meshd.app.client import Client
-from meshd.errors import DaemonNotRunning, MeshdError
+from meshd.errors import DaemonNotRunning, LocalError, MeshdError
 from meshd.state.home import Home, resolve_home
+from meshd.trust import tokens
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -108,11 +110,26 @@ def cmd_invite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_invitation(path: str | None) -> bytes:
+    """The raw bytes of FILE or stdin, at most ``tokens.MAX_INPUT``; the size of anything
+    larger is counted (not kept) so the refusal can state it."""
+    try:
+        with open(path, "rb") if path else contextlib.nullcontext(sys.stdin.buffer) as f:
+            data = f.read(tokens.MAX_INPUT + 1)
+            size = len(data)
+            while size > tokens.MAX_INPUT and (chunk := f.read(1 << 20)):
+                size += len(chunk)
+    except OSError as exc:
+        raise LocalError(f"cannot read {path or 'stdin'}: {exc.strerror or exc}", reason="usage") from None
+    tokens.check_size(size)
+    return data
+
+
 def cmd_join(args: argparse.Namespace) -> int:
-    text = open(args.file, encoding="utf-8", errors="replace").read() if args.file \
-        else sys.stdin.read()
+    # The mail is read here, in this process, and only the token goes to the daemon.
+    inv = tokens.parse(_read_invitation(args.file))
     client = Client(args.home)
-    j = client.join(text)
+    j = client.join(tokens.encode(inv))
     deadline = time.monotonic() + args.wait
     told_pending = False
     if not args.json:

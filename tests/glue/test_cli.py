@@ -4,11 +4,13 @@ control socket, against a stand-in daemon served on a real unix socket (aiohttp)
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import stat
 import threading
 from collections.abc import Iterator
+from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,9 @@ from aiohttp import web
 
 from meshd.cli.main import duration, main
 from meshd.local import api
+from meshd.trust import tokens
+
+from tests.unit.test_tokens import RICH
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -146,3 +151,41 @@ def test_a_refusal_from_the_daemon_is_one_line_and_exit_1(home: Path,
     assert json.loads(out) == refused
     assert err == "meshd: error: no member named or identified as 'x'; see meshd peers\n"
     assert daemon.requests == [("POST", api.REVOKE, {"site": "x", "reason": "gone"})]
+
+
+def _joined(inviter: str) -> dict[str, Any]:
+    return {"id": "j1", "state": "admitted", "inviter": inviter, "inviter_name": "aps-8id",
+            "inviter_fingerprint": "CCCC-DDDD", "fingerprint": "AAAA-BBBB", "mesh_id": "m",
+            "approve": False, "error": None}
+
+
+def test_join_reads_a_base64_mail_from_stdin_and_sends_only_the_token(
+        home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = MIMEText("Hi \u2014 here it is:\n" + tokens.armor(RICH), "plain", "utf-8")
+    msg["Subject"] = "meshd invitation"
+    assert msg["Content-Transfer-Encoding"] == "base64"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(bytes(msg)), encoding="ascii"))
+    with StandIn(home, {("POST", api.JOINS): (200, _joined("abc"))}) as daemon:
+        code, out, err = run(capsys, "join", "--home", str(home))
+    assert code == 0, err
+    assert "Joined" in out
+    assert daemon.requests == [("POST", api.JOINS, {"text": tokens.encode(RICH)})]
+
+
+def test_join_refuses_an_oversized_file_naming_the_limit_without_asking_the_daemon(
+        home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    big = tmp_path / "huge.eml"
+    big.write_bytes(b"x" * (3 * tokens.MAX_INPUT + 5))
+    with StandIn(home, {}) as daemon:
+        code, out, err = run(capsys, "join", str(big), "--home", str(home))
+    assert code == 1 and out == ""
+    assert (f"input of {3 * tokens.MAX_INPUT + 5} bytes exceeds the limit of {tokens.MAX_INPUT}"
+            " bytes") in err
+    assert err.count("\n") == 1 and daemon.requests == []
+
+
+def test_join_with_a_missing_file_is_one_line_and_exit_1(home: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "join", str(tmp_path / "nope.eml"), "--home", str(home))
+    assert code == 1 and out == ""
+    assert err == f"meshd: error: cannot read {tmp_path / 'nope.eml'}: No such file or directory\n"

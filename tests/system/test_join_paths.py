@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from email.mime.text import MIMEText
 from typing import Any
 
 from meshd.trust import tokens
@@ -64,3 +65,18 @@ def test_acknowledged_join_survives_an_inviter_crash(sites: Any) -> None:
     assert peers["alcf"]["verified"] and peers["alcf"]["role"] == "member"
     r = d.cli("join", "--json", input=token)
     assert r.returncode == 1 and '"used"' in r.stdout
+
+
+def test_join_from_a_base64_mail_on_stdin(sites: Any) -> None:
+    """The mail as Python's email package writes it (``MIMEText`` sends a UTF-8 body as
+    base64), whole, headers and all, on the stdin of the real ``meshd join``."""
+    a, b = sites("aps-8id"), sites("alcf")
+    msg = MIMEText("Hi \u2014 the invitation to our mesh:\n\n" + invite(a) + "\nBob\n", "plain", "utf-8")
+    msg["From"], msg["To"], msg["Subject"] = "admin@aps.example", "admin@alcf.example", "meshd"
+    assert msg["Content-Transfer-Encoding"] == "base64" and b"MESHD1" not in bytes(msg)
+    r = subprocess.run([sys.executable, "-m", "meshd", "join", "--home", str(b.home)],
+                       input=bytes(msg), capture_output=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr.decode() + b.log()
+    assert b"Joined" in r.stdout
+    wait_until(lambda: {p["name"] for p in a.client.peers() if p["verified"]} == {"aps-8id", "alcf"},
+               30, "alcf's record at aps-8id")
