@@ -7,6 +7,12 @@ vouches admits.  Messages travel as one-way ``swim`` peer messages, back over th
 peer made to us when there is one (the only way to reach a site that cannot be dialed), else
 over a link we dial.  Signed objects ride on the core's push-pull as blobs, verified by
 ``MeshView.ingest`` before the core keeps or forwards them.
+
+The sender the core is told is the member whose CURVE key authenticated the connection, never
+a field of the message: that is what lets the core take any incarnation a member gives itself
+and bound what it says about others (``max_incarnation_step``).  Messages the codec refuses for
+an incarnation above ``swim.MAX_INCARNATION`` count as ``swim_refused_incarnation``, claims the
+core cut down as ``swim_clamped_incarnation``.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ class MembershipService:
         now = self.now()
         # A restarted site must outrank what others remember of it (left, or dead, at the
         # incarnation it had): start above the last one used, and remember it first.
-        incarnation = self.store.get_int("incarnation") + 1
+        incarnation = min(self.store.get_int("incarnation") + 1, swim.MAX_INCARNATION)
         self.store.set_meta("incarnation", incarnation)
         self._left.clear()
         self.core = swim.Membership(
@@ -156,9 +162,9 @@ class MembershipService:
             return
         try:
             msg = swim.from_bytes(data)
-        except ProtocolError as exc:
-            self.counters.count("malformed")
-            log.info("dropped a bad membership message from %s: %s", site_id_of(sender), exc)
+        except ProtocolError as exc:  # counted; a hostile member could flood the log
+            self.counters.count("refused_incarnation" if exc.reason == "incarnation" else "malformed")
+            log.debug("dropped a bad membership message from %s: %s", site_id_of(sender), exc)
             return
         self.received += 1
         now = self.now()
@@ -166,7 +172,10 @@ class MembershipService:
             sent = self._pings.pop(msg.seq, None)
             if sent is not None and sent[0] == sender:
                 self.rtt[sender] = now - sent[1]
+        clamped = core.clamped
         core.receive(self._members_only(msg), sender, now)
+        if core.clamped != clamped:
+            self.counters.count("clamped_incarnation", core.clamped - clamped)
         self._flush()
 
     def _members_only(self, msg: swim.Message) -> swim.Message:

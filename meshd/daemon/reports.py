@@ -79,6 +79,8 @@ class Reports:
             swim_state = self.membership.state_of(key)
             if revoked:
                 swim_state["state"] = "revoked"
+            elif key != me and self._unseen(swim_state):
+                swim_state["state"] = "unseen"
             rtt = swim_state["rtt_ms"]
             if rtt is None and (r := self.links.rtt(key)) is not None:
                 rtt = round(r * 1000, 3)
@@ -96,6 +98,14 @@ class Reports:
                 "error": contact.error if contact else None,
             })
         return out
+
+    @staticmethod
+    def _unseen(swim_state: dict[str, Any]) -> bool:
+        """No sign of life yet: alive only because we seeded it so (incarnation 0), with no
+        message from it and no news of it (a running daemon starts at incarnation 1 or more).
+        A site whose daemon never ran stays so; failure detection is not changed by it."""
+        return (swim_state["state"] == "alive" and swim_state["incarnation"] == 0
+                and swim_state["last_seen"] is None)
 
     def _reached(self, key: bytes, rec: SiteRecord | None) -> str:
         """How this site reaches a member: self, lan, direct, inbound (over the connection the

@@ -23,6 +23,7 @@ from .events import (
     Status,
 )
 from .messages import (
+    MAX_INCARNATION,
     Ack,
     Alive,
     Dead,
@@ -44,7 +45,7 @@ from .messages import (
 )
 
 __all__ = [
-    "Ack", "Alive", "BlobAccepted", "Dead", "Event", "Gossip", "Left", "MemberAlive", "MemberDead",
+    "MAX_INCARNATION", "Ack", "Alive", "BlobAccepted", "Dead", "Event", "Gossip", "Left", "MemberAlive", "MemberDead",
     "MemberInfo", "MemberJoined", "MemberLeft", "MemberState", "MemberSuspect", "MemberUpdated",
     "Membership", "Message", "Nack", "Ping", "PingReq", "PushPullRequest", "PushPullResponse",
     "Refuted", "Status", "Suspect", "SwimConfig", "Update", "VerifyBlob", "decode_message",

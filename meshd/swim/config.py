@@ -91,6 +91,14 @@ class SwimConfig:
     """Lifeguard buddy system: a ping to a suspected member carries its suspicion first, so it
     learns it quickly and can refute."""
 
+    max_incarnation_step: int = 16
+    """A message about member N from a sender other than N (hearsay: gossip, piggybacked
+    updates, push-pull rows) moves N's incarnation at most this far above the one held when the
+    message arrived; a larger claim counts as a claim at that height (``Membership.clamped``).
+    Only N itself raises its own incarnation further.  It bounds what one forged message can do
+    (issue 11); an honest site that lags further behind catches up by this much per message, or
+    at once from N: 16."""
+
     def __post_init__(self) -> None:
         for name in ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval",
                      "reconnect_interval", "outbound_watch_mult"):
@@ -99,6 +107,7 @@ class SwimConfig:
         if self.probe_timeout > self.probe_interval:
             raise LocalError("SwimConfig.probe_timeout must not exceed probe_interval", reason="config")
         for name in ("gossip_nodes", "indirect_checks", "retransmit_mult", "suspicion_mult",
-                     "suspicion_max_timeout_mult", "awareness_max_multiplier", "packet_budget"):
+                     "suspicion_max_timeout_mult", "awareness_max_multiplier", "packet_budget",
+                     "max_incarnation_step"):
             if getattr(self, name) < 1:
                 raise LocalError(f"SwimConfig.{name} must be at least 1", reason="config")

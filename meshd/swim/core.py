@@ -29,6 +29,31 @@ member answers any accusation carried in a ping (and anyone answers a ping from 
 holds suspect or dead) with the news first, so a node that missed the refutation gossip catches
 up instead of declaring a false death.
 
+*Incarnations.*  Only a member raises its own incarnation: it starts at the one its owner
+gives it, and moves it past an accusation (refutation) or on :meth:`set_meta`.  What others say
+of it is hearsay, since incarnations are not signed; the sender passed to :meth:`receive` is the
+one the transport authenticated (in meshd, the CURVE key of the connection).  So:
+
+- the codec refuses any message with an incarnation above ``MAX_INCARNATION`` (2**53 - 1), and
+  the core never goes above it (a refutation or new meta at the bound stays there);
+- an update or push-pull row about member N that comes from N itself is taken at any incarnation;
+- one about N from anyone else moves N's incarnation at most ``max_incarnation_step`` (K, 16)
+  above the one held when the message arrived (0 for a member not known yet), however many
+  updates about N the message carries; a larger claim is taken, and passed on, as a claim at
+  that height, and counted in :attr:`Membership.clamped`.  This applies to accusations of
+  ourselves too, so a refutation is at most K + 1 above our incarnation.
+
+Accusations are never ignored for their height, and our own (a failed probe, the suspicion
+timer) apply at whatever incarnation we hold.  So a forged ``alive`` at a huge incarnation gives
+N at most K more; the next failed probe suspects N at that incarnation, and the suspicion (equal
+incarnation) wins over the forged alive, which the table ignores as stale.  What a liar can still
+do, with one message per suspicion, is forge each refutation of a member it wants kept alive
+(alive at the suspected incarnation + 1): that member flaps suspect/alive instead of dying for
+as long as the liar keeps it up, as in any SWIM without signed alives.  To walk an incarnation
+to the bound takes it ``MAX_INCARNATION / K`` (2**49) messages.  An honest site that lags more
+than K behind a member (it missed many refutations) catches up by K per message, or at once
+from the member itself (its acks to pings that carry an accusation, its push-pulls).
+
 *Lifeguard health.*  Score ``0 .. awareness_max_multiplier - 1`` (:mod:`.awareness`): +1 for
 each expected nack that did not arrive in a failed probe (+1 for a failed probe when no nack was
 expected), +1 per refutation, -1 per successful probe.
@@ -64,6 +89,7 @@ talking, never because nobody can dial it.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from collections.abc import Callable, Iterable
@@ -91,7 +117,7 @@ from .events import (
 from .messages import (
     FLAG_UNWATCH,
     FLAG_WATCH,
-    MAX_ACCUSED_INCARNATION,
+    MAX_INCARNATION,
     MAX_BLOB_LEN,
     STATUS_ALIVE,
     STATUS_DEAD,
@@ -174,6 +200,8 @@ class Membership:
     ) -> None:
         if not isinstance(self_id, bytes) or not 1 <= len(self_id) <= 64:
             raise LocalError("self_id must be 1..64 bytes", reason="argument")
+        if not 0 <= incarnation <= MAX_INCARNATION:
+            raise LocalError(f"incarnation must be 0..{MAX_INCARNATION}", reason="argument")
         self.self_id = self_id
         self.config = config
         self._rng = rng
@@ -216,6 +244,8 @@ class Membership:
         self._rows: tuple[MemberState, ...] | None = None
         self._limit_n = 0
         self._limit = 0
+        self.clamped = 0
+        """Claims about other members cut down to ``max_incarnation_step`` (module docstring)."""
         self._broadcast(Alive(self_id, incarnation, meta, reachable))
 
     # ------------------------------------------------------------------ public API
@@ -336,7 +366,7 @@ class Membership:
         """Change our metadata or reachability; gossips alive with the next incarnation."""
         self._me.meta = meta
         self._me.reachable = reachable
-        self._me.incarnation += 1
+        self._me.incarnation = min(self._me.incarnation + 1, MAX_INCARNATION)
         self._rows = None
         self._next_heartbeat = now
         self._broadcast(Alive(self.self_id, self._me.incarnation, meta, reachable))
@@ -371,26 +401,26 @@ class Membership:
                 self._watched[sender] = now
         t = type(msg)
         if t is Ping:
-            self._apply_all(msg.updates, now)  # type: ignore[union-attr]
+            self._apply_all(msg.updates, sender, now)  # type: ignore[union-attr]
             self._on_ping(msg, sender, now)  # type: ignore[arg-type]
         elif t is Ack:
-            self._apply_all(msg.updates, now)  # type: ignore[union-attr]
+            self._apply_all(msg.updates, sender, now)  # type: ignore[union-attr]
             self._on_ack(msg.seq, now)  # type: ignore[union-attr]
         elif t is Gossip:
-            self._apply_all(msg.updates, now)  # type: ignore[union-attr]
+            self._apply_all(msg.updates, sender, now)  # type: ignore[union-attr]
         elif t is PingReq:
-            self._apply_all(msg.updates, now)  # type: ignore[union-attr]
+            self._apply_all(msg.updates, sender, now)  # type: ignore[union-attr]
             self._on_ping_req(msg, sender, now)  # type: ignore[arg-type]
         elif t is Nack:
-            self._apply_all(msg.updates, now)  # type: ignore[union-attr]
+            self._apply_all(msg.updates, sender, now)  # type: ignore[union-attr]
             p = self._probe
             if p is not None and p.seq == msg.seq and sender in p.helpers and sender not in p.nackers:  # type: ignore[union-attr]
                 p.nackers += (sender,)
         elif t is PushPullRequest:
-            self._merge(msg, now)  # type: ignore[arg-type]
+            self._merge(msg, sender, now)  # type: ignore[arg-type]
             self._out.append((sender, PushPullResponse(self._state_rows(), self._blob_list())))
         elif t is PushPullResponse:
-            self._merge(msg, now)  # type: ignore[arg-type]
+            self._merge(msg, sender, now)  # type: ignore[arg-type]
 
     def handle_timer(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
@@ -484,34 +514,60 @@ class Membership:
         heapq.heappush(self._relay_heap, (deadline, seq))
         self._out.append((msg.target, Ping(seq, msg.target, self._piggyback())))
 
-    def _merge(self, msg: PushPullRequest | PushPullResponse, now: float) -> None:
+    def _merge(self, msg: PushPullRequest | PushPullResponse, sender: bytes, now: float) -> None:
         me = self.self_id
         members = self._members
         codes = _STATUS_CODE
+        tops: dict[bytes, int] = {}
         for s in msg.states:
             m = members.get(s.node)
-            if m is not None and (s.incarnation < m.incarnation or (
-                    s.incarnation == m.incarnation and s.status == codes[m.status])):
+            inc = s.incarnation
+            if s.node != sender and (m is None or inc >= m.incarnation):
+                inc = self._bound(s.node, inc, m, tops)
+            if m is not None and (inc < m.incarnation or (
+                    inc == m.incarnation and s.status == codes[m.status])):
                 continue  # stale or already known: the table would ignore it
             if s.status == STATUS_ALIVE:
-                self._apply(Alive(s.node, s.incarnation, s.meta, s.reachable), now)
+                self._apply(Alive(s.node, inc, s.meta, s.reachable), now)
             elif s.status == STATUS_LEFT:
-                self._apply(Left(s.node, s.incarnation), now)
+                self._apply(Left(s.node, inc), now)
             else:  # suspect or dead: suspect it ourselves rather than trust a remote death
-                self._apply(Suspect(s.node, s.incarnation, me), now)
+                self._apply(Suspect(s.node, inc, me), now)
         if msg.blobs:
             self._accept_blobs(msg.blobs)
 
     # ------------------------------------------------------------------ state transitions
 
-    def _apply_all(self, updates: tuple[Update, ...], now: float) -> None:
+    def _apply_all(self, updates: tuple[Update, ...], sender: bytes, now: float) -> None:
+        members = self._members
+        tops: dict[bytes, int] | None = None
         for u in updates:
+            node = u.node
+            if node != sender:  # hearsay: bounded (module docstring, "Incarnations")
+                m = members.get(node)
+                if m is None or u.incarnation >= m.incarnation:  # not stale: may act
+                    if tops is None:
+                        tops = {}
+                    inc = self._bound(node, u.incarnation, m, tops)
+                    if inc != u.incarnation:
+                        u = dataclasses.replace(u, incarnation=inc)
             self._apply(u, now)
+
+    def _bound(self, node: bytes, inc: int, m: _Member | None, tops: dict[bytes, int]) -> int:
+        """The incarnation a claim about ``node`` from someone else may set: at most
+        ``max_incarnation_step`` above what we held when the message arrived (``tops`` keeps
+        that height per node for the rest of the message)."""
+        top = tops.get(node)
+        if top is None:
+            held = 0 if m is None else m.incarnation
+            top = tops[node] = min(MAX_INCARNATION, held + self.config.max_incarnation_step)
+        if inc <= top:
+            return inc
+        self.clamped += 1
+        return top
 
     def _apply(self, u: Update, now: float) -> None:
         node = u.node
-        if u.incarnation > MAX_ACCUSED_INCARNATION and type(u) is not Alive:
-            return  # an accusation no one could ever refute: a liar's, ignored
         m = self._members.get(node)
         if m is not None:
             # Fast exits, only for cells of the table that ignore the update (most updates
@@ -591,10 +647,12 @@ class Membership:
 
     def _refute(self, u: Update, now: float) -> None:
         me = self._me
-        me.incarnation = max(me.incarnation, u.incarnation) + 1
+        old = me.incarnation
+        me.incarnation = min(max(old, u.incarnation) + 1, MAX_INCARNATION)
         self._awareness.apply_delta(1)
         self._broadcast(Alive(self.self_id, me.incarnation, me.meta, me.reachable))
-        self._events.append(Refuted(me.incarnation))
+        if me.incarnation > old:  # at the bound we can only repeat ourselves
+            self._events.append(Refuted(me.incarnation))
 
     def _set_status(self, m: _Member, status: Status, now: float) -> None:
         was_live = m.status in _LIVE

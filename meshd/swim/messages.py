@@ -3,7 +3,8 @@
 Every message is a frozen, slotted dataclass.  ``encode_message`` turns one into a plain list of
 msgpack-able values; ``decode_message`` checks the type and size of every field of such a list
 and raises :class:`meshd.errors.ProtocolError` (reason ``malformed``) on anything else;
-``to_bytes``/``from_bytes`` add msgpack.  The layouts (first item is the type code)::
+``to_bytes``/``from_bytes`` add msgpack.  An incarnation above :data:`MAX_INCARNATION` anywhere
+in a message refuses the whole message with reason ``incarnation`` instead.  The layouts (first item is the type code)::
 
     update  alive   [0, node, incarnation, meta, reachable]
             suspect [1, node, incarnation, source]
@@ -41,10 +42,14 @@ MAX_BLOBS = 10_000
 MAX_BLOB_LEN = 64 * 1024
 """Longest opaque blob accepted, in bytes."""
 MAX_INT = 2**63 - 1
-"""Largest sequence number."""
-MAX_ACCUSED_INCARNATION = 2**62
-"""Largest incarnation at which the core believes a suspect, dead or left notice (it ignores
-higher ones): far below MAX_INT, so that an accused member can always refute, one above."""
+"""Largest sequence number; any integer field above it is malformed."""
+MAX_INCARNATION = 2**53 - 1
+"""Largest incarnation accepted in any update or push-pull row; a message with a larger one is
+refused whole (``ProtocolError`` reason ``incarnation``).  Far above any honest count (one
+restart or refutation a second for 285 million years), exact in a JSON number (``meshd peers
+--json``), and, since a claim about someone else moves that member at most
+``SwimConfig.max_incarnation_step`` per message (see :mod:`.core`), some 2**49 messages away
+for a liar.  The core never raises an incarnation beyond it."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest encoded message ``from_bytes`` accepts."""
 
@@ -241,6 +246,14 @@ def _int(x: Any, what: str, hi: int = MAX_INT) -> int:
     return x
 
 
+def _inc(x: Any, what: str) -> int:
+    n = _int(x, what)
+    if n > MAX_INCARNATION:
+        raise ProtocolError(f"membership message: {what} {n} is above {MAX_INCARNATION}",
+                            reason="incarnation")
+    return n
+
+
 def _bool(x: Any, what: str) -> bool:
     if type(x) is not bool:
         raise _bad(f"{what} is not a boolean")
@@ -263,7 +276,7 @@ def decode_update(x: Any) -> Update:
         _list(items, "alive", 5)
         return Alive(
             _id(items[1], "alive.node"),
-            _int(items[2], "alive.incarnation"),
+            _inc(items[2], "alive.incarnation"),
             _bytes(items[3], "alive.meta", MAX_META_LEN),
             _bool(items[4], "alive.reachable"),
         )
@@ -271,11 +284,11 @@ def decode_update(x: Any) -> Update:
         _list(items, "suspect/dead", 4)
         cls = Suspect if kind == 1 else Dead
         return cls(
-            _id(items[1], "update.node"), _int(items[2], "update.incarnation"), _id(items[3], "update.source")
+            _id(items[1], "update.node"), _inc(items[2], "update.incarnation"), _id(items[3], "update.source")
         )
     if kind == 3 and type(kind) is int:
         _list(items, "left", 3)
-        return Left(_id(items[1], "left.node"), _int(items[2], "left.incarnation"))
+        return Left(_id(items[1], "left.node"), _inc(items[2], "left.incarnation"))
     raise _bad(f"unknown update type {kind!r}")
 
 
@@ -287,7 +300,7 @@ def _state(x: Any) -> MemberState:
     items = _list(x, "state", 5)
     return MemberState(
         _id(items[0], "state.node"),
-        _int(items[1], "state.incarnation"),
+        _inc(items[1], "state.incarnation"),
         _int(items[2], "state.status", 3),
         _bytes(items[3], "state.meta", MAX_META_LEN),
         _bool(items[4], "state.reachable"),

@@ -17,7 +17,9 @@ About ourselves (incarnation ``c``) while we have not left::
     dead(i)     i>=c REFUTE
     left(i)     i>=c REFUTE
 
-Refuting moves our incarnation past ``i`` and gossips alive.  After we leave, nothing about us
+Before an update from anyone but its subject reaches this table, the core cuts ``i`` to at most
+``c + max_incarnation_step`` (see :mod:`.core`, *Incarnations*).  Refuting moves our incarnation
+past ``i`` (never above ``MAX_INCARNATION``) and gossips alive.  After we leave, nothing about us
 changes anything.  ``DEAD`` and ``SUSPECT`` timeouts are not updates: the suspicion timer
 produces ``dead(c)`` from ourselves, which then goes through this table like any other.
 """

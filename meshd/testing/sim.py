@@ -242,6 +242,11 @@ class Simulator:
         """Drop everything ``src`` sends to ``dst`` (one direction only)."""
         self._blocked.add((src, dst))
 
+    def inject(self, src: bytes, dst: bytes, msg: Message) -> None:
+        """Send ``msg`` from site ``src`` to ``dst`` now, whatever ``src``'s core would say (a
+        hostile member's forgery).  It crosses the network like any other message."""
+        self._route(self.nodes[src], dst, msg)
+
     def call_at(self, when: float, fn: Callable[[], None]) -> None:
         """Run ``fn()`` when the clock reaches ``when`` (to script faults inside a run)."""
         self._push(when, _CALL, fn, None, None)

@@ -672,18 +672,6 @@ def test_outbound_heartbeats_are_not_slowed_by_poor_health() -> None:
         assert gaps and max(gaps) <= cfg.probe_interval + 0.01
 
 
-def test_an_accusation_above_the_refutable_limit_is_ignored() -> None:
-    from meshd.swim.messages import MAX_ACCUSED_INCARNATION, MAX_INT
-
-    core = Membership(b"a", SwimConfig(), random.Random(1), 0.0)
-    core.restore([(b"b", 0, b"", True), (b"c", 0, b"", True)], 0.0)
-    liar = Gossip((Dead(b"b", MAX_INT, b"c"), Suspect(b"a", MAX_INT, b"c")))
-    core.receive(liar, b"c", 1.0)
-    assert core.member(b"b").status is Status.ALIVE and core.incarnation == 0
-    core.receive(Gossip((Suspect(b"a", MAX_ACCUSED_INCARNATION, b"c"),)), b"c", 2.0)
-    assert core.incarnation == MAX_ACCUSED_INCARNATION + 1  # still refutable, and refuted
-
-
 def test_forget_drops_a_member_without_gossip() -> None:
     core = Membership(b"a", SwimConfig(), random.Random(1), 0.0)
     core.restore([(b"b", 0, b"", True), (b"c", 0, b"", True)], 0.0)

@@ -34,11 +34,13 @@ from meshd.swim import (
     from_bytes,
     to_bytes,
 )
+from meshd.swim.messages import MAX_INCARNATION
 from meshd.swim.queue import BroadcastQueue
 from meshd.swim.state import Action, decide
 
 node_ids = st.binary(min_size=1, max_size=64)
-incs = st.integers(0, 2**63 - 1)
+seqs = st.integers(0, 2**63 - 1)
+incs = st.integers(0, MAX_INCARNATION)
 updates = st.one_of(
     st.builds(Alive, node_ids, incs, st.binary(max_size=64), st.booleans()),
     st.builds(Suspect, node_ids, incs, node_ids),
@@ -50,10 +52,10 @@ rows = st.lists(st.builds(MemberState, node_ids, incs, st.integers(0, 3), st.bin
                 max_size=8).map(tuple)
 blobs = st.lists(st.binary(max_size=64), max_size=4).map(tuple)
 messages = st.one_of(
-    st.builds(Ping, incs, node_ids, ups, st.integers(0, 255)),
-    st.builds(PingReq, incs, node_ids, ups),
-    st.builds(Ack, incs, ups),
-    st.builds(Nack, incs, ups),
+    st.builds(Ping, seqs, node_ids, ups, st.integers(0, 255)),
+    st.builds(PingReq, seqs, node_ids, ups),
+    st.builds(Ack, seqs, ups),
+    st.builds(Nack, seqs, ups),
     st.builds(Gossip, ups),
     st.builds(PushPullRequest, rows, blobs, st.booleans()),
     st.builds(PushPullResponse, rows, blobs),
