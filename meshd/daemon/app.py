@@ -114,6 +114,7 @@ class Daemon:
                                      membership=membership, channels=channels,
                                      rotate=rotation.rotate)
         membership.subscribe(self._on_member_event)
+        membership.on_back = channels.reach.member_back
         self._stopping = asyncio.Event()
 
     # Late bindings: these services are built after the ones that call them.
