@@ -167,6 +167,7 @@ class Daemon:
         await self.membership.close()
         await self.channels.stop()
         await self.tasks.close()
+        self.sync.close()
         await self.control.stop()
         await self.transport.close()
         self.zctx.destroy(linger=0)
