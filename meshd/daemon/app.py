@@ -116,6 +116,7 @@ class Daemon:
                                      membership=membership, channels=channels,
                                      rotate=rotation.rotate)
         membership.subscribe(self._on_member_event)
+        membership.on_back = channels.reach.member_back
         self._stopping = asyncio.Event()
 
     # Late bindings: these services are built after the ones that call them.
@@ -171,6 +172,7 @@ class Daemon:
         await self.membership.close()
         await self.channels.stop()
         await self.tasks.close()
+        self.sync.close()
         await self.control.stop()
         await self.transport.close()
         self.zctx.destroy(linger=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -59,7 +60,13 @@ class MembershipService:
         self.links = links
         self.counters = counters
         self.on_change = on_change
-        self.config = config or swim.SwimConfig()
+        # The mesh view says who is a member: a dead member is never forgotten by the core (it
+        # keeps getting rejoin probes until it answers); revoked and retired keys are forgotten
+        # through sync_members.
+        self.config = config or swim.SwimConfig(dead_retention=math.inf)
+        self.on_back: Callable[[bytes], None] | None = None
+        """Called with a member's key when it comes back: alive after it was dead or left."""
+        self._down: set[bytes] = set()
         self.core: swim.Membership | None = None
         self._timer = CoreTimer(self._on_timer)
         self._sends = TaskSet("membership")
@@ -251,6 +258,12 @@ class MembershipService:
             return
         if isinstance(event, swim.Refuted):
             self.store.set_meta("incarnation", event.incarnation)
+        if isinstance(event, (swim.MemberDead, swim.MemberLeft)):
+            self._down.add(event.node)
+        elif isinstance(event, swim.MemberJoined) and event.node in self._down:
+            self._down.discard(event.node)
+            if self.on_back is not None:
+                self.on_back(event.node)
         node = getattr(event, "node", self.site.keys.public)
         fields: dict[str, Any] = {"incarnation": event.incarnation}  # type: ignore[union-attr]
         source = getattr(event, "source", None)

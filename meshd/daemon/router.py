@@ -8,6 +8,7 @@ A message comes either to our peer port (a request, or a one-way ``id`` 0 messag
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -21,9 +22,11 @@ from meshd.state.view import MeshView
 
 log = logging.getLogger("meshd.daemon.router")
 
-MemberHandler = Callable[[bytes, dict[str, Any]], "dict[str, Any] | None"]
+MemberHandler = Callable[[bytes, dict[str, Any]],
+                         "dict[str, Any] | None | Awaitable[dict[str, Any] | None]"]
 """Handles one message from a member (its key, the message); returns the answer to a request,
-or None.  Raises ``RemoteError`` to refuse it (the sender of a request is told why)."""
+or None, or an awaitable of it (work done off the loop).  Raises ``RemoteError`` to refuse it
+(the sender of a request is told why)."""
 
 JoinHandler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any]]]
 
@@ -64,7 +67,10 @@ class PeerRouter:
         handler = self.members.get(kind)
         if handler is None:
             raise RemoteError(f"unsupported request {kind!r}", reason="type")
-        return handler(key, msg)
+        answer = handler(key, msg)
+        if inspect.isawaitable(answer):
+            return await answer
+        return answer
 
     def on_link_message(self, msg: dict[str, Any], server_curve: bytes) -> None:
         """The dialer's handler: a one-way message that came back on a link we dialed."""

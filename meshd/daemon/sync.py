@@ -2,7 +2,14 @@
 pulled from one random member every ``sync_interval``, and answered when a member asks.
 
 An exchange carries every signed object this site holds (see docs/architecture.md, "Record
-propagation"); ``MeshView.ingest`` verifies what comes back before anything is kept.
+propagation"); ``MeshView`` verifies what comes back before anything is kept.
+
+A member cannot make this site spend its event loop on signature checks: objects already held,
+copies within a batch and bytes refused for good before are dropped by the digest of their bytes
+before any check (``MeshView.screen``); each member has a budget of objects per interval
+(``SYNC_BUDGET`` / ``SYNC_REFILL``) and one exchange in verification at a time, past which it is
+answered ``busy`` with a ``retry_after`` (counted ``sync_refused_busy``); and a batch with more
+than ``VERIFY_INLINE`` objects left to check is verified in a worker thread.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from meshd.daemon.contacts import Contacts
@@ -22,10 +31,62 @@ from meshd.daemon.tasks import TaskSet
 from meshd.errors import RemoteError
 from meshd.peer.dialer import Unreachable
 from meshd.state.config import Config
-from meshd.state.view import IngestResult, MeshView
+from meshd.peer.wire import MAX_ITEMS
+from meshd.state.view import IngestResult, MeshView, Screened, Verified, verify
 from meshd.trust.identity import site_id_of
 
 log = logging.getLogger("meshd")
+
+SYNC_BUDGET = 2 * MAX_ITEMS
+"""Signed objects one member may send in a burst: two full exchanges of the largest size."""
+SYNC_REFILL = MAX_ITEMS / 10.0
+"""Objects per second by which a member's budget refills (one full exchange per 10 s)."""
+VERIFY_INLINE = 64
+"""Batches with more objects than this left to verify are verified off the event loop."""
+MAX_BUDGETS = 10_000
+"""Members whose budget is tracked at once (the fullest are forgotten first)."""
+
+
+class SyncBusy(RemoteError):
+    """This site will not look at more objects from that member now; try after ``retry_after``."""
+
+    reason = "busy"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, reason="busy")
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class _Budget:
+    tokens: float
+    at: float
+
+
+class SyncBudgets:
+    """A token bucket of objects per member (pure: ``now`` is passed in)."""
+
+    def __init__(self, capacity: float = SYNC_BUDGET, rate: float = SYNC_REFILL) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self._buckets: dict[bytes, _Budget] = {}
+
+    def take(self, key: bytes, n: int, now: float) -> float:
+        """Spend ``n`` objects of ``key``'s budget: 0.0 if it had them, else the seconds until it
+        will (and nothing is spent)."""
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= MAX_BUDGETS:
+                fullest = max(self._buckets, key=lambda k: self._buckets[k].tokens)
+                del self._buckets[fullest]
+            b = self._buckets[key] = _Budget(self.capacity, now)
+        b.tokens = min(self.capacity, b.tokens + (now - b.at) * self.rate)
+        b.at = now
+        cost = min(float(n), self.capacity)  # a batch bigger than the burst passes on a full budget
+        if cost <= b.tokens:
+            b.tokens -= cost
+            return 0.0
+        return max(0.001, (cost - b.tokens) / self.rate)
 
 
 class MeshSync:
@@ -48,6 +109,9 @@ class MeshSync:
         self.on_change = on_change
         self.start_membership = start_membership
         self.rng = rng or random.Random()
+        self.budgets = SyncBudgets()
+        self._verifying: set[bytes] = set()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _push(self) -> dict[str, Any]:
         return {"t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}
@@ -66,20 +130,76 @@ class MeshSync:
             log.warning("%s refused sync: %s", self.view.name_of(key), reply["message"])
             return False
         self.contacts.ok(key)
-        self.ingest(reply.get("items", []), key)
+        items = reply.get("items", [])
+        try:
+            self._admit(key, items)
+        except SyncBusy:
+            return True  # it answered; what it sent waits for a later exchange
+        await self._verify_and_ingest(key, self.view.screen(items))
         return True
 
-    def on_sync(self, key: bytes, msg: dict[str, Any]) -> dict[str, Any]:
+    def on_sync(self, key: bytes, msg: dict[str, Any]
+                ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         """A member's ``sync``: take its objects and answer with ours (the answer is dropped
-        when it came one-way, from a member we cannot dial: see :meth:`announce`)."""
+        when it came one-way, from a member we cannot dial: see :meth:`announce`).  ``busy``
+        (``SyncBusy``) past the member's budget; a big batch is verified off the loop, and then
+        the answer is an awaitable."""
         if msg["mesh"] != self.view.mesh_id:
             raise RemoteError("sync for another mesh", reason="wrong-mesh")
-        self.ingest(msg["items"], key)
+        self._admit(key, msg["items"])
+        screened = self.view.screen(msg["items"])
+        if len(screened.fresh) <= VERIFY_INLINE:
+            self._ingest_verified(key, screened, verify(screened.fresh, int(time.time()),
+                                                        self.view.mesh_id))
+            return {"t": "ok", "items": self.view.snapshot()}
+        return self.tasks.spawn(self._answer_later(key, screened), "sync-verify")
+
+    def _admit(self, key: bytes, items: list[bytes]) -> None:
+        """Refuse (``SyncBusy``) a batch past ``key``'s budget, or while one of its batches is
+        still being verified."""
+        if key in self._verifying:
+            wait = 1.0
+        else:
+            wait = self.budgets.take(key, len(items), time.monotonic())
+        if wait:
+            self.counters.count("sync_refused_busy")
+            log.debug("sync from %s refused: busy for %.1f s", site_id_of(key), wait)
+            raise SyncBusy(f"too many signed objects from you; try again in {wait:.1f} s", wait)
+
+    async def _answer_later(self, key: bytes, screened: Screened) -> dict[str, Any]:
+        await self._verify_and_ingest(key, screened)
         return {"t": "ok", "items": self.view.snapshot()}
+
+    async def _verify_and_ingest(self, key: bytes, screened: Screened) -> IngestResult:
+        """Verify ``screened.fresh`` in the worker thread when it is big, then keep what passed."""
+        now, mesh_id = int(time.time()), self.view.mesh_id
+        if len(screened.fresh) <= VERIFY_INLINE:
+            return self._ingest_verified(key, screened, verify(screened.fresh, now, mesh_id))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshd-verify")
+        self._verifying.add(key)
+        try:
+            self.counters.count("sync_verified_off_loop", len(screened.fresh))
+            verified = await asyncio.get_running_loop().run_in_executor(
+                self._pool, verify, screened.fresh, now, mesh_id)
+        finally:
+            self._verifying.discard(key)
+        return self._ingest_verified(key, screened, verified)
+
+    def close(self) -> None:
+        """Let the worker thread go (a batch it is verifying is finished and dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def ingest(self, items: list[bytes], key: bytes) -> IngestResult:
         """Verify and keep the signed objects a member sent; count and log what was refused."""
-        result = self.view.ingest(items, int(time.time()))
+        screened = self.view.screen(items)
+        return self._ingest_verified(key, screened, verify(screened.fresh, int(time.time()),
+                                                           self.view.mesh_id))
+
+    def _ingest_verified(self, key: bytes, screened: Screened, verified: Verified) -> IngestResult:
+        result = self.view.apply(screened, verified, int(time.time()))
         if result.stored:
             self.counters.count("records_stored", result.stored)
             self.on_change()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from meshd.trust import records
 from meshd.trust import rules as trust
@@ -26,6 +26,13 @@ log = logging.getLogger("meshd.state.view")
 _STORED_SKEW = 2**62
 """Objects read back from the store were checked for clock skew when they arrived."""
 
+_FOREVER = frozenset({"signature", "malformed", "oversized", "type", "mesh", "wrong-key",
+                      "invalid-record", "stale"})
+"""Refusals that no later time or state can turn into an acceptance (a site record's sequence
+only grows): the same bytes are refused again from memory, without another signature check."""
+MAX_REMEMBERED_REFUSALS = 4096
+"""Digests of refused objects remembered (oldest forgotten first)."""
+
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
@@ -34,6 +41,99 @@ class IngestResult:
     stored: int
     duplicate: int
     refused: dict[str, int]
+
+
+@dataclass(slots=True)
+class Screened:
+    """Objects of a batch left to verify after the cheap checks (:meth:`MeshView.screen`)."""
+
+    fresh: list[bytes]
+    duplicate: int
+    refused: Counter[str]
+
+
+@dataclass(slots=True)
+class Verified:
+    """Objects whose signatures checked out (:func:`verify`), and those refused, with why."""
+
+    signed: list[Signed]
+    rejects: list[tuple[bytes, str]]
+
+
+def verify(fresh: list[bytes], now: int, mesh_id: bytes | None) -> Verified:
+    """Decode and verify each object (signatures, mesh, clock): reads no view state, so it may
+    run in another thread while the view goes on."""
+    signed: list[Signed] = []
+    rejects: list[tuple[bytes, str]] = []
+    for raw in fresh:
+        try:
+            signed.append(records.decode(raw, now=now, mesh_id=mesh_id))
+        except RecordError as exc:
+            rejects.append((raw, exc.reason))
+    return Verified(signed, rejects)
+
+
+class Screen:
+    """Drops what needs no signature check: objects held (by the digest of their bytes),
+    copies within a batch, and bytes refused for good before (at most
+    ``MAX_REMEMBERED_REFUSALS``)."""
+
+    def __init__(self) -> None:
+        self._known: set[bytes] | None = None
+        self._refusals: dict[bytes, str] = {}
+
+    def invalidate(self) -> None:
+        """The objects held changed."""
+        self._known = None
+
+    def screen(self, items: Iterable[bytes], held: Callable[[], Iterable[Signed]]) -> Screened:
+        if self._known is None:
+            self._known = {s.digest for s in held()}
+        known = self._known
+        seen: set[bytes] = set()
+        fresh: list[bytes] = []
+        refused: Counter[str] = Counter()
+        duplicate = 0
+        for raw in items:
+            if not isinstance(raw, bytes):
+                refused["malformed"] += 1
+                continue
+            if len(raw) > records.MAX_SIGNED_BYTES:
+                refused["oversized"] += 1
+                continue
+            d = records.digest_of(raw)
+            if d in known or d in seen:
+                duplicate += 1
+                continue
+            seen.add(d)
+            reason = self._refusals.get(d)
+            if reason is not None:
+                refused[reason] += 1
+                continue
+            fresh.append(raw)
+        return Screened(fresh, duplicate, refused)
+
+    def remember_all(self, rejects: list[tuple[bytes, str]]) -> Counter[str]:
+        """:meth:`remember` each; returns the count by reason."""
+        for raw, reason in rejects:
+            self.remember(raw, reason)
+        return Counter(reason for _, reason in rejects)
+
+    def remember(self, raw: bytes, reason: str) -> None:
+        """``raw`` was refused for ``reason``: remember it if no later time can change that."""
+        if reason in _FOREVER:
+            self._refusals[records.digest_of(raw)] = reason
+            if len(self._refusals) > MAX_REMEMBERED_REFUSALS:
+                del self._refusals[next(iter(self._refusals))]
+
+
+def _held(view: MeshView) -> Iterable[Signed]:
+    yield from view.vouches.values()
+    yield from view.revocations.values()
+    yield from view.rotations.values()
+    yield from view.site_records.values()
+    if view.genesis is not None:
+        yield view.genesis
 
 
 class MeshView:
@@ -53,6 +153,7 @@ class MeshView:
         self.revoked: frozenset[bytes] = frozenset()
         self.retired: dict[bytes, bytes] = {}
         """Keys handed over by a rotation -> the key that holds their membership now."""
+        self._screen = Screen()
 
     @property
     def mesh_id(self) -> bytes | None:
@@ -79,6 +180,7 @@ class MeshView:
         counted under ``stored_<reason>``; a bad revocation stops the load instead, because
         leaving it out would let a revoked site back in."""
         raw = self.store.get_meta("genesis")
+        self._screen.invalidate()
         self.genesis = None
         self.site_records.clear()
         self.vouches.clear()
@@ -112,6 +214,7 @@ class MeshView:
         self._recompute(now)
 
     def _recompute(self, now: int) -> None:
+        self._screen.invalidate()
         if self.genesis is None:
             self.members, self.revoked, self.by_curve, self.retired = {}, frozenset(), {}, {}
             return
@@ -219,22 +322,27 @@ class MeshView:
         self.load(now)
 
     def ingest(self, items: Iterable[bytes], now: int) -> IngestResult:
-        """Verify and keep what is new and authorised; count every refusal by reason."""
+        """:meth:`screen`, :func:`verify` (may run off the loop), :meth:`apply`: keep what is new
+        and authorised; count every refusal by reason."""
         if self.genesis is None:
             return IngestResult(0, 0, {})
-        mesh_id = self.mesh_id
-        refused: Counter[str] = Counter()
-        stored = duplicate = 0
+        screened = self.screen(items)
+        return self.apply(screened, verify(screened.fresh, now, self.mesh_id), now)
+
+    def screen(self, items: Iterable[bytes]) -> Screened:  # see Screen
+        return self._screen.screen(items, lambda: _held(self))
+
+    def apply(self, screened: Screened, verified: Verified, now: int) -> IngestResult:
+        """Keep what :func:`verify` passed and is new and authorised (on the owner's thread)."""
+        if self.genesis is None:
+            return IngestResult(0, 0, {})
+        refused = screened.refused + self._screen.remember_all(verified.rejects)
+        stored, duplicate = 0, screened.duplicate
         pending_vouches: list[Signed] = []
         pending_revocations: list[Signed] = []
         pending_rotations: list[Signed] = []
         pending_records: list[Signed] = []
-        for raw in items:
-            try:
-                s = records.decode(raw, now=now, mesh_id=mesh_id)
-            except RecordError as exc:
-                refused[exc.reason] += 1
-                continue
+        for s in verified.signed:
             if s.kind == "genesis":
                 duplicate += s.raw == self.genesis.raw
                 refused["mesh"] += s.raw != self.genesis.raw
@@ -300,13 +408,15 @@ class MeshView:
                 duplicate += 1
             elif s.signer not in self.members:
                 refused["unauthorized"] += 1
-            elif held is not None and isinstance(held.body, SiteRecord) and held.body.seq >= body.seq:
-                refused["stale"] += 1
-            elif self.store.put_record(s.signer, body.seq, s.raw):
+            elif (held is None or not isinstance(held.body, SiteRecord) or held.body.seq < body.seq) \
+                    and self.store.put_record(s.signer, body.seq, s.raw):
                 self.site_records[s.signer] = s
                 stored += 1
             else:
                 refused["stale"] += 1
+                self._screen.remember(s.raw, "stale")
+        if stored:
+            self._screen.invalidate()
         refused = Counter({k: v for k, v in refused.items() if v})
         self.refused.update(refused)
         return IngestResult(stored, duplicate, dict(refused))

@@ -62,8 +62,20 @@ class SwimConfig:
     """Every this often, with probability ``dead / live`` members, push-pull with one random dead
     member, so that the two sides of a healed partition find each other again: 30 s (Serf)."""
 
-    dead_retention: float = 3600.0
-    """Forget a dead member (stop reconnect attempts) after this long: 1 h."""
+    dead_retention: float = 72 * 3600.0
+    """Forget a dead member (stop reconnect attempts and rejoin probes) after this long: 72 h
+    (Consul's ``reconnect_timeout``; a member forgotten sooner never comes back by itself, e.g.
+    after a partition longer than this).  ``math.inf``: never (an owner that knows the member
+    set itself, like the daemon, forgets members with :meth:`Membership.forget`)."""
+
+    rejoin_interval: float = 2.0
+    """A dead member (not left, not forgotten) gets a rejoin probe this long after its death: a
+    ping carrying the accusation, which a live member refutes at once (see
+    :mod:`meshd.swim.rejoin`); the interval then doubles up to ``rejoin_max_interval``: 2 s."""
+
+    rejoin_max_interval: float = 30.0
+    """Longest interval between two rejoin probes of one dead member: 30 s (= Serf's
+    ``reconnect_interval``)."""
 
     left_retention: float = 30.0
     """Forget a member that left after this long: 30 s (so stale alive gossip cannot revive it)."""
@@ -101,9 +113,12 @@ class SwimConfig:
 
     def __post_init__(self) -> None:
         for name in ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval",
-                     "reconnect_interval", "outbound_watch_mult"):
+                     "reconnect_interval", "outbound_watch_mult", "rejoin_interval"):
             if not getattr(self, name) > 0:
                 raise LocalError(f"SwimConfig.{name} must be positive", reason="config")
+        if self.rejoin_max_interval < self.rejoin_interval:
+            raise LocalError("SwimConfig.rejoin_max_interval must not be below rejoin_interval",
+                             reason="config")
         if self.probe_timeout > self.probe_interval:
             raise LocalError("SwimConfig.probe_timeout must not exceed probe_interval", reason="config")
         for name in ("gossip_nodes", "indirect_checks", "retransmit_mult", "suspicion_mult",

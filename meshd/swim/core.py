@@ -70,6 +70,11 @@ sender believes dead refutes at once) and then answers with its own state.  Remo
 dead rows are merged as suspicions, never as deaths.  Every ``reconnect_interval``, with
 probability ``dead / live``, it push-pulls with a random dead member, so partitions heal.
 
+*Rejoin.*  Every dead member is also pinged on a back-off schedule (:mod:`.rejoin`, from
+``rejoin_interval`` up to ``rejoin_max_interval``), and at once when a message comes from it; the
+ping carries our accusation, so a live member refutes it and its ack brings its new alive back.
+Two members that each declared the other dead so find each other again, whoever else is there.
+
 *Blobs.*  Opaque signed blobs ride on push-pull.  ``verify_blob(blob)`` returns a dedup key or
 None; only verified blobs are kept and forwarded, the first blob per key wins, at most
 ``max_blobs`` are held; without a hook no remote blob is accepted.
@@ -140,6 +145,7 @@ from .messages import (
     encode_update,
 )
 from .queue import BroadcastQueue
+from .rejoin import RejoinSchedule
 from .state import Action, decide
 from .suspicion import Suspicion
 from .util import push_pull_scale, retransmit_limit, suspicion_timeout
@@ -246,6 +252,7 @@ class Membership:
         self._limit = 0
         self.clamped = 0
         """Claims about other members cut down to ``max_incarnation_step`` (module docstring)."""
+        self._rejoin = RejoinSchedule(config.rejoin_interval, config.rejoin_max_interval, rng)
         self._broadcast(Alive(self_id, incarnation, meta, reachable))
 
     # ------------------------------------------------------------------ public API
@@ -308,6 +315,9 @@ class Membership:
             t = self._suspicion_heap[0][0]
         if self._relay_heap and self._relay_heap[0][0] < t:
             t = self._relay_heap[0][0]
+        r = self._rejoin.next_due()
+        if r is not None and r < t:
+            t = r
         return t
 
     def join(self, seeds: Iterable[bytes], now: float) -> None:
@@ -399,6 +409,8 @@ class Membership:
             m.last_heard = now
             if not m.reachable and sender in self._watched:
                 self._watched[sender] = now
+            if m.status is Status.DEAD:
+                self._rejoin.hint(sender, now)
         t = type(msg)
         if t is Ping:
             self._apply_all(msg.updates, sender, now)  # type: ignore[union-attr]
@@ -463,6 +475,7 @@ class Membership:
             if now >= self._next_reconnect:
                 self._next_reconnect = now + cfg.reconnect_interval
                 self._reconnect(now)
+        self._rejoin_tick(now)
         if now >= self._next_gossip:
             nxt = self._next_gossip + cfg.gossip_interval
             self._next_gossip = nxt if nxt > now else now + cfg.gossip_interval
@@ -661,6 +674,7 @@ class Membership:
         m.since = now
         if status is not Status.SUSPECT:
             m.suspicion = None
+        self._rejoin_status(m, status, now)
         if was_live and not is_live:
             self._n_live -= 1
             self._watched.pop(m.node, None)
@@ -679,6 +693,7 @@ class Membership:
 
     def _remove(self, node: bytes) -> None:
         self._rows = None
+        self._rejoin.drop(node)
         m = self._members.pop(node)
         if m.status in _LIVE:
             self._n_live -= 1
@@ -905,6 +920,26 @@ class Membership:
         if self._rng.random() < len(dead) / max(1, self._n_live - 1):
             target = dead[int(self._rng.random() * len(dead))]
             self._out.append((target, PushPullRequest(self._state_rows(), self._blob_list())))
+
+    # ------------------------------------------------------------------ rejoin of the dead
+
+    def _rejoin_status(self, m: _Member, status: Status, now: float) -> None:
+        """Start or stop the rejoin probes of ``m`` as its status changes."""
+        if status is Status.DEAD:
+            if m.node not in self._rejoin:
+                self._rejoin.track(m.node, now)
+        else:
+            self._rejoin.drop(m.node)
+
+    def _rejoin_tick(self, now: float) -> None:
+        """Ping each dead member whose rejoin probe is due, carrying our accusation."""
+        due = self._rejoin.due(now) if self._rejoin.next_due() is not None else ()
+        for node in due:
+            m = self._members.get(node)
+            if self._leaving or m is None or m.status is not Status.DEAD or not m.reachable:
+                continue  # an outbound-only member rejoins by probing us (we are reachable)
+            accusation = Dead(node, m.incarnation, self.self_id)
+            self._out.append((node, Ping(self._next_seq(), node, (accusation,) + self._piggyback())))
 
     # ------------------------------------------------------------------ blobs
 

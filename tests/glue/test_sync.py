@@ -135,3 +135,16 @@ async def test_a_round_picks_a_dialable_member(mesh) -> None:
     await b.sync.round()
     assert [(src, kind) for kind, src, _, _ in net.log] == [(b.node.key, "request")]
     assert net.log[0][2] in (f.node.key, a.node.key)
+
+
+def test_sync_budget_refuses_past_the_burst_and_refills_with_time() -> None:
+    from meshd.daemon.sync import SyncBudgets
+
+    b = SyncBudgets(capacity=100, rate=10)
+    assert b.take(b"m", 60, 0.0) == 0.0 and b.take(b"m", 40, 0.0) == 0.0
+    wait = b.take(b"m", 50, 1.0)  # 10 refilled: 40 short at 10/s
+    assert wait == pytest.approx(4.0)
+    assert b.take(b"other", 100, 1.0) == 0.0  # each member has its own budget
+    assert b.take(b"m", 50, 5.0) == 0.0
+    assert b.take(b"m", 1000, 100.0) == 0.0  # bigger than the burst: passes on a full budget
+    assert b.take(b"m", 1, 100.0) == pytest.approx(0.1)

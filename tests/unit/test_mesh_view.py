@@ -437,3 +437,43 @@ def test_a_joiner_adopts_a_snapshot_with_a_rotated_introducer(founded, tmp_path:
     joiner.adopt(view.snapshot(), mesh, NOW)
     assert set(joiner.members) == {F.public, A2.public, B.public}
     joiner.store.close()
+
+
+# --- cheap checks before signatures (issue 11: a member flooding sync) -------------------------
+
+
+def test_copies_and_held_objects_are_duplicates_before_any_signature_check(
+        founded, monkeypatch) -> None:
+    _, _, view = founded
+    mesh = mesh_of(view)
+    v = vouch(F, A, mesh)
+    assert view.ingest([v.raw], NOW).stored == 1
+    rec = site_record(A, mesh)
+    calls = []
+    real = records.decode
+    monkeypatch.setattr(records, "decode", lambda raw, **kw: calls.append(raw) or real(raw, **kw))
+    screened = view.screen([v.raw] * 100 + [rec.raw] * 100 + [view.genesis.raw])
+    assert screened.fresh == [rec.raw] and screened.duplicate == 200
+    result = view.ingest([v.raw] * 100 + [rec.raw] * 100, NOW)
+    assert result.stored == 1 and result.duplicate == 199 and calls == [rec.raw]
+    calls.clear()
+    assert view.ingest([rec.raw] * 50, NOW).duplicate == 50 and calls == []
+
+
+def test_bytes_refused_for_good_are_refused_again_without_a_signature_check(
+        founded, monkeypatch) -> None:
+    _, _, view = founded
+    mesh = mesh_of(view)
+    view.ingest([vouch(F, A, mesh).raw, site_record(A, mesh, seq=2).raw], NOW)
+    forged, stale = forge(site_record(A, mesh, seq=3)), site_record(A, mesh, seq=1).raw
+    unauthorized = site_record(B, mesh).raw  # B may become a member later: checked each time
+    assert view.ingest([forged, stale, unauthorized], NOW).refused == {
+        "signature": 1, "stale": 1, "unauthorized": 1}
+    calls = []
+    real = records.decode
+    monkeypatch.setattr(records, "decode", lambda raw, **kw: calls.append(raw) or real(raw, **kw))
+    assert view.ingest([forged, stale, unauthorized], NOW).refused == {
+        "signature": 1, "stale": 1, "unauthorized": 1}
+    assert calls == [unauthorized]
+    assert view.screen([b"x", 5, b"\x00" * (records.MAX_SIGNED_BYTES + 1)]).refused == {  # type: ignore[list-item]
+        "malformed": 1, "oversized": 1} and view.screen([b"x"]).fresh == [b"x"]
