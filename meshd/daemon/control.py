@@ -72,6 +72,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
         data = await request.json()
     except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
         raise LocalError("request body is not JSON", reason="usage") from None
+    except RuntimeError:  # "Connection closed." before the body was complete
+        raise ConnectionResetError("the client went away before its request was complete") \
+            from None
     if not isinstance(data, dict):
         raise LocalError("request body must be a JSON object", reason="usage")
     return data
@@ -164,19 +167,28 @@ class ControlServer:
                 del self._requests[request.protocol]
 
     def _connection(self) -> Any:
-        """A new control connection; over MAX_CONNECTIONS, the oldest one that is idle or still
-        sending its request is closed to make room (a slow client cannot lock others out)."""
+        """The protocol of a new control connection; MAX_CONNECTIONS is enforced once it is made
+        (asyncio accepts a backlog of connections before it makes any of them)."""
         assert self._runner is not None and self._runner.server is not None
         server = self._runner.server
-        held = server.connections
-        if len(held) >= MAX_CONNECTIONS:
-            for old in held:  # oldest first
-                request = self._requests.get(old)
-                if request is None or not request.content.is_eof():
-                    self.counters.count("evicted")
-                    old.force_close()
-                    break
+        asyncio.get_running_loop().call_soon(lambda: self._make_room(server.connections))
         return server()
+
+    def _make_room(self, held: list[Any]) -> None:
+        """Over MAX_CONNECTIONS, close the oldest connections that are idle or still sending
+        their request (a slow client cannot lock others out; one being answered stays)."""
+        live = [h for h in held if h.transport is not None and not h.transport.is_closing()]
+        excess = len(live) - MAX_CONNECTIONS
+        for old in live:  # oldest first
+            if excess <= 0:
+                return
+            request = self._requests.get(old)
+            if request is None or not request.content.is_eof():
+                self.counters.count("evicted")
+                transport = old.transport
+                old.force_close()
+                transport.close()
+                excess -= 1
 
     async def start(self, path: Path) -> None:
         if path.exists():
@@ -185,7 +197,7 @@ class ControlServer:
                                  reason="running")
             path.unlink()
         self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=30.0,
-                                     logger=self._http_log)
+                                     logger=self._http_log, shutdown_timeout=2.0)
         await self._runner.setup()
         old = os.umask(0o177)
         try:
@@ -355,7 +367,7 @@ class ControlServer:
                 raise LocalError("allow must be a list of site names or ids", reason="usage")
             keys = [self.admin.find_site(a) for a in allow]
         name = check_name(_field(data, "name", str))  # before any ring is made for it
-        ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0))
+        ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0), name)
         port = self.channels.open_receiver(name, keys, ring)
         return _json({"name": port.name, "endpoint": port.endpoint,
                       "ring": None if port.ring is None else str(port.ring.path)})
