@@ -16,6 +16,7 @@ import signal
 import time
 from typing import Any
 
+import zmq
 import zmq.asyncio
 
 from meshd.daemon.admin import Admin
@@ -47,6 +48,9 @@ from meshd.trust.identity import SiteKey
 
 log = logging.getLogger("meshd")
 
+ZMQ_SOCKETS = 8192
+"""The ZeroMQ context's socket limit (libzmq's default, 1023, is reached by 341 channel ends:
+each holds 3); the channel service bounds its own share (``MAX_SENDERS``, ``MAX_RECEIVERS``)."""
 LEAVE_TIMEOUT = 1.0
 """Seconds a stopping daemon waits for its leave notice to be gossiped."""
 
@@ -73,6 +77,7 @@ class Daemon:
         contacts = self.contacts = Contacts()
         tasks = self.tasks = TaskSet("daemon")
         self.zctx = zmq.asyncio.Context()
+        self.zctx.set(zmq.MAX_SOCKETS, ZMQ_SOCKETS)
 
         membership = self.membership = MembershipService(
             site=site, view=view, store=store, links=links, counters=counters.scoped("swim_"),

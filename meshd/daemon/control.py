@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -28,23 +29,40 @@ from meshd.state.view import MeshView
 from meshd.trust import tokens
 from meshd.trust.identity import fingerprint_of, site_id_of
 
+log = logging.getLogger("meshd.daemon.control")
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_CONNECTIONS = 256
+"""Control connections held at once; beyond, the oldest that is not carrying out a complete
+request (idle, or still sending its request) is closed for the new one."""
+MAX_STREAMS = 64
+"""``/v1/events`` streams at once (each may queue 10,000 events); beyond, 503 ``busy``."""
+
+
+class _OneLinePerMinute(logging.Filter):
+    """For aiohttp's own log of requests it could not parse: a line (without the traceback) at
+    most once a minute, and a count in ``control_bad_http``, not a traceback per request."""
+
+    def __init__(self, count: Callable[[], None]) -> None:
+        super().__init__()
+        self.count = count
+        self.last = -60.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.count()
+        exc = record.exc_info[1] if record.exc_info else None
+        record.exc_info, record.exc_text = None, None
+        if exc is not None:
+            record.msg, record.args = "%s: %s", (record.getMessage(), str(exc).splitlines()[0])
+        if record.created - self.last < 60.0:
+            return False
+        self.last = record.created
+        return True
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data), status=status, content_type="application/json")
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except LocalError as exc:
-        return _json(api.error_body(exc.reason, exc.message), 400)
-    except RemoteError as exc:
-        return _json(api.error_body(exc.reason, exc.message), 502)
-    except MeshdError as exc:
-        return _json(api.error_body(exc.reason, exc.message), 500)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -52,8 +70,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise LocalError("request body too large", reason="usage")
     try:
         data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
         raise LocalError("request body is not JSON", reason="usage") from None
+    except RuntimeError:  # "Connection closed." before the body was complete
+        raise ConnectionResetError("the client went away before its request was complete") \
+            from None
     if not isinstance(data, dict):
         raise LocalError("request body must be a JSON object", reason="usage")
     return data
@@ -87,7 +108,10 @@ class ControlServer:
         self.membership = membership
         self.channels = channels
         self.rotate_key = rotate
-        self.app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+        self.counters = reports.counters.scoped("control_")
+        self.app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
+        self._http_log = logging.getLogger("meshd.daemon.control.http")
+        self._http_log.filters[:] = [_OneLinePerMinute(lambda: self.counters.count("bad_http"))]
         self.app.add_routes([
             web.get(api.STATUS, self.status),
             web.post(api.INVITES, self.invite),
@@ -110,8 +134,61 @@ class ControlServer:
             web.delete(api.RECEIVERS + "/{name}", self.close_receiver),
         ])
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._path: Path | None = None
         self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._requests: dict[Any, web.Request] = {}  # connection (its protocol) -> request
+        self._internal_seen: set[str] = set()
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """meshd errors become ``{"error"}`` answers; anything else (a bug) a 500, its traceback
+        logged once per kind, not once per request."""
+        self._requests[request.protocol] = request
+        try:
+            return await handler(request)
+        except LocalError as exc:
+            return _json(api.error_body(exc.reason, exc.message), 400)
+        except RemoteError as exc:
+            return _json(api.error_body(exc.reason, exc.message), 502)
+        except MeshdError as exc:
+            return _json(api.error_body(exc.reason, exc.message), 500)
+        except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:
+            self.counters.count("internal_errors")
+            kind = f"{request.path}:{type(exc).__name__}"
+            if kind not in self._internal_seen:
+                self._internal_seen.add(kind)
+                log.exception("internal error in %s %s", request.method, request.path)
+            return _json(api.error_body("internal", f"internal error: {type(exc).__name__}"), 500)
+        finally:
+            if self._requests.get(request.protocol) is request:
+                del self._requests[request.protocol]
+
+    def _connection(self) -> Any:
+        """The protocol of a new control connection; MAX_CONNECTIONS is enforced once it is made
+        (asyncio accepts a backlog of connections before it makes any of them)."""
+        assert self._runner is not None and self._runner.server is not None
+        server = self._runner.server
+        asyncio.get_running_loop().call_soon(lambda: self._make_room(server.connections))
+        return server()
+
+    def _make_room(self, held: list[Any]) -> None:
+        """Over MAX_CONNECTIONS, close the oldest connections that are idle or still sending
+        their request (a slow client cannot lock others out; one being answered stays)."""
+        live = [h for h in held if h.transport is not None and not h.transport.is_closing()]
+        excess = len(live) - MAX_CONNECTIONS
+        for old in live:  # oldest first
+            if excess <= 0:
+                return
+            request = self._requests.get(old)
+            if request is None or not request.content.is_eof():
+                self.counters.count("evicted")
+                transport = old.transport
+                old.force_close()
+                transport.close()
+                excess -= 1
 
     async def start(self, path: Path) -> None:
         if path.exists():
@@ -119,11 +196,13 @@ class ControlServer:
                 raise LocalError(f"another meshd daemon is already running on {path}",
                                  reason="running")
             path.unlink()
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=30.0,
+                                     logger=self._http_log, shutdown_timeout=2.0)
         await self._runner.setup()
         old = os.umask(0o177)
         try:
-            await web.UnixSite(self._runner, str(path)).start()
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                self._connection, str(path), backlog=1024)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -132,6 +211,8 @@ class ControlServer:
     async def stop(self) -> None:
         for queue in list(self._streams):
             queue.put_nowait(None)  # end every event stream, so that shutdown need not wait
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._path is not None:
@@ -194,7 +275,11 @@ class ControlServer:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Membership events as JSON lines: the recent history (unless ``history=0``), then each
-        new one as it happens, until the client goes away."""
+        new one as it happens, until the client goes away.  At most MAX_STREAMS at once."""
+        if len(self._streams) >= MAX_STREAMS:
+            self.counters.count("refused_streams")
+            return _json(api.error_body("busy", f"at most {MAX_STREAMS} event streams at once"),
+                         503)
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=10_000)
 
         def listener(event: dict[str, Any]) -> None:
@@ -282,7 +367,7 @@ class ControlServer:
                 raise LocalError("allow must be a list of site names or ids", reason="usage")
             keys = [self.admin.find_site(a) for a in allow]
         name = check_name(_field(data, "name", str))  # before any ring is made for it
-        ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0))
+        ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0), name)
         port = self.channels.open_receiver(name, keys, ring)
         return _json({"name": port.name, "endpoint": port.endpoint,
                       "ring": None if port.ring is None else str(port.ring.path)})

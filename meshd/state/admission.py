@@ -92,10 +92,13 @@ class Admissions:
                              " forward a join to it; invite from a site others can dial",
                              reason="unreachable")
         secret = os.urandom(16)
-        inv = tokens.Invitation(mesh_id=mesh_id, inviter_key=self.key.public, secret=secret,
-                                expires=int(now + expires_in), addrs=tuple(addrs[:4]),
-                                alternates=tuple(alternates[:2]), name_hint=name_hint,
-                                approve=approve)
+        try:
+            inv = tokens.Invitation(mesh_id=mesh_id, inviter_key=self.key.public, secret=secret,
+                                    expires=int(now + expires_in), addrs=tuple(addrs[:4]),
+                                    alternates=tuple(alternates[:2]), name_hint=name_hint,
+                                    approve=approve)
+        except ValueError as exc:  # a name hint too long or with control characters
+            raise LocalError(f"cannot make this invitation: {exc}", reason="usage") from None
         self.store.add_invitation(InvitationRow(inv.invite_id, mesh_id, secret, now, inv.expires,
                                                 uses, 0, role, approve, name_hint))
         return inv

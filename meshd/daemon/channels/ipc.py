@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import tempfile
 from pathlib import Path as FsPath
 
@@ -53,7 +54,10 @@ async def until_app_leaves(sock: zmq.asyncio.Socket) -> None:
     """Return once no application is connected to ``sock`` (an ipc socket the daemon bound)
     after one was, or after the only one that connected before this started watching left:
     how a daemon notices an application that died without closing its channel."""
-    monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    # A unique address: pyzmq's default names it by the socket's descriptor, which a socket
+    # opened right after this one closed may reuse ("Address already in use").
+    monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED,
+                                      addr=f"inproc://meshd-monitor-{secrets.token_hex(8)}")
     try:
         connected = 0
         while True:

@@ -73,6 +73,7 @@ class OutChannel:
         self.pull.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD)
         self.pull.bind(self.endpoint)
         self._in_hand = False  # a batch read from the app and not yet queued for sending
+        self._malformed = False  # a malformed batch was logged already
         self._reader = owner.tasks.spawn(self._read_app(), f"tx-{name}")
         self._reader.add_done_callback(self._reader_done)
         self._watcher = owner.tasks.spawn(self._watch_app(), f"tx-watch-{name}")
@@ -240,8 +241,11 @@ class OutChannel:
                 buf, release = read_batch(parts, self.ring)
                 count = batch.check(buf)  # a malformed batch never reaches the far app
             except ProtocolError as exc:
-                log.warning("channel %r: dropped a malformed message from the application: %s",
-                            self.name, exc)
+                self.owner.counters.count("app_malformed")  # logged once per channel
+                (log.debug if self._malformed else log.warning)(
+                    "channel %r: dropped a malformed message from the application: %s (further"
+                    " ones are counted in channel_app_malformed)", self.name, exc)
+                self._malformed = True
                 if release is not None and self.ring is not None:
                     self.ring.release(release)
                 continue

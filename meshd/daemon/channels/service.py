@@ -57,6 +57,16 @@ AUTH_TIMEOUT = 10.0
 """Seconds an accepted data connection has to prove itself (see :meth:`ChannelService.accept`)."""
 MAX_UNTRUSTED = 256
 MAX_UNTRUSTED_PER_SOURCE = 32
+MAX_SENDERS = 256
+"""Sending ends open at once (each costs 3 ZeroMQ sockets, about 4 descriptors and its resend
+buffer of up to ``channel_window_bytes``); beyond, ``busy``."""
+MAX_RECEIVERS = 256
+"""Receiver ports open at once (3 ZeroMQ sockets and about 4 descriptors each); beyond, ``busy``."""
+MAX_RING_BYTES = 256 << 20
+"""The largest ring a receiver may ask for."""
+RING_BUDGET = 1 << 30
+"""Bytes of ``/dev/shm`` all receivers' rings may take together; beyond, a receiver is fed
+inline (counted in ``channel_rings_over_budget``)."""
 
 
 class ChannelService:
@@ -84,6 +94,7 @@ class ChannelService:
         self.untrusted = SourceLimit(total=MAX_UNTRUSTED, per_source=MAX_UNTRUSTED_PER_SOURCE)
         """Accepted data connections that have not proved themselves yet."""
         self._pending_conns: set[DataConnection] = set()
+        self._rings_in_making = 0
 
     def start(self) -> None:
         self.reach.start()
@@ -199,6 +210,10 @@ class ChannelService:
         if not kinds:
             raise LocalError(f"none of the paths {allowed} is allowed by this site's config",
                              reason="bad-path")
+        if len(self.out) >= MAX_SENDERS:
+            self.counters.count("refused_senders")
+            raise LocalError(f"this site has {MAX_SENDERS} channels open already; close some",
+                             reason="busy")
         return self.sending.open(name, to, kinds)
 
     @staticmethod
@@ -209,15 +224,43 @@ class ChannelService:
         ch.ring = ipc.attach_ring(path)
         return ch.ring is not None
 
-    @staticmethod
-    async def make_ring(ring_bytes: int) -> Ring | None:
-        """A receiver's ring of ``ring_bytes`` (0: none), see :func:`.ipc.make_ring`."""
-        return await ipc.make_ring(ring_bytes)
+    async def make_ring(self, ring_bytes: int, name: str) -> Ring | None:
+        """A ring of ``ring_bytes`` (0: none) for the receiver ``name`` about to open, see
+        :func:`.ipc.make_ring`; None if over RING_BUDGET.  LocalError if the size is out of range
+        or no receiver can open (checked first, so that no ring is made in vain)."""
+        self._check_receiver_room(name)
+        if not 0 <= ring_bytes <= MAX_RING_BYTES:
+            raise LocalError(f"ring_bytes is 0 to {MAX_RING_BYTES >> 20} MiB", reason="usage")
+        if not ring_bytes:
+            return None
+        used = sum(p.ring.capacity for p in self.receiving.ports.values()
+                   if p.ring is not None and p.name != name)
+        if used + self._rings_in_making + ring_bytes > RING_BUDGET:
+            self.counters.count("rings_over_budget")
+            return None
+        self._rings_in_making += ring_bytes
+        try:
+            return await ipc.make_ring(ring_bytes)
+        finally:
+            self._rings_in_making -= ring_bytes
+
+    def _check_receiver_room(self, name: str) -> None:
+        if name not in self.receiving.ports and len(self.receiving.ports) >= MAX_RECEIVERS:
+            self.counters.count("refused_receivers")
+            raise LocalError(f"this site has {MAX_RECEIVERS} receivers open already; close some",
+                             reason="busy")
 
     def open_receiver(self, name: str, allow: list[bytes] | None,
                       ring: Ring | None = None) -> ReceiverPort:
         """``ring``: shared memory the application maps (see :meth:`make_ring`)."""
         check_name(name)
+        try:
+            self._check_receiver_room(name)
+        except LocalError:
+            if ring is not None:
+                ring.unlink()
+                ring.close()
+            raise
         return self.receiving.open_receiver(name, frozenset(allow) if allow else None, ring)
 
     def close_sender(self, cid: bytes) -> None:
