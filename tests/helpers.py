@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,3 +148,54 @@ def lab_up(*args: str) -> None:
     if r.returncode != 0:
         pytest.fail(f"bootstrap/lab up {' '.join(args)} failed ({r.returncode}):\n"
                     f"{r.stdout}{r.stderr}", pytrace=False)
+
+
+# -- what the hostile suites measure of a live daemon --------------------------------------------
+
+def rss(site: Site) -> int:
+    """The daemon's resident memory in bytes."""
+    assert site.proc is not None
+    for line in Path(f"/proc/{site.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(site: Site) -> int:
+    assert site.proc is not None
+    return len(os.listdir(f"/proc/{site.proc.pid}/fd"))
+
+
+def status_times(site: Site, n: int = 20) -> list[float]:
+    """Round trips of ``n`` status calls over the control socket, in seconds."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        site.client.status()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """True once the daemon has closed (or reset) this connection."""
+    try:
+        s.settimeout(0.0)
+        return s.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def channel_works(sender: Site, receiver: Site, name: str) -> None:
+    """An array from ``sender`` reaches ``receiver`` over a new channel ``name``."""
+    import numpy as np
+
+    import meshd as api
+
+    with api.connect(receiver.home) as mr, api.connect(sender.home) as ms:
+        rx = mr.receiver(name)
+        tx = ms.sender(name, to=receiver.name)
+        tx.send(np.arange(1000))
+        tx.flush(timeout=30)
+        assert np.array_equal(rx.recv(timeout=30).array, np.arange(1000))

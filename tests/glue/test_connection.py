@@ -46,13 +46,19 @@ async def stranger_server() -> AsyncIterator[tuple[str, asyncio.Queue[DataConnec
     srv.close()
 
 
-async def test_an_untrusted_connection_refuses_a_big_record_before_allocating_it(
-        stranger_server: Any) -> None:
+async def stranger_pair(stranger_server: Any) -> tuple[DataConnection, DataConnection, list[int]]:
+    """A dialed connection, its untrusted far end, and the list its slot releases append to."""
     address, accepted = stranger_server
     conn, _, _ = await dial_any([address], timeout=T)
     far = await asyncio.wait_for(accepted.get(), T)
-    released = []
+    released: list[int] = []
     far.release_slot = lambda: released.append(1)
+    return conn, far, released
+
+
+async def test_an_untrusted_connection_refuses_a_big_record_before_allocating_it(
+        stranger_server: Any) -> None:
+    conn, far, released = await stranger_pair(stranger_server)
     assert len(far._scratch) <= 8 << 10  # a stranger costs a few KiB
     conn.send(link.PREAMBLE, b"p" * 100)  # small records are fine
     assert bytes(await far.expect(link.PREAMBLE, timeout=T)) == b"p" * 100
@@ -65,11 +71,7 @@ async def test_an_untrusted_connection_refuses_a_big_record_before_allocating_it
 
 async def test_a_trusted_connection_takes_whole_frames_and_gives_its_slot_back_once(
         stranger_server: Any) -> None:
-    address, accepted = stranger_server
-    conn, _, _ = await dial_any([address], timeout=T)
-    far = await asyncio.wait_for(accepted.get(), T)
-    released = []
-    far.release_slot = lambda: released.append(1)
+    conn, far, released = await stranger_pair(stranger_server)
     conn.send(link.HELLO, b"h")
     assert bytes(await far.expect(link.HELLO, timeout=T)) == b"h"
     far.trust()

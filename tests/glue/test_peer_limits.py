@@ -11,7 +11,6 @@ import textwrap
 import pytest
 
 from meshd.peer.limits import SourceLimit
-from meshd.testing.processes import wait_until
 
 pytestmark = pytest.mark.glue
 

@@ -16,7 +16,7 @@ from meshd.channel import link
 from meshd.channel.handshake import Initiator
 from meshd.testing.processes import wait_until
 from meshd.trust.identity import SiteKey
-from tests.helpers import mesh_of
+from tests.helpers import closed_by_peer, mesh_of
 
 MiB = 1 << 20
 
@@ -34,16 +34,6 @@ def read_record(s: socket.socket) -> tuple[int, bytes]:
         assert chunk, "closed in a record"
         body += chunk
     return kind, body
-
-
-def closed_by_peer(s: socket.socket) -> bool:
-    try:
-        s.settimeout(0.0)
-        return s.recv(65536) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def test_frames_that_stall_halfway_are_cut_and_their_memory_freed(sites: Any) -> None:

@@ -12,31 +12,16 @@ import socket
 import statistics
 import time
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-import meshd
 from meshd.channel import link
 from meshd.testing.processes import wait_until
 from meshd.trust.identity import SiteKey
-from tests.helpers import Site, invite, mesh_of
+from tests.helpers import (Site, channel_works, closed_by_peer, invite, mesh_of, open_fds,
+                           rss, status_times)
 
 MiB = 1 << 20
-
-
-def rss(site: Site) -> int:
-    assert site.proc is not None
-    for line in Path(f"/proc/{site.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def open_fds(site: Site) -> int:
-    assert site.proc is not None
-    return len(os.listdir(f"/proc/{site.proc.pid}/fd"))
 
 
 def port_of(site: Site) -> tuple[str, int]:
@@ -50,26 +35,6 @@ def connect_from(source: str, address: tuple[str, int]) -> socket.socket:
     s.settimeout(10)
     s.connect(address)
     return s
-
-
-def closed_by_peer(s: socket.socket) -> bool:
-    """True once the daemon has closed (or reset) this connection."""
-    try:
-        s.settimeout(0.0)
-        return s.recv(65536) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def status_times(site: Site, n: int = 20) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        site.client.status()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def test_announcing_huge_records_without_a_preamble_costs_the_daemon_nothing(sites: Any) -> None:
@@ -127,12 +92,7 @@ def test_a_connection_flood_from_one_address_is_bounded_and_members_still_get_th
         assert counters["peer_port_sniff_timeouts"] <= 32 + counters["peer_port_refused_busy"]
         assert status["peer_port"]["splices"] <= 64 + 2  # the attacker's share and b's links
         # A member still opens a channel while the flood holds its share.
-        with meshd.connect(a.home) as ma, meshd.connect(b.home) as mb:
-            rx = ma.receiver("after-flood")
-            tx = mb.sender("after-flood", to="aps")
-            tx.send(np.arange(1000))
-            tx.flush(timeout=30)
-            assert np.array_equal(rx.recv(timeout=30).array, np.arange(1000))
+        channel_works(b, a, "after-flood")
     # 64 splices cost 3 descriptors each, 32 silent ones 1 each: not 500 x 3
     assert fds_during - fds_before < 64 * 3 + 32 + 40, (fds_before, fds_during)
     assert statistics.median(during) < max(0.1, 5 * baseline), (baseline, during)
