@@ -155,10 +155,16 @@ class ReachabilityTable:
     def members_with_addresses(self) -> frozenset[NodeId]:
         return frozenset(self._addresses)
 
-    def forget(self, member: NodeId) -> None:
-        """Drop everything about ``member`` (it left or was declared dead)."""
+    def forget_observations(self, member: NodeId) -> None:
+        """Drop what was observed of dialing ``member`` or being dialed by it, but remember its
+        addresses (it came back: what failed while it was down says nothing now, and a later
+        record with other addresses is still a change)."""
         for key in [k for k in self._entries if member in k]:
             del self._entries[key]
+
+    def forget(self, member: NodeId) -> None:
+        """Drop everything about ``member`` (it left or was declared dead)."""
+        self.forget_observations(member)
         self._addresses.pop(member, None)
         self._changed_at.pop(member, None)
 

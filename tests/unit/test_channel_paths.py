@@ -94,6 +94,16 @@ def test_address_change_invalidates_what_no_longer_holds() -> None:
     assert t.can_dial(A, C, 5.0) is Tri.NO
 
 
+def test_a_member_back_from_the_dead_is_checked_again_but_its_addresses_are_kept() -> None:
+    t = ReachabilityTable()
+    assert not t.note_addresses(B, ["10.0.0.1:7000"], now=1.0)
+    t.record(obs(A, B, FAILED, at=1.0))                      # failed while B was frozen
+    t.forget_observations(B)
+    assert t.can_dial(A, B, 2.0) is Tri.UNKNOWN
+    # B's next record with other addresses is still a change (forget() would lose that).
+    assert t.note_addresses(B, ["10.0.0.2:7000"], now=3.0)
+
+
 def test_a_running_site_notes_addresses_and_rechecks_only_on_a_change() -> None:
     t = ReachabilityTable()
     t.record(obs(A, B, OK, at=1.0))                          # observed before B's record is seen

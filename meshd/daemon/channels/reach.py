@@ -101,8 +101,8 @@ class Reachability:
     def member_back(self, key: bytes) -> None:
         """``key`` (re)joined, e.g. alive again after it was declared dead: what was seen of
         dialing it or being dialed by it may be a failure from while it was down or frozen, so
-        forget it and check again now."""
-        self.table.forget(key)
+        forget it (not its addresses) and check again now."""
+        self.table.forget_observations(key)
         self.on_members_changed()
 
     async def _loop(self) -> None:
