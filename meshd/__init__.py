@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from meshd.app.client import Client
 from meshd.app.streams import AsyncMesh, Mesh, Message, aconnect, connect
 from .errors import (
+    ChannelClosed,
     DaemonNotRunning,
     JoinRefused,
     KeyFileError,
@@ -29,6 +30,7 @@ __all__ = [
     "Message",
     "aconnect",
     "connect",
+    "ChannelClosed",
     "DaemonNotRunning",
     "JoinRefused",
     "KeyFileError",

@@ -73,5 +73,20 @@ class JoinRefused(RemoteError):
         self.retry_after = retry_after
 
 
+class ChannelClosed(MeshdError):
+    """A channel ended: nothing more goes through it.
+
+    Reasons: ``closed`` (the sender closed it, and every message it sent was handed out),
+    ``revoked`` (the other site was revoked: the channel was cut at once), ``no-path`` (no path
+    to the receiver for ``channel_give_up`` seconds), ``failed`` (the daemon could not go on
+    with it).  ``channel``: the channel id (hex), ``peer``: the other site's name, when known."""
+
+    def __init__(self, message: str, *, reason: str | None = None, channel: str | None = None,
+                 peer: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.channel = channel
+        self.peer = peer
+
+
 class DaemonNotRunning(LocalError):
     """No daemon answers on the control socket of this state directory."""

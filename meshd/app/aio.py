@@ -11,14 +11,15 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import zmq
 import zmq.asyncio
 
 from meshd.app.batching import RING_BYTES, Batch
 from meshd.app.client import Client
-from meshd.app.ends import (FlushWait, MeshEnd, ReceiverEnd, SenderEnd, TimeoutLater,
-                            open_receiver, start_ring)
+from meshd.app.ends import (STALL_CHECK, FlushWait, MeshEnd, ReceiverEnd, SenderEnd,
+                            TimeoutLater, open_receiver, start_ring)
 from meshd.app.message import Message, encode
-from meshd.errors import LocalError
+from meshd.errors import ChannelClosed, LocalError
 
 __all__ = ["AsyncMesh", "AsyncReceiver", "AsyncSender", "aconnect"]
 
@@ -75,6 +76,8 @@ class AsyncSender(SenderEnd):
         self._sending = asyncio.Lock()
 
     async def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        if self.ended is not None:
+            raise self.ended
         head, body = encode(obj, meta)
         batches = self._core.add(head, body, asyncio.get_running_loop().time())
         self._rearm()
@@ -97,7 +100,11 @@ class AsyncSender(SenderEnd):
         b = self._core.take()
         self._rearm()
         if b is not None:
-            await self._ship(b)
+            try:
+                await self._ship(b)
+            except ChannelClosed:
+                if self.ended is None:
+                    raise
 
     async def _ship(self, b: Batch) -> None:
         async with self._sending:
@@ -105,9 +112,13 @@ class AsyncSender(SenderEnd):
             if wanted:
                 self._core.ring = await asyncio.to_thread(start_ring, self._mesh.client, self.id,
                                                           wanted)
+            while not await self._sock.poll(int(STALL_CHECK * 1000), zmq.POLLOUT):
+                await asyncio.to_thread(self._check_ended)  # a long wait: did it end?
             await self._sock.send_multipart(self._core.frames(b), copy=False)
 
     async def flush(self, timeout: float | None = None) -> None:
+        if self.ended is not None:
+            raise self.ended
         await self._push()
         target = self.sent
         loop = asyncio.get_running_loop()
@@ -117,13 +128,19 @@ class AsyncSender(SenderEnd):
                 await asyncio.to_thread(self._mesh.client.flush_sender, self.id, target,
                                         wait.slice(loop.time()))
                 return
+            except ChannelClosed as exc:
+                raise self._ended(exc) from None
             except LocalError as exc:
                 if wait.ends(exc, loop.time()):
                     raise
 
     async def close(self, *, flush: bool = True, timeout: float | None = None) -> None:
         """As :meth:`~meshd.app.sync.Sender.close`."""
-        await self._push()
+        if self.ended is None:
+            try:
+                await self._push()
+            except ChannelClosed:
+                pass  # noted: the flush below raises it
         later = TimeoutLater()
         if flush:
             with later:
@@ -141,21 +158,28 @@ class AsyncReceiver(ReceiverEnd):
     """The asyncio flavour of :class:`~meshd.app.sync.Receiver`."""
 
     async def recv(self, timeout: float | None = None) -> Message:
-        while not self._ready:
+        """As :meth:`~meshd.app.sync.Receiver.recv`."""
+        while True:
+            msg = self._next()
+            if msg is not None:
+                return msg
             self._collect()
             try:
                 parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False), timeout)
             except asyncio.TimeoutError:
                 raise self._timed_out(timeout) from None
             self._take(parts)
-        return self._ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[Message]:
         while True:
-            yield await self.recv()
+            try:
+                msg = await self.recv()
+            except ChannelClosed:
+                return
+            yield msg
 
     async def close(self) -> None:
         if not self._release():

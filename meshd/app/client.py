@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 from meshd.local import api
-from meshd.errors import DaemonNotRunning, LocalError, MeshdError, RemoteError
+from meshd.errors import ChannelClosed, DaemonNotRunning, LocalError, MeshdError, RemoteError
 from meshd.state.home import Home, resolve_home
 
 
@@ -81,6 +81,9 @@ class Client:
             raise MeshdError("the daemon answered with invalid JSON", reason="http") from None
         if resp.status >= 400:
             err = out.get("error", {}) if isinstance(out, dict) else {}
+            if resp.status == api.GONE:
+                raise ChannelClosed(str(err.get("message", "the channel ended")),
+                                    reason=str(err.get("reason", "failed")))
             cls = RemoteError if resp.status == 502 else LocalError if resp.status == 400 else MeshdError
             raise cls(str(err.get("message", f"HTTP {resp.status}")),
                       reason=str(err.get("reason", "error")))

@@ -5,6 +5,7 @@ event loop."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from types import TracebackType
 from typing import Any
@@ -14,14 +15,19 @@ import zmq
 from meshd.app.batching import Batcher
 from meshd.app.client import Client
 from meshd.app.message import Message, checked_messages
-from meshd.errors import LocalError
+from meshd.errors import ChannelClosed, LocalError, ProtocolError
+from meshd.local.ipc import ChannelEnd, unpack_end
 from meshd.local.ring import ReleaseTracker, Ring
 
-__all__ = ["FLUSH_SLICE", "FlushWait", "MeshEnd", "ReceiverEnd", "SenderEnd", "TimeoutLater",
-           "open_receiver", "start_ring"]
+log = logging.getLogger("meshd.app.streams")
+
+__all__ = ["FLUSH_SLICE", "STALL_CHECK", "FlushWait", "MeshEnd", "ReceiverEnd", "SenderEnd",
+           "TimeoutLater", "open_receiver", "start_ring"]
 
 FLUSH_SLICE = 20.0
 """A flush asks the daemon at most this long at a time (then asks again)."""
+STALL_CHECK = 1.0
+"""Seconds a send may wait for room before it asks the daemon whether the channel ended."""
 
 
 def _new_ring(ring_bytes: int) -> Ring | None:
@@ -87,18 +93,20 @@ class FlushWait:
 
 
 class TimeoutLater:
-    """A ``with`` block whose LocalError of reason ``timeout`` is kept, to be raised by
-    :meth:`raise_kept` once the rest is closed (the last one kept wins); other errors go through."""
+    """A ``with`` block whose LocalError of reason ``timeout`` or ChannelClosed is kept, to be
+    raised by :meth:`raise_kept` once the rest is closed (the last one kept wins); other errors
+    go through."""
 
     def __init__(self) -> None:
-        self.kept: LocalError | None = None
+        self.kept: LocalError | ChannelClosed | None = None
 
     def __enter__(self) -> TimeoutLater:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:
-        if isinstance(exc, LocalError) and exc.reason == "timeout":
+        if isinstance(exc, ChannelClosed) or (isinstance(exc, LocalError)
+                                               and exc.reason == "timeout"):
             self.kept = exc
             return True
         return False
@@ -137,6 +145,26 @@ class SenderEnd:
         self._sock.setsockopt(zmq.SNDHWM, 8)
         self._sock.setsockopt(zmq.LINGER, -1)
         self._sock.connect(info["endpoint"])
+        self.ended: ChannelClosed | None = None
+        """Why the channel ended on its own (revoked, no path), once a call found out."""
+
+    def _check_ended(self) -> None:
+        """Ask the daemon whether the channel ended (a send waits for room a long time):
+        ChannelClosed if it did, and from then on at every call."""
+        if self.ended is None:
+            try:
+                self._mesh.client.flush_sender(self.id, 0, 0.0)
+                return
+            except ChannelClosed as exc:
+                self._ended(exc)
+        assert self.ended is not None
+        raise self.ended
+
+    def _ended(self, exc: ChannelClosed) -> ChannelClosed:
+        """Note that the channel ended (``exc`` from the daemon) and fill in who."""
+        exc.channel, exc.peer = self.id, self.peer
+        self.ended = exc
+        return exc
 
     @property
     def sent(self) -> int:
@@ -172,7 +200,9 @@ class ReceiverEnd:
         self._sock.setsockopt(zmq.RCVHWM, 4)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(info["endpoint"])
-        self._ready: deque[Message] = deque()
+        self._ready: deque[Message | ChannelEnd] = deque()
+        self.ended: list[ChannelClosed] = []
+        """The channels to this receiver that ended, oldest first (see :meth:`_next`)."""
 
     def _collect(self) -> None:
         """Release the ring records no received array views any more."""
@@ -180,8 +210,31 @@ class ReceiverEnd:
             self._ring.collect()
 
     def _take(self, parts: list[Any]) -> None:
-        """Decode one delivery (a malformed one is logged and skipped)."""
+        """Decode one delivery or end notice (a malformed one is logged and skipped)."""
+        if len(parts) == 1:
+            try:
+                self._ready.append(unpack_end(parts[0].bytes))
+            except ProtocolError as exc:
+                log.warning("channel %r: skipped a malformed delivery: %s", self.name, exc)
+            return
         self._ready.extend(checked_messages(parts, self.name, self._ring))
+
+    def _next(self) -> Message | None:
+        """The next message ready, or None.  A channel's end is noted in :attr:`ended`; it
+        raises ChannelClosed when no other channel feeds this receiver (a new sender may open
+        the name again later: the next call then waits for it)."""
+        while self._ready:
+            item = self._ready.popleft()
+            if isinstance(item, Message):
+                return item
+            end = ChannelClosed(f"channel {self.name!r} from {item.sender_name} ended:"
+                                f" {item.message}", reason=item.reason, channel=item.cid.hex(),
+                                peer=item.sender_name)
+            self.ended.append(end)
+            del self.ended[:-64]
+            if item.still_open == 0:
+                raise end
+        return None
 
     def _timed_out(self, timeout: float | None) -> TimeoutError:
         return TimeoutError(f"no message on {self.name!r} within {timeout} s")

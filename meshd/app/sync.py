@@ -16,10 +16,10 @@ import zmq
 
 from meshd.app.batching import RING_BYTES, Batch
 from meshd.app.client import Client
-from meshd.app.ends import (FlushWait, MeshEnd, ReceiverEnd, SenderEnd, TimeoutLater,
-                            open_receiver, start_ring)
+from meshd.app.ends import (STALL_CHECK, FlushWait, MeshEnd, ReceiverEnd, SenderEnd,
+                            TimeoutLater, open_receiver, start_ring)
 from meshd.app.message import Message, encode
-from meshd.errors import LocalError
+from meshd.errors import ChannelClosed, LocalError
 
 __all__ = ["Mesh", "Receiver", "Sender", "connect"]
 
@@ -92,11 +92,15 @@ class Sender(SenderEnd):
     def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
         """Queue one numpy array (any dtype but object, any shape) or bytes-like, with an
         optional msgpack-able ``meta`` dict.  Blocks while the channel has no room.  Do not
-        modify an array until ``flush`` returns if it is 64 KiB or larger (it is not copied)."""
+        modify an array until ``flush`` returns if it is 64 KiB or larger (it is not copied).
+        ChannelClosed once the channel ended on its own (revoked, no path for
+        ``channel_give_up`` seconds)."""
         head, body = encode(obj, meta)
         with self._lock:
             if self._closed:
                 raise LocalError("the sender is closed", reason="closed")
+            if self.ended is not None:
+                raise self.ended
             idle = self._core.deadline is None
             batches = self._core.add(head, body, time.monotonic())
             if idle and self._core.deadline is not None:
@@ -114,11 +118,13 @@ class Sender(SenderEnd):
         wanted = self._core.ring_wanted(b)
         if wanted:
             self._core.ring = start_ring(self._mesh.client, self.id, wanted)
+        while not self._sock.poll(int(STALL_CHECK * 1000), zmq.POLLOUT):
+            self._check_ended()  # a long wait for room: did the channel end?
         self._sock.send_multipart(self._core.frames(b), copy=False)
 
     def _linger_loop(self) -> None:
         with self._lock:
-            while not self._closed:
+            while not self._closed and self.ended is None:
                 deadline = self._core.deadline
                 if deadline is None:
                     self._lock.wait()
@@ -127,12 +133,18 @@ class Sender(SenderEnd):
                 if due > 0:
                     self._lock.wait(due)
                     continue
-                self._push_locked()
+                try:
+                    self._push_locked()
+                except ChannelClosed:
+                    return  # noted in self.ended: the next call raises it
 
     def flush(self, timeout: float | None = None) -> None:
         """Send what is batched and wait until the receiving daemon has acknowledged every
-        message sent so far.  LocalError (reason ``timeout``) after ``timeout`` seconds."""
+        message sent so far.  LocalError (reason ``timeout``) after ``timeout`` seconds;
+        ChannelClosed if the channel ended on its own."""
         with self._lock:
+            if self.ended is not None:
+                raise self.ended
             self._push_locked()
             target = self.sent
         wait = FlushWait(timeout, time.monotonic())
@@ -141,6 +153,8 @@ class Sender(SenderEnd):
                 self._mesh.client.flush_sender(self.id, target,
                                                timeout=wait.slice(time.monotonic()))
                 return
+            except ChannelClosed as exc:
+                raise self._ended(exc) from None
             except LocalError as exc:
                 if wait.ends(exc, time.monotonic()):
                     raise
@@ -155,11 +169,16 @@ class Sender(SenderEnd):
         """Close the channel: with ``flush`` (the default) once the receiving daemon has every
         message; without, whatever is not acknowledged yet is dropped.  With a ``timeout``
         the flush waits at most that long: then the channel is closed all the same, dropping
-        what is unacknowledged, and LocalError (reason ``timeout``) says so."""
+        what is unacknowledged, and LocalError (reason ``timeout``) says so.  If the channel
+        ended on its own, it is closed and ChannelClosed says why."""
         with self._lock:
             if self._closed:
                 return
-            self._push_locked()
+            if self.ended is None:
+                try:
+                    self._push_locked()
+                except ChannelClosed:
+                    pass  # noted: the flush below raises it
         later = TimeoutLater()
         if flush:
             with later:
@@ -186,18 +205,27 @@ class Receiver(ReceiverEnd):
     """Receives the messages of one channel name."""
 
     def recv(self, timeout: float | None = None) -> Message:
-        """The next message; TimeoutError after ``timeout`` seconds.  A malformed delivery is
+        """The next message; TimeoutError after ``timeout`` seconds; ChannelClosed once the
+        channels feeding this receiver ended and everything they sent was handed out (reason
+        ``closed``: the sender closed it; ``revoked``: it was cut).  A malformed delivery is
         logged and skipped (its messages' sequence numbers are then missing)."""
-        while not self._ready:
+        while True:
+            msg = self._next()
+            if msg is not None:
+                return msg
             self._collect()
             if timeout is not None and not self._sock.poll(int(timeout * 1000)):
                 raise self._timed_out(timeout)
             self._take(self._sock.recv_multipart(copy=False))
-        return self._ready.popleft()
 
     def __iter__(self) -> Iterator[Message]:
+        """Every message until the channels feeding this receiver end."""
         while True:
-            yield self.recv()
+            try:
+                msg = self.recv()
+            except ChannelClosed:
+                return
+            yield msg
 
     def close(self) -> None:
         if not self._release():

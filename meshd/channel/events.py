@@ -107,5 +107,9 @@ class Acked:
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelClosed:
-    """Outbound event: the channel is closed (nothing more is sent or started)."""
+class ChannelEnded:
+    """Outbound event: the channel is closed or failed (nothing more is sent or started).
+    ``reason``: ``closed`` (by the application), ``no-path``, ``revoked`` or ``failed``."""
+
+    reason: str
+    error: str | None = None

@@ -8,7 +8,10 @@ gives the channel its keys for life: the first frame then names the channel
 (:data:`~.control.CTRL_OPEN`).  A later success *resumes*: the sender core resends every
 unacked frame on the new connection.  A lost connection races again; a race that finds no
 path is run again after a back-off that doubles from :data:`RETRY_MIN` to :data:`RETRY_MAX`
-and starts over once a path is chosen.
+and starts over once a path is chosen.  A channel that has had no connection for
+``give_up_s`` when a race finds no path *gives up*: it fails with ``end_reason`` ``no-path``,
+so that the application hears of it instead of waiting forever.  :meth:`SendingEnd.cut` ends
+a channel from outside (its receiver was revoked).
 
 The application's batches go in through :meth:`SendingEnd.send_batch` (``WouldBlock`` while the
 receiver gives no credit: wait for :class:`~.events.Writable`); :class:`~.events.Acked` tells
@@ -21,13 +24,14 @@ Transitions (channel state; an input not in the table leaves the state as it is)
     negotiating    no-path            -> no-path        (retry timer armed)
     open           connection-lost    -> negotiating    (race again)
     no-path        retry              -> negotiating    (race again)
-    any but closed fail               -> failed         (a bug in the glue: stop, keep the reason)
+    no-path        give-up            -> failed         (no connection for give_up_s)
+    any but closed fail               -> failed         (cut, or a bug in the glue: keep why)
     any            close              -> closed         (last frame CTRL_CLOSE if connected)
 
 Outgoing actions (:meth:`SendingEnd.outgoing`): :class:`~.paths.StartAttempt`,
 :class:`~.paths.CancelAttempt`, :class:`~.events.SendFrame`.  Events (:meth:`SendingEnd.events`):
 :class:`~.events.PathOpen`, :class:`~.events.PathLost`, :class:`~.events.NoPathLeft`,
-:class:`~.events.Writable`, :class:`~.events.Acked`, :class:`~.events.ChannelClosed`.
+:class:`~.events.Writable`, :class:`~.events.Acked`, :class:`~.events.ChannelEnded`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from meshd.errors import LocalError, ProtocolError
 from .control import CLOSE_PAYLOAD, open_payload
 from .events import (
     Acked,
-    ChannelClosed,
+    ChannelEnded,
     Feedback,
     NoPathLeft,
     PathLost,
@@ -71,19 +75,23 @@ _TRANSITIONS: dict[tuple[str, str], str] = {
     (NEGOTIATING, "no-path"): NO_PATH,
     (OPEN, "connection-lost"): NEGOTIATING,
     (NO_PATH, "retry"): NEGOTIATING,
+    (NO_PATH, "give-up"): FAILED,
     **{(s, "fail"): FAILED for s in (NEGOTIATING, OPEN, NO_PATH)},
     **{(s, "close"): CLOSED for s in (NEGOTIATING, OPEN, NO_PATH, FAILED)},
 }
 """(state, input) -> next state; see the module docstring."""
 
 Action = StartAttempt | CancelAttempt | SendFrame
-Event = PathOpen | PathLost | NoPathLeft | Writable | Acked | ChannelClosed
+Event = PathOpen | PathLost | NoPathLeft | Writable | Acked | ChannelEnded
 
 
 @dataclass(frozen=True, slots=True)
 class OutboundConfig:
     window_bytes: int = 64 << 20
     """Most bytes of sealed frames kept for resending (the sender's buffer)."""
+    give_up_s: float | None = 60.0
+    """Seconds without a connection after which a race that finds no path ends the channel
+    (None: never)."""
     race: RaceConfig = RaceConfig()
 
 
@@ -105,8 +113,12 @@ class SendingEnd:
         self.keys: ChannelKeys | None = None
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
+        self._give_up_s = config.give_up_s
         self.state = NEGOTIATING
         self.error: str | None = None
+        self.end_reason: str | None = None
+        """Why the channel failed: ``no-path``, ``revoked``, ``failed`` (None until then)."""
+        self._unconnected_since: float | None = None  # set at start and at each lost connection
         self.path: Path | None = None
         self.setup_s: float | None = None
         self.connected = False
@@ -124,6 +136,7 @@ class SendingEnd:
     # -- inputs --------------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
+        self._unconnected_since = now
         self.race.start(now)
         self._pump(now)
 
@@ -132,7 +145,7 @@ class SendingEnd:
         """The attempt over ``path`` connected and (first time) made ``keys`` or (resume) got
         ``feedback``.  False if the attempt is no longer wanted (the glue closes its
         connection); else its connection is now the channel's."""
-        if self.state == CLOSED or path not in self.race.running:
+        if self.ended or path not in self.race.running:
             return False
         self.connected = True
         if self.keys is None:
@@ -149,7 +162,7 @@ class SendingEnd:
         return True
 
     def attempt_failed(self, path: Path, now: float, reason: str) -> None:
-        if not self.race.done:
+        if not self.race.done and not self.ended:
             self.race.attempt_failed(path, now, reason)
             self._pump(now)
 
@@ -166,6 +179,8 @@ class SendingEnd:
     def send_batch(self, payload: Buffer, messages: int, now: float) -> int:
         """Queue one batch of ``messages`` messages; its seq.  WouldBlock without credit,
         LocalError before the channel has keys."""
+        if self.ended:
+            raise LocalError(f"the channel is {self.state}", reason=self.end_reason or "closed")
         if self.keys is None:
             raise LocalError("the channel has no keys yet", reason="not-keyed")
         seq = self.sender.send(payload, now=now)
@@ -179,6 +194,7 @@ class SendingEnd:
         """The channel's connection is gone: race again (unless closed)."""
         self.connected = False
         if self._go("connection-lost"):
+            self._unconnected_since = now
             self._events.append(PathLost())
             self._renegotiate(now, "connection-lost")
             self._pump(now)
@@ -192,20 +208,40 @@ class SendingEnd:
                 self._renegotiate(now, "no-path")
         self._pump(now)
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, reason: str = "failed") -> None:
         """The glue cannot go on with this channel (a bug): keep why, stop."""
         if self._go("fail"):
             self.error = error[:200]
+            self.end_reason = reason
+            self._end()
+
+    def cut(self, reason: str, error: str) -> None:
+        """End the channel from outside (``reason``: ``revoked``): no last frame, the glue
+        drops its connection."""
+        self.fail(error, reason)
+
+    @property
+    def ended(self) -> bool:
+        """Closed or failed: the channel carries nothing any more."""
+        return self.state in (CLOSED, FAILED)
 
     def close(self) -> None:
         """The application closed the channel: say so to the receiver if connected."""
+        was = self.state
         if not self._go("close"):
             return
+        if was != FAILED:
+            if self.connected and self._sealer is not None:
+                self._actions.append(SendFrame(self._sealer.seal_control(CLOSE_PAYLOAD)))
+            self._end()
+
+    def _end(self) -> None:
+        """Stop racing and retrying; tell the glue (:class:`~.events.ChannelEnded`)."""
         self._retry_at = None
-        if self.connected and self._sealer is not None:
-            self._actions.append(SendFrame(self._sealer.seal_control(CLOSE_PAYLOAD)))
+        for path in self.race.running:
+            self._actions.append(CancelAttempt(path))
         self.connected = False
-        self._events.append(ChannelClosed())
+        self._events.append(ChannelEnded(self.end_reason or "closed", self.error))
 
     # -- what the glue needs during an attempt ---------------------------------------------------
 
@@ -232,8 +268,8 @@ class SendingEnd:
     # -- outputs -------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        """The earliest of the race's, the sender's and the retry deadlines (None if closed)."""
-        if self.state == CLOSED:
+        """The earliest of the race's, the sender's and the retry deadlines (None once ended)."""
+        if self.ended:
             return None
         times = [t for t in (self.sender.get_timer(), self.race.get_timer(), self._retry_at)
                  if t is not None]
@@ -272,6 +308,7 @@ class SendingEnd:
             self._actions.append(action)
         for event in self.race.events():
             if isinstance(event, PathChosen) and self._go("path-chosen"):
+                self._unconnected_since = None
                 self.path = event.path
                 self.retry_s = RETRY_MIN
                 if self.setup_s is None:
@@ -280,6 +317,13 @@ class SendingEnd:
             elif isinstance(event, NoPath) and self._go("no-path"):
                 self.path = None
                 self.error = "; ".join(f"{p}: {r}" for p, r in event.reasons)
+                since = self._unconnected_since
+                if (self._give_up_s is not None and since is not None
+                        and now - since >= self._give_up_s and self._go("give-up")):
+                    self.error = f"no path for {now - since:.0f} s ({self.error})"[:200]
+                    self.end_reason = "no-path"
+                    self._end()
+                    continue
                 self._events.append(NoPathLeft(self.error, self.retry_s))
                 self._retry_at = now + self.retry_s
                 self.retry_s = min(self.retry_s * 2, RETRY_MAX)

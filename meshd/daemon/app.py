@@ -87,7 +87,8 @@ class Daemon:
             liveness=lambda key: membership.state_of(key)["state"],
             counters=counters.scoped("channel_"))
         roster = self.roster = Roster(view=view, membership=membership, links=links,
-                                      on_members_changed=channels.on_members_changed)
+                                      on_members_changed=channels.on_members_changed,
+                                      on_revoked=channels.cut_member)
         own_record = self.own_record = OwnRecord(site, view, store)
         sync = self.sync = MeshSync(site=site, view=view, config=config, links=links,
                                     contacts=contacts, counters=counters, tasks=tasks,

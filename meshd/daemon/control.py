@@ -17,11 +17,12 @@ from aiohttp import web
 
 from meshd.channel.control import check_name
 from meshd.daemon.admin import Admin
+from meshd.daemon.channels.outbound import describe as describe_sender
 from meshd.daemon.channels.service import ChannelService
 from meshd.daemon.joins import Joins
 from meshd.daemon.membership import MembershipService
 from meshd.daemon.reports import Reports
-from meshd.errors import LocalError, MeshdError, RemoteError
+from meshd.errors import ChannelClosed, LocalError, MeshdError, RemoteError
 from meshd.local import api
 from meshd.state.admission import PendingJoin
 from meshd.state.store import Redemption
@@ -149,6 +150,8 @@ class ControlServer:
             return await handler(request)
         except LocalError as exc:
             return _json(api.error_body(exc.reason, exc.message), 400)
+        except ChannelClosed as exc:
+            return _json(api.error_body(exc.reason, exc.message), api.GONE)
         except RemoteError as exc:
             return _json(api.error_body(exc.reason, exc.message), 502)
         except MeshdError as exc:
@@ -335,20 +338,22 @@ class ControlServer:
         data = await _body(request)
         return _json({"ring": self.channels.attach_ring(ch, _field(data, "ring", str))})
 
-    def _out_channel(self, request: web.Request) -> Any:
+    @staticmethod
+    def _channel_id(request: web.Request) -> bytes:
         try:
-            cid = bytes.fromhex(request.match_info["id"])
+            return bytes.fromhex(request.match_info["id"])
         except ValueError:
             raise LocalError("a channel id is hex", reason="usage") from None
-        ch = self.channels.out.get(cid)
-        if ch is None:
-            raise LocalError("no such channel at this site", reason="not-found")
-        return ch
+
+    def _out_channel(self, request: web.Request) -> Any:
+        """The sending end the request names (ChannelClosed if it ended on its own)."""
+        return self.channels.sender(self._channel_id(request))
 
     async def close_sender(self, request: web.Request) -> web.Response:
-        ch = self._out_channel(request)
-        self.channels.close_sender(ch.cid)
-        return _json(ch.describe())
+        cid = self._channel_id(request)
+        ch = self.channels.out.get(cid)
+        self.channels.close_sender(cid)
+        return _json(describe_sender(ch) if ch is not None else {"id": cid.hex(), "state": "ended"})
 
     async def flush(self, request: web.Request) -> web.Response:
         ch = self._out_channel(request)

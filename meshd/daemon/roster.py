@@ -22,11 +22,15 @@ class Roster:
     """The member set as last seen, and what to do when the mesh view moves on from it."""
 
     def __init__(self, *, view: MeshView, membership: MembershipService, links: MemberLinks,
-                 on_members_changed: Callable[[], None]) -> None:
+                 on_members_changed: Callable[[], None],
+                 on_revoked: Callable[[bytes, str], None] = lambda key, reason: None) -> None:
+        """``on_revoked(key, "revoked")``: cut what still carries data to or from ``key``
+        (its channels, relay legs and tunnels)."""
         self.view = view
         self.membership = membership
         self.links = links
         self.on_members_changed = on_members_changed
+        self.on_revoked = on_revoked
         self._members: frozenset[bytes] = frozenset()
         self._revoked: frozenset[bytes] = frozenset()
 
@@ -36,7 +40,8 @@ class Roster:
 
     def changed(self) -> None:
         """Follow changes of the member set: new members to the membership core, revoked ones
-        cut off (their links closed, their connections to us refused from now on)."""
+        cut off (their links, channels and relay legs closed, their connections to us refused
+        from now on)."""
         members, revoked = frozenset(self.view.members), self.view.revoked
         if members == self._members and revoked == self._revoked:
             self.membership.sync_blobs()  # a newer record, say: the core carries it from now on
@@ -48,6 +53,7 @@ class Roster:
             log.info("%s (%s) is revoked; cutting it off", self.view.name_of(key),
                      site_id_of(key))
             self.membership.emit("revoked", key)
+            self.on_revoked(key, "revoked")
         for key in self._members - members:  # revoked, or its key retired by a rotation
             self.links.forget(key)
         self._members, self._revoked = members, revoked

@@ -87,5 +87,9 @@ class Peer(TypedDict):
     last_seen: float | None
 
 
+GONE = 410
+"""The HTTP status of a call on a channel that ended (revoked, no path): ChannelClosed."""
+
+
 def error_body(reason: str, message: str) -> dict[str, Any]:
     return {"error": {"reason": reason, "message": message}}

@@ -5,14 +5,18 @@ App -> daemon, one message per batch of application messages (:mod:`meshd.channe
     [batch]                        the packed batch inline
     [RING_MARK, descriptor]        the batch is a record of the sender's ring (:mod:`.ring`)
 
-Daemon -> app, one message per delivered batch::
+Daemon -> app, one message per delivered batch, and one when a channel ends::
 
     [meta, batch]
     [meta, RING_MARK, descriptor]  the batch is a record of the receiver's ring
+    [end]                          a channel to this receiver ended (after its last delivery)
 
 ``meta`` is the msgpack list ``[cid, sender, first_seq, sender_name]``: the channel id (bytes),
 the sending site's public key (bytes), the sequence number of the batch's first message and the
-sending site's name.  Both sides use this module: the application packs batches
+sending site's name.  ``end`` is the msgpack list ``["end", cid, sender, sender_name, reason,
+message, still_open]``: ``reason`` ``closed`` (the sender closed it; everything it sent was
+delivered before) or ``revoked``; ``still_open``: how many other channels feed the receiver.
+Both sides use this module: the application packs batches
 (:func:`batch_frames`) and reads deliveries (:func:`read_delivery`); the daemon reads batches
 (:func:`read_batch`) and packs deliveries (:func:`pack_meta`, :func:`delivery_frames`).
 """
@@ -28,8 +32,8 @@ from meshd.errors import ProtocolError
 
 from .ring import DESCRIPTOR, RING_MARK, Ring, ring_worthy
 
-__all__ = ["Delivery", "DeliveryMeta", "batch_frames", "delivery_frames", "pack_meta",
-           "read_batch", "read_delivery", "unpack_meta"]
+__all__ = ["ChannelEnd", "Delivery", "DeliveryMeta", "batch_frames", "delivery_frames",
+           "pack_end", "pack_meta", "read_batch", "read_delivery", "unpack_end", "unpack_meta"]
 
 
 class DeliveryMeta(NamedTuple):
@@ -53,6 +57,36 @@ class Delivery(NamedTuple):
     """Where the record starts in the ring (to release it once read), or None if inline."""
     frame: Any
     """The received frame the payload views (None for a ring record)."""
+
+
+class ChannelEnd(NamedTuple):
+    """The one frame that says a channel to the receiver ended."""
+
+    cid: bytes
+    sender: bytes
+    sender_name: str
+    reason: str
+    message: str
+    still_open: int
+
+
+def pack_end(end: ChannelEnd) -> bytes:
+    """The ``end`` frame (what the receiving daemon sends after a channel's last delivery)."""
+    data: bytes = msgpack.packb(["end", *end], use_bin_type=True)
+    return data
+
+
+def unpack_end(data: bytes) -> ChannelEnd:
+    """The ``end`` frame; ProtocolError (``malformed``) if it is not one."""
+    try:
+        tag, cid, sender, name, reason, message, still_open = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise ProtocolError("bad channel end notice", reason="malformed") from None
+    if (tag != "end" or not isinstance(cid, bytes) or not isinstance(sender, bytes)
+            or not all(isinstance(x, str) for x in (name, reason, message))
+            or not isinstance(still_open, int) or still_open < 0):
+        raise ProtocolError("bad channel end notice", reason="malformed")
+    return ChannelEnd(cid, sender, name, reason, message, still_open)
 
 
 def pack_meta(cid: bytes, sender: bytes, first_seq: int, sender_name: str) -> bytes:

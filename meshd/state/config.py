@@ -78,6 +78,11 @@ class Config:
     channel_window_messages: int = 4096
     """Most batches of messages a receiving site holds per channel before the sender waits."""
 
+    channel_give_up: float = 60.0
+    """Seconds a sending channel may go without any path to its receiver before it ends and its
+    application's next send, flush or close raises ChannelClosed (reason ``no-path``); what the
+    receiver has not acknowledged is then dropped. 0: retry for ever."""
+
     reach_interval: float = 60.0
     """Seconds between checks of which members can dial this site (each member is asked to
     dial us back at our advertised addresses; re-checked sooner when members change)."""
@@ -106,6 +111,9 @@ class Config:
                              reason="config")
         if self.channel_window_messages < 1:
             raise LocalError("config: channel_window_messages must be at least 1", reason="config")
+        if not (math.isfinite(self.channel_give_up) and self.channel_give_up >= 0):
+            raise LocalError("config: channel_give_up must be 0 (never) or a positive number of"
+                             " seconds", reason="config")
         if not (math.isfinite(self.reach_interval) and self.reach_interval > 0):
             raise LocalError("config: reach_interval must be a positive number", reason="config")
         if self.listen:

@@ -147,8 +147,9 @@ async def test_a_direct_channel_delivers_in_order_exactly_once(mesh_factory: Any
     assert inc["messages"] == 40 and inc["peer"] == "a" and inc["state"] == "open"
     assert m["b"].node.counters.get("channel_accepted") >= 1
     m["a"].svc.close_sender(ch.cid)
-    # closed by the sender (and forgotten once a receiver port has delivered everything)
-    await until(lambda: all(c["state"] == "closed" for c in m["b"].svc.describe()))
+    # closed by the sender, everything delivered: it leaves the list at once
+    await until(lambda: m["b"].svc.describe() == [])
+    assert m["b"].node.counters.get("channel_in_ended_closed") == 1
 
 
 async def test_a_receiver_that_only_dials_out_is_reached_by_the_reversed_path(
@@ -178,7 +179,7 @@ async def test_a_site_that_does_not_relay_refuses_legs_and_the_channel_has_no_pa
                            configs={"r": Config(relay=False)})
     ch = m["a"].svc.open_sender("frames", m["b"].key, ["relay"])
     await until(lambda: ch.state == "no-path")
-    assert "relaying-disabled" in (ch.describe()["error"] or "")
+    assert "relaying-disabled" in (ch.core.error or "")
     assert m["r"].node.counters.get("channel_relay_refused_disabled") >= 1
 
 

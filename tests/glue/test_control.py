@@ -21,7 +21,7 @@ from meshd.daemon.membership import MembershipService
 from meshd.daemon.own_record import OwnRecord
 from meshd.daemon.reports import Reports
 from meshd.daemon.tasks import TaskSet
-from meshd.errors import LocalError
+from meshd.errors import ChannelClosed, LocalError
 from meshd.local import api
 from meshd.state.admission import Admissions
 from meshd.state.config import Config
@@ -30,9 +30,19 @@ from tests.glue.daemon_kit import T, Net, Node, make_node
 
 
 class Channels:
+    """The channel service as the control server sees it (its registry and errors)."""
+
     def __init__(self) -> None:
         self.out: dict[bytes, Any] = {}
+        self.gone: dict[bytes, ChannelClosed] = {}
         self.closed: list[bytes] = []
+
+    def sender(self, cid: bytes) -> Any:
+        if cid in self.gone:
+            raise self.gone[cid]
+        if cid not in self.out:
+            raise LocalError("no such channel at this site", reason="not-found")
+        return self.out[cid]
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": "c1"}]
@@ -41,6 +51,8 @@ class Channels:
         return {"we_dial": True, "dials_us": None}
 
     def close_sender(self, cid: bytes) -> None:
+        if self.gone.pop(cid, None) is None and self.out.pop(cid, None) is None:
+            raise LocalError("no such channel", reason="not-found")
         self.closed.append(cid)
 
 
@@ -147,6 +159,21 @@ async def test_channel_routes_go_to_the_channel_service(control) -> None:
     code, body = await call(session, "DELETE", api.CHANNELS + "/00")
     assert code == 400 and body["error"]["reason"] == "not-found"
     assert c.channels.closed == []
+
+
+async def test_a_call_on_a_channel_that_ended_on_its_own_is_answered_gone_with_why(
+        control) -> None:
+    c, session = control
+    c.channels.gone[b"\x01"] = ChannelClosed("channel 'c1' to dcs ended: dcs was revoked",
+                                              reason="revoked")
+    code, body = await call(session, "POST", api.CHANNELS + "/01/flush", {"messages": 0})
+    assert code == api.GONE == 410
+    assert body["error"] == {"reason": "revoked",
+                             "message": "channel 'c1' to dcs ended: dcs was revoked"}
+    code, body = await call(session, "DELETE", api.CHANNELS + "/01")  # the app closes it
+    assert code == 200 and body["state"] == "ended" and c.channels.closed == [b"\x01"]
+    code, body = await call(session, "POST", api.CHANNELS + "/01/flush", {"messages": 0})
+    assert code == 400 and body["error"]["reason"] == "not-found"
 
 
 async def test_rotate_goes_to_the_rotation(control) -> None:

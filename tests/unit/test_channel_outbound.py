@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from meshd.channel import outbound
-from meshd.channel.events import Acked, ChannelClosed, Feedback, NoPathLeft, PathLost, PathOpen
+from meshd.channel.events import Acked, ChannelEnded, Feedback, NoPathLeft, PathLost, PathOpen
 from meshd.channel.events import SendFrame, Writable
 from meshd.channel.frames import KIND_DATA, Opener, Sealer
 from meshd.channel.handshake import Initiator, Responder
@@ -33,10 +33,25 @@ def keys_pair() -> tuple[Any, Any]:
 
 
 def end(kinds: tuple[PathKind, ...] = (PathKind.DIRECT,), table: ReachabilityTable | None = None,
-        window: int = 64 << 20) -> SendingEnd:
+        window: int = 64 << 20, give_up: float | None = 60.0) -> SendingEnd:
     return SendingEnd("frames", A.public, B.public, table or ReachabilityTable(),
                       relays=lambda: [], kinds=kinds,
-                      config=outbound.OutboundConfig(window_bytes=window))
+                      config=outbound.OutboundConfig(window_bytes=window, give_up_s=give_up))
+
+
+def fail_races_until(s: SendingEnd, now: float, until: float) -> float:
+    """Fail every attempt the core starts, and run its retry timer, until ``until`` or until it
+    ends; the time reached."""
+    while now < until and not s.ended:
+        for a in s.outgoing():
+            if isinstance(a, StartAttempt):
+                s.attempt_failed(a.path, now, "refused: no")
+        timer = s.get_timer()
+        if timer is None:
+            break
+        now = max(now, timer)
+        s.handle_timer(now)
+    return now
 
 
 def frames_of(actions: list[Any]) -> list[Any]:
@@ -171,7 +186,7 @@ def test_close_sends_the_last_frame_once_and_stops_every_timer() -> None:
     rx = ReceivingEnd(rkeys, opener, name)
     rx.frame_received(last)
     assert rx.closed_by_sender
-    assert s.state == "closed" and s.get_timer() is None and ChannelClosed() in s.events()
+    assert s.state == "closed" and s.get_timer() is None and ChannelEnded("closed") in s.events()
     s.close()
     s.connection_lost(T0 + 5)
     assert s.outgoing() == [] and s.state == "closed" and s.renegotiations == 0
@@ -189,6 +204,8 @@ def test_close_sends_the_last_frame_once_and_stops_every_timer() -> None:
     ("negotiating", "connection-lost", "negotiating"),
     ("closed", "retry", "closed"),
     ("closed", "fail", "closed"),
+    ("no-path", "give-up", "failed"),
+    ("negotiating", "give-up", "negotiating"),
 ])
 def test_the_state_table(state: str, what: str, after: str) -> None:
     s = end()
@@ -203,3 +220,60 @@ def test_fail_keeps_the_reason_and_close_still_works() -> None:
     assert s.state == "failed" and s.error == "internal error: boom"
     s.close()
     assert s.state == "closed"
+
+
+def test_a_channel_without_a_connection_for_the_give_up_time_fails_with_no_path() -> None:
+    """Bug: with no path, a channel retried for ever and its application heard nothing."""
+    s = end(give_up=60.0)
+    s.start(T0)
+    now = fail_races_until(s, T0, T0 + 59.0)
+    assert s.state in ("no-path", "negotiating") and s.end_reason is None
+    fail_races_until(s, now, T0 + 200.0)
+    assert s.state == "failed" and s.end_reason == "no-path" and s.ended
+    assert s.error is not None and s.error.startswith("no path for 6")  # 60-70 s, each race a step
+    assert "refused: no" in s.error
+    (ended,) = [e for e in s.events() if isinstance(e, ChannelEnded)]
+    assert ended.reason == "no-path" and s.get_timer() is None
+    s.close()  # the application closes it: no last frame, no second event
+    assert s.state == "closed" and frames_of(s.outgoing()) == [] and s.events() == []
+
+
+def test_the_give_up_clock_starts_when_the_connection_is_lost_not_when_the_channel_opened() -> None:
+    s, _ = opened()
+    s.outgoing()
+    s.connection_lost(T0 + 1000.0)
+    fail_races_until(s, T0 + 1000.0, T0 + 1055.0)
+    assert not s.ended
+    fail_races_until(s, T0 + 1055.0, T0 + 1200.0)
+    assert s.end_reason == "no-path"
+
+
+def test_without_a_give_up_time_a_channel_retries_for_ever() -> None:
+    s = end(give_up=None)
+    s.start(T0)
+    fail_races_until(s, T0, T0 + 10_000.0)
+    assert not s.ended and s.state in ("no-path", "negotiating")
+
+
+def test_a_cut_channel_fails_at_once_without_a_last_frame_and_cancels_its_attempts() -> None:
+    s = end((PathKind.DIRECT, PathKind.REVERSED))
+    s.start(T0)
+    s.handle_timer(T0 + 1)
+    assert len([a for a in s.outgoing() if isinstance(a, StartAttempt)]) == 2
+    s.cut("revoked", "the receiver was revoked")
+    out = s.outgoing()
+    assert {a.path for a in out if isinstance(a, CancelAttempt)} == {DIRECT, REVERSED}
+    assert frames_of(out) == []
+    assert s.state == "failed" and s.end_reason == "revoked" and s.get_timer() is None
+    assert ChannelEnded("revoked", "the receiver was revoked") in s.events()
+    ikeys, _ = keys_pair()
+    assert not s.attempt_succeeded(DIRECT, T0 + 2, 0.01, ikeys)  # too late: refused
+
+
+def test_an_open_channel_cut_sends_nothing_more() -> None:
+    s, _ = opened()
+    s.outgoing()
+    s.cut("revoked", "gone")
+    with pytest.raises(LocalError):
+        s.send_batch(b"x", 1, T0 + 2)
+    assert frames_of(s.outgoing()) == [] and not s.connected

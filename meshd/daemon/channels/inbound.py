@@ -6,7 +6,10 @@ a relay.  Its records go to :meth:`Receiving.on_record`: the Hello is answered b
 :class:`~meshd.channel.handshake.Responder` (which reads the current site key at each Hello),
 the first frame must open the channel (:func:`~meshd.channel.inbound.open_first_frame`), every
 later frame goes to the channel's :class:`~meshd.channel.inbound.ReceivingEnd`.  A
-:class:`ReceiverPort` hands delivered batches to the application's PUSH socket.
+:class:`ReceiverPort` hands delivered batches to the application's PUSH socket, and after a
+channel's last batch a notice that it ended (closed by its sender, or cut: the sender was
+revoked, its held messages dropped).  A record from a site that is no member any more closes
+its connection before it is read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -28,7 +32,7 @@ from meshd.channel.inbound import ReceivingEnd, open_first_frame
 from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
-from meshd.local.ipc import delivery_frames, pack_meta
+from meshd.local.ipc import ChannelEnd, delivery_frames, pack_end, pack_meta
 from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
 from meshd.daemon.counters import Counters
 from meshd.daemon.site import LocalSite
@@ -129,6 +133,8 @@ class ReceiverPort:
         self.sock.bind(self.endpoint)
         self.wake = asyncio.Event()
         self.wake.set()
+        self.ends: deque[ChannelEnd] = deque()
+        """Channels that ended, to be told to the application after their last delivery."""
         self.task = owner.tasks.spawn(self._run(), f"rx-{name}")
         self._watcher = owner.tasks.spawn(self._watch_app(), f"rx-watch-{name}")
 
@@ -160,6 +166,8 @@ class ReceiverPort:
                         delivery_frames(self.ring, meta, got.payload, got.count),
                         copy=len(got.payload) < _BIG_PAYLOAD)
             self.owner.gc()
+            while self.ends:
+                await self.sock.send(pack_end(self.ends.popleft()))
 
     def close(self) -> None:
         self.task.cancel()
@@ -216,6 +224,10 @@ class Receiving:
     def on_record(self, conn: DataConnection, kind: int, body: Block) -> None:
         side = conn.owner
         assert isinstance(side, _RSide)
+        if not self.view.is_member(side.sender):  # revoked since it connected
+            self.counters.count("refused_not_member")
+            conn.abort("the sender is no member of this mesh any more")
+            return
         if kind == link.HELLO:
             if side.inc is not None or side.pending is not None:
                 raise ProtocolError("a second Hello on one connection", reason="unexpected")
@@ -235,6 +247,8 @@ class Receiving:
             inc.on_frame(conn, side, body)  # authentic, or ProtocolError
             conn.trust()
             self.wake_port(inc.name)
+            if inc.core.finished:  # closed with nothing held: it leaves the list now
+                self.gc()
             return
         if side.pending is None:
             conn.refuse("unknown-channel: this site has no such channel (restarted?)")
@@ -310,11 +324,31 @@ class Receiving:
 
     def gc(self) -> None:
         """Forget the channels their senders closed once everything is delivered."""
-        for cid, inc in list(self.inc.items()):
+        for inc in list(self.inc.values()):
             if inc.core.finished:
-                del self.inc[cid]
-                if inc.conn is not None:
-                    inc.conn.close()
+                self._end(inc, "closed", "the sender closed the channel")
+
+    def cut_sender(self, key: bytes, reason: str) -> None:
+        """End every channel from ``key`` now (it was revoked): what it holds is dropped, its
+        connection cut, its receiver told why."""
+        for inc in [c for c in self.inc.values() if c.sender == key]:
+            if inc.conn is not None:
+                inc.conn.abort(f"the sender was {reason}")
+            self._end(inc, reason, f"{self.view.name_of(key)} was {reason}; the channel was cut")
+
+    def _end(self, inc: InChannel, reason: str, message: str) -> None:
+        """Forget ``inc`` and tell its receiver (after the deliveries already handed out)."""
+        if self.inc.pop(inc.cid, None) is None:
+            return
+        self.counters.count(f"in_ended_{reason}")
+        if inc.conn is not None:
+            inc.conn.close()
+        port = self.ports.get(inc.name)
+        if port is not None:
+            still_open = sum(1 for c in self.inc.values() if c.name == inc.name)
+            port.ends.append(ChannelEnd(inc.cid, inc.sender, self.view.name_of(inc.sender),
+                                        reason, message, still_open))
+            port.wake.set()
 
     def open_receiver(self, name: str, allow: frozenset[bytes] | None,
                       ring: Ring | None) -> ReceiverPort:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,10 +23,10 @@ import zmq.asyncio
 
 from meshd.channel import batch, link
 from meshd.channel.control import DialRequest, peer_message
-from meshd.channel.events import Acked, NoPathLeft, PathOpen, SendFrame, Writable
+from meshd.channel.events import Acked, ChannelEnded, NoPathLeft, PathOpen, SendFrame, Writable
 from meshd.channel.frames import MAX_PAYLOAD, Block
 from meshd.channel.handshake import ChannelKeys, Initiator
-from meshd.channel.outbound import CLOSED, OutboundConfig, SendingEnd
+from meshd.channel.outbound import CLOSED, FAILED, OutboundConfig, SendingEnd
 from meshd.channel.paths import CancelAttempt, Path, PathKind, StartAttempt
 from meshd.channel.reliable import WouldBlock
 from meshd.daemon.channels.connection import DataConnection
@@ -36,13 +37,16 @@ from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import CoreTimer, TaskSet
-from meshd.errors import LocalError, ProtocolError
+from meshd.errors import ChannelClosed, LocalError, ProtocolError
 from meshd.local.ring import Ring
 from meshd.state.config import Config
 from meshd.state.view import MeshView
 from meshd.trust.identity import site_id_of
 
 log = logging.getLogger("meshd.daemon.channels.outbound")
+
+MAX_GONE = 1024
+"""Ended channels remembered for their applications (see :attr:`Sending.gone`)."""
 
 
 class OutChannel:
@@ -58,7 +62,9 @@ class OutChannel:
         self.cid = secrets.token_bytes(16)
         self.core = SendingEnd(name, owner.site.public, peer, owner.reach.table,
                                relays=lambda: owner.reach.relay_candidates(peer), kinds=kinds,
-                               config=OutboundConfig(owner.config.channel_window_bytes))
+                               config=OutboundConfig(
+                                   owner.config.channel_window_bytes,
+                                   give_up_s=owner.config.channel_give_up or None))
         self.conn: DataConnection | None = None
         self.attempts: dict[Path, asyncio.Task[None]] = {}
         self.created = time.time()
@@ -72,6 +78,7 @@ class OutChannel:
         self.pull.setsockopt(zmq.RCVHWM, 8)
         self.pull.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD)
         self.pull.bind(self.endpoint)
+        self._released = False
         self._in_hand = False  # a batch read from the app and not yet queued for sending
         self._malformed = False  # a malformed batch was logged already
         self._reader = owner.tasks.spawn(self._read_app(), f"tx-{name}")
@@ -86,6 +93,7 @@ class OutChannel:
         """A bug must not leave a channel that silently stops reading its application."""
         if not task.cancelled() and task.exception() is not None:
             self.core.fail(f"internal error: {task.exception()!r}")
+            self.pump()
 
     # -- pumping the core ----------------------------------------------------------------------
 
@@ -115,10 +123,15 @@ class OutChannel:
                 self._acked = asyncio.Event()
             elif isinstance(event, PathOpen):
                 log.info("channel %r to %s: %s in %.1f ms", self.name, self.owner.name(self.peer),
-                         self._path_text(), event.setup_s * 1000)
+                         path_text(self), event.setup_s * 1000)
             elif isinstance(event, NoPathLeft):
                 log.warning("channel %r to %s: no path (%s); retrying in %.1f s", self.name,
                             self.owner.name(self.peer), event.error, event.retry_in)
+            elif isinstance(event, ChannelEnded) and event.reason != "closed":
+                log.warning("channel %r to %s ended: %s", self.name,
+                            self.owner.name(self.peer), event.error)
+                self._release()
+                self.owner.ended(self)
         self._timer.arm(core.get_timer())
 
     def _on_timer(self, now: float) -> None:
@@ -170,7 +183,7 @@ class OutChannel:
 
     def _adopt(self, path: Path, conn: DataConnection, rtt: float, keys: ChannelKeys,
                fb: Any) -> None:
-        if path not in self.core.race.running or self.state == CLOSED:
+        if path not in self.core.race.running or self.core.ended:
             conn.close()  # another attempt won meanwhile
             return
         old, self.conn = self.conn, conn
@@ -191,7 +204,7 @@ class OutChannel:
         if conn is not self.conn:
             return
         self.conn = None
-        if self.state == CLOSED:
+        if self.core.ended:
             return
         log.info("channel %r to %s: connection lost (%s); renegotiating", self.name,
                  self.owner.name(self.peer), conn.error or "closed")
@@ -216,11 +229,11 @@ class OutChannel:
         """An application that dies without closing its sender: what it handed over still goes
         through, then the channel closes itself (its resend buffer and ring are freed)."""
         await until_app_leaves(self.pull)
-        if self.state == CLOSED:
+        if self.core.ended:
             return
         log.info("channel %r to %s: the application is gone; closing once the receiver has"
                  " everything it sent", self.name, self.owner.name(self.peer))
-        while self.state != CLOSED:
+        while not self.core.ended:
             if (not self._in_hand and not int(self.pull.get(zmq.EVENTS)) & zmq.POLLIN
                     and self.core.acked_messages >= self.core.messages):
                 self.owner.counters.count("orphans_closed")
@@ -232,7 +245,7 @@ class OutChannel:
                 pass
 
     async def _read_app(self) -> None:
-        while True:
+        while not self.core.ended:
             self._in_hand = False
             parts = await self.pull.recv_multipart(copy=False)
             self._in_hand = True
@@ -250,7 +263,7 @@ class OutChannel:
                     self.ring.release(release)
                 continue
             await self._keyed.wait()  # the first message needs no credit, but it needs keys
-            while True:
+            while not self.core.ended:
                 try:
                     self.core.send_batch(buf, count, time.monotonic())
                     break
@@ -258,6 +271,8 @@ class OutChannel:
                     self._writable.clear()
                     self.pump()
                     await self._writable.wait()
+            if self.core.ended:
+                return
             if release is not None:  # sealed: the sealed copy is what the resend buffer keeps
                 assert self.ring is not None
                 self.ring.release(release)
@@ -266,14 +281,28 @@ class OutChannel:
             if conn is not None and not conn.writable.is_set():
                 await conn.writable.wait()
 
+    def end_error(self) -> ChannelClosed | LocalError:
+        """What a call on this channel raises once it has ended."""
+        if self.state == FAILED or self.core.end_reason is not None:
+            return ChannelClosed(f"channel {self.name!r} to {self.owner.name(self.peer)} ended:"
+                                 f" {self.core.error}", reason=self.core.end_reason,
+                                 channel=self.cid.hex(), peer=self.owner.name(self.peer))
+        return LocalError("the channel is closed", reason="closed")
+
+    def cut(self, reason: str, error: str) -> None:
+        """End the channel at once (its receiver was revoked): no last frame."""
+        self.core.cut(reason, error)
+        self.pump()
+
     async def flush(self, messages: int, timeout: float | None) -> int:
-        """Wait until the receiver's daemon has acknowledged ``messages`` messages."""
+        """Wait until the receiver's daemon has acknowledged ``messages`` messages;
+        ChannelClosed if the channel ends first."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         core = self.core
         while core.acked_messages < messages:
-            if self.state == CLOSED:
-                raise LocalError("the channel is closed", reason="closed")
+            if core.ended:
+                raise self.end_error()
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise LocalError(f"flush timed out: {core.acked_messages} of {messages}"
@@ -288,12 +317,18 @@ class OutChannel:
         if self.state == CLOSED:
             return
         self.core.close()
-        self._reader.cancel()
-        if self._watcher is not asyncio.current_task():
-            self._watcher.cancel()
-        for task in self.attempts.values():
-            task.cancel()
-        self.pump()  # the last frame
+        self.pump()  # the last frame (none if the channel had failed)
+        self._release()
+
+    def _release(self) -> None:
+        """Stop every task, timer and socket of the channel (once it closed or failed)."""
+        if self._released:
+            return
+        self._released = True
+        current = asyncio.current_task()
+        for task in (self._reader, self._watcher, *self.attempts.values()):
+            if task is not current:
+                task.cancel()
         self._timer.cancel()
         if self.conn is not None:
             self.conn.close()
@@ -301,32 +336,37 @@ class OutChannel:
         self.owner.ipc.remove(self.endpoint)
         if self.ring is not None:
             self.ring.close()
+        self._acked.set()  # a waiting flush sees the end
+        self._writable.set()
 
-    def _path_text(self) -> str:
-        path = self.core.path
-        if path is None:
-            return "no path yet"
-        if path.relay is not None:
-            return f"relay via {self.owner.name(path.relay)}"
-        return path.kind.value
+def path_text(ch: OutChannel) -> str:
+    """How the channel goes now, in words (for the log)."""
+    path = ch.core.path
+    if path is None:
+        return "no path yet"
+    if path.relay is not None:
+        return f"relay via {ch.owner.name(path.relay)}"
+    return path.kind.value
 
-    def describe(self) -> dict[str, Any]:
-        core = self.core
-        path = core.path
-        elapsed = max(1e-9, time.time() - self.created)
-        return {
-            "id": self.cid.hex(), "name": self.name, "direction": "out",
-            "peer": self.owner.name(self.peer), "peer_id": site_id_of(self.peer),
-            "path": path.kind.value if path else None,
-            "relay": self.owner.name(path.relay) if path and path.relay else None,
-            "state": core.state, "error": core.error if core.state != "open" else None,
-            "bytes": core.bytes, "messages": core.messages,
-            "acked_messages": core.acked_messages,
-            "rate_Bps": round(core.bytes / elapsed), "retransmits": core.retransmits,
-            "renegotiations": core.renegotiations,
-            "setup_ms": None if core.setup_s is None else round(core.setup_s * 1000, 3),
-            "buffered_bytes": core.sender.buffered_bytes,
-        }
+
+def describe(ch: OutChannel) -> dict[str, Any]:
+    """One line of ``meshd channels`` for a sending end."""
+    core = ch.core
+    path = core.path
+    elapsed = max(1e-9, time.time() - ch.created)
+    return {
+        "id": ch.cid.hex(), "name": ch.name, "direction": "out",
+        "peer": ch.owner.name(ch.peer), "peer_id": site_id_of(ch.peer),
+        "path": path.kind.value if path else None,
+        "relay": ch.owner.name(path.relay) if path and path.relay else None,
+        "state": core.state, "error": core.error if core.state != "open" else None,
+        "bytes": core.bytes, "messages": core.messages,
+        "acked_messages": core.acked_messages,
+        "rate_Bps": round(core.bytes / elapsed), "retransmits": core.retransmits,
+        "renegotiations": core.renegotiations,
+        "setup_ms": None if core.setup_s is None else round(core.setup_s * 1000, 3),
+        "buffered_bytes": core.sender.buffered_bytes,
+    }
 
 
 class Sending:
@@ -346,6 +386,9 @@ class Sending:
         self.ipc = ipc
         self.zctx = zctx
         self.out: dict[bytes, OutChannel] = {}
+        self.gone: OrderedDict[bytes, ChannelClosed | LocalError] = OrderedDict()
+        """Channels that ended on their own (revoked, no path), newest last: what their
+        application's next call on them raises (at most MAX_GONE kept)."""
         self.reverse_waiters: dict[bytes, tuple[bytes, asyncio.Future[DataConnection]]] = {}
 
     def name(self, key: bytes) -> str:
@@ -360,8 +403,28 @@ class Sending:
     def close(self, cid: bytes) -> None:
         ch = self.out.pop(cid, None)
         if ch is None:
+            if self.gone.pop(cid, None) is not None:
+                return  # it ended on its own; its application closes it now
             raise LocalError("no such channel", reason="not-found")
         ch.close()
+
+    def ended(self, ch: OutChannel) -> None:
+        """``ch`` ended on its own: it leaves the list; its application learns why at its next
+        call."""
+        if self.out.pop(ch.cid, None) is None:
+            return
+        self.counters.count(f"ended_{(ch.core.end_reason or 'failed').replace('-', '_')}")
+        self.gone[ch.cid] = ch.end_error()
+        while len(self.gone) > MAX_GONE:
+            self.gone.popitem(last=False)
+
+    def cut_peer(self, key: bytes, reason: str) -> None:
+        """End every channel to ``key`` at once (it was revoked)."""
+        for ch in [c for c in self.out.values() if c.peer == key]:
+            ch.cut(reason, f"{self.name(key)} was {reason}; the channel was cut")
+        for cid, (peer, fut) in list(self.reverse_waiters.items()):
+            if peer == key and not fut.done():
+                fut.set_exception(OSError(f"the receiver was {reason}"))
 
     async def connect(self, ch: OutChannel, path: Path, timeout: float,
                       hello: bytes | None) -> DataConnection:

@@ -132,6 +132,19 @@ class Relay:
             a.close()
             b.close()
 
+    def cut_member(self, key: bytes) -> None:
+        """Close every leg waiting for, and every pair relaying, a channel of ``key`` (it was
+        revoked)."""
+        for leg, conn in list(self.waiting.items()):
+            if key in leg[1:]:
+                self._drop_waiting(leg, conn)
+                conn.abort("a site of this channel was revoked")
+        for leg, (a, b, _) in list(self.relayed.items()):
+            if key in leg[1:]:
+                a.abort("a site of this channel was revoked")
+                b.abort("a site of this channel was revoked")
+                self._done(leg)
+
     def close(self) -> None:
         for a, b, _ in self.relayed.values():
             a.close()

@@ -34,7 +34,7 @@ from meshd.channel import control, link
 from meshd.channel.control import DialRequest, ReachReport, ReachRequest, RelayNotice, check_name
 from meshd.channel.frames import Block
 from meshd.channel.paths import PathKind
-from meshd.daemon.channels import ipc
+from meshd.daemon.channels import ipc, outbound
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.inbound import ReceiverPort, Receiving
 from meshd.daemon.channels.outbound import OutChannel, Sending
@@ -125,6 +125,24 @@ class ChannelService:
             self.tasks.spawn(self.reach.answer(key), "reach-answer")
         elif isinstance(msg, ReachReport):
             self.reach.take_report(key, msg)
+
+    def cut_member(self, key: bytes, reason: str) -> None:
+        """``key`` is a member no more (``reason``: revoked): every channel to or from it and
+        every relay leg of its channels ends now; their applications are told why."""
+        self.sending.cut_peer(key, reason)
+        self.receiving.cut_sender(key, reason)
+        self.relay.cut_member(key)
+
+    def sender(self, cid: bytes) -> OutChannel:
+        """The open sending end ``cid``; ChannelClosed if it ended on its own (revoked, no
+        path), LocalError ``not-found`` if there is none."""
+        ch = self.out.get(cid)
+        if ch is not None:
+            return ch
+        gone = self.sending.gone.get(cid)
+        if gone is not None:
+            raise gone
+        raise LocalError("no such channel at this site", reason="not-found")
 
     def on_members_changed(self) -> None:
         """The member set, or a member's record, changed (see :class:`.reach.Reachability`)."""
@@ -264,11 +282,12 @@ class ChannelService:
         return self.receiving.open_receiver(name, frozenset(allow) if allow else None, ring)
 
     def close_sender(self, cid: bytes) -> None:
+        """Close the sending end ``cid`` (one that ended on its own is forgotten)."""
         self.sending.close(cid)
 
     def close_receiver(self, name: str) -> None:
         self.receiving.close_receiver(name)
 
     def describe(self) -> list[dict[str, Any]]:
-        out = [c.describe() for c in self.out.values()]
+        out = [outbound.describe(c) for c in self.out.values()]
         return out + self.receiving.describe() + self.relay.describe()
