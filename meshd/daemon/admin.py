@@ -82,7 +82,8 @@ class Admin:
         return done
 
     def find_site(self, text: str) -> bytes:
-        """A member's key by name, site id, or fingerprint (a unique prefix is enough)."""
+        """A member's key by name, site id, or fingerprint (a unique prefix is enough); of a
+        name that a rotated site's old and new keys share, the current member's."""
         view = self.view
         wanted = text.strip()
         candidates = set(view.members) | set(view.site_records)
@@ -94,7 +95,10 @@ class Admin:
         if not hits:
             raise LocalError(f"no member named or identified as {text!r}; see meshd peers",
                              reason="not-found")
-        if len(hits) > 1:
+        if len(hits) > 1:  # a site's retired key keeps its name: the member it is now wins
+            current = [k for k in hits if view.is_member(k)]
+            if len(current) == 1:
+                return current[0]
             raise LocalError(f"{text!r} matches {len(hits)} sites; give the site id",
                              reason="ambiguous")
         return hits[0]

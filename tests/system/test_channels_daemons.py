@@ -198,7 +198,9 @@ def test_a_channel_to_a_site_that_rotated_its_key_opens_and_delivers(sites: Any)
                "aps to follow alcf's new key")
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
         rx = mb.receiver("after-rotation")
-        tx = ma.sender("after-rotation", to=new_id, paths=["direct"])
+        # by name: its retired key has the same name (before: "'alcf' matches 2 sites")
+        tx = ma.sender("after-rotation", to="alcf", paths=["direct"])
+        assert tx.peer == "alcf"
         tx.send(np.arange(100))
         tx.flush(timeout=30)
         assert np.array_equal(rx.recv(timeout=30).array, np.arange(100))
