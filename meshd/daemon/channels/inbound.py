@@ -155,6 +155,8 @@ class ReceiverPort:
             while progressed:
                 progressed = False
                 for inc in [c for c in self.owner.inc.values() if c.name == self.name]:
+                    if self.owner.inc.get(inc.cid) is not inc:
+                        continue  # ended (cut: its sender was revoked) while we sent
                     got = inc.core.pop()
                     if got is None:
                         continue
