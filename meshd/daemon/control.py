@@ -21,6 +21,8 @@ from meshd.daemon.channels.service import ChannelService
 from meshd.daemon.joins import Joins
 from meshd.daemon.membership import MembershipService
 from meshd.daemon.reports import Reports
+from meshd.daemon.tunnels.routes import add_routes as add_tunnel_routes
+from meshd.daemon.tunnels.service import TunnelService
 from meshd.errors import LocalError, MeshdError, RemoteError
 from meshd.local import api
 from meshd.state.admission import PendingJoin
@@ -100,7 +102,8 @@ class ControlServer:
 
     def __init__(self, *, view: MeshView, reports: Reports, admin: Admin, joins: Joins,
                  membership: MembershipService, channels: ChannelService,
-                 rotate: Callable[[], Awaitable[tuple[bytes, bytes]]]) -> None:
+                 rotate: Callable[[], Awaitable[tuple[bytes, bytes]]],
+                 tunnels: TunnelService | None = None) -> None:
         self.view = view
         self.reports = reports
         self.admin = admin
@@ -133,6 +136,9 @@ class ControlServer:
             web.post(api.RECEIVERS, self.open_receiver),
             web.delete(api.RECEIVERS + "/{name}", self.close_receiver),
         ])
+        self.tunnels = tunnels
+        if tunnels is not None:
+            add_tunnel_routes(self.app, tunnels, admin.find_site, _body, _field, _json)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._path: Path | None = None
@@ -219,7 +225,10 @@ class ControlServer:
             self._path.unlink(missing_ok=True)
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(self.reports.status())
+        status = self.reports.status()
+        if self.tunnels is not None:
+            status.update(self.tunnels.status())
+        return _json(status)
 
     async def invite(self, request: web.Request) -> web.Response:
         data = await _body(request)

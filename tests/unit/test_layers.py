@@ -36,7 +36,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "meshd.daemon": ("meshd.errors", "meshd.trust", "meshd.swim", "meshd.channel", "meshd.tunnel",
                      "meshd.state", "meshd.peer", "meshd.local", "meshd"),
     "meshd.testing": ("meshd.errors", "meshd.swim", "meshd.state", "meshd.app"),
-    "meshd.cli": ("meshd.errors", "meshd.trust", "meshd.tunnel", "meshd.state", "meshd.local", "meshd.app",
+    "meshd.cli": ("meshd.errors", "meshd.trust", "meshd.state", "meshd.local", "meshd.app",
                   "meshd.testing", "meshd.daemon", "meshd"),
     "meshd": ("meshd.errors", "meshd.app"),
     "meshd.__main__": ("meshd.cli",),
