@@ -319,3 +319,61 @@ def test_tunnels_persist_across_a_restart_and_revocation_cuts_them(sites: Any) -
     assert aps.cli("revoke", "alcf").returncode == 0
     wait_until(lambda: was_reset(held), 10, "the revoked site's connection to be reset")
     held.close()
+
+
+class _Flood(socketserver.BaseRequestHandler):
+    """Writes 64 MiB to a client that never reads (until the client goes)."""
+
+    def handle(self) -> None:
+        try:
+            for _ in range(256):
+                self.request.sendall(b"f" * (256 << 10))
+        except OSError:
+            pass
+
+
+def test_a_slow_reader_slows_only_its_own_connection(trio: list[Site]) -> None:
+    from tests.helpers import rss
+
+    aps, alcf, _ = trio
+    flood, echo = serve(_Flood), serve(_Echo)
+    expose(aps, "flood", target(flood), "--allow", "alcf")
+    expose(aps, "echo2", target(echo), "--allow", "alcf")
+    flood_at, echo_at = connect(alcf, "aps/flood"), connect(alcf, "aps/echo2")
+    base = rss(alcf), rss(aps)
+    with socket.create_connection(flood_at) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        stuck.recv(1)  # the flood has started, and this client reads no more
+        wait_until(lambda: [t for t in alcf.json("tunnels") if t["service"] == "flood"][0]
+                   ["bytes"] > 256 << 10, 10, "the flood to fill its window")
+        # another connection through the same data connection is not held up
+        for _ in range(20):
+            assert echo_once(echo_at, b"e" * 100_000) == b"e" * 100_000
+        (tun,) = [t for t in alcf.json("tunnels") if t["service"] == "flood"]
+        assert tun["bytes"] < 8 << 20  # a window and the socket buffers, not 64 MiB
+    grown = rss(alcf) - base[0], rss(aps) - base[1]
+    assert max(grown) < 32 << 20, grown
+
+
+def test_a_relayed_tunnel_and_a_dead_relay(sites: Any) -> None:
+    """The consumer may only use relays: the tunnel runs via aps; when aps dies the open
+    connection is reset (never corrupted), and once aps is back new ones go through again."""
+    aps, owner, consumer = mesh_of(sites, "aps", "owner", "consumer",
+                                   configs={"consumer": 'paths = ["relay"]'})
+    digest, echo = serve(_Digest), serve(_Echo)
+    expose(owner, "sink", target(digest), "--allow", "consumer")
+    expose(owner, "echo", target(echo), "--allow", "consumer")
+    sink_at, echo_at = connect(consumer, "owner/sink"), connect(consumer, "owner/echo")
+    data = os.urandom(8 << 20)
+    assert echo_once(sink_at, data).decode() == hashlib.sha256(data).hexdigest()
+    (tun,) = [t for t in consumer.json("tunnels") if t["service"] == "sink"]
+    assert tun["path"] == "relay" and tun["relay"] == "aps"
+    held = socket.create_connection(echo_at)
+    held.sendall(b"ping")
+    assert held.recv(4) == b"ping"
+    assert aps.stop() == 0
+    wait_until(lambda: was_reset(held), 15, "the relayed connection to be reset")
+    held.close()
+    aps.start()
+    wait_until(lambda: echo_once(echo_at, b"back") == b"back", 60,
+               "a new connection through the relay once it is back", ignore=(OSError,))

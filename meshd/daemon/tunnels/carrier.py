@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -31,6 +32,24 @@ from meshd.tunnel import (
 )
 
 log = logging.getLogger("meshd.daemon.tunnels")
+
+KEEPALIVE = (60, 20, 5)
+"""TCP keepalive of a tunnel's data connection: first probe after 60 s idle, then every 20 s,
+dead after 5 unanswered: an idle tunnel stays up for hours through firewalls and NATs that
+forget silent connections, and a vanished peer is noticed in about three minutes."""
+
+
+def _keep_alive(conn: DataConnection) -> None:
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+    except OSError:
+        pass
 
 
 class Carrier:
@@ -61,6 +80,7 @@ class Carrier:
         conn.owner = self
         conn.handler = self._on_record
         conn.on_lost = self._lost
+        _keep_alive(conn)
 
     @property
     def bytes_total(self) -> int:

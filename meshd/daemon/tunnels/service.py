@@ -131,7 +131,7 @@ class TunnelService:
     def _service_view(self, exp: Exposure) -> dict[str, Any]:
         conns, total = self.owning.stats(exp.name)
         allow = [EVERYONE] if EVERYONE in exp.allow else \
-            [self.view.name_of(bytes.fromhex(k)) for k in exp.allow]
+            sorted(self.view.name_of(bytes.fromhex(k)) for k in exp.allow)
         return {"name": exp.name, "target": format_address(exp.host, exp.port), "allow": allow,
                 "connections": conns, "bytes": total}
 
