@@ -14,11 +14,13 @@ resets its streams, and idle streams cost nothing.
 
 from .codec import REASONS, check_service
 from .events import Ended, Event, Finished, Received, StreamOpened, StreamReset, Writable
-from .mux import CONSUMER, MAX_STREAMS, OWNER, WINDOW, Mux
+from .mux import CONSUMER, GROWTH_BUDGET, MAX_STREAM_WINDOW, MAX_STREAMS, OWNER, WINDOW, Mux
 from .sealed import TunnelEnd
 
 __all__ = [
     "CONSUMER",
+    "GROWTH_BUDGET",
+    "MAX_STREAM_WINDOW",
     "MAX_STREAMS",
     "OWNER",
     "REASONS",

@@ -8,14 +8,23 @@ byte stream, so nothing is lost or reordered while it lives; when it is lost eve
 reset (:meth:`Mux.lost`): a TCP stream cannot resume from an unknown point, and a reset is
 never a corruption.
 
-Flow control.  Each direction of each stream has a window of :data:`WINDOW` bytes: a side may
-send only as many DATA bytes as the other granted (initially the window; then each CREDIT
-message adds bytes that the receiver's local TCP connection has taken, see
+Flow control.  Each direction of each stream has a window, initially :data:`WINDOW` bytes: a
+side may send only as many DATA bytes as the other granted (initially the window; then each
+CREDIT message adds bytes that the receiver's local TCP connection has taken, see
 :meth:`Mux.consumed`).  A slow reader therefore stops only its own stream's writer, and the
 memory a stream costs is bounded by its window at the receiver plus what the sender holds
 (:meth:`Mux.send` tells the glue to stop reading as soon as anything waits for credit).
 Credit is returned once a quarter window has been consumed, so a writer always has at least
 three quarters of a window when its reader keeps up.
+
+Window growth (receiver side; the sender needs no rule, it spends what it is given).  A window
+of 256 KiB caps one stream at about window / round trip, and the round trip through two daemons
+is a fraction of a millisecond even on loopback.  So when a quarter window is consumed and
+the local socket took everything at once (``drained``: the reader keeps up), the receiver
+doubles the stream's window, up to :data:`MAX_STREAM_WINDOW`, by adding the growth to the
+credit, as long as the growth of all windows on the connection stays within
+:data:`GROWTH_BUDGET`.  A slow reader never grows its window; memory per stream stays at most
+MAX_STREAM_WINDOW, and per connection at most ``streams * WINDOW + GROWTH_BUDGET``.
 
 A stream's life (each direction half-closes on its own)::
 
@@ -60,6 +69,10 @@ WINDOW = 256 << 10
 credit; both sides use it)."""
 MAX_STREAMS = 4096
 """Streams open at once on one data connection; beyond, the owner resets new ones ``busy``."""
+MAX_STREAM_WINDOW = 4 << 20
+"""The most a stream's window grows to (see the module docstring)."""
+GROWTH_BUDGET = 64 << 20
+"""The most all windows of one connection may have grown in total, in bytes."""
 
 CONSUMER, OWNER = "consumer", "owner"
 
@@ -67,11 +80,13 @@ CONSUMER, OWNER = "consumer", "owner"
 class _Stream:
     __slots__ = ("blocked", "bytes_in", "bytes_out", "fin_queued", "fin_received", "fin_sent",
                  "id", "pending", "pending_bytes", "recv_left", "send_credit", "service",
-                 "ungranted")
+                 "ungranted", "window")
 
     def __init__(self, sid: int, service: str, window: int) -> None:
         self.id = sid
         self.service = service
+        self.window = window
+        """How much this side lets the other have unconsumed (grows, see the module docstring)."""
         self.send_credit = window
         self.recv_left = window
         self.ungranted = 0
@@ -100,6 +115,8 @@ class Mux:
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
+        self.grown = 0
+        """Bytes all windows of this connection have grown by (at most GROWTH_BUDGET)."""
 
     # -- inputs from the local side ------------------------------------------------------------
 
@@ -147,20 +164,29 @@ class Mux:
         st.fin_queued = True
         self._push(st)
 
-    def consumed(self, sid: int, n: int) -> None:
-        """``n`` received bytes of ``sid`` have left this process (credit goes back)."""
+    def consumed(self, sid: int, n: int, *, drained: bool = False) -> None:
+        """``n`` received bytes of ``sid`` have left this process (credit goes back);
+        ``drained``: the local socket holds nothing unsent now (its reader keeps up)."""
         st = self.streams.get(sid)
         if st is None or n <= 0:
             return
         st.ungranted += n
-        if st.ungranted >= self.window // 4 and not st.fin_received:
-            st.recv_left += st.ungranted
-            self._emit(Credit(sid, st.ungranted))
+        if st.ungranted >= st.window // 4 and not st.fin_received:
+            grant = st.ungranted
+            if drained and st.window < MAX_STREAM_WINDOW \
+                    and self.grown + st.window <= GROWTH_BUDGET:
+                self.grown += st.window
+                grant += st.window
+                st.window *= 2
+            st.recv_left += grant
+            self._emit(Credit(sid, grant))
             st.ungranted = 0
 
     def reset(self, sid: int, reason: str) -> None:
         """The local side ends ``sid`` abruptly (``reason`` from :data:`.codec.REASONS`)."""
-        if self.streams.pop(sid, None) is not None:
+        st = self.streams.pop(sid, None)
+        if st is not None:
+            self._forget(st)
             self._emit(Reset(sid, reason))
 
     def lost(self) -> None:
@@ -193,6 +219,7 @@ class Mux:
                 self._on_fin(st)
             elif isinstance(msg, Reset):
                 del self.streams[st.id]
+                self._forget(st)
                 self._events.append(StreamReset(st.id, msg.reason))
 
     # -- outputs -------------------------------------------------------------------------------
@@ -303,7 +330,12 @@ class Mux:
     def _maybe_finished(self, st: _Stream) -> None:
         if st.fin_sent and st.fin_received and self.streams.get(st.id) is st:
             del self.streams[st.id]
+            self._forget(st)
             self._events.append(Finished(st.id))
+
+    def _forget(self, st: _Stream) -> None:
+        """A stream is gone: what its window grew by is free for others."""
+        self.grown -= st.window - self.window
 
     def _emit(self, msg: Message) -> None:
         data = encode(msg)

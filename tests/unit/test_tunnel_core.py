@@ -29,7 +29,7 @@ from meshd.tunnel.control import (
     split_ref,
 )
 from meshd.tunnel.events import Ended, Finished, Received, StreamOpened, StreamReset, Writable
-from meshd.tunnel.mux import CONSUMER, OWNER, WINDOW, Mux
+from meshd.tunnel.mux import CONSUMER, GROWTH_BUDGET, OWNER, WINDOW, Mux
 from meshd.tunnel.sealed import TunnelEnd
 
 A = SiteKey(bytes(range(32)))
@@ -156,6 +156,32 @@ def test_credit_is_returned_only_per_quarter_window() -> None:
     o.consumed(sid, WINDOW // 4)
     (payload,) = o.take_payloads()
     assert codec.decode(payload) == [Credit(sid, WINDOW // 4 + 1000)]
+
+
+def test_a_window_grows_only_while_its_reader_keeps_up_and_within_the_budget() -> None:
+    from meshd.tunnel.mux import MAX_STREAM_WINDOW
+
+    c, o = pair()
+    fast, slow = c.open_stream("s"), c.open_stream("s")
+    for _ in range(40):
+        for sid, drained in ((fast, True), (slow, False)):
+            c.send(sid, b"x" * WINDOW)
+            n = sum(len(e.data) for e in pump(c, o) if isinstance(e, Received) and e.stream == sid)
+            o.consumed(sid, n, drained=drained)
+        pump(o, c)
+    assert o.streams[fast].window == MAX_STREAM_WINDOW and o.streams[slow].window == WINDOW
+    assert o.grown == MAX_STREAM_WINDOW - WINDOW
+    o.reset(fast, "reset")  # its growth is free again
+    assert o.grown == 0
+    tight = Mux(OWNER)
+    tight.grown = GROWTH_BUDGET
+    c2 = Mux(CONSUMER)
+    sid = c2.open_stream("s")
+    c2.send(sid, b"x" * WINDOW)
+    for p in c2.take_payloads():
+        tight.receive(p)
+    tight.consumed(sid, WINDOW, drained=True)  # no budget left: credit only for what was taken
+    assert codec.decode(tight.take_payloads()[0]) == [Credit(sid, WINDOW)]
 
 
 def test_more_data_than_granted_is_a_protocol_error() -> None:

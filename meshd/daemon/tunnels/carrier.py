@@ -110,8 +110,8 @@ class Carrier:
         self.mux.finish(sid)
         self._flush_soon()
 
-    def consumed(self, sid: int, n: int) -> None:
-        self.mux.consumed(sid, n)
+    def consumed(self, sid: int, n: int, *, drained: bool = False) -> None:
+        self.mux.consumed(sid, n, drained=drained)
         self._flush_soon()
 
     def local_gone(self, sid: int) -> None:

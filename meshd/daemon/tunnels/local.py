@@ -26,7 +26,7 @@ class Carrier(Protocol):
 
     def send(self, sid: int, data: bytes) -> bool: ...
     def finish(self, sid: int) -> None: ...
-    def consumed(self, sid: int, n: int) -> None: ...
+    def consumed(self, sid: int, n: int, *, drained: bool) -> None: ...
     def local_gone(self, sid: int) -> None: ...
 
 
@@ -157,7 +157,8 @@ class LocalStream(asyncio.Protocol):
         t = self.transport
         if t is None or self.carrier is None:
             return
-        drained = self._written - t.get_write_buffer_size()
+        left = t.get_write_buffer_size()
+        drained = self._written - left
         if drained > self._reported:
-            self.carrier.consumed(self.sid, drained - self._reported)
+            self.carrier.consumed(self.sid, drained - self._reported, drained=left == 0)
             self._reported = drained
