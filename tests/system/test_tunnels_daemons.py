@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import socket
 import socketserver
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import zmq
 
-from meshd.testing.processes import wait_until
+from meshd.testing.processes import start_daemon, wait_until
 from tests.helpers import Site, closed_by_peer, meshd, mesh_of
 
 
@@ -300,23 +301,33 @@ def test_allow_list_removal_and_unexpose_cut_open_connections(trio: list[Site]) 
     held_alcf.close()
 
 
-def test_tunnels_persist_across_a_restart_and_revocation_cuts_them(sites: Any) -> None:
+def test_tunnels_persist_across_a_restart_follow_rotations_and_revocation_cuts_them(sites: Any) -> None:
     aps, alcf = mesh_of(sites, "aps", "alcf")
     echo = serve(_Echo)
     expose(aps, "echo", target(echo), "--allow", "alcf")
     where = connect(alcf, "aps/echo")
     assert echo_once(where, b"before") == b"before"
+    for site in (aps, alcf):  # both restart at once
+        assert site.proc is not None
+        site.proc.send_signal(signal.SIGTERM)
     for site in (aps, alcf):
-        assert site.stop() == 0
-        site.start()
+        assert site.proc is not None and site.proc.wait(20) == 0
+        site.proc = start_daemon(site.home, site.home / "daemon.log")
+    for site in (aps, alcf):
+        wait_until(site.client.status, 30, f"{site.name} back")
     wait_until(lambda: alcf.json("tunnels")[0]["listen"] == "%s:%d" % where, 10, "the tunnel back")
     assert [s["name"] for s in aps.json("services")] == ["echo"]
     wait_until(lambda: echo_once(where, b"after") == b"after", 30,
                "the tunnel to carry again after the restart", ignore=(OSError,))
+    # key rotations at either end: the allow-list and the tunnel follow the new keys
+    for site in (alcf, aps):
+        assert site.cli("rotate").returncode == 0
+        wait_until(lambda: echo_once(where, b"rotated") == b"rotated", 30,
+                   f"the tunnel to carry after {site.name} rotated its key", ignore=(OSError,))
     held = socket.create_connection(where)
     held.sendall(b"ping")
     assert held.recv(4) == b"ping"
-    assert aps.cli("revoke", "alcf").returncode == 0
+    assert aps.cli("revoke", alcf.client.status()["site_id"]).returncode == 0
     wait_until(lambda: was_reset(held), 10, "the revoked site's connection to be reset")
     held.close()
 

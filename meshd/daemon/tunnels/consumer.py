@@ -224,6 +224,19 @@ class ConsumerTunnel:
                     else logging.INFO, "tunnel %s: data connection lost (%s)", self.name,
                     carrier.error or "closed")
 
+    def rekey(self, peer: bytes) -> None:
+        """The owner rotated its key to ``peer``: race to it from now on."""
+        self.cut("the owner's key was rotated")
+        for task in self.attempts.values():
+            task.cancel()
+        self.attempts.clear()
+        self._timer.cancel()
+        self.racing = False
+        self.peer = peer
+        self.race = PathRace(self.ctx.site.public, peer, self.ctx.reach.table,
+                             self.ctx.reach.relay_candidates(peer), kinds=self.ctx.kinds)
+        self._raced = False
+
     def cut(self, why: str) -> None:
         if self.carrier is not None:
             self.carrier.close(why)

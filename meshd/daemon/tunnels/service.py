@@ -10,6 +10,7 @@ the peer links (:mod:`meshd.tunnel.control`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 from typing import Any
@@ -211,12 +212,42 @@ class TunnelService:
                         self.view.name_of(key), reason)
 
     def on_members_changed(self) -> None:
-        """Cut the tunnels of sites that are members no more (revoked, or a retired key)."""
+        """Follow key rotations (allow-lists and tunnels name the new key), then cut the tunnels
+        of sites that are members no more (revoked, or a retired key)."""
+        self._follow_rotations()
         gone = {c.peer for c in self.owning.carriers if not self.view.is_member(c.peer)}
         gone |= {p for (p, _), t in self.consumed.items()
                  if t.carrier is not None and not self.view.is_member(p)}
         for key in gone:
             self.cut_member(key, "no longer a member")
+
+    def _follow_rotations(self) -> None:
+        retired = self.view.retired
+        if not retired:
+            return
+        changed = False
+        for name, exp in list(self.book.exposed.items()):
+            if EVERYONE in exp.allow:
+                continue
+            keys = tuple(sorted({retired.get(bytes.fromhex(k), bytes.fromhex(k)).hex()
+                                 for k in exp.allow}))
+            if keys != exp.allow:
+                self.book.exposed[name] = dataclasses.replace(exp, allow=keys)
+                changed = True
+        for (peer, name), tun in list(self.consumed.items()):
+            new = retired.get(peer)
+            if new is None or (new, name) in self.consumed:
+                continue
+            del self.consumed[(peer, name)]
+            tun.rekey(new)
+            self.consumed[(new, name)] = tun
+            old = self.book.connected.pop((peer.hex(), name), None)
+            if old is not None:
+                self.book.connected[(new.hex(), name)] = dataclasses.replace(old, site=new.hex())
+            changed = True
+        if changed:
+            self.book.save()
+            log.info("tunnels: followed a key rotation")
 
     # -- what members expose to us ---------------------------------------------------------
 
