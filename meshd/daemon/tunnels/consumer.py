@@ -107,6 +107,10 @@ class ConsumerTunnel:
             return
         self.connections += 1
         self.ctx.counters.count("clients")
+        if not self.ctx.view.is_member(self.peer):  # revoked (or its key retired): never carry
+            self.error = "the owning site is not a member of this mesh"
+            local.reset()
+            return
         carrier = self.carrier
         if carrier is not None and not carrier.closed:
             try:
