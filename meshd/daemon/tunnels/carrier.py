@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from meshd.channel import link
 from meshd.channel.frames import Block
-from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.connection import DataConnection, set_options
 from meshd.daemon.tunnels.local import LocalStream
 from meshd.errors import ProtocolError
 from meshd.tunnel import (
@@ -40,16 +40,11 @@ forget silent connections, and a vanished peer is noticed in about three minutes
 
 
 def _keep_alive(conn: DataConnection) -> None:
-    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for opt, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
-            if hasattr(socket, opt):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-    except OSError:
-        pass
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    set_options(conn.transport, *options)
 
 
 class Carrier:

@@ -16,6 +16,8 @@ import socket
 import struct
 from typing import Protocol
 
+from meshd.daemon.channels.connection import set_options
+
 log = logging.getLogger("meshd.daemon.tunnels")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -55,12 +57,7 @@ class LocalStream(asyncio.Protocol):
             self.reset()
             return
         transport.set_write_buffer_limits(high=0, low=0)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_options(transport, (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
         if self.carrier is None:  # waits for its stream (the consumer's data connection)
             transport.pause_reading()
             self._read_paused = True
@@ -142,12 +139,7 @@ class LocalStream(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        sock = t.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
+        set_options(t, (socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
         t.abort()
 
     def close(self) -> None:
