@@ -16,7 +16,7 @@ data connection is direct.  Every app is its own process (multiprocessing, spawn
   missing (install ``stunnel4`` and ``openssh-server`` in the bench's set-up, never in tests;
   the ``ssh`` column is not implemented yet and is always ``null``).
 - ``pyzmq``: PUSH -> PULL of 1 MiB messages for ``--seconds`` (bench/_baselines.py), raw,
-  through the tunnel and through stunnel, in MB/s.
+  through stunnel and through the tunnel, in MB/s.
 - ``connect_ms``: connect-to-first-byte of a new TCP connection through the established tunnel
   (connect, send 1 byte, receive the echo), ``--latency-runs`` times: p50, p99.
 - ``concurrent``: ``--connections`` TCP connections at once through one tunnel, each echoing
