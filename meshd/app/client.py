@@ -180,3 +180,30 @@ class Client:
     def close_receiver(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"{api.RECEIVERS}/{quote(name, safe='')}")  # type: ignore[no-any-return]
 
+
+    # -- tunnels ------------------------------------------------------------------------------
+
+    def expose(self, name: str, target: str, allow: list[str],
+               update: bool = False) -> dict[str, Any]:
+        """Expose ``target`` (``HOST:PORT``) as ``name`` to the sites in ``allow`` (``["*"]``:
+        every member)."""
+        return self._call("POST", api.SERVICES, {"name": name, "target": target,  # type: ignore[no-any-return]
+                                                 "allow": allow, "update": update})
+
+    def unexpose(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"{api.SERVICES}/{quote(name, safe='')}")  # type: ignore[no-any-return]
+
+    def services(self, *, remote: bool = False) -> list[dict[str, Any]]:
+        """What this site exposes; with ``remote``, what the other members expose to it."""
+        return self._call("GET", api.SERVICES + ("?remote=1" if remote else ""))  # type: ignore[no-any-return]
+
+    def connect_tunnel(self, site: str, name: str, listen: str | None = None) -> dict[str, Any]:
+        """Listen on ``listen`` (``[ADDR:]PORT``; default 127.0.0.1, a free port) for the
+        service ``name`` of ``site``."""
+        return self._call("POST", api.TUNNELS, {"site": site, "name": name, "listen": listen})  # type: ignore[no-any-return]
+
+    def disconnect_tunnel(self, site: str, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"{api.TUNNELS}/{quote(site, safe='')}/{quote(name, safe='')}")  # type: ignore[no-any-return]
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        return self._call("GET", api.TUNNELS)  # type: ignore[no-any-return]

@@ -38,6 +38,9 @@ CTRL_OPEN = 0x10
 """Sender -> receiver control payload: ``0x10`` + the channel name (UTF-8); the first frame."""
 CTRL_CLOSE = 0x11
 """Sender -> receiver: the application closed the channel; nothing more will come."""
+CTRL_TUNNEL = 0x12
+"""A tunnel's first frame each way: ``0x12`` + the service name (UTF-8); see
+:mod:`meshd.tunnel.sealed`."""
 
 PEER_TYPE = "chan"
 """The ``t`` of a peer message carrying a channel control message."""
@@ -57,6 +60,11 @@ def check_name(name: object) -> str:
 def open_payload(name: str) -> bytes:
     """The control payload of a channel's first frame."""
     return bytes([CTRL_OPEN]) + name.encode()
+
+
+def tunnel_payload(service: str) -> bytes:
+    """The control payload of a tunnel data connection's first frame (each way)."""
+    return bytes([CTRL_TUNNEL]) + service.encode()
 
 
 CLOSE_PAYLOAD = bytes([CTRL_CLOSE])

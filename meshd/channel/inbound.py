@@ -24,7 +24,7 @@ from typing import Any
 
 from meshd.errors import LocalError, ProtocolError
 
-from .control import CTRL_CLOSE, CTRL_OPEN, check_name
+from .control import CTRL_CLOSE, CTRL_OPEN, CTRL_TUNNEL, check_name
 from .events import Probe
 from .frames import KIND_CONTROL, KIND_DATA, Block, Opener, Sealer
 from .handshake import ChannelKeys
@@ -36,15 +36,26 @@ _COUNT = struct.Struct(">I")
 def open_first_frame(keys: ChannelKeys, body: Block) -> tuple[Opener, str]:
     """The opener of a new channel and its name, from the channel's first frame; ProtocolError
     if the frame does not open (wrong keys, tampered) or is not CTRL_OPEN with a valid name."""
+    opener, kind, name = open_first(keys, body)
+    if kind != CTRL_OPEN:
+        raise ProtocolError("a channel must start with its name", reason="unexpected")
+    return opener, name
+
+
+def open_first(keys: ChannelKeys, body: Block) -> tuple[Opener, int, str]:
+    """The opener, the kind (CTRL_OPEN: a channel; CTRL_TUNNEL: a tunnel) and the name, from
+    the first frame of a data connection's new keys; ProtocolError if the frame does not open
+    or is neither with a valid name."""
     opener = Opener.for_channel(keys)
     frame = opener.open(body)
-    if frame.kind != KIND_CONTROL or bytes(frame.payload[:1]) != bytes([CTRL_OPEN]):
+    kind = frame.payload[0] if frame.payload else -1
+    if frame.kind != KIND_CONTROL or kind not in (CTRL_OPEN, CTRL_TUNNEL):
         raise ProtocolError("a channel must start with its name", reason="unexpected")
     try:
         name = check_name(bytes(frame.payload[1:]).decode())
     except (UnicodeDecodeError, LocalError):
         raise ProtocolError("bad channel name", reason="malformed") from None
-    return opener, name
+    return opener, kind, name
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"peer port    {s['listen'] or 'none (dial-out only)'}",
         f"addresses    {', '.join(s['addrs']) or '-'}",
         f"members      {s['members']}",
+        f"tunnels      {s.get('tunnels', 0)} (exposed services: {s.get('exposed', 0)})",
     ]))
     return 0
 
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("site")
     sp.add_argument("--reason", default="")
     add("rotate", cmd_rotate, "retire this site's key and hand its membership to a new one")
+    from meshd.cli.tunnels import register as register_tunnels
+
+    register_tunnels(add, _out, _table, _size)
     sp = add("demo", cmd_demo, "run a demo mesh of several sites on this machine")
     sp.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
     sp.add_argument("--keep", action="store_true", help="leave the daemons running at the end")

@@ -36,6 +36,7 @@ from meshd.daemon.site import LocalSite
 from meshd.daemon.sync import MeshSync
 from meshd.daemon.tasks import TaskSet
 from meshd.daemon.transport import Transport
+from meshd.daemon.tunnels.service import TunnelService
 from meshd.peer.limits import quiet_accept_errors, raise_fd_limit
 from meshd.errors import StateError
 from meshd.state import config as config_mod
@@ -86,8 +87,11 @@ class Daemon:
             site=site, view=view, config=config, home=home, zctx=self.zctx, links=links,
             liveness=lambda key: membership.state_of(key)["state"],
             counters=counters.scoped("channel_"))
+        tunnels = self.tunnels = TunnelService(
+            site=site, view=view, config=config, home=home, channels=channels, links=links,
+            counters=counters.scoped("tunnel_"))
         roster = self.roster = Roster(view=view, membership=membership, links=links,
-                                      on_members_changed=channels.on_members_changed,
+                                      on_members_changed=self._members_changed,
                                       on_revoked=channels.cut_member)
         own_record = self.own_record = OwnRecord(site, view, store)
         sync = self.sync = MeshSync(site=site, view=view, config=config, links=links,
@@ -104,6 +108,7 @@ class Daemon:
             view=view, links=links, contacts=contacts, counters=counters, join=joins.answer,
             members={"swim": lambda key, msg: membership.deliver(msg["m"], key),
                      "chan": lambda key, msg: channels.on_control(key, msg["op"], msg["b"]),
+                     "tunl": lambda key, msg: tunnels.on_control(key, msg["op"], msg["b"]),
                      "sync": sync.on_sync})
         transport = self.transport = Transport(
             site=site, config=config, view=view, store=store, links=links, zctx=self.zctx,
@@ -120,7 +125,7 @@ class Daemon:
             untrusted=lambda: len(channels.untrusted))
         self.control = ControlServer(view=view, reports=reports, admin=admin, joins=joins,
                                      membership=membership, channels=channels,
-                                     rotate=rotation.rotate)
+                                     rotate=rotation.rotate, tunnels=tunnels)
         membership.subscribe(self._on_member_event)
         membership.on_back = channels.reach.member_back
         self._stopping = asyncio.Event()
@@ -129,6 +134,10 @@ class Daemon:
 
     def _mesh_changed(self) -> None:
         self.roster.changed()
+
+    def _members_changed(self) -> None:
+        self.channels.on_members_changed()
+        self.tunnels.on_members_changed()
 
     def _advertise_mesh(self) -> None:
         self.transport.advertise_mesh()
@@ -149,6 +158,7 @@ class Daemon:
         self.roster.reset()
         self.membership.start()
         self.channels.start()
+        await self.tunnels.start()
         self.tasks.spawn(self.sync.run(), "sync-loop")
         key = site.keys.key
         log.info("site %s (%s, fingerprint %s) running; peer port %s; control %s",
@@ -176,6 +186,7 @@ class Daemon:
     async def stop(self) -> None:
         await self.membership.leave(LEAVE_TIMEOUT)
         await self.membership.close()
+        await self.tunnels.stop()
         await self.channels.stop()
         await self.tasks.close()
         self.sync.close()

@@ -22,6 +22,8 @@ from meshd.daemon.channels.service import ChannelService
 from meshd.daemon.joins import Joins
 from meshd.daemon.membership import MembershipService
 from meshd.daemon.reports import Reports
+from meshd.daemon.tunnels.routes import add_routes as add_tunnel_routes
+from meshd.daemon.tunnels.service import TunnelService
 from meshd.errors import ChannelClosed, LocalError, MeshdError, RemoteError
 from meshd.local import api
 from meshd.state.admission import PendingJoin
@@ -94,6 +96,14 @@ def _field(data: dict[str, Any], name: str, typ: type, default: Any = ...) -> An
     return value
 
 
+def _channel_id(request: web.Request) -> bytes:
+    """The channel id a route names (hex)."""
+    try:
+        return bytes.fromhex(request.match_info["id"])
+    except ValueError:
+        raise LocalError("a channel id is hex", reason="usage") from None
+
+
 class ControlServer:
     """Serves the daemon's control routes on its unix socket, each by the service it concerns.
 
@@ -101,7 +111,8 @@ class ControlServer:
 
     def __init__(self, *, view: MeshView, reports: Reports, admin: Admin, joins: Joins,
                  membership: MembershipService, channels: ChannelService,
-                 rotate: Callable[[], Awaitable[tuple[bytes, bytes]]]) -> None:
+                 rotate: Callable[[], Awaitable[tuple[bytes, bytes]]],
+                 tunnels: TunnelService | None = None) -> None:
         self.view = view
         self.reports = reports
         self.admin = admin
@@ -134,6 +145,9 @@ class ControlServer:
             web.post(api.RECEIVERS, self.open_receiver),
             web.delete(api.RECEIVERS + "/{name}", self.close_receiver),
         ])
+        self.tunnels = tunnels
+        if tunnels is not None:
+            add_tunnel_routes(self.app, tunnels, admin.find_site, _body, _field, _json)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._path: Path | None = None
@@ -222,7 +236,10 @@ class ControlServer:
             self._path.unlink(missing_ok=True)
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(self.reports.status())
+        status = self.reports.status()
+        if self.tunnels is not None:
+            status.update(self.tunnels.status())
+        return _json(status)
 
     async def invite(self, request: web.Request) -> web.Response:
         data = await _body(request)
@@ -338,19 +355,12 @@ class ControlServer:
         data = await _body(request)
         return _json({"ring": self.channels.attach_ring(ch, _field(data, "ring", str))})
 
-    @staticmethod
-    def _channel_id(request: web.Request) -> bytes:
-        try:
-            return bytes.fromhex(request.match_info["id"])
-        except ValueError:
-            raise LocalError("a channel id is hex", reason="usage") from None
-
     def _out_channel(self, request: web.Request) -> Any:
         """The sending end the request names (ChannelClosed if it ended on its own)."""
-        return self.channels.sender(self._channel_id(request))
+        return self.channels.sender(_channel_id(request))
 
     async def close_sender(self, request: web.Request) -> web.Response:
-        cid = self._channel_id(request)
+        cid = _channel_id(request)
         ch = self.channels.out.get(cid)
         self.channels.close_sender(cid)
         return _json(describe_sender(ch) if ch is not None else {"id": cid.hex(), "state": "ended"})

@@ -27,6 +27,11 @@ CHANNELS = "/v1/channels"      # GET -> [Channel];  POST {"name", "to", "paths"?
                                #   {"messages", "timeout"?} -> {"acked_messages"}
                                # POST /v1/channels/{id}/ring {"ring": path} -> {"ring": bool}
 RECEIVERS = "/v1/receivers"    # POST {"name", "allow"?, "ring_bytes"?} -> OpenReceiver;  DELETE /v1/receivers/{name}
+SERVICES = "/v1/services"      # GET -> [Service] (?remote=1 -> [RemoteService]);
+                               # POST {"name", "target", "allow": [site|"*"], "update"?} -> Service
+                               # DELETE /v1/services/{name} -> Service
+TUNNELS = "/v1/tunnels"        # GET -> [Tunnel];  POST {"site", "name", "listen"?} -> Tunnel
+                               # DELETE /v1/tunnels/{site}/{name} -> Tunnel
 
 
 class Status(TypedDict):
@@ -89,6 +94,29 @@ class Peer(TypedDict):
 
 GONE = 410
 """The HTTP status of a call on a channel that ended (revoked, no path): ChannelClosed."""
+
+
+class Service(TypedDict):
+    name: str
+    target: str                # HOST:PORT the owning daemon connects to
+    allow: list[str]           # site names, or ["*"] for every member
+    connections: int           # open TCP connections carried now
+    bytes: int                 # carried both ways since the daemon started
+
+
+class Tunnel(TypedDict):
+    service: str
+    site: str                  # the owning site's name
+    site_id: str
+    listen: str                # ADDR:PORT clients connect to
+    path: str | None           # direct | reversed | relay (None: no data connection now)
+    relay: str | None
+    state: str                 # open | racing | idle
+    connections: int
+    connections_total: int
+    bytes: int
+    rate_Bps: int
+    error: str | None
 
 
 def error_body(reason: str, message: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ looks at the message; a message that fails raises :class:`~meshd.errors.Protocol
               membership core matches its own acks, so it is never answered
 ``chan``      a channel control message (``op``: ``dial``, ``relay``, ``reach?``, ``reach``;
               ``b``: its msgpack body, checked by :mod:`meshd.daemon.channels.service`), one way
+``tunl``      a tunnel control message (``op``: ``svc?``, ``svc``; ``b``: its msgpack body,
+              checked by :mod:`meshd.tunnel.control`), one way
 ============  ==========================================================================
 """
 
@@ -41,6 +43,7 @@ _FIELDS: dict[str, dict[str, tuple[type, tuple[int, int] | None]]] = {
     "sync": {"mesh": (_BIN, (16, 16)), "items": (list, (0, MAX_ITEMS))},
     "swim": {"m": (_BIN, (1, MAX_MESSAGE_BYTES))},
     "chan": {"op": (str, (1, 16)), "b": (_BIN, (0, 65536))},
+    "tunl": {"op": (str, (1, 16)), "b": (_BIN, (0, 65536))},
     "ok": {},
     "error": {"reason": (str, (1, 64)), "message": (str, (0, 1024))},
 }

@@ -10,6 +10,7 @@ Support/meshd`` on macOS).  It is created with mode 0700 and holds:
 ``state.db``       the trust store (SQLite, WAL): records, vouches, invitations
 ``control.sock``   the local control socket (HTTP+JSON), mode 0600, while the daemon runs
 ``daemon.pid``     the running daemon's process id
+``tunnels.json``   the services this site exposes and the tunnels it consumes, mode 0600
 =================  ====================================================================
 """
 
@@ -60,6 +61,10 @@ class Home:
     @property
     def socket_path(self) -> Path:
         return self.root / "control.sock"
+
+    @property
+    def tunnels_path(self) -> Path:
+        return self.root / "tunnels.json"
 
     @property
     def pid_path(self) -> Path:

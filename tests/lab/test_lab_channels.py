@@ -13,6 +13,7 @@ If the lab cannot be built these tests fail with the script's error; they never 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -414,6 +415,73 @@ def test_a_to_c_takes_the_reversed_path_and_c_to_a_goes_direct(mesh: Lab) -> Non
     small = stream(c, a, "c-to-a", count=16)
     check(small, c, a, count=16)
     assert small.out["path"] == "direct", small.out
+
+
+# ------------------------------------------------------------------------------- tunnels
+
+_SINK = """
+import hashlib, socket
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+while True:
+    c, _ = srv.accept()
+    h = hashlib.sha256()
+    while d := c.recv(1 << 20):
+        h.update(d)
+    c.sendall(h.hexdigest().encode())
+    c.close()
+"""
+_CLIENT = """
+import hashlib, os, socket, sys, time
+port, mib = int(sys.argv[1]), int(sys.argv[2])
+block, h = os.urandom(1 << 20), hashlib.sha256()
+t0 = time.monotonic()
+with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+    for _ in range(mib):
+        c.sendall(block)
+        h.update(block)
+    c.shutdown(socket.SHUT_WR)
+    got = b""
+    while d := c.recv(128):
+        got += d
+print("ok" if got.decode() == h.hexdigest() else "DIFFERS", mib / (time.monotonic() - t0))
+"""
+TUNNEL_MIB = 64
+
+
+def tunnel(owner: LabSite, consumer: LabSite, name: str) -> dict[str, Any]:
+    """A sha256 sink in the owner's namespace exposed to the consumer, and ``TUNNEL_MIB`` MiB
+    sent through the tunnel by a client in the consumer's namespace; the tunnel's view."""
+    sink = subprocess.Popen([sys.executable, str(LAB), "exec", owner.ns, sys.executable, "-c",
+                             _SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        r = owner.cli("expose", name, f"127.0.0.1:{port}", "--allow", consumer.name)
+        assert r.returncode == 0, r.stderr
+        r = consumer.cli("connect", f"{owner.name}/{name}", "--json")
+        assert r.returncode == 0, r.stderr
+        listen = json.loads(r.stdout)["listen"]
+        run = lab("exec", consumer.ns, sys.executable, "-c", _CLIENT, listen.rsplit(":", 1)[1],
+                  str(TUNNEL_MIB), timeout=120)
+        assert run.returncode == 0 and run.stdout.startswith("ok"), \
+            f"{run.stdout}{run.stderr}{logs(owner, consumer)}"
+        (view,) = [t for t in consumer.client.tunnels() if t["service"] == name]
+        return view
+    finally:
+        sink.kill()
+        sink.wait(10)
+
+
+def test_a_tunnel_from_the_natted_producer_to_the_outbound_only_consumer_is_relayed(
+        mesh: Lab) -> None:
+    view = tunnel(mesh.c, mesh.b, "c-sink")
+    assert view["path"] == "relay" and view["relay"] == mesh.a.name, view
+
+
+def test_a_tunnel_to_the_outbound_only_producer_takes_the_reversed_path(mesh: Lab) -> None:
+    view = tunnel(mesh.b, mesh.a, "b-sink")
+    assert view["path"] == "reversed" and view["relay"] is None, view
 
 
 def _cut(site: str, action: str, res: Stream, dst_ip: str) -> None:

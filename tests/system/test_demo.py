@@ -21,6 +21,8 @@ def test_demo_builds_a_three_site_mesh(tmp_path: Path) -> None:
         assert site["status"]["members"] == 3
     ids = {s["status"]["mesh_id"] for s in report["sites"].values()}
     assert len(ids) == 1 and None not in ids
+    tunnel = report["tunnel"]
+    assert tunnel["sha256_ok"] and tunnel["path"] in ("direct", "reversed") and tunnel["MBps"] > 0
     assert report["reused_token"]["state"] == "failed"
     assert report["reused_token"]["error"]["reason"] == "used"
     # every daemon stopped cleanly and left no control socket behind

@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "meshd"
 
-PURE = ("meshd.trust", "meshd.swim", "meshd.channel")
+PURE = ("meshd.trust", "meshd.swim", "meshd.channel", "meshd.tunnel")
 """Pure cores: bytes and messages in, events and messages out; ``now`` is passed in."""
 
 FORBIDDEN_IN_PURE = ("asyncio", "zmq", "aiohttp", "sqlite3", "time", "socket", "selectors",
@@ -28,12 +28,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "meshd.trust": ("meshd.errors",),
     "meshd.swim": ("meshd.errors",),
     "meshd.channel": ("meshd.errors", "meshd.trust"),
+    "meshd.tunnel": ("meshd.errors", "meshd.trust", "meshd.channel"),
     "meshd.state": ("meshd.errors", "meshd.trust"),
     "meshd.peer": ("meshd.errors", "meshd.trust", "meshd.channel"),
     "meshd.local": ("meshd.errors", "meshd.channel"),
     "meshd.app": ("meshd.errors", "meshd.trust", "meshd.channel", "meshd.local", "meshd.state"),
-    "meshd.daemon": ("meshd.errors", "meshd.trust", "meshd.swim", "meshd.channel", "meshd.state",
-                     "meshd.peer", "meshd.local", "meshd"),
+    "meshd.daemon": ("meshd.errors", "meshd.trust", "meshd.swim", "meshd.channel", "meshd.tunnel",
+                     "meshd.state", "meshd.peer", "meshd.local", "meshd"),
     "meshd.testing": ("meshd.errors", "meshd.swim", "meshd.state", "meshd.app"),
     "meshd.cli": ("meshd.errors", "meshd.trust", "meshd.state", "meshd.local", "meshd.app",
                   "meshd.testing", "meshd.daemon", "meshd"),

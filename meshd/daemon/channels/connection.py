@@ -52,6 +52,20 @@ _COALESCE = 64 << 10
 Handler = Callable[["DataConnection", int, Block], None]
 
 
+def set_options(transport: asyncio.BaseTransport | None,
+                *options: tuple[int, int, int | bytes]) -> None:
+    """Set ``(level, option, value)`` socket options on a transport's socket, best effort (an
+    option the platform refuses is left as it is)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    for level, opt, value in options:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
+
+
 class _StallWatch:
     """Times the record a connection receives in pieces (see the module docstring)."""
 
@@ -145,12 +159,7 @@ class DataConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_options(transport, (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._body is not None:

@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -28,7 +29,9 @@ from meshd.channel import link
 from meshd.channel.control import DialRequest, RelayNotice
 from meshd.channel.frames import Block
 from meshd.channel.handshake import ChannelKeys, Responder
-from meshd.channel.inbound import ReceivingEnd, open_first_frame
+from meshd.channel.control import CTRL_TUNNEL
+from meshd.channel.frames import Opener
+from meshd.channel.inbound import ReceivingEnd, open_first
 from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
@@ -44,6 +47,9 @@ from meshd.state.view import MeshView
 from meshd.trust.identity import site_id_of
 
 log = logging.getLogger("meshd.daemon.channels.inbound")
+
+TunnelAcceptor = Callable[[DataConnection, ChannelKeys, Opener, str, str, "bytes | None"], None]
+"""``(conn, keys, opener, service, path, relay)``: see :meth:`meshd.daemon.tunnels.owner.Owning.accept`."""
 
 _BIG_PAYLOAD = 64 << 10
 """Payloads at least this big are handed to ZeroMQ without a copy."""
@@ -199,6 +205,8 @@ class Receiving:
         self.responder = Responder(lambda: site.keys.key, not_before=time.time())
         self.inc: dict[bytes, InChannel] = {}
         self.ports: dict[str, ReceiverPort] = {}
+        self.tunnels: TunnelAcceptor | None = None
+        """Takes a data connection whose first frame asks for a tunnel (set by the tunnels)."""
 
     # -- connections -------------------------------------------------------------------------
 
@@ -259,7 +267,14 @@ class Receiving:
         self._open(conn, side, side.pending, body)
 
     def _open(self, conn: DataConnection, side: _RSide, keys: ChannelKeys, body: Block) -> None:
-        opener, name = open_first_frame(keys, body)
+        opener, kind, name = open_first(keys, body)
+        if kind == CTRL_TUNNEL:
+            side.pending = None
+            if self.tunnels is None:
+                conn.refuse("unknown-service: this site runs no tunnels")
+                return
+            self.tunnels(conn, keys, opener, name, side.path, side.relay)
+            return
         port = self.ports.get(name)
         if port is not None and port.allow is not None and side.sender not in port.allow:
             self.counters.count("refused_policy")

@@ -151,7 +151,7 @@ class OutChannel:
             # A reversed path carries the Hello in its dial request: the receiver answers
             # with Accept right after its preamble, one round trip sooner.
             hello_in_dial = init is not None and path.kind is PathKind.REVERSED
-            conn = await self.owner.connect(self, path, timeout,
+            conn = await self.owner.connect(self.peer, self.cid, path, timeout,
                                             init.hello if init and hello_in_dial else None)
             fb = None
             if init is not None:
@@ -426,10 +426,11 @@ class Sending:
             if peer == key and not fut.done():
                 fut.set_exception(OSError(f"the receiver was {reason}"))
 
-    async def connect(self, ch: OutChannel, path: Path, timeout: float,
+    async def connect(self, peer: bytes, cid: bytes, path: Path, timeout: float,
                       hello: bytes | None) -> DataConnection:
-        """A data connection over ``path`` for ``ch``, its preamble sent."""
-        me, peer, cid = self.site.public, ch.peer, ch.cid
+        """A data connection over ``path`` to ``peer`` for channel (or tunnel) ``cid``, its
+        preamble sent (the tunnels' consumer uses it too)."""
+        me = self.site.public
         if path.kind is PathKind.DIRECT:
             conn, _, _ = await self.reach.dial(peer, timeout)
             conn.send(link.PREAMBLE, link.encode_preamble(

@@ -1,0 +1,217 @@
+"""One tunnel data connection, either end: a thin pump between a
+:class:`~meshd.daemon.channels.connection.DataConnection` and a :class:`~meshd.tunnel.TunnelEnd`
+whose streams are :class:`.local.LocalStream` sockets (asyncio glue).
+
+Records in -> ``TunnelEnd.frame_received`` -> events to the local streams; local bytes ->
+the multiplexer -> one flush per loop turn seals what is queued into as few frames as fit.
+When the data connection's send queue is over its mark every local stream stops reading
+until it drains.  A lost connection (or a protocol error, which closes it) resets every stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from meshd.channel import link
+from meshd.channel.frames import Block
+from meshd.daemon.channels.connection import DataConnection, set_options
+from meshd.daemon.tunnels.local import LocalStream
+from meshd.errors import ProtocolError
+from meshd.tunnel import (
+    Ended,
+    Finished,
+    Received,
+    StreamOpened,
+    StreamReset,
+    TunnelEnd,
+    Writable,
+)
+
+log = logging.getLogger("meshd.daemon.tunnels")
+
+KEEPALIVE = (60, 20, 5)
+"""TCP keepalive of a tunnel's data connection: first probe after 60 s idle, then every 20 s,
+dead after 5 unanswered: an idle tunnel stays up for hours through firewalls and NATs that
+forget silent connections, and a vanished peer is noticed in about three minutes."""
+
+
+def _keep_alive(conn: DataConnection) -> None:
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    set_options(conn.transport, *options)
+
+
+class Carrier:
+    """The streams of one tunnel data connection (see the module docstring).
+
+    ``on_open(carrier, sid, service)``: owner side, a stream was opened (the owner checks the
+    allow-list and connects, or resets it).  ``on_lost(carrier)``: the connection is gone."""
+
+    def __init__(self, conn: DataConnection, end: TunnelEnd, *, path: str,
+                 relay: bytes | None, on_lost: Callable[[Carrier], None],
+                 on_open: Callable[[Carrier, int, str], None] | None = None) -> None:
+        self.conn = conn
+        self.end = end
+        self.mux = end.mux
+        self.peer = end.peer
+        self.service = end.service
+        self.path = path
+        self.relay = relay
+        self.streams: dict[int, LocalStream] = {}
+        self.opened = 0
+        self.created = time.time()
+        self.error: str | None = None
+        self._on_lost = on_lost
+        self._on_open = on_open
+        self._flush_due = False
+        self._paused = False
+        self.closed = False
+        conn.owner = self
+        conn.handler = self._on_record
+        conn.on_lost = self._lost
+        _keep_alive(conn)
+
+    @property
+    def bytes_total(self) -> int:
+        return self.mux.bytes_in + self.mux.bytes_out
+
+    # -- the local side ------------------------------------------------------------------------
+
+    def open_stream(self, local: LocalStream) -> None:
+        """Consumer: carry a new local connection (LocalError ``busy``/``closed`` if not)."""
+        sid = self.mux.open_stream(self.service)
+        self.streams[sid] = local
+        self.opened += 1
+        local.attach(self, sid)
+        self._flush_soon()
+
+    def add_target(self, sid: int, local: LocalStream) -> None:
+        """Owner: the local connection that carries stream ``sid`` (being connected)."""
+        self.streams[sid] = local
+        self.opened += 1
+
+    def send(self, sid: int, data: bytes) -> bool:
+        more = self.mux.send(sid, data)
+        self._flush_soon()
+        return more
+
+    def finish(self, sid: int) -> None:
+        self.mux.finish(sid)
+        self._flush_soon()
+
+    def consumed(self, sid: int, n: int, *, drained: bool = False) -> None:
+        self.mux.consumed(sid, n, drained=drained)
+        self._flush_soon()
+
+    def local_gone(self, sid: int) -> None:
+        """The local connection closed or was reset before the stream finished."""
+        if self.streams.pop(sid, None) is not None:
+            self.mux.reset(sid, "reset")
+            self._flush_soon()
+
+    def reset(self, sid: int, reason: str) -> None:
+        """End stream ``sid`` here and there (``reason`` as in ``tunnel.codec.REASONS``)."""
+        local = self.streams.pop(sid, None)
+        self.mux.reset(sid, reason)
+        if local is not None:
+            local.reset()
+        self._flush_soon()
+
+    def close(self, why: str) -> None:
+        """Cut the data connection: every stream is reset."""
+        self.error = why
+        self.conn.abort(why)
+
+    # -- the data connection -------------------------------------------------------------------
+
+    def _on_record(self, conn: DataConnection, kind: int, body: Block) -> None:
+        if kind == link.REFUSE:
+            self.error = bytes(body[:200]).decode("utf-8", "replace")
+            conn.close()
+            return
+        if kind != link.FRAME:
+            raise ProtocolError(f"record type {kind} on a tunnel", reason="unexpected")
+        self.end.frame_received(body)  # ProtocolError: the connection is closed, streams reset
+        self._dispatch()
+        self._flush_soon()
+
+    def _dispatch(self) -> None:
+        for ev in self.mux.events():
+            if isinstance(ev, Received):
+                local = self.streams.get(ev.stream)
+                if local is not None:
+                    local.write(ev.data)
+            elif isinstance(ev, StreamOpened):
+                if self._on_open is not None:
+                    self._on_open(self, ev.stream, ev.service)
+                else:
+                    self.mux.reset(ev.stream, "unknown-service")
+            elif isinstance(ev, Writable):
+                local = self.streams.get(ev.stream)
+                if local is not None:
+                    local.resume()
+            elif isinstance(ev, Ended):
+                local = self.streams.get(ev.stream)
+                if local is not None:
+                    local.write_eof()
+            elif isinstance(ev, Finished):
+                local = self.streams.pop(ev.stream, None)
+                if local is not None:
+                    local.close()
+            elif isinstance(ev, StreamReset):
+                local = self.streams.pop(ev.stream, None)
+                if local is not None:
+                    local.reset()
+
+    def _flush_soon(self) -> None:
+        if not self._flush_due and not self.closed:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self.closed:
+            return
+        self._dispatch()  # what local inputs made the multiplexer say (Writable, Finished)
+        for frame in self.end.frames():
+            self.conn.send(link.FRAME, frame)
+        if not self.conn.writable.is_set() and not self._paused:
+            self._pause_all(True)
+            asyncio.get_running_loop().create_task(self._wait_writable())
+
+    async def _wait_writable(self) -> None:
+        await self.conn.writable.wait()
+        self._pause_all(False)
+
+    def _pause_all(self, paused: bool) -> None:
+        self._paused = paused
+        for local in self.streams.values():
+            local.carrier_paused(paused)
+            if not paused and self.mux.streams.get(local.sid) is not None \
+                    and not self.mux.streams[local.sid].blocked:
+                local.resume()
+
+    def _lost(self, conn: DataConnection) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.error = self.error or conn.error
+        self.mux.lost()
+        self._dispatch_lost()
+        self._on_lost(self)
+
+    def _dispatch_lost(self) -> None:
+        for ev in self.mux.events():
+            if isinstance(ev, StreamReset):
+                local = self.streams.pop(ev.stream, None)
+                if local is not None:
+                    local.reset()
+        for local in self.streams.values():
+            local.reset()
+        self.streams.clear()

@@ -1,0 +1,159 @@
+"""One local TCP connection of a tunnel: the client's at the consuming site, the target's at
+the owning site (asyncio glue bridging a socket to a stream of a :class:`.carrier.Carrier`).
+
+Flow control both ways.  Bytes read from the socket go to the multiplexer; when it says some
+wait for credit, reading pauses until its ``Writable``.  Bytes for the socket are written at
+once; the transport's buffer limit is 0, so asyncio tells us (``resume_writing``) as soon as
+everything written has left the process, and only then is it reported consumed (credit goes
+back to the far writer).  A slow reader therefore holds at most one window of its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import Protocol
+
+from meshd.daemon.channels.connection import set_options
+
+log = logging.getLogger("meshd.daemon.tunnels")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Carrier(Protocol):
+    """What a local stream tells the data connection that carries it (:class:`.carrier.Carrier`)."""
+
+    def send(self, sid: int, data: bytes) -> bool: ...
+    def finish(self, sid: int) -> None: ...
+    def consumed(self, sid: int, n: int, *, drained: bool) -> None: ...
+    def local_gone(self, sid: int) -> None: ...
+
+
+class LocalStream(asyncio.Protocol):
+    """A local TCP connection carried as stream ``sid`` (set once the stream exists)."""
+
+    def __init__(self, carrier: Carrier | None = None, sid: int = 0) -> None:
+        self.carrier = carrier
+        self.sid = sid
+        self.transport: asyncio.Transport | None = None
+        self._early: list[bytes | memoryview] = []
+        self._early_eof = False
+        self._written = 0
+        self._reported = 0
+        self._read_paused = False
+        self._carrier_paused = False
+        self.done = False
+        self.connected = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.done:  # its stream went while the target connection was being made
+            self.reset()
+            return
+        transport.set_write_buffer_limits(high=0, low=0)
+        set_options(transport, (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+        if self.carrier is None:  # waits for its stream (the consumer's data connection)
+            transport.pause_reading()
+            self._read_paused = True
+        early, self._early = self._early, []
+        for data in early:
+            self.write(data)
+        if self._early_eof:
+            self.write_eof()
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.carrier is None or self.done:
+            return
+        if not self.carrier.send(self.sid, data):
+            self.pause()
+
+    def eof_received(self) -> bool:
+        if self.carrier is not None and not self.done:
+            self.carrier.finish(self.sid)
+        return True  # keep the write side open (a half-close)
+
+    def resume_writing(self) -> None:
+        self._report()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.connected.done():
+            self.connected.set_exception(exc or ConnectionError("closed"))
+        if not self.done:
+            self.done = True
+            if self.carrier is not None:
+                self.carrier.local_gone(self.sid)
+
+    # -- what the carrier asks ---------------------------------------------------------------
+
+    def attach(self, carrier: Carrier, sid: int) -> None:
+        """The stream exists now: start reading."""
+        self.carrier, self.sid = carrier, sid
+        self.resume()
+
+    def write(self, data: bytes | memoryview) -> None:
+        t = self.transport
+        if t is None:
+            self._early.append(bytes(data))  # the target connect is under way (bounded: window)
+            return
+        if t.is_closing():
+            return
+        t.write(data)
+        self._written += len(data)
+        self._report()
+
+    def write_eof(self) -> None:
+        t = self.transport
+        if t is None:
+            self._early_eof = True
+        elif not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+
+    def pause(self) -> None:
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._read_paused and not self._carrier_paused and self.transport is not None \
+                and not self.transport.is_closing():
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def carrier_paused(self, paused: bool) -> None:
+        """The data connection's send buffer is over its mark (all streams wait) or below."""
+        self._carrier_paused = paused
+        if paused:
+            self.pause()
+
+    def reset(self) -> None:
+        """End the local connection with a TCP reset (the far end reset, refused or was lost)."""
+        self.done = True
+        t = self.transport
+        if t is None:
+            return
+        set_options(t, (socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
+        t.abort()
+
+    def close(self) -> None:
+        """Both directions are done: close once everything written is sent."""
+        self.done = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _report(self) -> None:
+        t = self.transport
+        if t is None or self.carrier is None:
+            return
+        left = t.get_write_buffer_size()
+        drained = self._written - left
+        if drained > self._reported:
+            self.carrier.consumed(self.sid, drained - self._reported, drained=left == 0)
+            self._reported = drained

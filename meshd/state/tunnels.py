@@ -1,0 +1,108 @@
+"""The tunnel registry on disk: the services this site exposes and the tunnels it consumes.
+
+One JSON file, ``tunnels.json`` in the state directory (mode 0600), written whole and atomically
+(a temporary file, fsync, rename, fsync of the directory) on every change, read at start::
+
+    {"v": 1,
+     "exposed":   [{"name", "host", "port", "allow": ["*"] | [site key hex, ...]}],
+     "connected": [{"site": site key hex, "name", "host", "port"}]}
+
+Sites are stored by key, not by name (a name is only what a record says).  A file that does not
+parse, or an entry of the wrong shape, is refused with a :class:`~meshd.errors.StateError`
+naming the file: the daemon does not start on a registry it would silently lose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshd.errors import StateError
+
+EVERYONE = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    name: str
+    host: str
+    port: int
+    allow: tuple[str, ...]
+    """``("*",)`` for every member, else site keys in hex."""
+
+    def allows(self, key: bytes) -> bool:
+        return EVERYONE in self.allow or key.hex() in self.allow
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    site: str
+    """The owning site's key, hex."""
+    name: str
+    host: str
+    port: int
+    """The listen address; port 0 until the first start picked one (then kept)."""
+
+
+@dataclass
+class TunnelBook:
+    path: Path
+    exposed: dict[str, Exposure]
+    connected: dict[tuple[str, str], Consumed]
+
+    @classmethod
+    def load(cls, path: Path) -> TunnelBook:
+        book = cls(path, {}, {})
+        if not path.exists():
+            return book
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or data.get("v") != 1:
+                raise ValueError("not a version 1 registry")
+            for e in data.get("exposed", []):
+                x = Exposure(_s(e, "name"), _s(e, "host"), _i(e, "port"),
+                             tuple(_s({"a": a}, "a") for a in e["allow"]))
+                book.exposed[x.name] = x
+            for c in data.get("connected", []):
+                y = Consumed(_s(c, "site"), _s(c, "name"), _s(c, "host"), _i(c, "port"))
+                book.connected[(y.site, y.name)] = y
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{path} is not a valid tunnel registry ({exc}); fix or remove it",
+                             reason="tunnels") from None
+        return book
+
+    def save(self) -> None:
+        data = {"v": 1,
+                "exposed": [{"name": e.name, "host": e.host, "port": e.port,
+                             "allow": list(e.allow)} for e in self.exposed.values()],
+                "connected": [{"site": c.site, "name": c.name, "host": c.host, "port": c.port}
+                              for c in self.connected.values()]}
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _s(d: Any, k: str) -> str:
+    v = d[k]
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{k} must be a non-empty string")
+    return v
+
+
+def _i(d: Any, k: str) -> int:
+    v = d[k]
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65535:
+        raise ValueError(f"{k} must be a port number")
+    return v
