@@ -21,6 +21,11 @@ def test_demo_builds_a_three_site_mesh(tmp_path: Path) -> None:
         assert site["status"]["members"] == 3
     ids = {s["status"]["mesh_id"] for s in report["sites"].values()}
     assert len(ids) == 1 and None not in ids
+    # the last site only dials out: the arrays reach it by the reversed path
+    channel = report["channel"]
+    assert channel["in_order"] and channel["path"] == "reversed" and channel["relay"] is None
+    assert channel["messages"] == 64 and channel["MBps"] > 0
+    assert report["sites"]["nersc"]["status"]["listen"] is None
     tunnel = report["tunnel"]
     assert tunnel["sha256_ok"] and tunnel["path"] in ("direct", "reversed") and tunnel["MBps"] > 0
     assert report["reused_token"]["state"] == "failed"
