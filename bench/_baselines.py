@@ -372,21 +372,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_accepts(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def _wait_accepts(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float,
+                  what: str = "stunnel") -> None:
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"stunnel exited with {proc.returncode}: {' | '.join(tail)}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {' | '.join(tail)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"stunnel did not accept on port {port} within {timeout:.0f} s") from None
+                raise TimeoutError(f"{what} did not accept on port {port} within {timeout:.0f} s") from None
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each child still running, then kill what has not exited within 5 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
 
 
 @contextlib.contextmanager
@@ -413,21 +433,57 @@ def stunnel_pair(target_port: int) -> Iterator[int]:
             f"connect = 127.0.0.1:{p2}\nverifyPeer = yes\nCAfile = {cert}\n")
         for side, port in (("server", p2), ("client", p1)):
             log = tmp / f"{side}.log"
-            with open(log, "wb") as fh:
-                procs.append(subprocess.Popen([exe, str(tmp / f"{side}.conf")], stdout=fh,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            procs.append(_spawn([exe, str(tmp / f"{side}.conf")], log))
             _wait_accepts(port, procs[-1], log, STUNNEL_READY)
         yield p1
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sshd_binary() -> str | None:
+    return shutil.which("sshd") or (shutil.which("sshd", path="/usr/sbin:/usr/local/sbin"))
+
+
+@contextlib.contextmanager
+def ssh_forward(target_port: int) -> Iterator[int]:
+    """``ssh -L P:127.0.0.1:target_port`` through a throwaway ``sshd`` on loopback; yields P.
+
+    The sshd runs in the foreground (``-D -e``) with its own host key, config and authorized
+    key (nothing of the system's sshd is used or changed); the client is ``ssh -N`` with the
+    default cipher choice. Both are stopped on exit. Needs openssh-server and openssh-client."""
+    sshd, ssh, keygen = sshd_binary(), shutil.which("ssh"), shutil.which("ssh-keygen")
+    if sshd is None or ssh is None or keygen is None:
+        raise Unavailable("not installed (apt-get install -y openssh-server openssh-client)")
+    tmp = Path(tempfile.mkdtemp(prefix="meshd-bench-ssh-"))
+    os.chmod(tmp, 0o700)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in ("host", "client"):
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / name)],
+                           check=True)
+        (tmp / "authorized_keys").write_bytes((tmp / "client.pub").read_bytes())
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+        p_sshd, p_fwd = free_port(), free_port()
+        (tmp / "sshd_config").write_text(
+            f"Port {p_sshd}\nListenAddress 127.0.0.1\nHostKey {tmp / 'host'}\n"
+            f"AuthorizedKeysFile {tmp / 'authorized_keys'}\nPidFile none\nUsePAM no\n"
+            "StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "AllowTcpForwarding yes\n")
+        procs.append(_spawn([sshd, "-D", "-e", "-f", str(tmp / "sshd_config")],
+                            tmp / "sshd.log"))
+        _wait_accepts(p_sshd, procs[-1], tmp / "sshd.log", STUNNEL_READY, "sshd")
+        user = os.environ.get("USER") or __import__("getpass").getuser()
+        procs.append(_spawn(
+            [ssh, "-N", "-p", str(p_sshd), "-i", str(tmp / "client"), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp / 'known'}",
+             "-o", "ExitOnForwardFailure=yes",
+             "-L", f"127.0.0.1:{p_fwd}:127.0.0.1:{target_port}", f"{user}@127.0.0.1"],
+            tmp / "ssh.log"))
+        _wait_accepts(p_fwd, procs[-1], tmp / "ssh.log", STUNNEL_READY, "ssh -L")
+        yield p_fwd
+    finally:
+        _stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

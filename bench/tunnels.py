@@ -13,8 +13,9 @@ data connection is direct.  Every app is its own process (multiprocessing, spawn
   ``raw_tcp`` (app to app), ``tunnel`` (through meshd), ``stunnel`` (a client/server stunnel
   pair, TLS, a self-signed certificate: what SciStream deploys) and ``ssh`` (``ssh -L``).
   ``stunnel`` and ``ssh`` are ``null`` with the reason in ``unavailable`` when the tools are
-  missing (install ``stunnel4`` and ``openssh-server`` in the bench's set-up, never in tests;
-  the ``ssh`` column is not implemented yet and is always ``null``).
+  missing (install ``stunnel4`` and ``openssh-server`` in the bench's set-up, never in tests).
+  ``ssh`` runs a throwaway ``sshd`` on loopback (its own host key and config) and ``ssh -N -L``
+  with OpenSSH's default cipher.
 - ``pyzmq``: PUSH -> PULL of 1 MiB messages for ``--seconds`` (bench/_baselines.py), raw,
   through stunnel and through the tunnel, in MB/s.
 - ``connect_ms``: connect-to-first-byte of a new TCP connection through the established tunnel
@@ -49,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _baselines import Pair, Unavailable, stunnel_binary, stunnel_pair, zmq_receiver, zmq_sender
+from _baselines import (Pair, Unavailable, ssh_forward, sshd_binary, stunnel_binary, stunnel_pair,
+                        zmq_receiver, zmq_sender)
 
 from meshd.app.client import Client
 from meshd.testing.processes import start_daemon, stop_daemons, wait_until
@@ -247,8 +249,9 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
     unavailable: dict[str, str] = {}
     if stunnel_binary() is None:
         unavailable["stunnel"] = "stunnel is not installed (apt-get install -y stunnel4)"
-    unavailable["ssh"] = ("sshd is not installed (apt-get install -y openssh-server)"
-                          if shutil.which("sshd") is None else "the ssh -L column is not implemented yet")
+    if sshd_binary() is None or shutil.which("ssh") is None:
+        unavailable["ssh"] = ("sshd is not installed (apt-get install -y openssh-server"
+                              " openssh-client)")
     data = block()
     digest = expected_digest(data, size)
     sink, sink_port = start_app(_sink)
@@ -263,6 +266,10 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
             with stunnel_pair(sink_port) as p1:
                 bulk_mbps["stunnel"] = round(bulk(p1, data, size, digest), 1)
             say(f"bulk stunnel {bulk_mbps['stunnel']} MB/s")
+        if "ssh" not in unavailable:
+            with ssh_forward(sink_port) as p1:
+                bulk_mbps["ssh"] = round(bulk(p1, data, size, digest), 1)
+            say(f"bulk ssh -L {bulk_mbps['ssh']} MB/s")
         zmq_mbps: dict[str, Any] = {"raw": round(pyzmq(_Same, seconds), 1), "tunnel": None,
                                     "stunnel": None}
         say(f"pyzmq raw {zmq_mbps['raw']} MB/s")
