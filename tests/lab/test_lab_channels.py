@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -482,6 +483,88 @@ def test_a_tunnel_from_the_natted_producer_to_the_outbound_only_consumer_is_rela
 def test_a_tunnel_to_the_outbound_only_producer_takes_the_reversed_path(mesh: Lab) -> None:
     view = tunnel(mesh.b, mesh.a, "b-sink")
     assert view["path"] == "reversed" and view["relay"] is None, view
+
+
+_FOREVER_CLIENT = """
+import os, socket, sys
+port = int(sys.argv[1])
+block, sent = os.urandom(1 << 20), 0
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+        while True:
+            c.sendall(block)
+            sent += 1
+            if sent == 8:
+                print("streaming", flush=True)
+except OSError as exc:
+    print("reset" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else repr(exc),
+          sent, flush=True)
+"""
+_TELLING_SINK = """
+import hashlib, socket
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+while True:
+    c, _ = srv.accept()
+    h, n = hashlib.sha256(), 0
+    try:
+        while d := c.recv(1 << 20):
+            h.update(d)
+            n += len(d)
+        print("eof", n, flush=True)  # the stream ended as if complete
+        c.sendall(h.hexdigest().encode())
+    except OSError:
+        print("reset", n, flush=True)
+    c.close()
+"""
+
+
+def test_a_link_cut_under_a_tunnel_resets_its_connection_and_a_new_one_goes_through(
+        mesh: Lab) -> None:
+    """In B (the consumer): ``iptables -I OUTPUT -d A -p tcp -j REJECT --reject-with tcp-reset``
+    for CUT_S seconds while a client streams through the tunnel to A: the client's connection is
+    reset at both ends (the service never sees a clean end of a stream cut short), and after
+    the link is back a new connection carries a sha256-checked stream."""
+    a, b = mesh.a, mesh.b
+    sink = subprocess.Popen([sys.executable, str(LAB), "exec", a.ns, sys.executable, "-c",
+                             _TELLING_SINK], stdout=subprocess.PIPE, text=True)
+    client = None
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        assert a.cli("expose", "cut-sink", f"127.0.0.1:{port}", "--allow", b.name).returncode == 0
+        r = b.cli("connect", f"{a.name}/cut-sink", "--json")
+        assert r.returncode == 0, r.stderr
+        listen_port = json.loads(r.stdout)["listen"].rsplit(":", 1)[1]
+        client = subprocess.Popen([sys.executable, str(LAB), "exec", b.ns, sys.executable, "-c",
+                                   _FOREVER_CLIENT, listen_port], stdout=subprocess.PIPE,
+                                  text=True)
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "streaming"
+        rule = ["OUTPUT", "-d", A_IP, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
+        assert lab("exec", "B", "iptables", "-I", *rule).returncode == 0
+        try:
+            ready, _, _ = select.select([client.stdout], [], [], RECV_TIMEOUT)
+            assert ready, "the client's connection was neither reset nor ended: it hangs"
+            ended = client.stdout.readline().split()  # the client's stream ended: how?
+        finally:
+            assert lab("exec", "B", "iptables", "-D", *rule).returncode == 0
+        assert ended and ended[0] == "reset", ended
+        # ... and at the owner's end the service saw a reset too, never a clean end of stream
+        ready, _, _ = select.select([sink.stdout], [], [], RECV_TIMEOUT)
+        assert ready, "the service's connection was neither reset nor ended"
+        assert sink.stdout.readline().split()[0] == "reset"
+        wait_until(lambda: a.peer(b.name)["state"] == "alive" and b.peer(a.name)["state"]
+                   == "alive", MESH_TIMEOUT, "A and B to see each other alive again")
+        run = lab("exec", b.ns, sys.executable, "-c", _CLIENT, listen_port, "16", timeout=120)
+        assert run.returncode == 0 and run.stdout.startswith("ok"), \
+            f"{run.stdout}{run.stderr}{logs(a, b)}"
+        assert sink.stdout.readline().split() == ["eof", str(16 << 20)]
+    finally:
+        for proc in (client, sink):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
 
 
 def _cut(site: str, action: str, res: Stream, dst_ip: str) -> None:
