@@ -47,6 +47,8 @@ class LocalStream(asyncio.Protocol):
         self._carrier_paused = False
         self.done = False
         self.connected = asyncio.get_running_loop().create_future()
+        self.connecting: asyncio.Task[None] | None = None
+        """Owner: the connect to the target while it is under way (cancelled by :meth:`reset`)."""
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -136,8 +138,11 @@ class LocalStream(asyncio.Protocol):
     def reset(self) -> None:
         """End the local connection with a TCP reset (the far end reset, refused or was lost)."""
         self.done = True
+        self._early.clear()
         t = self.transport
-        if t is None:
+        if t is None:  # a target connect under way: stop it (its socket, its bytes held)
+            if self.connecting is not None:
+                self.connecting.cancel()
             return
         set_options(t, (socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
         t.abort()

@@ -99,7 +99,8 @@ class Owning:
         local = LocalStream(carrier, sid)
         carrier.add_target(sid, local)
         self.counters.count("streams")
-        self.tasks.spawn(self._connect(carrier, sid, local, exp), f"target-{service}")
+        local.connecting = self.tasks.spawn(self._connect(carrier, sid, local, exp),
+                                            f"target-{service}")
 
     async def _connect(self, carrier: Carrier, sid: int, local: LocalStream,
                        exp: Exposure) -> None:
@@ -107,12 +108,16 @@ class Owning:
         try:
             await asyncio.wait_for(loop.create_connection(lambda: local, exp.host, exp.port),
                                    CONNECT_TIMEOUT)
+            return
         except (OSError, asyncio.TimeoutError) as exc:
-            self.counters.count("target_refused")
-            log.info("tunnel %r: target %s:%d refused: %s", exp.name, exp.host, exp.port,
-                     exc or type(exc).__name__)
-            if carrier.streams.get(sid) is local:
-                carrier.reset(sid, "refused")
+            error: BaseException = exc
+        finally:
+            local.connecting = None  # (a reset from now on does not cancel this task)
+        self.counters.count("target_refused")
+        log.info("tunnel %r: target %s:%d refused: %s", exp.name, exp.host, exp.port,
+                 str(error) or type(error).__name__)
+        if carrier.streams.get(sid) is local:
+            carrier.reset(sid, "refused")
 
     def cut(self, *, key: bytes | None = None, service: str | None = None,
             keep: Callable[[Carrier], bool] | None = None, why: str) -> int:
