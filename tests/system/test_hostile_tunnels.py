@@ -7,16 +7,24 @@ Every site is a separate ``meshd run`` process; the clients and targets are plai
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meshd.channel import link
+from meshd.channel.frames import KIND_DATA
+from meshd.channel.handshake import Initiator
 from meshd.testing.processes import wait_until
-from tests.helpers import Site, meshd, mesh_of, open_fds
+from meshd.trust.identity import SiteKey
+from meshd.tunnel import TunnelEnd, codec
+from tests.helpers import Site, closed_by_peer, meshd, mesh_of, open_fds, rss
+from tests.system.test_hostile_member_data import read_record
 from tests.system.test_tunnels_daemons import connect, expose
 
 _RESET = struct.pack("ii", 1, 0)
@@ -64,6 +72,40 @@ def hanging_target() -> tuple[socket.socket, list[socket.socket]]:
     return srv, fill
 
 
+class RawConsumer:
+    """A member's own code speaking the tunnel protocol to an owner: a real handshake with the
+    member's key, then whatever mux messages it likes."""
+
+    def __init__(self, member: Site, owner: Site, service: str) -> None:
+        key = SiteKey.load(member.home / "site.key")
+        owner_key = SiteKey.load(owner.home / "site.key").public
+        host, _, port = owner.client.status()["listen"].rpartition(":")
+        cid = os.urandom(16)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        pre = link.encode_preamble(link.Preamble(
+            "direct", cid, key.public, owner_key, "s", b"", int(time.time() * 1000)))
+        init = Initiator(key, owner_key, cid, now=time.time())
+        self._record(link.PREAMBLE, pre)
+        self._record(link.HELLO, init.hello)
+        kind, body = read_record(self.sock)
+        assert kind == link.ACCEPT
+        self.end = TunnelEnd(init.on_accept(body), service)
+        self._record(link.FRAME, self.end.first_frame())
+        kind, body = read_record(self.sock)
+        assert kind == link.FRAME, body  # accepted
+        self.seq = 0
+
+    def _record(self, kind: int, body: Any) -> None:
+        body = bytes(body)
+        self.sock.sendall(link.record_header(kind, len(body)) + body)
+
+    def send(self, *msgs: codec.Message) -> None:
+        """One data frame of these mux messages (any, even against the protocol)."""
+        payload = b"".join(codec.encode(m) for m in msgs)
+        self._record(link.FRAME, self.end._sealer.seal(self.seq, payload, kind=KIND_DATA))
+        self.seq += 1
+
+
 def test_clients_that_reset_at_once_leave_no_target_connects_behind(pair: list[Site]) -> None:
     """Connect, send, reset, hundreds of times, to a tunnel whose target does not answer: each
     reset stream's target connect is dropped with it, so the owner holds no socket (nor the
@@ -109,3 +151,30 @@ def test_a_tampered_registry_stops_the_daemon_with_one_clear_line(
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "not a valid tunnel registry" in r.stderr, r.stderr
     assert registry.read_text() == text  # nothing rewritten, nothing lost
+
+
+def test_bytes_for_targets_being_connected_are_bounded(pair: list[Site]) -> None:
+    """A member opens 1200 streams to a target that does not answer and sends each a full
+    window (256 KiB): the owner holds at most MAX_HELD (16 MiB) of them, not 300 MiB, and
+    resets the rest ``busy``; a second data connection for the service replaces the first, so
+    more connections do not multiply the bound."""
+    aps, alcf = pair
+    srv, fill = hanging_target()
+    try:
+        expose(aps, "--update", "held", f"127.0.0.1:{srv.getsockname()[1]}", "--allow", "alcf")
+        first = RawConsumer(alcf, aps, "held")
+        second = RawConsumer(alcf, aps, "held")
+        wait_until(lambda: closed_by_peer(first.sock), 10, "the older data connection to close")
+        before, opened = rss(aps), counter(aps, "tunnel_streams")
+        window = os.urandom((256 << 10) - codec.HEADER_SIZE * 2 - 16)
+        n = 1200
+        for sid in range(1, n + 1):
+            second.send(codec.Open(sid, "held"), codec.Data(sid, window))
+        wait_until(lambda: counter(aps, "tunnel_streams") >= opened + n, 30,
+                   "every stream to reach the owner")
+        assert rss(aps) - before < 100 << 20, (before, rss(aps))
+        second.sock.close()
+    finally:
+        srv.close()
+        for c in fill:
+            c.close()

@@ -37,6 +37,10 @@ KEEPALIVE = (60, 20, 5)
 """TCP keepalive of a tunnel's data connection: first probe after 60 s idle, then every 20 s,
 dead after 5 unanswered: an idle tunnel stays up for hours through firewalls and NATs that
 forget silent connections, and a vanished peer is noticed in about three minutes."""
+MAX_HELD = 16 << 20
+"""Bytes one data connection's streams may hold for targets still being connected (each up to
+its window); DATA beyond resets its stream ``busy``, so 4096 streams to a target that does not
+answer cannot hold 4096 windows (1 GiB)."""
 
 
 def _keep_alive(conn: DataConnection) -> None:
@@ -71,6 +75,8 @@ class Carrier:
         self._on_open = on_open
         self._flush_due = False
         self._paused = False
+        self.held_bytes = 0
+        """Bytes held for targets still being connected (at most MAX_HELD)."""
         self.closed = False
         conn.owner = self
         conn.handler = self._on_record
@@ -109,6 +115,9 @@ class Carrier:
         self.mux.consumed(sid, n, drained=drained)
         self._flush_soon()
 
+    def held(self, n: int) -> None:
+        self.held_bytes += n
+
     def local_gone(self, sid: int) -> None:
         """The local connection closed or was reset before the stream finished."""
         if self.streams.pop(sid, None) is not None:
@@ -145,7 +154,11 @@ class Carrier:
         for ev in self.mux.events():
             if isinstance(ev, Received):
                 local = self.streams.get(ev.stream)
-                if local is not None:
+                if local is None:
+                    continue
+                if local.transport is None and self.held_bytes + len(ev.data) > MAX_HELD:
+                    self.reset(ev.stream, "busy")  # (its target connect is cancelled with it)
+                else:
                     local.write(ev.data)
             elif isinstance(ev, StreamOpened):
                 if self._on_open is not None:

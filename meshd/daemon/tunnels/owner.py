@@ -71,6 +71,9 @@ class Owning:
                     else "unknown-service: this site exposes no service of that name")
             conn.refuse(f"{text} ({service!r})")
             return
+        # A consumer keeps one data connection per service: a newer one replaces it (the old
+        # one is dead to the consumer, or the consumer is hoarding connections).
+        self.cut(key=keys.peer, service=service, why="replaced by a newer data connection")
         end = TunnelEnd(keys, service, opener=opener)
         carrier = Carrier(conn, end, path=path, relay=relay, on_lost=self._gone,
                           on_open=self._on_open)
