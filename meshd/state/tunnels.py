@@ -71,6 +71,9 @@ class TunnelBook:
             for c in _list(data, "connected"):
                 y = Consumed(_key(c, "site"), _name(c), _s(c, "host"), _i(c, "port"))
                 book.connected[(y.site, y.name)] = y
+        except OSError as exc:  # a directory, no permission...
+            raise StateError(f"cannot read the tunnel registry {path}:"
+                             f" {exc.strerror or exc}", reason="tunnels") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"{path} is not a valid tunnel registry ({exc}); fix or remove it",
                              reason="tunnels") from None

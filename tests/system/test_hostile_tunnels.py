@@ -178,3 +178,12 @@ def test_bytes_for_targets_being_connected_are_bounded(pair: list[Site]) -> None
         srv.close()
         for c in fill:
             c.close()
+
+
+def test_an_unreadable_registry_stops_the_daemon_with_one_clear_line(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    assert meshd("init", "--name", "lone", "--no-listen", home=home).returncode == 0
+    (home / "tunnels.json").mkdir()
+    r = meshd("run", home=home, timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "cannot read the tunnel registry" in r.stderr, r.stderr
