@@ -123,12 +123,16 @@ class Owning:
             carrier.reset(sid, "refused")
 
     def cut(self, *, key: bytes | None = None, service: str | None = None,
-            keep: Callable[[Carrier], bool] | None = None, why: str) -> int:
-        """Close the data connections of site ``key`` and/or of ``service`` (those ``keep``
-        does not keep): every stream on them is reset.  How many were closed."""
+            relay: bytes | None = None, keep: Callable[[Carrier], bool] | None = None,
+            why: str) -> int:
+        """Close the data connections of site ``key``, of ``service`` and/or through
+        ``relay`` (those ``keep`` does not keep): every stream on them is reset.  How many were
+        closed."""
         cut = 0
         for carrier in list(self.carriers):
             if key is not None and carrier.peer != key:
+                continue
+            if relay is not None and carrier.relay != relay:
                 continue
             if service is not None and carrier.service != service:
                 continue
