@@ -133,6 +133,26 @@ def test_clients_that_reset_at_once_leave_no_target_connects_behind(pair: list[S
             c.close()
 
 
+
+def test_a_flood_of_refused_streams_is_counted_not_logged_line_by_line(pair: list[Site]) -> None:
+    """Bug: every OPEN for a service the data connection was not made for logged a WARNING
+    line: 5 MiB of OPENs wrote 4 MiB of log in three seconds."""
+    aps, alcf = pair
+    expose(aps, "--update", "granted", "127.0.0.1:9", "--allow", "alcf")
+    raw = RawConsumer(alcf, aps, "granted")
+    before = counter(aps, "tunnel_refused_not_allowed")
+    n, sid = 0, 0
+    for _ in range(10):  # (at most 4096 streams come into being per frame; the rest are busy)
+        batch = [codec.Open(sid + i, "other") for i in range(1, 4001)]
+        raw.send(*batch)
+        sid += len(batch)
+        n += len(batch)
+    wait_until(lambda: counter(aps, "tunnel_refused_not_allowed") >= before + n, 30,
+               "every refusal to be counted")
+    assert aps.log().count("refused a tunnel connection to 'other'") <= 2
+    raw.sock.close()
+
+
 @pytest.mark.parametrize("edit", [
     {"connected": [{"site": "zz", "name": "x", "host": "127.0.0.1", "port": 0}]},
     {"connected": [{"site": "abcd", "name": "x", "host": "127.0.0.1", "port": 0}]},

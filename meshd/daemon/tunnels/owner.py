@@ -24,6 +24,7 @@ from meshd.daemon.tasks import TaskSet
 from meshd.daemon.tunnels.carrier import Carrier
 from meshd.daemon.tunnels.local import LocalStream
 from meshd.channel import link
+from meshd.peer.limits import RateLimitedLog
 from meshd.state.tunnels import Exposure
 from meshd.tunnel import TunnelEnd, check_service
 
@@ -48,6 +49,9 @@ class Owning:
         self.carriers: set[Carrier] = set()
         self._past_bytes: dict[str, int] = {}
         """Bytes carried by data connections that are gone, by service."""
+        self._quiet: dict[tuple[bytes | str, str], RateLimitedLog] = {}
+        """Per-stream refusals, by site (or service) and reason: a member can send tens of
+        thousands of OPENs a second, so each kind is one log line a minute with its count."""
 
     def _refusal(self, service: str, key: bytes) -> str | None:
         exp = self.exposed.get(service)
@@ -87,15 +91,20 @@ class Owning:
         self.carriers.discard(carrier)
         self._past_bytes[carrier.service] = self._past_bytes.get(carrier.service, 0) + carrier.bytes_total
 
-    def _refused(self, service: str, key: bytes, why: str) -> None:
+    def _refused(self, service: str, key: bytes, why: str, *, stream: bool = False) -> None:
         self.counters.count(f"refused_{why.replace('-', '_')}")
-        log.warning("refused a tunnel connection to %r from %s: %s", service,
-                    self.name_of(key), why)
+        warn = self._quiet_log(key, why).warning if stream else log.warning
+        warn("refused a tunnel connection to %r from %s: %s", service, self.name_of(key), why)
+
+    def _quiet_log(self, key: bytes | str, kind: str) -> RateLimitedLog:
+        if len(self._quiet) > 4096:
+            self._quiet.clear()
+        return self._quiet.setdefault((key, kind), RateLimitedLog(log))
 
     def _on_open(self, carrier: Carrier, sid: int, service: str) -> None:
         why = "not-allowed" if service != carrier.service else self._refusal(service, carrier.peer)
         if why is not None:
-            self._refused(service, carrier.peer, why)
+            self._refused(service, carrier.peer, why, stream=True)
             carrier.reset(sid, why)
             return
         exp = self.exposed[service]
@@ -117,8 +126,9 @@ class Owning:
         finally:
             local.connecting = None  # (a reset from now on does not cancel this task)
         self.counters.count("target_refused")
-        log.info("tunnel %r: target %s:%d refused: %s", exp.name, exp.host, exp.port,
-                 str(error) or type(error).__name__)
+        self._quiet_log(exp.name, "target").warning(
+            "tunnel %r: target %s:%d refused: %s", exp.name, exp.host, exp.port,
+            str(error) or type(error).__name__)
         if carrier.streams.get(sid) is local:
             carrier.reset(sid, "refused")
 
