@@ -37,7 +37,7 @@ KEEPALIVE = (60, 20, 5)
 """TCP keepalive of a tunnel's data connection: first probe after 60 s idle, then every 20 s,
 dead after 5 unanswered: an idle tunnel stays up for hours through firewalls and NATs that
 forget silent connections, and a vanished peer is noticed in about three minutes."""
-MAX_HELD = 16 << 20
+MAX_HELD = 64 << 20
 """Bytes one data connection's streams may hold for targets still being connected (each up to
 its window); DATA beyond resets its stream ``busy``, so 4096 streams to a target that does not
 answer cannot hold 4096 windows (1 GiB)."""
