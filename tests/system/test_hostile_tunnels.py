@@ -153,6 +153,27 @@ def test_a_flood_of_refused_streams_is_counted_not_logged_line_by_line(pair: lis
     raw.sock.close()
 
 
+
+def test_a_consumer_that_opens_streams_and_never_reads_is_cut(pair: list[Site]) -> None:
+    """Bug: every OPEN beyond the stream bound (or refused) was answered with a RESET queued for
+    a consumer that never read: the owner's memory grew by what the consumer sent, without end
+    (150 MiB of OPENs: +170 MiB)."""
+    aps, alcf = pair
+    expose(aps, "--update", "unread", "127.0.0.1:9", "--allow", "alcf")
+    raw = RawConsumer(alcf, aps, "unread")
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    before = rss(aps)
+    cut, sid = False, 0
+    try:
+        for _ in range(40):  # 40 x 100,000 OPENs of 10 bytes: 40 MB of RESETs unread
+            raw.send(*(codec.Open(sid + i, "o") for i in range(1, 100_001)))
+            sid += 100_000
+    except OSError:
+        cut = True
+    wait_until(lambda: cut or closed_by_peer(raw.sock), 30, "the owner to cut the data connection")
+    assert rss(aps) - before < 30 << 20, (before, rss(aps))
+
+
 @pytest.mark.parametrize("edit", [
     {"connected": [{"site": "zz", "name": "x", "host": "127.0.0.1", "port": 0}]},
     {"connected": [{"site": "abcd", "name": "x", "host": "127.0.0.1", "port": 0}]},
