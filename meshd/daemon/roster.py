@@ -55,6 +55,11 @@ class Roster:
             self.membership.emit("revoked", key)
             self.on_revoked(key, "revoked")
         for key in self._members - members:  # revoked, or its key retired by a rotation
+            if key not in revoked and key not in self.view.retired:
+                # dropped out with a revoked introducer (the cascade): cut off like it
+                log.info("%s (%s) is no member any more; cutting it off",
+                         self.view.name_of(key), site_id_of(key))
+                self.on_revoked(key, "revoked")
             self.links.forget(key)
         self._members, self._revoked = members, revoked
         self.membership.sync_members()

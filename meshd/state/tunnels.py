@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,17 @@ class TunnelBook:
             data = json.loads(path.read_text())
             if not isinstance(data, dict) or data.get("v") != 1:
                 raise ValueError("not a version 1 registry")
-            for e in data.get("exposed", []):
-                x = Exposure(_s(e, "name"), _s(e, "host"), _i(e, "port"),
-                             tuple(_s({"a": a}, "a") for a in e["allow"]))
+            for e in _list(data, "exposed"):
+                x = Exposure(_name(e), _s(e, "host"), _i(e, "port"),
+                             tuple(a if a == EVERYONE else _key({"allow": a}, "allow")
+                                   for a in _list(e, "allow", required=True)))
                 book.exposed[x.name] = x
-            for c in data.get("connected", []):
-                y = Consumed(_s(c, "site"), _s(c, "name"), _s(c, "host"), _i(c, "port"))
+            for c in _list(data, "connected"):
+                y = Consumed(_key(c, "site"), _name(c), _s(c, "host"), _i(c, "port"))
                 book.connected[(y.site, y.name)] = y
+        except OSError as exc:  # a directory, no permission...
+            raise StateError(f"cannot read the tunnel registry {path}:"
+                             f" {exc.strerror or exc}", reason="tunnels") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"{path} is not a valid tunnel registry ({exc}); fix or remove it",
                              reason="tunnels") from None
@@ -99,6 +104,32 @@ def _s(d: Any, k: str) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError(f"{k} must be a non-empty string")
     return v
+
+
+def _list(d: Any, k: str, *, required: bool = False) -> list[Any]:
+    v = (d[k] if required else d.get(k, [])) if isinstance(d, dict) else None
+    if not isinstance(v, list):
+        raise ValueError(f"{k} must be a list")
+    return v
+
+
+def _key(d: Any, k: str) -> str:
+    """A site key: 64 lower-case hex digits, as :meth:`bytes.hex` writes it."""
+    v = d[k]
+    if not isinstance(v, str) or not _KEY.fullmatch(v):
+        raise ValueError(f"{k} must be a site key (64 lower-case hex digits), not {v!r:.80}")
+    return v
+
+
+def _name(d: Any) -> str:
+    """A service name, as the tunnel codec checks it (1-128 bytes, printable, no '/')."""
+    v = _s(d, "name")
+    if not 0 < len(v.encode()) <= 128 or not v.isprintable() or "/" in v:
+        raise ValueError(f"bad service name {v!r:.80}")
+    return v
+
+
+_KEY = re.compile("[0-9a-f]{64}")
 
 
 def _i(d: Any, k: str) -> int:

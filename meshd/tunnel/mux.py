@@ -117,6 +117,8 @@ class Mux:
         self.closed = False
         self.grown = 0
         """Bytes all windows of this connection have grown by (at most GROWTH_BUDGET)."""
+        self.refused = 0
+        """Owner: streams it reset ``busy`` as they were opened (the glue counts its own)."""
 
     # -- inputs from the local side ------------------------------------------------------------
 
@@ -269,6 +271,7 @@ class Mux:
             raise ProtocolError(f"stream {msg.stream} opened twice", reason="duplicate-stream")
         self._highest = msg.stream
         if len(self.streams) >= self.max_streams:
+            self.refused += 1
             self._emit(Reset(msg.stream, "busy"))
             return
         self.streams[msg.stream] = _Stream(msg.stream, msg.service, self.window)

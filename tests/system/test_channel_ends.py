@@ -14,7 +14,7 @@ import pytest
 import meshd as api
 from meshd.errors import ChannelClosed
 from meshd.testing.processes import wait_until
-from tests.helpers import mesh_of
+from tests.helpers import invite, mesh_of
 
 
 def test_the_receiver_hears_the_end_and_the_closed_channel_leaves_the_list(sites: Any) -> None:
@@ -158,3 +158,48 @@ def test_a_channel_without_a_path_ends_and_its_application_hears_why(sites: Any)
         with pytest.raises(ChannelClosed):
             ma.close()  # closes every end, then says why one ended
     assert a.client.status()["counters"]["channel_ended_no_path"] == 2
+
+
+
+def test_sites_that_drop_out_with_a_revoked_introducer_are_cut_like_it(sites: Any) -> None:
+    """Bug: revoking an introducer dropped the site it had admitted out of the mesh, but that
+    site's channels were not cut: what they held still reached the application, which never
+    heard an end."""
+    aps = sites("aps")
+    alcf, dcs = sites("alcf", start=False), sites("dcs")
+    r = alcf.start().cli("join", input=invite(aps, "--role", "introducer"))
+    assert r.returncode == 0, r.stderr
+    r = dcs.cli("join", input=invite(alcf))
+    assert r.returncode == 0, r.stderr
+    with api.connect(aps.home) as ma, api.connect(dcs.home) as md:
+        rx = ma.receiver("frames")
+        tx = md.sender("frames", to="aps", linger=0)
+        for i in range(20):
+            tx.send(np.full(1024, i))
+        assert rx.recv(timeout=30).sender == "dcs"
+
+        aps.client.revoke("alcf", "gone rogue")  # dcs is a member only through alcf
+        assert "dcs" not in {p["name"] for p in aps.client.peers()}
+        assert [c for c in aps.client.channels() if c["peer"] == "dcs"] == []
+        with pytest.raises(ChannelClosed) as exc:
+            while True:
+                rx.recv(timeout=30)
+        assert exc.value.reason == "revoked" and exc.value.peer == "dcs"
+        md.close(flush=False)
+
+
+def test_channels_relayed_through_a_revoked_site_leave_it(sites: Any) -> None:
+    """Bug: after aps revoked dcs, a channel from alcf to aps kept flowing through dcs, the
+    revoked relay, for as long as its connection lasted."""
+    aps, alcf, dcs = mesh_of(sites, "aps", "alcf", "dcs")
+    with api.connect(aps.home) as ma, api.connect(alcf.home) as ml:
+        rx = ma.receiver("relayed")
+        tx = ml.sender("relayed", to="aps", paths=["relay"], linger=0)  # through dcs
+        tx.send(np.arange(1000))
+        assert rx.recv(timeout=30).sender == "alcf"
+        assert any(c["direction"] == "relay" for c in dcs.client.channels())
+
+        aps.client.revoke("dcs", "stolen key")
+        wait_until(lambda: not any(c["direction"] == "relay" for c in dcs.client.channels()),
+                   10, "the revoked relay to carry nothing")
+        ml.close(flush=False)

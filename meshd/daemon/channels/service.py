@@ -128,10 +128,20 @@ class ChannelService:
 
     def cut_member(self, key: bytes, reason: str) -> None:
         """``key`` is a member no more (``reason``: revoked): every channel to or from it and
-        every relay leg of its channels ends now; their applications are told why."""
+        every relay leg of its channels ends now; their applications are told why.  Channels
+        relayed through it lose that connection and race another path."""
         self.sending.cut_peer(key, reason)
         self.receiving.cut_sender(key, reason)
         self.relay.cut_member(key)
+        # Channels relayed *through* it leave it: their connection closes and the sender races
+        # another path (and resumes), so no data keeps flowing through a site that is out.
+        for ch in self.out.values():
+            path = ch.core.path
+            if ch.conn is not None and path is not None and path.relay == key:
+                ch.conn.abort(f"the relay was {reason}")
+        for inc in self.receiving.inc.values():
+            if inc.conn is not None and inc.relay == key:
+                inc.conn.abort(f"the relay was {reason}")
 
     def sender(self, cid: bytes) -> OutChannel:
         """The open sending end ``cid``; ChannelClosed if it ended on its own (revoked, no

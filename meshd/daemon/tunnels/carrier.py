@@ -37,6 +37,15 @@ KEEPALIVE = (60, 20, 5)
 """TCP keepalive of a tunnel's data connection: first probe after 60 s idle, then every 20 s,
 dead after 5 unanswered: an idle tunnel stays up for hours through firewalls and NATs that
 forget silent connections, and a vanished peer is noticed in about three minutes."""
+MAX_HELD = 64 << 20
+"""Bytes one data connection's streams may hold for targets still being connected (each up to
+its window); DATA beyond resets its stream ``busy``, so 4096 streams to a target that does not
+answer cannot hold 4096 windows (1 GiB)."""
+MAX_UNREAD_REFUSALS = 65536
+"""Streams the owner may refuse (each answered with a RESET) while the consumer is not reading
+what it is sent (the send queue over its mark); beyond, the data connection is closed.  An
+OPEN costs 10 bytes and its RESET 10: without this a consumer that never reads makes the owner
+queue as much as it sends, without end.  Honest consumers read, and open at most 4096 streams."""
 
 
 def _keep_alive(conn: DataConnection) -> None:
@@ -71,6 +80,11 @@ class Carrier:
         self._on_open = on_open
         self._flush_due = False
         self._paused = False
+        self.held_bytes = 0
+        """Bytes held for targets still being connected (at most MAX_HELD)."""
+        self.refused = 0
+        """Owner: streams refused as they were opened (not allowed, target refused, busy)."""
+        self._refused_mark = 0
         self.closed = False
         conn.owner = self
         conn.handler = self._on_record
@@ -109,6 +123,9 @@ class Carrier:
         self.mux.consumed(sid, n, drained=drained)
         self._flush_soon()
 
+    def held(self, n: int) -> None:
+        self.held_bytes += n
+
     def local_gone(self, sid: int) -> None:
         """The local connection closed or was reset before the stream finished."""
         if self.streams.pop(sid, None) is not None:
@@ -117,6 +134,8 @@ class Carrier:
 
     def reset(self, sid: int, reason: str) -> None:
         """End stream ``sid`` here and there (``reason`` as in ``tunnel.codec.REASONS``)."""
+        if reason != "reset":
+            self.refused += 1
         local = self.streams.pop(sid, None)
         self.mux.reset(sid, reason)
         if local is not None:
@@ -145,7 +164,11 @@ class Carrier:
         for ev in self.mux.events():
             if isinstance(ev, Received):
                 local = self.streams.get(ev.stream)
-                if local is not None:
+                if local is None:
+                    continue
+                if local.transport is None and self.held_bytes + len(ev.data) > MAX_HELD:
+                    self.reset(ev.stream, "busy")  # (its target connect is cancelled with it)
+                else:
                     local.write(ev.data)
             elif isinstance(ev, StreamOpened):
                 if self._on_open is not None:
@@ -179,6 +202,12 @@ class Carrier:
         if self.closed:
             return
         self._dispatch()  # what local inputs made the multiplexer say (Writable, Finished)
+        refused = self.refused + self.mux.refused
+        if self.conn.writable.is_set():
+            self._refused_mark = refused
+        elif refused - self._refused_mark > MAX_UNREAD_REFUSALS:
+            self.close("the far end opens streams and does not read the answers")
+            return
         for frame in self.end.frames():
             self.conn.send(link.FRAME, frame)
         if not self.conn.writable.is_set() and not self._paused:

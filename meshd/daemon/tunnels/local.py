@@ -30,6 +30,7 @@ class Carrier(Protocol):
     def finish(self, sid: int) -> None: ...
     def consumed(self, sid: int, n: int, *, drained: bool) -> None: ...
     def local_gone(self, sid: int) -> None: ...
+    def held(self, n: int) -> None: ...
 
 
 class LocalStream(asyncio.Protocol):
@@ -40,6 +41,7 @@ class LocalStream(asyncio.Protocol):
         self.sid = sid
         self.transport: asyncio.Transport | None = None
         self._early: list[bytes | memoryview] = []
+        self._early_bytes = 0
         self._early_eof = False
         self._written = 0
         self._reported = 0
@@ -47,6 +49,8 @@ class LocalStream(asyncio.Protocol):
         self._carrier_paused = False
         self.done = False
         self.connected = asyncio.get_running_loop().create_future()
+        self.connecting: asyncio.Task[None] | None = None
+        """Owner: the connect to the target while it is under way (cancelled by :meth:`reset`)."""
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -62,6 +66,7 @@ class LocalStream(asyncio.Protocol):
             transport.pause_reading()
             self._read_paused = True
         early, self._early = self._early, []
+        self._hold(-self._early_bytes)
         for data in early:
             self.write(data)
         if self._early_eof:
@@ -100,8 +105,9 @@ class LocalStream(asyncio.Protocol):
 
     def write(self, data: bytes | memoryview) -> None:
         t = self.transport
-        if t is None:
-            self._early.append(bytes(data))  # the target connect is under way (bounded: window)
+        if t is None:  # the target connect is under way (bounded: window, and the carrier's MAX_HELD)
+            self._early.append(bytes(data))
+            self._hold(len(data))
             return
         if t.is_closing():
             return
@@ -136,8 +142,12 @@ class LocalStream(asyncio.Protocol):
     def reset(self) -> None:
         """End the local connection with a TCP reset (the far end reset, refused or was lost)."""
         self.done = True
+        self._early.clear()
+        self._hold(-self._early_bytes)
         t = self.transport
-        if t is None:
+        if t is None:  # a target connect under way: stop it (its socket, its bytes held)
+            if self.connecting is not None:
+                self.connecting.cancel()
             return
         set_options(t, (socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
         t.abort()
@@ -147,6 +157,11 @@ class LocalStream(asyncio.Protocol):
         self.done = True
         if self.transport is not None:
             self.transport.close()
+
+    def _hold(self, n: int) -> None:
+        self._early_bytes += n
+        if n and self.carrier is not None:
+            self.carrier.held(n)
 
     def _report(self) -> None:
         t = self.transport

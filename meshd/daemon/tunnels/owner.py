@@ -24,6 +24,7 @@ from meshd.daemon.tasks import TaskSet
 from meshd.daemon.tunnels.carrier import Carrier
 from meshd.daemon.tunnels.local import LocalStream
 from meshd.channel import link
+from meshd.peer.limits import RateLimitedLog
 from meshd.state.tunnels import Exposure
 from meshd.tunnel import TunnelEnd, check_service
 
@@ -48,6 +49,9 @@ class Owning:
         self.carriers: set[Carrier] = set()
         self._past_bytes: dict[str, int] = {}
         """Bytes carried by data connections that are gone, by service."""
+        self._quiet: dict[tuple[bytes | str, str], RateLimitedLog] = {}
+        """Per-stream refusals, by site (or service) and reason: a member can send tens of
+        thousands of OPENs a second, so each kind is one log line a minute with its count."""
 
     def _refusal(self, service: str, key: bytes) -> str | None:
         exp = self.exposed.get(service)
@@ -71,6 +75,9 @@ class Owning:
                     else "unknown-service: this site exposes no service of that name")
             conn.refuse(f"{text} ({service!r})")
             return
+        # A consumer keeps one data connection per service: a newer one replaces it (the old
+        # one is dead to the consumer, or the consumer is hoarding connections).
+        self.cut(key=keys.peer, service=service, why="replaced by a newer data connection")
         end = TunnelEnd(keys, service, opener=opener)
         carrier = Carrier(conn, end, path=path, relay=relay, on_lost=self._gone,
                           on_open=self._on_open)
@@ -84,22 +91,28 @@ class Owning:
         self.carriers.discard(carrier)
         self._past_bytes[carrier.service] = self._past_bytes.get(carrier.service, 0) + carrier.bytes_total
 
-    def _refused(self, service: str, key: bytes, why: str) -> None:
+    def _refused(self, service: str, key: bytes, why: str, *, stream: bool = False) -> None:
         self.counters.count(f"refused_{why.replace('-', '_')}")
-        log.warning("refused a tunnel connection to %r from %s: %s", service,
-                    self.name_of(key), why)
+        warn = self._quiet_log(key, why).warning if stream else log.warning
+        warn("refused a tunnel connection to %r from %s: %s", service, self.name_of(key), why)
+
+    def _quiet_log(self, key: bytes | str, kind: str) -> RateLimitedLog:
+        if len(self._quiet) > 4096:
+            self._quiet.clear()
+        return self._quiet.setdefault((key, kind), RateLimitedLog(log))
 
     def _on_open(self, carrier: Carrier, sid: int, service: str) -> None:
         why = "not-allowed" if service != carrier.service else self._refusal(service, carrier.peer)
         if why is not None:
-            self._refused(service, carrier.peer, why)
+            self._refused(service, carrier.peer, why, stream=True)
             carrier.reset(sid, why)
             return
         exp = self.exposed[service]
         local = LocalStream(carrier, sid)
         carrier.add_target(sid, local)
         self.counters.count("streams")
-        self.tasks.spawn(self._connect(carrier, sid, local, exp), f"target-{service}")
+        local.connecting = self.tasks.spawn(self._connect(carrier, sid, local, exp),
+                                            f"target-{service}")
 
     async def _connect(self, carrier: Carrier, sid: int, local: LocalStream,
                        exp: Exposure) -> None:
@@ -107,20 +120,29 @@ class Owning:
         try:
             await asyncio.wait_for(loop.create_connection(lambda: local, exp.host, exp.port),
                                    CONNECT_TIMEOUT)
+            return
         except (OSError, asyncio.TimeoutError) as exc:
-            self.counters.count("target_refused")
-            log.info("tunnel %r: target %s:%d refused: %s", exp.name, exp.host, exp.port,
-                     exc or type(exc).__name__)
-            if carrier.streams.get(sid) is local:
-                carrier.reset(sid, "refused")
+            error: BaseException = exc
+        finally:
+            local.connecting = None  # (a reset from now on does not cancel this task)
+        self.counters.count("target_refused")
+        self._quiet_log(exp.name, "target").warning(
+            "tunnel %r: target %s:%d refused: %s", exp.name, exp.host, exp.port,
+            str(error) or type(error).__name__)
+        if carrier.streams.get(sid) is local:
+            carrier.reset(sid, "refused")
 
     def cut(self, *, key: bytes | None = None, service: str | None = None,
-            keep: Callable[[Carrier], bool] | None = None, why: str) -> int:
-        """Close the data connections of site ``key`` and/or of ``service`` (those ``keep``
-        does not keep): every stream on them is reset.  How many were closed."""
+            relay: bytes | None = None, keep: Callable[[Carrier], bool] | None = None,
+            why: str) -> int:
+        """Close the data connections of site ``key``, of ``service`` and/or through
+        ``relay`` (those ``keep`` does not keep): every stream on them is reset.  How many were
+        closed."""
         cut = 0
         for carrier in list(self.carriers):
             if key is not None and carrier.peer != key:
+                continue
+            if relay is not None and carrier.relay != relay:
                 continue
             if service is not None and carrier.service != service:
                 continue

@@ -201,10 +201,12 @@ class TunnelService:
     # -- cutting sites off -----------------------------------------------------------------
 
     def cut_member(self, key: bytes, reason: str) -> None:
-        """Reset every stream and close every data connection to or from site ``key``."""
+        """Reset every stream and close every data connection to or from site ``key``, or
+        relayed through it."""
         n = self.owning.cut(key=key, why=reason)
+        n += self.owning.cut(relay=key, why=f"the relay was {reason}")
         for (peer, _), tun in self.consumed.items():
-            if peer == key and tun.carrier is not None:
+            if tun.carrier is not None and key in (peer, tun.carrier.relay):
                 tun.cut(reason)
                 n += 1
         if n:
@@ -218,6 +220,9 @@ class TunnelService:
         gone = {c.peer for c in self.owning.carriers if not self.view.is_member(c.peer)}
         gone |= {p for (p, _), t in self.consumed.items()
                  if t.carrier is not None and not self.view.is_member(p)}
+        relays = {c.relay for c in self.owning.carriers} \
+            | {t.carrier.relay for t in self.consumed.values() if t.carrier is not None}
+        gone |= {r for r in relays if r is not None and not self.view.is_member(r)}
         for key in gone:
             self.cut_member(key, "no longer a member")
 
