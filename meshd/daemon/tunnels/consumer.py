@@ -175,6 +175,12 @@ class ConsumerTunnel:
             if not in_dial:
                 conn.send(link.HELLO, init.hello)
             keys = init.on_accept(bytes(await conn.expect(link.ACCEPT, timeout=timeout)))
+            relay = path.relay
+            if not self.ctx.view.is_member(self.peer) or (
+                    relay is not None and not self.ctx.view.is_member(relay)):
+                # revoked while the race ran: the cut has already happened, carry nothing
+                raise LocalError("the owner (or the relay) is no member any more",
+                                 reason="not-member")
             conn.trust()
             rtt = time.monotonic() - t0
         except asyncio.CancelledError:
