@@ -361,7 +361,10 @@ def test_a_slow_reader_slows_only_its_own_connection(trio: list[Site]) -> None:
         for _ in range(20):
             assert echo_once(echo_at, b"e" * 100_000) == b"e" * 100_000
         (tun,) = [t for t in alcf.json("tunnels") if t["service"] == "flood"]
-        assert tun["bytes"] < 8 << 20  # a window and the socket buffers, not 64 MiB
+        # one stream's window (grown to at most 4 MiB before the reader stopped) and the socket
+        # buffers on the way (kernel-tuned, a few MiB: 8 MiB was once reached exactly), not the
+        # data connection's 64 MiB
+        assert tun["bytes"] < 16 << 20
     grown = rss(alcf) - base[0], rss(aps) - base[1]
     assert max(grown) < 32 << 20, grown
 
