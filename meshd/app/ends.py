@@ -14,6 +14,7 @@ import zmq
 
 from meshd.app.batching import Batcher
 from meshd.app.client import Client
+from meshd.app.direct import DirectLink
 from meshd.app.message import Message, checked_messages
 from meshd.errors import ChannelClosed, LocalError, ProtocolError
 from meshd.local.ipc import ChannelEnd, unpack_end
@@ -147,6 +148,8 @@ class SenderEnd:
         self._sock.connect(info["endpoint"])
         self.ended: ChannelClosed | None = None
         """Why the channel ended on its own (revoked, no path), once a call found out."""
+        self._link = DirectLink(info["handover"], self.id) if info.get("handover") else None
+        """The data connection, when this process holds it (:mod:`meshd.app.direct`)."""
 
     def _check_ended(self) -> None:
         """Ask the daemon whether the channel ended (a send waits for room a long time):

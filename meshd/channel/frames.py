@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union, cast
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from meshd.errors import LocalError, ProtocolError
@@ -135,6 +136,7 @@ __all__ = [
     "Sealer",
     "aes_accelerated",
     "byte_view",
+    "frame_size",
     "local_cipher_preference",
 ]
 
@@ -187,6 +189,11 @@ class Frame:
     payload: Block
 
 
+def frame_size(payload_bytes: int) -> int:
+    """The size of the frame of a payload of ``payload_bytes``."""
+    return payload_bytes + FRAME_OVERHEAD
+
+
 def byte_view(payload: Buffer) -> memoryview:
     """A flat unsigned-byte view of ``payload`` (no copy); LocalError if not C-contiguous."""
     view = memoryview(cast(Any, payload))  # numpy's stubs lack __buffer__ before Python 3.12
@@ -219,15 +226,17 @@ class _Keyed:
         self.direction = direction
         self._cache: dict[int, Any] = {}
 
+    def _epoch_key(self, seq: int) -> bytes:
+        return hashlib.blake2b((seq >> EPOCH_BITS).to_bytes(8, "big"), digest_size=32,
+                               key=self._key, person=b"meshd-chan-epch").digest()
+
     def _aead(self, seq: int) -> Any:
         epoch = seq >> EPOCH_BITS
         aead = self._cache.get(epoch)
         if aead is None:
             if len(self._cache) >= 2:  # the current epoch and the one before (resends)
                 self._cache.pop(min(self._cache))
-            k = hashlib.blake2b(epoch.to_bytes(8, "big"), digest_size=32, key=self._key,
-                                person=b"meshd-chan-epch").digest()
-            aead = self._cache[epoch] = self._cls(k)
+            aead = self._cache[epoch] = self._cls(self._epoch_key(seq))
         return aead
 
     def __repr__(self) -> str:
@@ -267,6 +276,38 @@ class Sealer(_Keyed):
         out[:HEADER_SIZE] = header
         self._aead(seq).encrypt_into(_nonce(self.direction, kind, seq), view, header,
                                      memoryview(out)[HEADER_SIZE:])
+        return out
+
+    def seal_into(self, seq: int, parts: list[Buffer], out: Block) -> Block:
+        """:meth:`seal` of the concatenation of ``parts`` into ``out`` (a writable buffer of
+        exactly :func:`frame_size` bytes, which the caller may reuse once the frame is
+        acknowledged); returns ``out``.  AES-GCM seals the parts one after the other without
+        joining them (GCM is a stream mode: the bytes equal :meth:`seal`'s); ChaCha20-Poly1305
+        joins them first (one copy)."""
+        if not (0 <= seq < MAX_SEQ):
+            raise LocalError(f"seq {seq} outside 0..2**64-2", reason="bad-seq")
+        views = [byte_view(p) for p in parts]
+        n = sum(v.nbytes for v in views)
+        if n > MAX_PAYLOAD:
+            raise LocalError(f"payload of {n} bytes > {MAX_PAYLOAD}", reason="too-large")
+        dst = memoryview(out)
+        if dst.nbytes != HEADER_SIZE + n + TAG_SIZE:
+            raise LocalError("out is not the frame's size", reason="bad-buffer")
+        header = _HEADER.pack(VERSION, KIND_DATA, self.direction, 0, self.channel_id, seq, n)
+        dst[:HEADER_SIZE] = header
+        nonce = _nonce(self.direction, KIND_DATA, seq)
+        if len(views) == 1:
+            self._aead(seq).encrypt_into(nonce, views[0], header, dst[HEADER_SIZE:])
+        elif self._cls is AESGCM:
+            enc = Cipher(algorithms.AES(self._epoch_key(seq)), modes.GCM(nonce)).encryptor()
+            enc.authenticate_additional_data(header)
+            pos = HEADER_SIZE
+            for v in views:
+                pos += enc.update_into(v, dst[pos:pos + v.nbytes])
+            enc.finalize()
+            dst[pos:pos + TAG_SIZE] = enc.tag
+        else:
+            self._aead(seq).encrypt_into(nonce, b"".join(views), header, dst[HEADER_SIZE:])
         return out
 
     def seal_control(self, payload: Buffer) -> Block:

@@ -30,6 +30,7 @@ from meshd.channel.outbound import CLOSED, FAILED, OutboundConfig, SendingEnd
 from meshd.channel.paths import CancelAttempt, Path, PathKind, StartAttempt
 from meshd.channel.reliable import WouldBlock
 from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.handover import Lease, offer
 from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
 from meshd.local.ipc import read_batch
 from meshd.daemon.channels.reach import Reachability, now_ms
@@ -52,8 +53,15 @@ MAX_GONE = 1024
 class OutChannel:
     """The sending end of one channel (owned by the sending site)."""
 
-    def __init__(self, owner: Sending, name: str, peer: bytes, kinds: Iterable[PathKind]):
+    def __init__(self, owner: Sending, name: str, peer: bytes, kinds: Iterable[PathKind],
+                 handover: bool = False):
         self.owner = owner
+        self.handover = handover
+        """The application takes each connection (:mod:`.handover`) and sends itself."""
+        self.lease: Lease | None = None
+        self.app_gone = False
+        self.reported: dict[str, int] | None = None
+        """The counters the application last reported (a handed-over channel)."""
         self.ring: Ring | None = None
         """The application's shared-memory ring for big batches, once it hands one over
         (:meth:`ChannelService.attach_ring`, see :mod:`meshd.local.ring`)."""
@@ -199,6 +207,8 @@ class OutChannel:
             if item is not None:
                 self._on_record(conn, *item)
         self.pump()
+        if self.handover:
+            offer(self)
 
     def _lost(self, conn: DataConnection) -> None:
         if conn is not self.conn:
@@ -338,6 +348,8 @@ class OutChannel:
             self.ring.close()
         self._acked.set()  # a waiting flush sees the end
         self._writable.set()
+        if self.lease is not None:
+            self.lease.ended(self.core.end_reason or "closed", self.core.error or "closed")
 
 def path_text(ch: OutChannel) -> str:
     """How the channel goes now, in words (for the log)."""
@@ -366,6 +378,9 @@ def describe(ch: OutChannel) -> dict[str, Any]:
         "renegotiations": core.renegotiations,
         "setup_ms": None if core.setup_s is None else round(core.setup_s * 1000, 3),
         "buffered_bytes": core.sender.buffered_bytes,
+        **({"retransmits": ch.reported.get("retransmits", 0),
+            "buffered_bytes": ch.reported.get("buffered", 0)} if ch.reported else {}),
+        "handed_over": core.handed_over,
     }
 
 
@@ -394,8 +409,9 @@ class Sending:
     def name(self, key: bytes) -> str:
         return self.view.name_of(key)
 
-    def open(self, name: str, to: bytes, kinds: list[PathKind]) -> OutChannel:
-        ch = OutChannel(self, name, to, kinds)
+    def open(self, name: str, to: bytes, kinds: list[PathKind],
+             handover: bool = False) -> OutChannel:
+        ch = OutChannel(self, name, to, kinds, handover)
         self.out[ch.cid] = ch
         ch.start()
         return ch

@@ -1,0 +1,236 @@
+"""A handed-over channel in the application: the data connection, run in the caller's thread
+(blocking sockets; see :mod:`meshd.channel.stream` for the protocol and
+:mod:`meshd.local.handover` for the messages with the daemon).
+
+:class:`DirectLink` holds the hand-over socket to the daemon (for the channel's life: closing
+it tells the daemon the application is gone) and, once granted, the data socket.  ``send``
+seals into reused buffers and writes with ``sendmsg`` (record header and frame in one call);
+it reads the receiver's feedback opportunistically, and blocks on it when out of credit.  A
+broken connection (an error, end of file, an inauthentic record) goes back to the daemon, which
+races a path again and grants the resumed connection; the unacked frames are then resent.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any
+
+from meshd.channel.frames import Buffer
+from meshd.channel.reliable import WouldBlock
+from meshd.channel.stream import StreamSender
+from meshd.errors import ChannelClosed, LocalError, ProtocolError
+from meshd.local.handover import (MessageReader, decode_grant, recv_messages,
+                                  send_message)
+
+__all__ = ["DirectLink"]
+
+IO_TIMEOUT = 15.0
+"""Seconds a write may block before the connection counts as broken."""
+REPORT_EVERY = 0.5
+"""Seconds between counter reports to the daemon (for ``meshd channels``)."""
+_IOV = 512
+
+
+class DirectLink:
+    """The data side of one handed-over sending channel (not thread-safe: the caller locks)."""
+
+    def __init__(self, path: str, channel_id: str, *, window_bytes: int = 64 << 20) -> None:
+        self.channel_id = channel_id
+        self.core: StreamSender | None = None
+        self.sock: socket.socket | None = None
+        self.ended: ChannelClosed | None = None
+        self._window = window_bytes
+        self._lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._lease.connect(path)
+            send_message(self._lease, {"t": "take", "id": channel_id})
+        except OSError as exc:
+            self._lease.close()
+            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
+                             reason="handover") from None
+        self._reader = MessageReader()
+        self._fds: list[int] = []
+        self._reported = 0.0
+
+    # -- what a sender calls -------------------------------------------------------------------
+
+    def send(self, parts: list[Buffer], nbytes: int, count: int) -> None:
+        """Seal and write one batch; blocks while there is no connection or no credit."""
+        while True:
+            core = self._connected()
+            try:
+                core.send_batch(parts, nbytes, count, time.monotonic())
+                break
+            except WouldBlock:
+                self._wait(core.get_timer())
+        self._write()
+        self._poll(0.0)
+        self._report(False)
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait until the receiving daemon has acknowledged every batch sent; LocalError
+        (``timeout``) after ``timeout`` seconds, ChannelClosed if the channel ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            core = self._connected(deadline)
+            if core.all_acked:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LocalError(f"flush timed out: {core.acked_messages} of {core.messages}"
+                                 " messages acknowledged", reason="timeout")
+            timer = core.get_timer()
+            if deadline is not None:
+                timer = deadline if timer is None else min(timer, deadline)
+            self._wait(timer)
+        self._report(True)
+
+    def close(self) -> None:
+        """Write the channel's last record (if connected) and let go of both sockets."""
+        if self.sock is not None and self.core is not None and self.ended is None:
+            try:
+                self._sendall(self.core.close_frame())
+            except (OSError, LocalError):
+                pass
+        self._report(True)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._lease.close()
+
+    @property
+    def acked_messages(self) -> int:
+        return 0 if self.core is None else self.core.acked_messages
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _connected(self, deadline: float | None = None) -> StreamSender:
+        """The core, once a connection is granted (waits for one; ChannelClosed if the channel
+        ended, LocalError ``timeout`` past ``deadline``)."""
+        while self.sock is None or self.core is None:
+            if self.ended is not None:
+                raise self.ended
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise LocalError("no path to the receiver yet", reason="timeout")
+            ready, _, _ = select.select([self._lease], [], [], wait)
+            if ready:
+                self._read_lease()
+        if self.ended is not None:
+            raise self.ended
+        return self.core
+
+    def _read_lease(self) -> None:
+        try:
+            msgs = recv_messages(self._lease, self._reader, self._fds)
+        except (OSError, LocalError, ProtocolError) as exc:
+            self._end("failed", f"lost the daemon: {exc}")
+            return
+        for msg in msgs:
+            if msg["t"] == "grant" and self._fds:
+                self._granted(msg, self._fds.pop(0))
+            elif msg["t"] == "ended":
+                self._end(str(msg.get("reason", "failed")), str(msg.get("message", "")))
+
+    def _granted(self, msg: dict[str, Any], fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.settimeout(IO_TIMEOUT)
+        grant = decode_grant(msg)
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = sock
+        now = time.monotonic()
+        if self.core is None:
+            self.core = StreamSender(grant, now, window_bytes=self._window)
+        else:
+            self.core.resume(grant, now)
+        self._write()
+
+    def _end(self, reason: str, message: str) -> None:
+        if self.ended is None:
+            self.ended = ChannelClosed(f"the channel ended: {message}", reason=reason,
+                                       channel=self.channel_id)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _broken(self, why: str) -> None:
+        """The data connection broke: give the channel back to the daemon to resume."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.core is None or self.ended is not None:
+            return
+        ctl_seal, ctl_open = self.core.lost()
+        try:
+            send_message(self._lease, {"t": "lost", "cs": ctl_seal, "co": ctl_open})
+        except OSError as exc:
+            self._end("failed", f"lost the daemon: {exc}")
+
+    def _write(self) -> None:
+        if self.core is None or self.sock is None:
+            return
+        bufs = self.core.take_writes()
+        if bufs:
+            try:
+                self._sendall(bufs)
+            except OSError as exc:
+                self._broken(f"write: {exc}")
+
+    def _sendall(self, bufs: list[Buffer]) -> None:
+        assert self.sock is not None
+        views = [memoryview(b).cast("B") for b in bufs]  # type: ignore[arg-type]
+        i = 0
+        while i < len(views):
+            sent = self.sock.sendmsg(views[i:i + _IOV])
+            while sent and i < len(views):
+                n = views[i].nbytes
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+
+    def _wait(self, until: float | None) -> None:
+        """Wait for feedback (or the lease) until the core's timer, then run the timer."""
+        timeout = None if until is None else max(0.0, until - time.monotonic())
+        self._poll(timeout)
+        core = self.core
+        if core is not None and self.sock is not None:
+            core.handle_timer(time.monotonic())
+            self._write()
+
+    def _poll(self, timeout: float | None) -> None:
+        """Read what the receiver and the daemon sent, waiting at most ``timeout``."""
+        watch = [self._lease] + ([self.sock] if self.sock is not None else [])
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if self._lease in ready:
+            self._read_lease()
+        sock, core = self.sock, self.core
+        if sock is None or core is None or sock not in ready:
+            return
+        try:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise OSError("the connection was closed")
+            core.data_received(data, time.monotonic())
+        except (OSError, ProtocolError) as exc:
+            self._broken(str(exc))
+            return
+        self._write()
+
+    def _report(self, now_anyway: bool) -> None:
+        t = time.monotonic()
+        if self.core is None or (not now_anyway and t - self._reported < REPORT_EVERY):
+            return
+        self._reported = t
+        c = self.core.counters()
+        try:
+            send_message(self._lease, {"t": "count", "messages": c["messages"],
+                                       "bytes": c["bytes"], "acked": c["acked_messages"],
+                                       "retransmits": c["retransmits"],
+                                       "buffered": c["buffered_bytes"]})
+        except OSError:
+            pass
