@@ -30,29 +30,36 @@ IO_TIMEOUT = 15.0
 """Seconds a write may block before the connection counts as broken."""
 REPORT_EVERY = 0.5
 """Seconds between counter reports to the daemon (for ``meshd channels``)."""
+REJOIN_EVERY = 0.2
+"""Seconds between tries to reach a daemon that went away (to give it the channel back)."""
+REJOIN_FOR = 120.0
+"""Seconds a daemon may stay away before a channel that needs it fails."""
 _IOV = 512
 
 
 class DirectLink:
     """The data side of one handed-over sending channel (not thread-safe: the caller locks)."""
 
-    def __init__(self, path: str, channel_id: str, *, window_bytes: int = 64 << 20) -> None:
+    def __init__(self, path: str, channel_id: str, name: str, *,
+                 window_bytes: int = 64 << 20) -> None:
         self.channel_id = channel_id
+        self.name = name
         self.core: StreamSender | None = None
         self.sock: socket.socket | None = None
         self.ended: ChannelClosed | None = None
+        self._path = path
         self._window = window_bytes
-        self._lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._lease.connect(path)
-            send_message(self._lease, {"t": "take", "id": channel_id})
-        except OSError as exc:
-            self._lease.close()
-            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
-                             reason="handover") from None
+        self._lease: socket.socket | None = None
         self._reader = MessageReader()
         self._fds: list[int] = []
         self._reported = 0.0
+        self._gone_since: float | None = None  # the daemon went away (restarting?)
+        self._next_rejoin = 0.0
+        try:
+            self._lease = self._dial({"t": "take", "id": channel_id})
+        except OSError as exc:
+            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
+                             reason="handover") from None
 
     # -- what a sender calls -------------------------------------------------------------------
 
@@ -68,6 +75,8 @@ class DirectLink:
         self._write()
         self._poll(0.0)
         self._report(False)
+        if self._gone_since is not None:
+            self._rejoin(live=self.sock is not None)
 
     def flush(self, timeout: float | None) -> None:
         """Wait until the receiving daemon has acknowledged every batch sent; LocalError
@@ -97,7 +106,9 @@ class DirectLink:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        self._lease.close()
+        if self._lease is not None:
+            self._lease.close()
+            self._lease = None
 
     @property
     def acked_messages(self) -> int:
@@ -114,6 +125,11 @@ class DirectLink:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 raise LocalError("no path to the receiver yet", reason="timeout")
+            if self._lease is None:  # the daemon is away: wait for it to come back
+                self._rejoin(live=False)
+                if self._lease is None:
+                    time.sleep(REJOIN_EVERY if wait is None else min(wait, REJOIN_EVERY))
+                continue
             ready, _, _ = select.select([self._lease], [], [], wait)
             if ready:
                 self._read_lease()
@@ -121,11 +137,53 @@ class DirectLink:
             raise self.ended
         return self.core
 
+    def _dial(self, first: dict[str, Any]) -> socket.socket:
+        lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lease.connect(self._path)
+            send_message(lease, first)
+        except OSError:
+            lease.close()
+            raise
+        self._reader = MessageReader()
+        self._fds = []
+        return lease
+
+    def _daemon_left(self, why: str) -> None:
+        """The hand-over socket closed: the daemon stopped.  The connection, if any, goes on;
+        the channel goes back to the daemon when it returns (:meth:`_rejoin`)."""
+        if self._lease is not None:
+            self._lease.close()
+            self._lease = None
+        if self.core is None:
+            self._end("failed", f"lost the daemon before the channel opened: {why}")
+        elif self._gone_since is None:
+            self._gone_since = time.monotonic()
+
+    def _rejoin(self, live: bool) -> None:
+        """Give the channel to the daemon that came back (``live``: this end still holds a
+        working connection; else the daemon resumes the channel at once)."""
+        now = time.monotonic()
+        core = self.core
+        if core is None or self._gone_since is None or now < self._next_rejoin:
+            return
+        if now - self._gone_since > REJOIN_FOR:
+            self._end("failed", f"the daemon did not come back within {REJOIN_FOR:.0f} s")
+            return
+        self._next_rejoin = now + REJOIN_EVERY
+        try:
+            self._lease = self._dial({"t": "adopt", "id": self.channel_id, "name": self.name,
+                                      "live": live, **core.adoption()})
+        except OSError:
+            return
+        self._gone_since = None
+
     def _read_lease(self) -> None:
+        assert self._lease is not None
         try:
             msgs = recv_messages(self._lease, self._reader, self._fds)
         except (OSError, LocalError, ProtocolError) as exc:
-            self._end("failed", f"lost the daemon: {exc}")
+            self._daemon_left(str(exc))
             return
         for msg in msgs:
             if msg["t"] == "grant" and self._fds:
@@ -163,10 +221,12 @@ class DirectLink:
         if self.core is None or self.ended is not None:
             return
         ctl_seal, ctl_open = self.core.lost()
+        if self._lease is None:
+            return  # the daemon is away: it resumes the channel when it is back
         try:
             send_message(self._lease, {"t": "lost", "cs": ctl_seal, "co": ctl_open})
         except OSError as exc:
-            self._end("failed", f"lost the daemon: {exc}")
+            self._daemon_left(str(exc))
 
     def _write(self) -> None:
         if self.core is None or self.sock is None:
@@ -204,9 +264,13 @@ class DirectLink:
 
     def _poll(self, timeout: float | None) -> None:
         """Read what the receiver and the daemon sent, waiting at most ``timeout``."""
-        watch = [self._lease] + ([self.sock] if self.sock is not None else [])
+        watch = (([self._lease] if self._lease is not None else [])
+                 + ([self.sock] if self.sock is not None else []))
+        if not watch:
+            time.sleep(min(timeout if timeout is not None else REJOIN_EVERY, REJOIN_EVERY))
+            return
         ready, _, _ = select.select(watch, [], [], timeout)
-        if self._lease in ready:
+        if self._lease is not None and self._lease in ready:
             self._read_lease()
         sock, core = self.sock, self.core
         if sock is None or core is None or sock not in ready:
@@ -223,7 +287,8 @@ class DirectLink:
 
     def _report(self, now_anyway: bool) -> None:
         t = time.monotonic()
-        if self.core is None or (not now_anyway and t - self._reported < REPORT_EVERY):
+        if self.core is None or self._lease is None or (
+                not now_anyway and t - self._reported < REPORT_EVERY):
             return
         self._reported = t
         c = self.core.counters()

@@ -145,10 +145,12 @@ class SenderEnd:
         self._sock: Any = mesh._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, 8)
         self._sock.setsockopt(zmq.LINGER, -1)
-        self._sock.connect(info["endpoint"])
+        if not info.get("handover"):
+            self._sock.connect(info["endpoint"])
         self.ended: ChannelClosed | None = None
         """Why the channel ended on its own (revoked, no path), once a call found out."""
-        self._link = DirectLink(info["handover"], self.id) if info.get("handover") else None
+        self._link = (DirectLink(info["handover"], self.id, self.name)
+                      if info.get("handover") else None)
         """The data connection, when this process holds it (:mod:`meshd.app.direct`)."""
 
     def _check_ended(self) -> None:

@@ -267,6 +267,23 @@ class SendingEnd:
         feedback, self._resume_feedback = self._resume_feedback, None
         return start, self._opener.next_control_seq, feedback
 
+    def adopt(self, keys: ChannelKeys, ctl_seal: int, ctl_open: int, path: Path | None) -> None:
+        """Take a handed-over channel from an application that still holds its connection
+        (this daemon restarted, and with it went the channel): open over ``path``, no race
+        until :meth:`taken_back`.  ``ctl_seal``: the first control seq this core may use
+        (beyond any the application or an earlier daemon used); instead of :meth:`start`."""
+        if self.keys is not None or self.race.started:
+            raise LocalError("only a new channel can be adopted", reason="usage")
+        self.keys = keys
+        self._sealer = Sealer.for_channel(keys)
+        self._sealer.next_control_seq = ctl_seal
+        self._opener = Opener.for_channel(keys)
+        self._opener.next_control_seq = ctl_open
+        self.handed_over = True
+        self.connected = True
+        self.state = OPEN
+        self.path = path
+
     def taken_back(self, ctl_open: int, now: float) -> None:
         """The application's connection broke: race again and resume (the application's
         opener took control seqs up to ``ctl_open``)."""
@@ -328,6 +345,9 @@ class SendingEnd:
         return self._sealer.seal(seq, payload)
 
     def _renegotiate(self, now: float, reason: str) -> None:
+        if not self.race.started:  # adopted (see :meth:`adopt`): the first race of this daemon
+            self.race.start(now)
+            return
         if not self.race.done:
             return
         self.renegotiations += 1

@@ -68,6 +68,8 @@ class Grant:
     time)."""
     path: str
     """``direct``, ``reversed`` or ``relay``."""
+    peer: bytes = b""
+    """The receiving site's key (to give the channel to a restarted daemon)."""
     leftover: bytes = b""
     """Bytes the daemon read from the socket after the last whole record it took."""
 
@@ -158,6 +160,16 @@ class StreamSender:
         self.sender.handle_timer(now)
         self._pump()
 
+    def adoption(self) -> dict[str, object]:
+        """What a restarted daemon needs to take this channel on (see
+        :meth:`.outbound.SendingEnd.adopt`): the keys, the end of this end's control seq lease,
+        its opener's next control seq and the path."""
+        s, o = self.sealer, self.opener
+        return {"cipher": self._grant.cipher, "sk": self._grant.send_key,
+                "rk": self._grant.recv_key, "sd": s.direction, "rd": o.direction,
+                "ce": self._ctl_end, "co": o.next_control_seq, "path": self.path,
+                "peer": self._grant.peer}
+
     def lost(self) -> tuple[int, int]:
         """The connection broke: ``(ctl_seal, ctl_open)``, the next control seq this end would
         seal and the lowest one its opener takes, for the daemon that resumes the channel."""
@@ -193,6 +205,7 @@ class StreamSender:
     # -- internals -----------------------------------------------------------------------------
 
     def _adopt(self, grant: Grant) -> None:
+        self._grant = grant
         self.sealer.next_control_seq = grant.ctl_seal
         self._ctl_end = grant.ctl_seal + LEASE
         self.opener.next_control_seq = max(self.opener.next_control_seq, grant.ctl_open)

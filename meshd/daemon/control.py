@@ -17,7 +17,7 @@ from aiohttp import web
 
 from meshd.channel.control import check_name
 from meshd.daemon.admin import Admin
-from meshd.daemon.channels.outbound import describe as describe_sender
+from meshd.daemon.channels.listing import describe as describe_sender
 from meshd.daemon.channels.service import ChannelService
 from meshd.daemon.joins import Joins
 from meshd.daemon.membership import MembershipService

@@ -61,7 +61,8 @@ def encode_grant(g: Grant) -> dict[str, Any]:
                                           g.feedback.max_bytes, g.feedback.gap]
     return {"t": "grant", "cid": g.cid, "cipher": g.cipher, "sk": g.send_key, "rk": g.recv_key,
             "sd": g.send_direction, "rd": g.recv_direction, "cs": g.ctl_seal, "co": g.ctl_open,
-            "ms": g.max_seq, "mb": g.max_bytes, "fb": fb, "path": g.path, "left": g.leftover}
+            "ms": g.max_seq, "mb": g.max_bytes, "fb": fb, "path": g.path, "peer": g.peer,
+            "left": g.leftover}
 
 
 def decode_grant(m: dict[str, Any]) -> Grant:
@@ -73,7 +74,7 @@ def decode_grant(m: dict[str, Any]) -> Grant:
                      int(m["mb"]),
                      None if fb is None else Feedback(int(fb[0]), int(fb[1]), int(fb[2]),
                                                       bool(fb[3])),
-                     str(m["path"]), bytes(m["left"]))
+                     str(m["path"]), bytes(m["peer"]), bytes(m["left"]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 

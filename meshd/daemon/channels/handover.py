@@ -20,11 +20,14 @@ import time
 from pathlib import Path as FsPath
 from typing import Any, Protocol
 
+from meshd.channel.control import check_name
+from meshd.channel.handshake import ChannelKeys
 from meshd.channel.outbound import SendingEnd
-from meshd.channel.stream import Grant
+from meshd.channel.paths import Path, PathKind
+from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
 from meshd.daemon.tasks import TaskSet
-from meshd.errors import ProtocolError
+from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import MessageReader, encode_grant, pack, send_message
 
 log = logging.getLogger("meshd.daemon.channels.handover")
@@ -36,6 +39,7 @@ class OutChannel(Protocol):
 
     name: str
     cid: bytes
+    peer: bytes
     core: SendingEnd
     conn: DataConnection | None
     owner: Any
@@ -78,7 +82,7 @@ class Lease:
         max_seq, max_bytes = core.sender.credit
         grant = Grant(keys.channel_id, keys.cipher, keys.send_key, keys.recv_key,
                       keys.send_direction, keys.recv_direction, ctl_seal, ctl_open, max_seq,
-                      max_bytes, feedback, core.path.kind.value, left)
+                      max_bytes, feedback, core.path.kind.value, ch.peer, left)
         try:
             send_message(self.sock, encode_grant(grant), sock.fileno())
             self.owner.counters.count("handovers")
@@ -226,10 +230,17 @@ class Handovers:
                     return
                 msgs = reader.feed(data)
             first = msgs[0]
-            cid = bytes.fromhex(str(first.get("id", ""))) if first["t"] == "take" else b""
+            cid = bytes.fromhex(str(first.get("id", ""))) if first["t"] != "adopt" else b""
         except (OSError, ProtocolError, ValueError, asyncio.TimeoutError):
             sock.close()
             return
+        if first["t"] == "adopt":
+            try:
+                ch = self._adopt(first)
+            except (KeyError, TypeError, ValueError, LocalError) as exc:
+                log.info("refused to adopt a channel: %s", exc)
+                ch = None
+            cid = ch.cid if ch is not None else b""
         ch = self.sending.out.get(cid)
         why = ("not-found" if ch is None else "not-handover" if not ch.handover
                else "taken" if ch.lease is not None else None)
@@ -241,8 +252,28 @@ class Handovers:
             sock.close()
             return
         lease = ch.lease = Lease(self, sock, ch)
+        if first["t"] == "adopt" and not first.get("live"):
+            taken_back(ch, int(first["co"]))
         offer(ch)
         await lease.run()
+
+    def _adopt(self, m: dict[str, Any]) -> Any:
+        """A channel this daemon does not know from an application that holds its keys (the
+        daemon restarted under it); LocalError if it cannot be taken on."""
+        cid, peer, name = bytes.fromhex(str(m["id"])), bytes(m["peer"]), str(m["name"])
+        if cid in self.sending.out:
+            raise LocalError("that channel is open here", reason="conflict")
+        if not self.sending.view.is_member(peer):
+            raise LocalError("the receiver is no member", reason="not-member")
+        check_name(name)
+        keys = ChannelKeys(cid, True, peer, int(m["cipher"]), int(m["sd"]), int(m["rd"]), b"",
+                           bytes(m["sk"]), bytes(m["rk"]))
+        path = str(m["path"])
+        self.counters.count("adopted")
+        log.info("channel %r to %s: taken on from its application", name,
+                 self.sending.name(peer))
+        return self.sending.adopt(name, peer, cid, keys, int(m["ce"]) + LEASE, int(m["co"]),
+                                  Path(PathKind(path)) if path != "relay" else None)
 
     def close(self) -> None:
         if self._listener is not None:

@@ -34,7 +34,7 @@ from meshd.channel import control, link
 from meshd.channel.control import DialRequest, ReachReport, ReachRequest, RelayNotice, check_name
 from meshd.channel.frames import Block
 from meshd.channel.paths import PathKind
-from meshd.daemon.channels import ipc, outbound
+from meshd.daemon.channels import ipc, listing
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.handover import Handovers
 from meshd.daemon.channels.inbound import ReceiverPort, Receiving
@@ -298,5 +298,5 @@ class ChannelService:
         self.receiving.close_receiver(name)
 
     def describe(self) -> list[dict[str, Any]]:
-        out = [outbound.describe(c) for c in self.out.values()]
+        out = [listing.describe(c) for c in self.out.values()]
         return out + self.receiving.describe() + self.relay.describe()
