@@ -30,6 +30,8 @@ IO_TIMEOUT = 15.0
 """Seconds a write may block before the connection counts as broken."""
 REPORT_EVERY = 0.5
 """Seconds between counter reports to the daemon (for ``meshd channels``)."""
+EARLY_BATCHES = 8
+"""Batches that may wait for the channel's first connection before ``send`` blocks."""
 REJOIN_EVERY = 0.2
 """Seconds between tries to reach a daemon that went away (to give it the channel back)."""
 REJOIN_FOR = 120.0
@@ -53,6 +55,7 @@ class DirectLink:
         self._reader = MessageReader()
         self._fds: list[int] = []
         self._reported = 0.0
+        self._early: list[tuple[list[Buffer], int, int]] = []  # batches before the first grant
         self._gone_since: float | None = None  # the daemon went away (restarting?)
         self._next_rejoin = 0.0
         try:
@@ -64,7 +67,18 @@ class DirectLink:
     # -- what a sender calls -------------------------------------------------------------------
 
     def send(self, parts: list[Buffer], nbytes: int, count: int) -> None:
-        """Seal and write one batch; blocks while there is no connection or no credit."""
+        """Seal and write one batch; blocks while there is no credit.  Before the first
+        connection (there are no keys to seal with yet) up to :data:`EARLY_BATCHES` batches
+        wait here, as they would in the daemon; then ``send`` blocks until it is granted."""
+        if self.core is None:
+            if len(self._early) < EARLY_BATCHES:
+                self._early.append((parts, nbytes, count))
+                self._poll(0.0)
+                return
+            self._connected()
+        self._send(parts, nbytes, count)
+
+    def _send(self, parts: list[Buffer], nbytes: int, count: int) -> None:
         while True:
             core = self._connected()
             try:
@@ -84,7 +98,7 @@ class DirectLink:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             core = self._connected(deadline)
-            if core.all_acked:
+            if core.all_acked and not self._early:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise LocalError(f"flush timed out: {core.acked_messages} of {core.messages}"
@@ -201,6 +215,10 @@ class DirectLink:
         now = time.monotonic()
         if self.core is None:
             self.core = StreamSender(grant, now, window_bytes=self._window)
+            self._write()
+            early, self._early = self._early, []
+            for batch in early:
+                self._send(*batch)
         else:
             self.core.resume(grant, now)
         self._write()
