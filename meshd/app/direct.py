@@ -133,6 +133,9 @@ class DirectLink:
     def _connected(self, deadline: float | None = None) -> StreamSender:
         """The core, once a connection is granted (waits for one; ChannelClosed if the channel
         ended, LocalError ``timeout`` past ``deadline``)."""
+        if self._lease is not None and self.ended is None and select.select(
+                [self._lease], [], [], 0)[0]:
+            self._read_lease()  # a channel that ended says so at the next call
         while self.sock is None or self.core is None:
             if self.ended is not None:
                 raise self.ended

@@ -83,7 +83,7 @@ class Config:
     application's next send, flush or close raises ChannelClosed (reason ``no-path``); what the
     receiver has not acknowledged is then dropped. 0: retry for ever."""
 
-    channel_handover: bool = False
+    channel_handover: bool = True
     """Hand each outgoing channel's data connection and keys to the sending application, which
     then seals and sends the data itself (the daemon keeps choosing and resuming the path).
     False: every channel's data goes through this daemon. An application can also ask for the
