@@ -283,10 +283,14 @@ def _api() -> Callable[..., Any]:
 # --- channel apps (each runs in its own spawned process) ---------------------------------------
 
 def _recv(rx: Any, timeout: float) -> Any:
-    """``rx.recv(timeout=...)``; None on a timeout (returned as None or raised as TimeoutError)."""
+    """``rx.recv(timeout=...)``; None on a timeout (returned as None or raised as TimeoutError)
+    and once the sender closed the channel (a handed-over sender's CTRL_CLOSE can reach the
+    receiver before the bench hears that the sender is done)."""
+    import meshd
+
     try:
         return rx.recv(timeout=timeout)
-    except TimeoutError:
+    except (TimeoutError, meshd.ChannelClosed):
         return None
 
 
