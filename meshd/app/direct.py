@@ -196,6 +196,15 @@ class DirectLink:
         self._gone_since = None
 
     def _read_lease(self) -> None:
+        """Take every message the daemon has sent (a read stops at a message that carries a
+        descriptor, so an ``ended`` right behind a grant needs another read)."""
+        self._read_lease_once()
+        for _ in range(64):
+            if self._lease is None or not select.select([self._lease], [], [], 0)[0]:
+                return
+            self._read_lease_once()
+
+    def _read_lease_once(self) -> None:
         assert self._lease is not None
         try:
             msgs = recv_messages(self._lease, self._reader, self._fds)

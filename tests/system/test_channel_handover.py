@@ -14,6 +14,7 @@ import textwrap
 from typing import Any
 
 import numpy as np
+import pytest
 
 import meshd
 from meshd.testing.processes import wait_until
@@ -87,21 +88,32 @@ def test_a_broken_connection_resumes_through_the_daemon_with_nothing_lost(sites:
         assert inc["duplicates"] >= 0 and inc["messages"] == n
 
 
+@pytest.mark.parametrize("how", ["kill", "stop"])
 def test_the_sending_daemon_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
-        sites: Any) -> None:
+        sites: Any, how: str) -> None:
+    """``kill``: SIGKILL; ``stop``: SIGTERM, a clean stop, which must not end the channels
+    that applications hold either."""
     a, b = mesh_of(sites, "aps", "alcf", configs=HANDOVER)
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
         rx = mb.receiver("frames")
         tx = ma.sender("frames", to="alcf")
         n = _send(tx, 0, 100)
-        a.kill()
+        if how == "kill":
+            a.kill()
+        else:
+            assert a.stop() == 0
         n = _send(tx, n, 100)  # the application's connection does not need its daemon
         tx.flush(timeout=60)
         a.start()
         n = _send(tx, n, 100)
-        wait_until(lambda: [c for c in a.client.channels() if c["direction"] == "out"
-                            and c["acked_messages"] >= 200], 30,
-                   "the restarted daemon to list the channel it took on")
+
+        def listed() -> bool:  # the application offers the channel back while it sends
+            nonlocal n
+            n = _send(tx, n, 1)
+            return any(c["direction"] == "out" and c["acked_messages"] >= 200
+                       for c in a.client.channels())
+
+        wait_until(listed, 30, "the restarted daemon to list the channel it took on")
         _break(tx)  # now the restarted daemon must resume it
         n = _send(tx, n, 100)
         tx.flush(timeout=60)

@@ -105,6 +105,10 @@ class ChannelService:
 
     async def stop(self) -> None:
         self.handovers.close()
+        for ch in self.out.values():  # their applications go on and give them to the next daemon
+            if ch.lease is not None and ch.core.handed_over:
+                ch.lease.close()
+                ch.lease = None
         self.sending.close_all()
         self.receiving.close()
         self.relay.close()
