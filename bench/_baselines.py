@@ -75,6 +75,7 @@ def count_window(recv: Callable[[float], tuple[int, Any] | None], seconds: float
     """
     clock = time.perf_counter
     start = clock()
+    first_ns = 0
     last_seen = start
     first_t = None
     nbytes = messages = 0
@@ -93,16 +94,75 @@ def count_window(recv: Callable[[float], tuple[int, Any] | None], seconds: float
         if first_t is None:
             if now - start >= warmup:
                 first_t = now
+                first_ns = mono_ns()
                 check(item)
             continue
         nbytes += n
         messages += 1
         if now - first_t >= seconds:
             break
+    end_ns = mono_ns()
     check(item)
     dt = now - first_t
     return {"bytes": nbytes, "messages": messages, "seconds": round(dt, 4),
-            "MBps": nbytes / dt / 1e6, "msgs_per_s": messages / dt}
+            "MBps": nbytes / dt / 1e6, "msgs_per_s": messages / dt,
+            "window_ns": [first_ns, end_ns]}
+
+
+def mono_ns() -> int:
+    """CLOCK_MONOTONIC in ns: one clock for every process of the host."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of process ``pid`` (clock ticks), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuSampler:
+    """Samples the CPU time of some processes (``{role: pid}``) every ``interval`` seconds in a
+    thread, so that the CPU spent inside a receiver's counting window can be read afterwards
+    (:meth:`per_gb`)."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.05) -> None:
+        import threading
+
+        self.pids = pids
+        self.samples: list[tuple[int, dict[str, int | None]]] = []
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((mono_ns(), {r: _cpu_ticks(p) for r, p in self.pids.items()}))
+            self._stop.wait(self._interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def per_gb(self, window_ns: list[int], mbps: float) -> dict[str, float | None]:
+        """CPU seconds per GB (10**9 payload bytes) of each process inside the window."""
+        t0, t1 = window_ns
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2 or mbps <= 0:
+            return {r: None for r in self.pids}
+        (a_t, a), (b_t, b) = inside[0], inside[-1]
+        span = (b_t - a_t) / 1e9
+        tick = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float | None] = {}
+        for r in self.pids:
+            x, y = a.get(r), b.get(r)
+            out[r] = (None if x is None or y is None
+                      else round((y - x) / tick / span / (mbps / 1e3), 3))
+        return out
 
 
 def drain(recv: Callable[[float], Any], sender_done: Any) -> None:
@@ -211,6 +271,10 @@ class Pair:
     def start_sender(self, fn: Callable[..., Any], *args: Any) -> None:
         self._start("sender", fn, args)
 
+    def pids(self) -> dict[str, int]:
+        """``{"sender_app": pid, "receiver_app": pid}`` of the apps started."""
+        return {f"{r}_app": p.pid for r, p in self._procs.items()}
+
     def wait(self) -> tuple[dict[str, Any], dict[str, Any]]:
         self._next(lambda: all("result" in self._results.get(r, {})
                                for r in ("receiver", "sender")), self.timeout)
@@ -293,17 +357,27 @@ def zmq_sender(stop: Any, addr: str, size: int) -> dict[str, Any]:
 
 
 def zmq_window(size: int, seconds: float) -> dict[str, Any]:
-    """Raw pyzmq PUSH -> PULL over tcp loopback, app process to app process: the window."""
+    """Raw pyzmq PUSH -> PULL over tcp loopback, app process to app process: the window, with
+    ``cpu_s_per_GB`` of each app (and 0 for the daemons a channel would add)."""
     with Pair(timeout=seconds + 90) as pair:
         port = pair.start_receiver(zmq_receiver, size, seconds)
         pair.start_sender(zmq_sender, f"tcp://127.0.0.1:{port}", size)
-        rx, _ = pair.wait()
+        sampler = CpuSampler(pair.pids())
+        try:
+            rx, _ = pair.wait()
+        finally:
+            sampler.stop()
+    rx["cpu_s_per_GB"] = {**sampler.per_gb(rx["window_ns"], rx["MBps"]),
+                          "sending_daemon": 0.0, "receiving_daemon": 0.0}
     return rx
 
 
-def measure_raw(size: int, seconds: float) -> float:
-    """MB/s of raw pyzmq, ``size``-byte frames."""
-    return float(zmq_window(size, seconds)["MBps"])
+def measure_raw(size: int, seconds: float, cpu: dict[str, Any] | None = None) -> float:
+    """MB/s of raw pyzmq, ``size``-byte frames (``cpu``: filled with CPU-s/GB per role)."""
+    rx = zmq_window(size, seconds)
+    if cpu is not None:
+        cpu.update(rx["cpu_s_per_GB"])
+    return float(rx["MBps"])
 
 
 def measure_small_raw(seconds: float) -> float:

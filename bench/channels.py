@@ -2,6 +2,7 @@
 
     python bench/channels.py [--json] [--seconds 3] [--sizes 64KiB,1MiB,16MiB]
                              [--only raw,stunnel,direct,relay,small,setup] [--setup-runs 50]
+                             [--via-daemon] [--no-cipher]
 
 Needs ``stunnel`` for the stunnel column (``apt-get install -y stunnel4``; without it that column
 says "not installed" and the rest runs) and ``cryptography`` (its throwaway certificate).
@@ -28,6 +29,15 @@ has no gap), then drains until the sender stops.  A channel figure also checks, 
 sender's ``mesh.channels()``, that the channel took the path the column names.  The three
 daemons (``meshd run``, one state dir each in a temporary directory, on loopback, mDNS off) are
 started only for the channel columns, after the baselines, and stopped at the end.
+
+``cpu_s_per_GB``: per frame size, for ``raw_pyzmq`` and ``direct``, the CPU seconds each
+process spent per GB (10**9 payload bytes) inside the receiver's counting window:
+``sender_app``, ``receiver_app``, ``sending_daemon``, ``receiving_daemon`` (0 for raw pyzmq,
+which has no daemons), sampled from ``/proc/PID/stat`` every 50 ms.  The sites hand each
+channel's connection to the sending app (``channel_handover = true``) unless ``--via-daemon``;
+``--no-cipher`` replaces the AEAD in every process the bench starts by a copy (a
+``sitecustomize`` on ``PYTHONPATH``: the bench only, never the product), to show what the
+cipher costs.
 
 A column that fails gives ``{"error": "..."}`` in its place and the run goes on; a column left
 out with ``--only`` is ``null``.  This is a benchmark, not a test: figures vary with the machine
@@ -61,6 +71,7 @@ sys.path.insert(0, str(HERE))
 import numpy as np
 import zmq
 from _baselines import (
+    CpuSampler,
     Pair,
     Unavailable,
     check_every,
@@ -86,6 +97,56 @@ SITES: dict[str, dict[str, Any]] = {
 }
 """The bench mesh: each site's config changes (``discovery = false`` for all)."""
 MESH_TIMEOUT = 60.0
+HANDOVER = [True]
+"""``channel_handover`` of the bench sites (``--via-daemon`` sets it False)."""
+
+NULL_CIPHER = '''"""bench/channels.py --no-cipher: frames are copied, not encrypted (never outside the bench)."""
+import meshd.channel.frames as f
+
+
+class NullAead:
+    def __init__(self, key):
+        pass
+
+    def encrypt_into(self, nonce, data, aad, out):
+        n = memoryview(data).nbytes
+        view = memoryview(out).cast("B")
+        view[:n] = memoryview(data).cast("B")
+        view[n:n + 16] = bytes(16)
+
+    def decrypt_into(self, nonce, data, aad, out):
+        view = memoryview(out).cast("B")
+        view[:] = memoryview(data).cast("B")[:view.nbytes]
+
+
+def seal_into(self, seq, parts, out):
+    views = [f.byte_view(p) for p in parts]
+    n = sum(v.nbytes for v in views)
+    dst = memoryview(out)
+    dst[:f.HEADER_SIZE] = f._HEADER.pack(f.VERSION, f.KIND_DATA, self.direction, 0,
+                                         self.channel_id, seq, n)
+    pos = f.HEADER_SIZE
+    for v in views:
+        dst[pos:pos + v.nbytes] = v
+        pos += v.nbytes
+    dst[pos:pos + 16] = bytes(16)
+    return out
+
+
+f.CIPHERS[f.AES256GCM] = f.CIPHERS[f.CHACHA20POLY1305] = NullAead
+f.Sealer.seal_into = seal_into
+'''
+
+
+def no_cipher() -> str:
+    """Make every process this bench starts from now on copy frames instead of encrypting them
+    (a ``sitecustomize`` on ``PYTHONPATH``); the directory to remove afterwards."""
+    where = tempfile.mkdtemp(prefix="meshd-bench-nocipher-")
+    Path(where, "sitecustomize.py").write_text(NULL_CIPHER)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [where, str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+            os.pathsep) if p])
+    return where
 
 
 # --- the mesh ----------------------------------------------------------------------------------
@@ -131,7 +192,8 @@ class DemoMesh:
         try:
             for name, changes in self.sites.items():
                 init_site(Home(self.home(name)), name, "127.0.0.1:0")
-                set_config(self.home(name) / "config.toml", discovery=False, **changes)
+                set_config(self.home(name) / "config.toml", discovery=False,
+                           channel_handover=HANDOVER[0], **changes)
                 self.procs[name] = start_daemon(self.home(name), self.home(name) / "daemon.log")
             clients = {n: Client(self.home(n)) for n in self.sites}
             for name, client in clients.items():
@@ -221,10 +283,14 @@ def _api() -> Callable[..., Any]:
 # --- channel apps (each runs in its own spawned process) ---------------------------------------
 
 def _recv(rx: Any, timeout: float) -> Any:
-    """``rx.recv(timeout=...)``; None on a timeout (returned as None or raised as TimeoutError)."""
+    """``rx.recv(timeout=...)``; None on a timeout (returned as None or raised as TimeoutError)
+    and once the sender closed the channel (a handed-over sender's CTRL_CLOSE can reach the
+    receiver before the bench hears that the sender is done)."""
+    import meshd
+
     try:
         return rx.recv(timeout=timeout)
-    except TimeoutError:
+    except (TimeoutError, meshd.ChannelClosed):
         return None
 
 
@@ -299,13 +365,19 @@ def _channel_window(mesh: DemoMesh, sender: str, size: int, seconds: float,
     with Pair(timeout=seconds + 120) as pair:
         pair.start_receiver(channel_receiver, str(mesh.home(RECEIVER)), name, size, seconds)
         pair.start_sender(channel_sender, str(mesh.home(sender)), name, RECEIVER, size)
+        sampler = CpuSampler({**pair.pids(), "sending_daemon": mesh.procs[sender].pid,
+                              "receiving_daemon": mesh.procs[RECEIVER].pid})
         try:
             rx, tx = pair.wait()
         except (RuntimeError, TimeoutError) as exc:
             raise type(exc)(f"{exc}{_channel_state(mesh, sender, name)}") from None
+        finally:
+            sampler.stop()
     row = tx["channel"] or {}
     if row.get("path") != path:
         raise RuntimeError(f"the channel took path {row.get('path')!r}, not {path!r}: {row}")
+    rx["cpu_s_per_GB"] = sampler.per_gb(rx["window_ns"], rx["MBps"])
+    rx["handed_over"] = bool(row.get("handed_over"))
     return rx
 
 
@@ -337,10 +409,14 @@ def _with_mesh(mesh: DemoMesh | None, fn: Callable[[DemoMesh], Any]) -> Any:
         own.close()
 
 
-def measure_direct(size: int, seconds: float, mesh: DemoMesh | None = None) -> float:
-    """MB/s of a direct channel site-r -> site-b, ``size``-byte float32 arrays."""
-    return float(_with_mesh(mesh, lambda m: _channel_window(m, DIRECT_FROM, size, seconds,
-                                                            "direct"))["MBps"])
+def measure_direct(size: int, seconds: float, mesh: DemoMesh | None = None,
+                   cpu: dict[str, Any] | None = None) -> float:
+    """MB/s of a direct channel site-r -> site-b, ``size``-byte float32 arrays (``cpu``: filled
+    with CPU-s/GB per process role)."""
+    rx = _with_mesh(mesh, lambda m: _channel_window(m, DIRECT_FROM, size, seconds, "direct"))
+    if cpu is not None:
+        cpu.update(rx["cpu_s_per_GB"])
+    return float(rx["MBps"])
 
 
 def measure_relay(size: int, seconds: float, mesh: DemoMesh | None = None) -> float:
@@ -523,6 +599,7 @@ def run(sizes: list[int], seconds: float, only: set[str], setup_runs: int,
     tp: dict[str, dict[str, Any]] = {str(s): {"raw_pyzmq": None, "stunnel": None, "direct": None,
                                               "relay": None} for s in sizes}
     small: dict[str, Any] = {"raw_pyzmq": None, "direct": None}
+    cpu: dict[str, dict[str, Any]] = {str(s): {"raw_pyzmq": None, "direct": None} for s in sizes}
     setup: dict[str, Any] = {"direct": None}
     mesh = LazyMesh()
     load = os.getloadavg()[0]
@@ -538,13 +615,21 @@ def run(sizes: list[int], seconds: float, only: set[str], setup_runs: int,
         for col, key, fn in baselines:
             if col in only:
                 for s in sizes:
-                    tp[str(s)][key] = step(f"{key} {s}", functools.partial(fn, s, seconds))
+                    roles: dict[str, Any] = {}
+                    tp[str(s)][key] = step(f"{key} {s}", functools.partial(
+                        fn, s, seconds, **({"cpu": roles} if key == "raw_pyzmq" else {})))
+                    if key == "raw_pyzmq" and roles:
+                        cpu[str(s)]["raw_pyzmq"] = roles
         if "small" in only:
             small["raw_pyzmq"] = step("raw_pyzmq 64 B msgs/s", lambda: measure_small_raw(seconds))
         if "direct" in only:
             for s in sizes:
+                roles = {}
                 tp[str(s)]["direct"] = step(f"direct {s}", functools.partial(
-                    _on_mesh, measure_direct, mesh, s, seconds))
+                    _on_mesh, functools.partial(measure_direct, cpu=roles), mesh, s, seconds))
+                if roles:
+                    cpu[str(s)]["direct"] = roles
+                    progress(f"  CPU-s/GB {roles}")
         if "small" in only:
             small["direct"] = step("direct 64 B msgs/s", functools.partial(
                 _on_mesh, measure_small_direct, mesh, seconds))
@@ -562,7 +647,7 @@ def run(sizes: list[int], seconds: float, only: set[str], setup_runs: int,
                   "direct_vs_stunnel": _ratio(v["direct"], v["stunnel"])} for k, v in tp.items()}
     return {"machine": {**machine(), "loadavg_1min_at_start": round(load, 2)}, "seconds": seconds,
             "throughput_MBps": tp, "ratios": ratios, "small_64B_msgs_per_s": small,
-            "setup_ms": setup}
+            "setup_ms": setup, "cpu_s_per_GB": cpu}
 
 
 def _on_mesh(fn: Callable[..., Any], lazy: LazyMesh, *args: Any) -> Any:
@@ -637,7 +722,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", type=lambda t: {x.strip() for x in t.split(",") if x.strip()},
                    default=set(COLUMNS), help=f"some of {','.join(COLUMNS)} (default: all)")
     p.add_argument("--setup-runs", type=int, default=50)
+    p.add_argument("--via-daemon", action="store_true",
+                   help="channels carry their data through the daemons (channel_handover off)")
+    p.add_argument("--no-cipher", action="store_true",
+                   help="the channels' frames are copied, not encrypted (the bench only:"
+                        " what is left without the cipher)")
     args = p.parse_args(argv)
+    HANDOVER[0] = not args.via_daemon
+    nocipher = no_cipher() if args.no_cipher else None
     if unknown := args.only - set(COLUMNS):
         p.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(COLUMNS)}")
     if args.seconds <= 0 or args.setup_runs < 1 or not args.sizes:
@@ -647,7 +739,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"  {text}", file=sys.stderr, flush=True)
 
-    report = run(args.sizes, args.seconds, args.only, args.setup_runs, progress)
+    try:
+        report = run(args.sizes, args.seconds, args.only, args.setup_runs, progress)
+    finally:
+        if nocipher:
+            shutil.rmtree(nocipher, ignore_errors=True)
+    report["handover"] = HANDOVER[0]
+    report["cipher"] = not args.no_cipher
     if args.json:
         print(json.dumps(report))
     else:

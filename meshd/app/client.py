@@ -154,9 +154,12 @@ class Client:
         """Channels at this site: outgoing, incoming and relayed."""
         return self._call("GET", api.CHANNELS)  # type: ignore[no-any-return]
 
-    def open_sender(self, name: str, to: str, paths: list[str] | None = None) -> dict[str, Any]:
+    def open_sender(self, name: str, to: str, paths: list[str] | None = None,
+                    handover: bool = False) -> dict[str, Any]:
+        """``handover``: ask to take the data connection (the answer's ``handover`` is the
+        hand-over socket's path if granted, else null)."""
         return self._call("POST", api.CHANNELS, {"name": name, "to": to,  # type: ignore[no-any-return]
-                                                 "paths": paths})
+                                                 "paths": paths, "handover": handover})
 
     def attach_ring(self, channel_id: str, path: str) -> dict[str, Any]:
         """Hand a sender's shared-memory ring (a file path) to the daemon; ``{"ring": bool}``."""

@@ -14,6 +14,7 @@ import zmq
 
 from meshd.app.batching import Batcher
 from meshd.app.client import Client
+from meshd.app.direct import DirectLink
 from meshd.app.message import Message, checked_messages
 from meshd.errors import ChannelClosed, LocalError, ProtocolError
 from meshd.local.ipc import ChannelEnd, unpack_end
@@ -141,12 +142,17 @@ class SenderEnd:
         self.name: str = info["name"]
         self.peer: str = info["peer"]
         self._core = Batcher(linger, ring_bytes)
-        self._sock: Any = mesh._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, 8)
-        self._sock.setsockopt(zmq.LINGER, -1)
-        self._sock.connect(info["endpoint"])
+        self._sock: Any = None  # the PUSH socket to the daemon (not on a handed-over channel)
+        if not info.get("handover"):
+            self._sock = mesh._ctx.socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.SNDHWM, 8)
+            self._sock.setsockopt(zmq.LINGER, -1)
+            self._sock.connect(info["endpoint"])
         self.ended: ChannelClosed | None = None
         """Why the channel ended on its own (revoked, no path), once a call found out."""
+        self._link = (DirectLink(info["handover"], self.id, self.name)
+                      if info.get("handover") else None)
+        """The data connection, when this process holds it (:mod:`meshd.app.direct`)."""
 
     def _check_ended(self) -> None:
         """Ask the daemon whether the channel ended (a send waits for room a long time):
@@ -178,7 +184,8 @@ class SenderEnd:
 
     def _release(self) -> None:
         """Close the socket (what it holds still goes, for two seconds) and the ring."""
-        self._sock.close(linger=2000)
+        if self._sock is not None:
+            self._sock.close(linger=2000)
         if self._core.ring is not None:
             self._core.ring.close()
 

@@ -19,6 +19,7 @@ from meshd.app.client import Client
 from meshd.app.ends import (STALL_CHECK, FlushWait, MeshEnd, ReceiverEnd, SenderEnd,
                             TimeoutLater, open_receiver, start_ring)
 from meshd.app.message import Message, encode
+from meshd.channel.batch import pack_parts
 from meshd.errors import ChannelClosed, LocalError
 
 __all__ = ["Mesh", "Receiver", "Sender", "connect"]
@@ -40,11 +41,14 @@ class Mesh(MeshEnd):
         self.close()
 
     def sender(self, name: str, *, to: str, paths: list[str] | None = None,
-               linger: float = 0.002, ring_bytes: int = RING_BYTES) -> Sender:
+               linger: float = 0.002, ring_bytes: int = RING_BYTES,
+               via_daemon: bool = False) -> Sender:
         """A sender on channel ``name`` to site ``to`` (a name or site id).  ``paths`` limits the
         path kinds (``direct``, ``reversed``, ``relay``) within what the site allows.
-        ``ring_bytes``: shared memory for big messages on their way to the daemon (0: none)."""
-        info = self.client.open_sender(name, to, paths)
+        ``ring_bytes``: shared memory for big messages on their way to the daemon (0: none).
+        Where the site's ``channel_handover`` allows, this process takes the data connection
+        and seals and sends the data itself; ``via_daemon``: let the daemon carry it."""
+        info = self.client.open_sender(name, to, paths, handover=not via_daemon)
         tx = Sender(self, info, linger, ring_bytes)
         self._open.append(tx)
         return tx
@@ -115,6 +119,13 @@ class Sender(SenderEnd):
             self._ship(b)
 
     def _ship(self, b: Batch) -> None:
+        if self._link is not None:
+            parts, nbytes = pack_parts(b.messages)
+            try:
+                self._link.send(parts, nbytes, len(b.messages))
+            except ChannelClosed as exc:
+                raise self._ended(exc) from None
+            return
         wanted = self._core.ring_wanted(b)
         if wanted:
             self._core.ring = start_ring(self._mesh.client, self.id, wanted)
@@ -147,6 +158,12 @@ class Sender(SenderEnd):
                 raise self.ended
             self._push_locked()
             target = self.sent
+            if self._link is not None:
+                try:
+                    self._link.flush(timeout)
+                except ChannelClosed as exc:
+                    raise self._ended(exc) from None
+                return
         wait = FlushWait(timeout, time.monotonic())
         while True:
             try:
@@ -186,6 +203,8 @@ class Sender(SenderEnd):
         with self._lock:
             self._closed = True
             self._lock.notify()
+            if self._link is not None:
+                self._link.close()
         self._release()
         try:
             self._mesh.client.close_sender(self.id)

@@ -27,7 +27,7 @@ from meshd.errors import LocalError, ProtocolError
 from .frames import MAX_PAYLOAD
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "MAX_MESSAGE_BYTES", "check", "offsets",
-           "pack", "pack_into", "payload_size", "split"]
+           "pack", "pack_into", "pack_parts", "payload_size", "split"]
 
 MAX_MESSAGE_BYTES = 1 << 24
 """Largest array or byte string one message may carry (16 MiB); split larger data."""
@@ -84,6 +84,40 @@ def pack_into(target: memoryview, messages: Sequence[tuple[Any, Any]]) -> None:
         pos += h.nbytes
         target[pos:pos + b.nbytes] = b
         pos += b.nbytes
+
+
+def pack_parts(messages: Sequence[tuple[Any, Any]], big: int = 64 << 10) -> tuple[list[Any], int]:
+    """The payload :func:`pack` would return, as buffers to be read one after the other (the
+    bodies of ``big`` bytes or more are not copied), and its size."""
+    if all(type(b) is bytes or memoryview(b).nbytes < big for _, b in messages):
+        data = pack(messages)  # small bodies (the client's are bytes): one join is cheapest
+        return [data], len(data)
+    views = [(memoryview(h).cast("B"), memoryview(b).cast("B")) for h, b in messages]
+    n = len(views)
+    if n > MAX_BATCH_MESSAGES:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_MESSAGES} messages, not {n}")
+    head = [_COUNT.pack(n)]
+    parts: list[Any] = []
+    small: list[Any] = []
+    size = _COUNT.size + n * _ENTRY.size
+    for h, b in views:
+        if b.nbytes > MAX_MESSAGE_BYTES:
+            raise LocalError(f"a message carries at most {MAX_MESSAGE_BYTES} bytes (16 MiB);"
+                             " split larger arrays", reason="too-large")
+        head.append(_ENTRY.pack(h.nbytes, b.nbytes))
+        small.append(h)
+        if b.nbytes >= big:
+            parts += [b"".join(small), b]
+            small = []
+        else:
+            small.append(b)
+        size += h.nbytes + b.nbytes
+    if small:
+        parts.append(b"".join(small))
+    if size > MAX_PAYLOAD:
+        raise LocalError(f"batch of {size} bytes exceeds {MAX_PAYLOAD}", reason="too-large")
+    parts[0] = b"".join(head) + parts[0]
+    return parts, size
 
 
 def payload_size(messages: Sequence[tuple[int, int]]) -> int:

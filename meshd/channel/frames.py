@@ -23,39 +23,42 @@ at most ``MAX_PAYLOAD`` (16 MiB + 128 KiB) one key encrypts at most 2**14 * 16 M
 blocks, inside the AES-GCM margin TLS 1.3 keeps (RFC 8446 §5.5: 2**24.5 records of 16 KiB); a
 multi-GB/s stream would cross that per-key limit within minutes without it.
 
-Cipher choice, measured with ``python bench/cipher.py`` (2-core x86-64 with AES-NI, VAES and
-VPCLMULQDQ; MB/s, encrypt/decrypt, best of 3, 2026-11-23)::
+Cipher choice, measured with ``python bench/cipher.py --rounds 2`` (2-core x86-64 with AES-NI,
+VAES and VPCLMULQDQ; cryptography 48, pynacl 1.6.2; MB/s, encrypt/decrypt, 2026-12-02; see
+docs/performance.md)::
 
-                                    64 B       64 KiB       1 MiB        16 MiB
-    pynacl ChaCha20-Poly1305-IETF   20/20      1345/1341    1377/1377    1334/1323
-    pynacl AES-256-GCM              21/21      3673/3690    4169/4184    3739/3723
-    cryptography ChaCha20Poly1305   68/66      4281/4448    4696/4690    4348/4299
-    cryptography AESGCM             106/101    15939/15949  17878/18265  15787/16381
-    cryptography AESGCM, *_into     91/91      16983/17359  20139/20475  19017/19376
+                                    64 B       64 KiB        1 MiB         16 MiB
+    pynacl ChaCha20-Poly1305-IETF   16/17      1218/1224     1243/1236     1157/855
+    pynacl AES-256-GCM              17/17      3409/3809     3288/3367     2898/2996
+    cryptography ChaCha20Poly1305   45/47      3049/3123     3682/3164     3099/3541   (*_into)
+    cryptography AESGCM-256         97/112     12139/11537   11312/11241   11951/11455 (*_into)
+    cryptography AESGCM-128         92/94      13538/13246   17579/11770   12199/10754 (*_into)
+    on cold buffers (a stream's data), encrypt:  AESGCM-256 5292 (1 MiB) / 2424 (16 MiB),
+                                                 AESGCM-128 5095 / 2820, ChaCha20 2348 / 1155
 
-``cryptography`` AESGCM is the fastest at every size (3.7x its ChaCha20, 4x libsodium's AES,
-13x libsodium's ChaCha20), so it is the default (``AES256GCM``).  Without AES hardware OpenSSL
-falls back to constant-time bitsliced AES, several times slower than ChaCha20, so a site whose
-CPU lacks AES acceleration (libsodium's probe, :func:`aes_accelerated`) ranks
-``CHACHA20POLY1305`` first and the handshake then picks ChaCha20-Poly1305 for the channel.
-Both are ``cryptography`` (OpenSSL) implementations: pynacl's are slower at every size.
+(An older figure here, 17-20 GB/s for AESGCM, was a cache-hot loop on another day; from
+cache this machine gives 9-12 GB/s, and a real stream 2.4-5.3 GB/s per core.)  ``cryptography``
+AES-256-GCM is the default (``AES256GCM``): AES-128-GCM is no faster on cold data, where memory
+bounds both, and ChaCha20 is 2-4x slower.  Without AES hardware OpenSSL falls back to
+constant-time bitsliced AES, several times slower than ChaCha20, so a site whose CPU lacks AES
+acceleration (libsodium's probe, :func:`aes_accelerated`) ranks ``CHACHA20POLY1305`` first and
+the handshake then picks ChaCha20-Poly1305 for the channel.  Both are ``cryptography``
+(OpenSSL) implementations: pynacl's are slower at every size.
 
 Zero copy: :meth:`Sealer.seal` takes any C-contiguous buffer (bytes, memoryview, numpy array)
 without copying it, and encrypts with ``encrypt_into`` straight into the frame after the header,
-so sealing costs one pass over the data and one allocation; :meth:`Opener.open` decrypts with
-``decrypt_into`` from a memoryview of the frame.  ``encrypt_into`` measured 6-20 % faster than ``encrypt``
-at 64 KiB-16 MiB (no output allocation, no header+ciphertext concatenation) and 15 % slower at
-64 B, where the per-call overhead dominates either way.  The whole frame path (same bench run,
-``meshd_frames``; AES-GCM, MB/s)::
+so sealing costs one pass over the data and one allocation; :meth:`Sealer.seal_into` seals
+several buffers as one payload into a buffer the caller reuses (AES-GCM streams through the
+pieces, no join); :meth:`Opener.open` decrypts with ``decrypt_into`` from a memoryview of the
+frame.  The whole frame path (same run, ``meshd_frames``; AES-GCM, MB/s, hot)::
 
                                     64 B    64 KiB   1 MiB    16 MiB
-    Sealer.seal(numpy array)        35      11938    17605    15717
-    Opener.open                     28      11443    17736    16055
-    naive: tobytes+encrypt+concat   92      11849    10392     6353
+    Sealer.seal(numpy array)        27      8592     8782     12493
+    Opener.open                     20      7237     8812     11479
+    naive: tobytes+encrypt+concat   88      5982     3631     610
 
-so sealing an array costs no copy beyond the encryption itself (2.5x the naive path at 16 MiB);
-at 64 B the ~1.8 us of Python per frame dominates (~0.5 M frames/s per core): batch small
-messages above this layer.
+so sealing an array costs no copy beyond the encryption itself; at 64 B the few us of Python
+per frame dominate: batch small messages above this layer.
 
 Errors: :class:`~meshd.errors.ProtocolError` from :meth:`Opener.open` with reason
 ``truncated``, ``length``, ``oversized``, ``version``, ``malformed`` (unknown kind),
@@ -74,6 +77,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union, cast
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from meshd.errors import LocalError, ProtocolError
@@ -135,6 +139,7 @@ __all__ = [
     "Sealer",
     "aes_accelerated",
     "byte_view",
+    "frame_size",
     "local_cipher_preference",
 ]
 
@@ -187,6 +192,11 @@ class Frame:
     payload: Block
 
 
+def frame_size(payload_bytes: int) -> int:
+    """The size of the frame of a payload of ``payload_bytes``."""
+    return payload_bytes + FRAME_OVERHEAD
+
+
 def byte_view(payload: Buffer) -> memoryview:
     """A flat unsigned-byte view of ``payload`` (no copy); LocalError if not C-contiguous."""
     view = memoryview(cast(Any, payload))  # numpy's stubs lack __buffer__ before Python 3.12
@@ -219,15 +229,17 @@ class _Keyed:
         self.direction = direction
         self._cache: dict[int, Any] = {}
 
+    def _epoch_key(self, seq: int) -> bytes:
+        return hashlib.blake2b((seq >> EPOCH_BITS).to_bytes(8, "big"), digest_size=32,
+                               key=self._key, person=b"meshd-chan-epch").digest()
+
     def _aead(self, seq: int) -> Any:
         epoch = seq >> EPOCH_BITS
         aead = self._cache.get(epoch)
         if aead is None:
             if len(self._cache) >= 2:  # the current epoch and the one before (resends)
                 self._cache.pop(min(self._cache))
-            k = hashlib.blake2b(epoch.to_bytes(8, "big"), digest_size=32, key=self._key,
-                                person=b"meshd-chan-epch").digest()
-            aead = self._cache[epoch] = self._cls(k)
+            aead = self._cache[epoch] = self._cls(self._epoch_key(seq))
         return aead
 
     def __repr__(self) -> str:
@@ -267,6 +279,38 @@ class Sealer(_Keyed):
         out[:HEADER_SIZE] = header
         self._aead(seq).encrypt_into(_nonce(self.direction, kind, seq), view, header,
                                      memoryview(out)[HEADER_SIZE:])
+        return out
+
+    def seal_into(self, seq: int, parts: list[Buffer], out: Block) -> Block:
+        """:meth:`seal` of the concatenation of ``parts`` into ``out`` (a writable buffer of
+        exactly :func:`frame_size` bytes, which the caller may reuse once the frame is
+        acknowledged); returns ``out``.  AES-GCM seals the parts one after the other without
+        joining them (GCM is a stream mode: the bytes equal :meth:`seal`'s); ChaCha20-Poly1305
+        joins them first (one copy)."""
+        if not (0 <= seq < MAX_SEQ):
+            raise LocalError(f"seq {seq} outside 0..2**64-2", reason="bad-seq")
+        views = [byte_view(p) for p in parts]
+        n = sum(v.nbytes for v in views)
+        if n > MAX_PAYLOAD:
+            raise LocalError(f"payload of {n} bytes > {MAX_PAYLOAD}", reason="too-large")
+        dst = memoryview(out)
+        if dst.nbytes != HEADER_SIZE + n + TAG_SIZE:
+            raise LocalError("out is not the frame's size", reason="bad-buffer")
+        header = _HEADER.pack(VERSION, KIND_DATA, self.direction, 0, self.channel_id, seq, n)
+        dst[:HEADER_SIZE] = header
+        nonce = _nonce(self.direction, KIND_DATA, seq)
+        if len(views) == 1:
+            self._aead(seq).encrypt_into(nonce, views[0], header, dst[HEADER_SIZE:])
+        elif self._cls is AESGCM:
+            enc = Cipher(algorithms.AES(self._epoch_key(seq)), modes.GCM(nonce)).encryptor()
+            enc.authenticate_additional_data(header)
+            pos = HEADER_SIZE
+            for v in views:
+                pos += enc.update_into(v, dst[pos:pos + v.nbytes])
+            enc.finalize()
+            dst[pos:pos + TAG_SIZE] = enc.tag
+        else:
+            self._aead(seq).encrypt_into(nonce, b"".join(views), header, dst[HEADER_SIZE:])
         return out
 
     def seal_control(self, payload: Buffer) -> Block:

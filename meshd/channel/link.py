@@ -53,6 +53,7 @@ __all__ = [
     "RECORD_HEADER",
     "REFUSE",
     "Preamble",
+    "RecordReader",
     "decode_preamble",
     "encode_preamble",
     "record_header",
@@ -160,3 +161,41 @@ def decode_preamble(data: bytes | bytearray | memoryview) -> Preamble:
     if m["from"] == m["to"]:
         raise ProtocolError("a connection to oneself", reason="malformed")
     return Preamble(m["mode"], m["cid"], m["from"], m["to"], m["role"], m["relay"], t, m["sig"])
+
+
+class RecordReader:
+    """Splits a byte stream into records (sans-IO): :meth:`feed` bytes as they arrive, then
+    take the complete records from :meth:`records`.  ``max_body`` bounds every record's body
+    (ProtocolError ``oversized`` beyond, and for an unknown type ``malformed``)."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_body: int = MAX_RECORD) -> None:
+        self._buf = bytearray()
+        self._max = max_body
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def records(self) -> list[tuple[int, bytearray]]:
+        """Every complete record fed so far, in order."""
+        out: list[tuple[int, bytearray]] = []
+        buf, pos, hs = self._buf, 0, RECORD_HEADER.size
+        while len(buf) - pos >= hs:
+            kind, length = RECORD_HEADER.unpack_from(buf, pos)
+            check_record(kind, length)
+            if length > self._max:
+                raise ProtocolError(f"record of {length} bytes exceeds {self._max}",
+                                    reason="oversized")
+            if len(buf) - pos - hs < length:
+                break
+            out.append((kind, buf[pos + hs:pos + hs + length]))
+            pos += hs + length
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete record held."""
+        return len(self._buf)

@@ -62,6 +62,7 @@ from .paths import CancelAttempt, NoPath, Path, PathChosen, PathKind, PathRace, 
 from .paths import StartAttempt
 from .reach import NodeId, ReachabilityTable
 from .reliable import Sender, SenderConfig, decode_control, encode_control
+from .stream import LEASE
 
 RETRY_MIN = 0.5
 """Seconds before the first new race after a race found no path."""
@@ -132,6 +133,10 @@ class SendingEnd:
         self._marks: deque[tuple[int, int]] = deque()  # (batch seq, messages up to it)
         self._actions: list[Action] = []
         self._events: list[Event] = []
+        self.handed_over = False
+        """The application holds the connection and runs the sender (:mod:`.stream`); this
+        core only races, keys and resumes."""
+        self._resume_feedback: Feedback | None = None
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -153,6 +158,8 @@ class SendingEnd:
             self._sealer = Sealer.for_channel(keys)
             self._opener = Opener.for_channel(keys)
             self._actions.append(SendFrame(self._sealer.seal_control(open_payload(self.name))))
+        elif self.handed_over:  # the application's sender resumes with this feedback
+            self._resume_feedback = feedback
         else:
             self.sender.on_reconnect(now=now)
             if feedback is not None:
@@ -173,7 +180,10 @@ class SendingEnd:
             raise ProtocolError("a data frame from the receiver", reason="unexpected")
         msg = decode_control(frame.payload)
         if isinstance(msg, Feedback):
-            self.sender.on_feedback(msg, now=now)
+            if self.handed_over:  # for the application's sender, with the next grant
+                self._resume_feedback = msg
+            else:
+                self.sender.on_feedback(msg, now=now)
         self._pump(now)
 
     def send_batch(self, payload: Buffer, messages: int, now: float) -> int:
@@ -243,6 +253,44 @@ class SendingEnd:
         self.connected = False
         self._events.append(ChannelEnded(self.end_reason or "closed", self.error))
 
+    # -- hand-over to the application (see :mod:`.stream`) ----------------------------------------
+
+    def hand_over(self) -> tuple[int, int, Feedback | None]:
+        """The connection goes to the application: ``(ctl_seal, ctl_open, feedback)`` for its
+        :class:`~.stream.Grant`.  The application may seal control seqs from ``ctl_seal`` on
+        (:data:`~.stream.LEASE` of them); this core's own counter moves past that range."""
+        if self._sealer is None or self._opener is None:
+            raise LocalError("the channel has no keys yet", reason="not-keyed")
+        self.handed_over = True
+        start = self._sealer.next_control_seq
+        self._sealer.next_control_seq = start + LEASE
+        feedback, self._resume_feedback = self._resume_feedback, None
+        return start, self._opener.next_control_seq, feedback
+
+    def adopt(self, keys: ChannelKeys, ctl_seal: int, ctl_open: int, path: Path | None) -> None:
+        """Take a handed-over channel from an application that still holds its connection
+        (this daemon restarted, and with it went the channel): open over ``path``, no race
+        until :meth:`taken_back`.  ``ctl_seal``: the first control seq this core may use
+        (beyond any the application or an earlier daemon used); instead of :meth:`start`."""
+        if self.keys is not None or self.race.started:
+            raise LocalError("only a new channel can be adopted", reason="usage")
+        self.keys = keys
+        self._sealer = Sealer.for_channel(keys)
+        self._sealer.next_control_seq = ctl_seal
+        self._opener = Opener.for_channel(keys)
+        self._opener.next_control_seq = ctl_open
+        self.handed_over = True
+        self.connected = True
+        self.state = OPEN
+        self.path = path
+
+    def taken_back(self, ctl_open: int, now: float) -> None:
+        """The application's connection broke: race again and resume (the application's
+        opener took control seqs up to ``ctl_open``)."""
+        if self._opener is not None:
+            self._opener.next_control_seq = max(self._opener.next_control_seq, ctl_open)
+        self.connection_lost(now)
+
     # -- what the glue needs during an attempt ---------------------------------------------------
 
     def probe_frame(self) -> Block:
@@ -297,6 +345,9 @@ class SendingEnd:
         return self._sealer.seal(seq, payload)
 
     def _renegotiate(self, now: float, reason: str) -> None:
+        if not self.race.started:  # adopted (see :meth:`adopt`): the first race of this daemon
+            self.race.start(now)
+            return
         if not self.race.done:
             return
         self.renegotiations += 1

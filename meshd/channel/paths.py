@@ -349,6 +349,10 @@ class PathRace:
         return self._state is _R.DONE
 
     @property
+    def started(self) -> bool:
+        return self._state is not _R.IDLE
+
+    @property
     def running(self) -> list[Path]:
         """Paths with an attempt in flight."""
         return [p for p, (st, _) in self._attempts.items() if st is _A.RUNNING]

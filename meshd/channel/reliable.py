@@ -184,11 +184,25 @@ class Sender:
         return None
 
     # -- inputs -------------------------------------------------------------------------------
+    @property
+    def credit(self) -> tuple[int, int]:
+        """The receiver's absolute credit as last heard: (``max_seq``, ``max_bytes``)."""
+        return self._max_seq, self._max_bytes
+
     def send(self, payload: Buffer, *, now: float) -> int:
         """Queue ``payload`` as the next message and return its seq; :class:`WouldBlock` if the
         credit or the resend buffer has no room (nothing is queued then)."""
         view = byte_view(payload)
-        nbytes = view.nbytes
+        seal = self._seal
+        if seal is None:
+            return self.send_sealed(view.nbytes, lambda seq: bytes(view), now=now)
+        return self.send_sealed(view.nbytes, lambda seq: seal(seq, payload), now=now)
+
+    def send_sealed(self, nbytes: int,
+                    seal: Callable[[int], bytes | bytearray | memoryview], *,
+                    now: float) -> int:
+        """:meth:`send` for a payload of ``nbytes`` that ``seal(seq)`` turns into its frame
+        (the caller seals from several buffers, or into a buffer it reuses once acked)."""
         if nbytes > self.config.max_message_bytes:
             raise LocalError(f"message of {nbytes} bytes > {self.config.max_message_bytes}",
                              reason="too-large")
@@ -201,7 +215,7 @@ class Sender:
                 self._deadline = now + self._rto
             raise WouldBlock(f"cannot send {nbytes} bytes now: {why}", reason=why)
         seq = self._next_seq
-        frame = self._seal(seq, payload) if self._seal is not None else bytes(view)
+        frame = seal(seq)
         if len(frame) > nbytes + self._overhead:
             raise LocalError("seal added more than the declared overhead", reason="bad-config")
         self._next_seq += 1

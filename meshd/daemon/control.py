@@ -17,7 +17,7 @@ from aiohttp import web
 
 from meshd.channel.control import check_name
 from meshd.daemon.admin import Admin
-from meshd.daemon.channels.outbound import describe as describe_sender
+from meshd.daemon.channels.listing import describe as describe_sender
 from meshd.daemon.channels.service import ChannelService
 from meshd.daemon.joins import Joins
 from meshd.daemon.membership import MembershipService
@@ -346,9 +346,11 @@ class ControlServer:
         paths = _field(data, "paths", list, None)
         if paths is not None and not all(isinstance(p, str) for p in paths):
             raise LocalError("paths must be a list of strings", reason="usage")
-        ch = self.channels.open_sender(_field(data, "name", str), to, paths)
+        ch = self.channels.open_sender(_field(data, "name", str), to, paths,
+                                       _field(data, "handover", bool, False))
         return _json({"id": ch.cid.hex(), "endpoint": ch.endpoint, "name": ch.name,
-                      "peer": self.view.name_of(to), "peer_id": site_id_of(to)})
+                      "peer": self.view.name_of(to), "peer_id": site_id_of(to),
+                      "handover": str(self.channels.handovers.path) if ch.handover else None})
 
     async def attach_ring(self, request: web.Request) -> web.Response:
         ch = self._out_channel(request)

@@ -22,7 +22,9 @@ REVOKE = "/v1/revoke"          # POST {"site", "reason"} -> {"revoked": site_id,
 ROTATE = "/v1/rotate"          # POST {} -> {"old_site_id", "site_id", "fingerprint"}
 METRICS = "/v1/metrics"        # GET  -> Prometheus text exposition
 EVENTS = "/v1/events"          # GET  -> JSON lines: membership events, history then live
-CHANNELS = "/v1/channels"      # GET -> [Channel];  POST {"name", "to", "paths"?} -> OpenSender
+CHANNELS = "/v1/channels"      # GET -> [Channel];  POST {"name", "to", "paths"?, "handover"?} -> OpenSender
+                               #   ({"id", "endpoint", "name", "peer", "peer_id", "handover": path | null};
+                               #   the hand-over socket: meshd.local.handover)
                                # DELETE /v1/channels/{id};  POST /v1/channels/{id}/flush
                                #   {"messages", "timeout"?} -> {"acked_messages"}
                                # POST /v1/channels/{id}/ring {"ring": path} -> {"ring": bool}

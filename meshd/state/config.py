@@ -83,6 +83,12 @@ class Config:
     application's next send, flush or close raises ChannelClosed (reason ``no-path``); what the
     receiver has not acknowledged is then dropped. 0: retry for ever."""
 
+    channel_handover: bool = True
+    """Hand each outgoing channel's data connection and keys to the sending application, which
+    then seals and sends the data itself (the daemon keeps choosing and resuming the path).
+    False: every channel's data goes through this daemon. An application can also ask for the
+    daemon path per channel (``mesh.sender(..., via_daemon=True)``)."""
+
     reach_interval: float = 60.0
     """Seconds between checks of which members can dial this site (each member is asked to
     dial us back at our advertised addresses; re-checked sooner when members change)."""

@@ -359,6 +359,7 @@ def check(res: Stream, src: LabSite, dst: LabSite, *involved: LabSite,
                    and r[3] == (r[0] + 1) * ARRAY_ELEMS - 1 and r[4] and r[5] == src.name)]
     assert not bad, f"{len(bad)} arrays wrong (seq, meta seq, first, last, ok, sender): {bad[:5]}"
     assert res.out["messages"] == count and res.out["acked_messages"] == count, res.out
+    assert res.out["handed_over"], res.out  # the sending application held the connection
     assert res.inc["messages"] == count and res.inc["peer"] == src.name, res.inc
     print(f"\n{src.name} -> {dst.name}: {count} MiB in {res.done_at - res.sent_at:.2f} s,"
           f" {res.mb_s:.0f} MB/s, path {res.out['path']}"

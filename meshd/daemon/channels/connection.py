@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -393,6 +394,41 @@ class DataConnection(asyncio.BufferedProtocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+async def detach(conn: DataConnection,
+                 timeout: float = 5.0) -> tuple[socket.socket, bytes] | None:
+    """Give this connection's socket away (to an application, see
+    :mod:`meshd.local.handover`): stop reading, wait until every queued record is sent,
+    and return a duplicate of the socket (blocking) with the bytes read but not yet taken
+    as a record; the daemon then forgets the connection without closing it (no FIN: the
+    duplicate keeps it open).  None if the connection closed meanwhile."""
+    t = conn.transport
+    if t is None or t.is_closing():
+        return None
+    conn._held = True
+    t.pause_reading()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while conn._queue or t.get_write_buffer_size():
+        if t.is_closing() or loop.time() > deadline:
+            return None
+        await asyncio.sleep(0.001)
+    raw = t.get_extra_info("socket")
+    if raw is None:
+        return None
+    left = bytes(conn._scratch[:conn._fill])
+    if conn._body is not None:  # a record received in part
+        left += link.record_header(conn._body_kind, len(conn._body)) + bytes(
+            memoryview(conn._body)[:conn._body_got])
+    sock = socket.socket(fileno=os.dup(raw.fileno()))
+    sock.setblocking(True)
+    conn.on_lost = None
+    conn.handler = None
+    conn._body = None
+    conn._stall.cancel()
+    t.abort()  # closes this side's descriptor only
+    return sock, left
 
 
 async def dial(address: str, *, timeout: float,

@@ -30,6 +30,7 @@ from meshd.channel.outbound import CLOSED, FAILED, OutboundConfig, SendingEnd
 from meshd.channel.paths import CancelAttempt, Path, PathKind, StartAttempt
 from meshd.channel.reliable import WouldBlock
 from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.handover import Lease, offer
 from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
 from meshd.local.ipc import read_batch
 from meshd.daemon.channels.reach import Reachability, now_ms
@@ -41,7 +42,6 @@ from meshd.errors import ChannelClosed, LocalError, ProtocolError
 from meshd.local.ring import Ring
 from meshd.state.config import Config
 from meshd.state.view import MeshView
-from meshd.trust.identity import site_id_of
 
 log = logging.getLogger("meshd.daemon.channels.outbound")
 
@@ -52,14 +52,19 @@ MAX_GONE = 1024
 class OutChannel:
     """The sending end of one channel (owned by the sending site)."""
 
-    def __init__(self, owner: Sending, name: str, peer: bytes, kinds: Iterable[PathKind]):
+    def __init__(self, owner: Sending, name: str, peer: bytes, kinds: Iterable[PathKind],
+                 handover: bool = False, cid: bytes | None = None):
         self.owner = owner
+        self.handover = handover  # the app takes each connection (.handover) and sends
+        self.lease: Lease | None = None
+        self.app_gone = False
+        self.reported: dict[str, int] | None = None  # the app's last counters (handed over)
         self.ring: Ring | None = None
         """The application's shared-memory ring for big batches, once it hands one over
         (:meth:`ChannelService.attach_ring`, see :mod:`meshd.local.ring`)."""
         self.name = name
         self.peer = peer
-        self.cid = secrets.token_bytes(16)
+        self.cid = cid or secrets.token_bytes(16)
         self.core = SendingEnd(name, owner.site.public, peer, owner.reach.table,
                                relays=lambda: owner.reach.relay_candidates(peer), kinds=kinds,
                                config=OutboundConfig(
@@ -199,6 +204,8 @@ class OutChannel:
             if item is not None:
                 self._on_record(conn, *item)
         self.pump()
+        if self.handover:
+            offer(self)
 
     def _lost(self, conn: DataConnection) -> None:
         if conn is not self.conn:
@@ -228,6 +235,8 @@ class OutChannel:
     async def _watch_app(self) -> None:
         """An application that dies without closing its sender: what it handed over still goes
         through, then the channel closes itself (its resend buffer and ring are freed)."""
+        if self.handover:
+            return  # the hand-over socket tells (see .handover.app_left)
         await until_app_leaves(self.pull)
         if self.core.ended:
             return
@@ -245,7 +254,7 @@ class OutChannel:
                 pass
 
     async def _read_app(self) -> None:
-        while not self.core.ended:
+        while not self.core.ended and not self.handover:
             self._in_hand = False
             parts = await self.pull.recv_multipart(copy=False)
             self._in_hand = True
@@ -338,6 +347,8 @@ class OutChannel:
             self.ring.close()
         self._acked.set()  # a waiting flush sees the end
         self._writable.set()
+        if self.lease is not None:
+            self.lease.ended(self.core.end_reason or "closed", self.core.error or "closed")
 
 def path_text(ch: OutChannel) -> str:
     """How the channel goes now, in words (for the log)."""
@@ -347,26 +358,6 @@ def path_text(ch: OutChannel) -> str:
     if path.relay is not None:
         return f"relay via {ch.owner.name(path.relay)}"
     return path.kind.value
-
-
-def describe(ch: OutChannel) -> dict[str, Any]:
-    """One line of ``meshd channels`` for a sending end."""
-    core = ch.core
-    path = core.path
-    elapsed = max(1e-9, time.time() - ch.created)
-    return {
-        "id": ch.cid.hex(), "name": ch.name, "direction": "out",
-        "peer": ch.owner.name(ch.peer), "peer_id": site_id_of(ch.peer),
-        "path": path.kind.value if path else None,
-        "relay": ch.owner.name(path.relay) if path and path.relay else None,
-        "state": core.state, "error": core.error if core.state != "open" else None,
-        "bytes": core.bytes, "messages": core.messages,
-        "acked_messages": core.acked_messages,
-        "rate_Bps": round(core.bytes / elapsed), "retransmits": core.retransmits,
-        "renegotiations": core.renegotiations,
-        "setup_ms": None if core.setup_s is None else round(core.setup_s * 1000, 3),
-        "buffered_bytes": core.sender.buffered_bytes,
-    }
 
 
 class Sending:
@@ -394,10 +385,20 @@ class Sending:
     def name(self, key: bytes) -> str:
         return self.view.name_of(key)
 
-    def open(self, name: str, to: bytes, kinds: list[PathKind]) -> OutChannel:
-        ch = OutChannel(self, name, to, kinds)
+    def open(self, name: str, to: bytes, kinds: list[PathKind],
+             handover: bool = False) -> OutChannel:
+        ch = OutChannel(self, name, to, kinds, handover)
         self.out[ch.cid] = ch
         ch.start()
+        return ch
+
+    def adopt(self, name: str, peer: bytes, cid: bytes, keys: ChannelKeys, ctl_seal: int,
+              ctl_open: int, path: Path | None) -> OutChannel:
+        """A handed-over channel whose application outlived this daemon's predecessor
+        (:meth:`~meshd.channel.outbound.SendingEnd.adopt`)."""
+        ch = OutChannel(self, name, peer, [PathKind(p) for p in self.config.paths], True, cid)
+        ch.core.adopt(keys, ctl_seal, ctl_open, path)
+        self.out[ch.cid] = ch
         return ch
 
     def close(self, cid: bytes) -> None:

@@ -34,8 +34,9 @@ from meshd.channel import control, link
 from meshd.channel.control import DialRequest, ReachReport, ReachRequest, RelayNotice, check_name
 from meshd.channel.frames import Block
 from meshd.channel.paths import PathKind
-from meshd.daemon.channels import ipc, outbound
+from meshd.daemon.channels import ipc, listing
 from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.handover import Handovers
 from meshd.daemon.channels.inbound import ReceiverPort, Receiving
 from meshd.daemon.channels.outbound import OutChannel, Sending
 from meshd.daemon.channels.reach import Reachability
@@ -45,6 +46,7 @@ from meshd.daemon.links import MemberLinks
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import CoreTimer, TaskSet
 from meshd.errors import LocalError, ProtocolError
+from meshd.local.handover import SOCKET_NAME
 from meshd.local.ring import Ring
 from meshd.peer.limits import SourceLimit
 from meshd.state.config import Config
@@ -91,6 +93,7 @@ class ChannelService:
                                reach=self.reach, counters=counters, tasks=self.tasks,
                                ipc=endpoints, zctx=zctx)
         self.out: dict[bytes, OutChannel] = self.sending.out
+        self.handovers = Handovers(home.root / SOCKET_NAME, self.sending, self.tasks, counters)
         self.untrusted = SourceLimit(total=MAX_UNTRUSTED, per_source=MAX_UNTRUSTED_PER_SOURCE)
         """Accepted data connections that have not proved themselves yet."""
         self._pending_conns: set[DataConnection] = set()
@@ -98,8 +101,14 @@ class ChannelService:
 
     def start(self) -> None:
         self.reach.start()
+        self.handovers.start()
 
     async def stop(self) -> None:
+        self.handovers.close()
+        for ch in self.out.values():  # their applications go on and give them to the next daemon
+            if ch.lease is not None and ch.core.handed_over:
+                ch.lease.close()
+                ch.lease = None
         self.sending.close_all()
         self.receiving.close()
         self.relay.close()
@@ -227,7 +236,10 @@ class ChannelService:
 
     # -- the application API -----------------------------------------------------------------
 
-    def open_sender(self, name: str, to: bytes, paths: list[str] | None = None) -> OutChannel:
+    def open_sender(self, name: str, to: bytes, paths: list[str] | None = None,
+                    handover: bool = False) -> OutChannel:
+        """``handover``: the application asks to take the data connection (granted if this
+        site's ``channel_handover`` allows and the hand-over socket is up)."""
         check_name(name)
         if to == self.site.public:
             raise LocalError("a channel to this site itself", reason="bad-peer")
@@ -242,7 +254,8 @@ class ChannelService:
             self.counters.count("refused_senders")
             raise LocalError(f"this site has {MAX_SENDERS} channels open already; close some",
                              reason="busy")
-        return self.sending.open(name, to, kinds)
+        handover = handover and self.config.channel_handover and self.handovers.available
+        return self.sending.open(name, to, kinds, handover)
 
     @staticmethod
     def attach_ring(ch: OutChannel, path: str) -> bool:
@@ -299,5 +312,5 @@ class ChannelService:
         self.receiving.close_receiver(name)
 
     def describe(self) -> list[dict[str, Any]]:
-        out = [outbound.describe(c) for c in self.out.values()]
+        out = [listing.describe(c) for c in self.out.values()]
         return out + self.receiving.describe() + self.relay.describe()

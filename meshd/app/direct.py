@@ -1,0 +1,331 @@
+"""A handed-over channel in the application: the data connection, run in the caller's thread
+(blocking sockets; see :mod:`meshd.channel.stream` for the protocol and
+:mod:`meshd.local.handover` for the messages with the daemon).
+
+:class:`DirectLink` holds the hand-over socket to the daemon (for the channel's life: closing
+it tells the daemon the application is gone) and, once granted, the data socket.  ``send``
+seals into reused buffers and writes with ``sendmsg`` (record header and frame in one call);
+it reads the receiver's feedback opportunistically, and blocks on it when out of credit.  A
+broken connection (an error, end of file, an inauthentic record) goes back to the daemon, which
+races a path again and grants the resumed connection; the unacked frames are then resent.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any
+
+from meshd.channel.frames import Buffer
+from meshd.channel.reliable import WouldBlock
+from meshd.channel.stream import StreamSender
+from meshd.errors import ChannelClosed, LocalError, ProtocolError
+from meshd.local.handover import (MessageReader, decode_grant, recv_messages,
+                                  send_message)
+
+__all__ = ["DirectLink"]
+
+IO_TIMEOUT = 15.0
+"""Seconds a write may block before the connection counts as broken."""
+REPORT_EVERY = 0.5
+"""Seconds between counter reports to the daemon (for ``meshd channels``)."""
+EARLY_BATCHES = 8
+"""Batches that may wait for the channel's first connection before ``send`` blocks."""
+REJOIN_EVERY = 0.2
+"""Seconds between tries to reach a daemon that went away (to give it the channel back)."""
+REJOIN_FOR = 120.0
+"""Seconds a daemon may stay away before a channel that needs it fails."""
+_IOV = 512
+
+
+class DirectLink:
+    """The data side of one handed-over sending channel (not thread-safe: the caller locks)."""
+
+    def __init__(self, path: str, channel_id: str, name: str, *,
+                 window_bytes: int = 64 << 20) -> None:
+        self.channel_id = channel_id
+        self.name = name
+        self.core: StreamSender | None = None
+        self.sock: socket.socket | None = None
+        self.ended: ChannelClosed | None = None
+        self._path = path
+        self._window = window_bytes
+        self._lease: socket.socket | None = None
+        self._reader = MessageReader()
+        self._fds: list[int] = []
+        self._reported = 0.0
+        self._early: list[tuple[list[Buffer], int, int]] = []  # batches before the first grant
+        self._gone_since: float | None = None  # the daemon went away (restarting?)
+        self._next_rejoin = 0.0
+        try:
+            self._lease = self._dial({"t": "take", "id": channel_id})
+        except OSError as exc:
+            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
+                             reason="handover") from None
+
+    # -- what a sender calls -------------------------------------------------------------------
+
+    def send(self, parts: list[Buffer], nbytes: int, count: int) -> None:
+        """Seal and write one batch; blocks while there is no credit.  Before the first
+        connection (there are no keys to seal with yet) up to :data:`EARLY_BATCHES` batches
+        wait here, as they would in the daemon; then ``send`` blocks until it is granted."""
+        if self.core is None:
+            if len(self._early) < EARLY_BATCHES:
+                self._early.append((parts, nbytes, count))
+                self._poll(0.0)
+                return
+            self._connected()
+        self._send(parts, nbytes, count)
+
+    def _send(self, parts: list[Buffer], nbytes: int, count: int) -> None:
+        while True:
+            core = self._connected()
+            try:
+                core.send_batch(parts, nbytes, count, time.monotonic())
+                break
+            except WouldBlock:
+                self._wait(core.get_timer())
+        self._write()
+        self._poll(0.0)
+        self._report(False)
+        if self._gone_since is not None:
+            self._rejoin(live=self.sock is not None)
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait until the receiving daemon has acknowledged every batch sent; LocalError
+        (``timeout``) after ``timeout`` seconds, ChannelClosed if the channel ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            core = self._connected(deadline)
+            if core.all_acked and not self._early:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LocalError(f"flush timed out: {core.acked_messages} of {core.messages}"
+                                 " messages acknowledged", reason="timeout")
+            timer = core.get_timer()
+            if deadline is not None:
+                timer = deadline if timer is None else min(timer, deadline)
+            self._wait(timer)
+        self._report(True)
+
+    def close(self) -> None:
+        """Write the channel's last record (if connected) and let go of both sockets."""
+        if self.sock is not None and self.core is not None and self.ended is None:
+            try:
+                self._sendall(self.core.close_frame())
+            except (OSError, LocalError):
+                pass
+        self._report(True)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._lease is not None:
+            self._lease.close()
+            self._lease = None
+
+    @property
+    def acked_messages(self) -> int:
+        return 0 if self.core is None else self.core.acked_messages
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _connected(self, deadline: float | None = None) -> StreamSender:
+        """The core, once a connection is granted (waits for one; ChannelClosed if the channel
+        ended, LocalError ``timeout`` past ``deadline``)."""
+        if self._lease is not None and self.ended is None and select.select(
+                [self._lease], [], [], 0)[0]:
+            self._read_lease()  # a channel that ended says so at the next call
+        while self.sock is None or self.core is None:
+            if self.ended is not None:
+                raise self.ended
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise LocalError("no path to the receiver yet", reason="timeout")
+            if self._lease is None:  # the daemon is away: wait for it to come back
+                self._rejoin(live=False)
+                if self._lease is None:
+                    time.sleep(REJOIN_EVERY if wait is None else min(wait, REJOIN_EVERY))
+                continue
+            ready, _, _ = select.select([self._lease], [], [], wait)
+            if ready:
+                self._read_lease()
+        if self.ended is not None:
+            raise self.ended
+        return self.core
+
+    def _dial(self, first: dict[str, Any]) -> socket.socket:
+        lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lease.connect(self._path)
+            send_message(lease, first)
+        except OSError:
+            lease.close()
+            raise
+        self._reader = MessageReader()
+        self._fds = []
+        return lease
+
+    def _daemon_left(self, why: str) -> None:
+        """The hand-over socket closed: the daemon stopped.  The connection, if any, goes on;
+        the channel goes back to the daemon when it returns (:meth:`_rejoin`)."""
+        if self._lease is not None:
+            self._lease.close()
+            self._lease = None
+        if self.core is None:
+            self._end("failed", f"lost the daemon before the channel opened: {why}")
+        elif self._gone_since is None:
+            self._gone_since = time.monotonic()
+
+    def _rejoin(self, live: bool) -> None:
+        """Give the channel to the daemon that came back (``live``: this end still holds a
+        working connection; else the daemon resumes the channel at once)."""
+        now = time.monotonic()
+        core = self.core
+        if core is None or self._gone_since is None or now < self._next_rejoin:
+            return
+        if now - self._gone_since > REJOIN_FOR:
+            self._end("failed", f"the daemon did not come back within {REJOIN_FOR:.0f} s")
+            return
+        self._next_rejoin = now + REJOIN_EVERY
+        try:
+            self._lease = self._dial({"t": "adopt", "id": self.channel_id, "name": self.name,
+                                      "live": live, **core.adoption()})
+        except OSError:
+            return
+        self._gone_since = None
+
+    def _read_lease(self) -> None:
+        """Take every message the daemon has sent (a read stops at a message that carries a
+        descriptor, so an ``ended`` right behind a grant needs another read)."""
+        self._read_lease_once()
+        for _ in range(64):
+            if self._lease is None or not select.select([self._lease], [], [], 0)[0]:
+                return
+            self._read_lease_once()
+
+    def _read_lease_once(self) -> None:
+        assert self._lease is not None
+        try:
+            msgs = recv_messages(self._lease, self._reader, self._fds)
+        except (OSError, LocalError, ProtocolError) as exc:
+            self._daemon_left(str(exc))
+            return
+        for msg in msgs:
+            if msg["t"] == "grant" and self._fds:
+                self._granted(msg, self._fds.pop(0))
+            elif msg["t"] == "ended":
+                self._end(str(msg.get("reason", "failed")), str(msg.get("message", "")))
+
+    def _granted(self, msg: dict[str, Any], fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.settimeout(IO_TIMEOUT)
+        grant = decode_grant(msg)
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = sock
+        now = time.monotonic()
+        if self.core is None:
+            self.core = StreamSender(grant, now, window_bytes=self._window)
+            self._write()
+            early, self._early = self._early, []
+            for batch in early:
+                self._send(*batch)
+        else:
+            self.core.resume(grant, now)
+        self._write()
+
+    def _end(self, reason: str, message: str) -> None:
+        if self.ended is None:
+            self.ended = ChannelClosed(f"the channel ended: {message}", reason=reason,
+                                       channel=self.channel_id)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _broken(self, why: str) -> None:
+        """The data connection broke: give the channel back to the daemon to resume."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.core is None or self.ended is not None:
+            return
+        ctl_seal, ctl_open = self.core.lost()
+        if self._lease is None:
+            return  # the daemon is away: it resumes the channel when it is back
+        try:
+            send_message(self._lease, {"t": "lost", "cs": ctl_seal, "co": ctl_open})
+        except OSError as exc:
+            self._daemon_left(str(exc))
+
+    def _write(self) -> None:
+        if self.core is None or self.sock is None:
+            return
+        bufs = self.core.take_writes()
+        if bufs:
+            try:
+                self._sendall(bufs)
+            except OSError as exc:
+                self._broken(f"write: {exc}")
+
+    def _sendall(self, bufs: list[Buffer]) -> None:
+        assert self.sock is not None
+        views = [memoryview(b).cast("B") for b in bufs]  # type: ignore[arg-type]
+        i = 0
+        while i < len(views):
+            sent = self.sock.sendmsg(views[i:i + _IOV])
+            while sent and i < len(views):
+                n = views[i].nbytes
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+
+    def _wait(self, until: float | None) -> None:
+        """Wait for feedback (or the lease) until the core's timer, then run the timer."""
+        timeout = None if until is None else max(0.0, until - time.monotonic())
+        self._poll(timeout)
+        core = self.core
+        if core is not None and self.sock is not None:
+            core.handle_timer(time.monotonic())
+            self._write()
+
+    def _poll(self, timeout: float | None) -> None:
+        """Read what the receiver and the daemon sent, waiting at most ``timeout``."""
+        watch = (([self._lease] if self._lease is not None else [])
+                 + ([self.sock] if self.sock is not None else []))
+        if not watch:
+            time.sleep(min(timeout if timeout is not None else REJOIN_EVERY, REJOIN_EVERY))
+            return
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if self._lease is not None and self._lease in ready:
+            self._read_lease()
+        sock, core = self.sock, self.core
+        if sock is None or core is None or sock not in ready:
+            return
+        try:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise OSError("the connection was closed")
+            core.data_received(data, time.monotonic())
+        except (OSError, ProtocolError) as exc:
+            self._broken(str(exc))
+            return
+        self._write()
+
+    def _report(self, now_anyway: bool) -> None:
+        t = time.monotonic()
+        if self.core is None or self._lease is None or (
+                not now_anyway and t - self._reported < REPORT_EVERY):
+            return
+        self._reported = t
+        c = self.core.counters()
+        try:
+            send_message(self._lease, {"t": "count", "messages": c["messages"],
+                                       "bytes": c["bytes"], "acked": c["acked_messages"],
+                                       "retransmits": c["retransmits"],
+                                       "buffered": c["buffered_bytes"]})
+        except OSError:
+            pass

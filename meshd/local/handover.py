@@ -1,0 +1,128 @@
+"""The hand-over socket: how a daemon gives its application a channel's data connection.
+
+``<home>/handover.sock`` is a unix stream socket, mode 0600 in the 0700 state directory (only
+the site's user connects).  An application opens one connection per sending channel and keeps
+it for the channel's life: the daemon takes its end of file as the application's death.  Both
+ways the stream is a sequence of messages::
+
+    message = length u32 (big-endian) | msgpack map (length bytes, at most 64 KiB)
+
+Application -> daemon::
+
+    {"t": "take", "id": hex}            this connection serves channel ``id`` (first message)
+    {"t": "lost", "cs": int, "co": int} the data connection broke: resume the channel; ``cs`` /
+                                        ``co`` are the control seqs the application's sealer
+                                        would use next / its opener takes from
+    {"t": "count", "messages", "bytes", "acked", "retransmits", "buffered"}
+                                        the channel's counters, for ``meshd channels``
+
+Daemon -> application::
+
+    {"t": "grant", "cid", "cipher", "sk", "rk", "sd", "rd", "cs", "co", "ms", "mb",
+     "fb": [ack, max_seq, max_bytes, gap] | nil, "path", "left"}
+                                        with ONE descriptor (SCM_RIGHTS) in the same
+                                        ``sendmsg``: the connected data socket, and the
+                                        :class:`~meshd.channel.stream.Grant` to run it with
+    {"t": "ended", "reason", "message"} the channel ended on its own (``revoked``,
+                                        ``no-path``, ``failed``) or cannot be taken
+                                        (``not-found``, ``not-handover``)
+
+The keys in a grant are the channel's two direction keys (``sk`` the application seals with,
+``rk`` it opens the receiver's feedback with), nothing else: no site key, no other channel's.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgpack
+
+from meshd.channel.events import Feedback
+from meshd.channel.stream import Grant
+from meshd.errors import LocalError, ProtocolError
+
+__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "MessageReader", "decode_grant", "encode_grant",
+           "pack", "recv_messages", "send_message"]
+
+SOCKET_NAME = "handover.sock"
+MAX_MESSAGE = 64 << 10
+_LEN = struct.Struct(">I")
+
+
+def pack(msg: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+def encode_grant(g: Grant) -> dict[str, Any]:
+    fb = None if g.feedback is None else [g.feedback.ack, g.feedback.max_seq,
+                                          g.feedback.max_bytes, g.feedback.gap]
+    return {"t": "grant", "cid": g.cid, "cipher": g.cipher, "sk": g.send_key, "rk": g.recv_key,
+            "sd": g.send_direction, "rd": g.recv_direction, "cs": g.ctl_seal, "co": g.ctl_open,
+            "ms": g.max_seq, "mb": g.max_bytes, "fb": fb, "path": g.path, "peer": g.peer,
+            "left": g.leftover}
+
+
+def decode_grant(m: dict[str, Any]) -> Grant:
+    """The grant in a message; ProtocolError (``malformed``) if it is not one."""
+    try:
+        fb = m["fb"]
+        return Grant(bytes(m["cid"]), int(m["cipher"]), bytes(m["sk"]), bytes(m["rk"]),
+                     int(m["sd"]), int(m["rd"]), int(m["cs"]), int(m["co"]), int(m["ms"]),
+                     int(m["mb"]),
+                     None if fb is None else Feedback(int(fb[0]), int(fb[1]), int(fb[2]),
+                                                      bool(fb[3])),
+                     str(m["path"]), bytes(m["peer"]), bytes(m["left"]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ProtocolError("malformed grant", reason="malformed") from None
+
+
+class MessageReader:
+    """Splits the hand-over stream into messages (sans-IO)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        while len(self._buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > MAX_MESSAGE:
+                raise ProtocolError(f"hand-over message of {n} bytes", reason="oversized")
+            if len(self._buf) < _LEN.size + n:
+                break
+            body = bytes(self._buf[_LEN.size:_LEN.size + n])
+            del self._buf[:_LEN.size + n]
+            try:
+                msg = msgpack.unpackb(body, raw=False)
+            except Exception:
+                raise ProtocolError("hand-over message is not msgpack",
+                                    reason="malformed") from None
+            if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+                raise ProtocolError("hand-over message without a type", reason="malformed")
+            out.append(msg)
+        return out
+
+
+def send_message(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
+    """Send one message (with ``fd`` attached) on a blocking or non-blocking unix socket;
+    OSError if the socket cannot take it whole now."""
+    data = pack(msg)
+    sent = socket.send_fds(sock, [data], [fd]) if fd is not None else sock.send(data)
+    if sent != len(data):  # tiny messages on an idle unix socket go whole, or not at all
+        raise OSError("the hand-over socket took a partial message")
+
+
+def recv_messages(sock: socket.socket, reader: MessageReader,
+                  fds: list[int]) -> list[dict[str, Any]]:
+    """Read once from ``sock`` (blocking as the socket is): the whole messages now complete,
+    with every descriptor received appended to ``fds`` in order.  LocalError (``closed``) at
+    end of file."""
+    data, got, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    fds.extend(got)
+    if not data:
+        raise LocalError("the daemon closed the hand-over socket", reason="closed")
+    return reader.feed(data)

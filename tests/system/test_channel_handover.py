@@ -1,0 +1,167 @@
+"""Handed-over channels between real daemons: the sending application holds the data
+connection and the channel keys (``channel_handover = true``), its daemon only negotiates and
+resumes.  Delivery stays in order and exactly once across a broken connection, a restart of
+the sending daemon and an application that dies mid-stream."""
+
+from __future__ import annotations
+
+import os
+import socket
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+
+import meshd
+from meshd.testing.processes import wait_until
+from tests.helpers import ROOT, mesh_of
+
+HANDOVER = {"aps": "channel_handover = true"}
+
+
+def _drain(rx: Any, n: int) -> list[int]:
+    got = []
+    for _ in range(n):
+        msg = rx.recv(timeout=60)
+        got.append(int(msg.meta["i"]))
+        assert np.array_equal(msg.array, np.full(msg.array.shape, msg.meta["i"] % 251,
+                                                 dtype=np.uint8))
+    return got
+
+
+def test_a_handed_over_channel_delivers_in_order_exactly_once(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf", configs=HANDOVER)
+    sizes = [10, 70_000, 1 << 20, 300, 3 << 20, 5]
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = 0
+        for _ in range(20):
+            for size in sizes:
+                tx.send(np.full(size, n % 251, dtype=np.uint8), meta={"i": n})
+                n += 1
+        tx.flush(timeout=60)
+        assert _drain(rx, n) == list(range(n))
+        (out,) = [c for c in ma.channels() if c["direction"] == "out"]
+        assert out["handed_over"] and out["path"] == "direct"
+        assert out["messages"] == n and out["acked_messages"] == n
+        (inc,) = [c for c in mb.channels() if c["direction"] == "in"]
+        assert inc["messages"] == n
+        assert a.client.status()["counters"].get("channel_handovers", 0) >= 1
+        tx.close()
+        wait_until(lambda: not [c for c in mb.channels() if c["direction"] == "in"], 30,
+                   "the receiving daemon to forget the closed channel")
+
+
+def _send(tx: Any, first: int, n: int, size: int = 200_000) -> int:
+    for i in range(first, first + n):
+        tx.send(np.full(size, i % 251, dtype=np.uint8), meta={"i": i})
+    return first + n
+
+
+def _break(tx: Any) -> None:
+    """Cut the application's data connection (as a failing network would, from its side)."""
+    link = tx._link
+    assert link is not None and link.sock is not None
+    link.sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_broken_connection_resumes_through_the_daemon_with_nothing_lost(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf", configs=HANDOVER)
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 100)
+        for _ in range(3):
+            _break(tx)
+            n = _send(tx, n, 100)
+        tx.flush(timeout=60)
+        assert _drain(rx, n) == list(range(n))
+        assert a.client.status()["counters"]["channel_handovers"] >= 4
+        (out,) = [c for c in ma.channels() if c["direction"] == "out"]
+        assert out["renegotiations"] >= 3 and out["acked_messages"] == n
+        (inc,) = [c for c in mb.channels() if c["direction"] == "in"]
+        assert inc["duplicates"] >= 0 and inc["messages"] == n
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_the_sending_daemon_killed_and_restarted_mid_stream_loses_and_repeats_nothing(
+        sites: Any, how: str) -> None:
+    """``kill``: SIGKILL; ``stop``: SIGTERM, a clean stop, which must not end the channels
+    that applications hold either."""
+    a, b = mesh_of(sites, "aps", "alcf", configs=HANDOVER)
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 100)
+        if how == "kill":
+            a.kill()
+        else:
+            assert a.stop() == 0
+        n = _send(tx, n, 100)  # the application's connection does not need its daemon
+        tx.flush(timeout=60)
+        a.start()
+        n = _send(tx, n, 100)
+
+        def listed() -> bool:  # the application offers the channel back while it sends
+            nonlocal n
+            n = _send(tx, n, 1)
+            return any(c["direction"] == "out" and c["acked_messages"] >= 200
+                       for c in a.client.channels())
+
+        wait_until(listed, 30, "the restarted daemon to list the channel it took on")
+        _break(tx)  # now the restarted daemon must resume it
+        n = _send(tx, n, 100)
+        tx.flush(timeout=60)
+        assert _drain(rx, n) == list(range(n))
+        assert a.client.status()["counters"]["channel_adopted"] == 1
+        (out,) = [c for c in a.client.channels() if c["direction"] == "out"]
+        assert out["acked_messages"] == n or out["messages"] == n
+        tx.close()
+        wait_until(lambda: not [c for c in b.client.channels() if c["direction"] == "in"], 30,
+                   "the receiving daemon to forget the closed channel")
+
+
+APP = textwrap.dedent("""
+    import sys, numpy as np, meshd
+    mesh = meshd.connect(sys.argv[1])
+    tx = mesh.sender("frames", to="alcf")
+    i = 0
+    while True:
+        tx.send(np.full(100_000, i % 251, dtype=np.uint8), meta={"i": i})
+        if i == 50:
+            tx.flush(timeout=60)
+            print("flushed", flush=True)
+        i += 1
+""")
+
+
+def test_an_application_that_dies_mid_stream_leaves_no_channel_open(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf", configs=HANDOVER)
+    with meshd.connect(b.home) as mb:
+        rx = mb.receiver("frames")
+        app = subprocess.Popen([sys.executable, "-c", APP, str(a.home)], stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert app.stdout is not None and app.stdout.readline() == b"flushed\n"
+            got = _drain(rx, 51)
+        finally:
+            app.send_signal(signal.SIGKILL)
+            app.wait(20)
+        assert got == list(range(51))
+        wait_until(lambda: not a.client.channels(), 30,
+                   "the sending daemon to close the dead application's channel")
+        more = []
+        while True:  # whatever else arrived is in order, once each, then the channel ended
+            try:
+                more.append(int(rx.recv(timeout=30).meta["i"]))
+            except meshd.ChannelClosed:
+                break
+        wait_until(lambda: not [c for c in b.client.channels() if c["direction"] == "in"], 30,
+                   "the receiving daemon to forget the channel")
+        assert more == list(range(51, 51 + len(more)))
+        assert a.client.status()["counters"]["channel_orphans_closed"] == 1
