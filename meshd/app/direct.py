@@ -55,6 +55,7 @@ class DirectLink:
         self._reader = MessageReader()
         self._fds: list[int] = []
         self._reported = 0.0
+        self._reported_acked = 0
         self._early: list[tuple[list[Buffer], int, int]] = []  # batches before the first grant
         self._gone_since: float | None = None  # the daemon went away (restarting?)
         self._next_rejoin = 0.0
@@ -123,6 +124,38 @@ class DirectLink:
         if self._lease is not None:
             self._lease.close()
             self._lease = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether :meth:`pump` has something to move on: batches waiting for the first
+        connection, frames the receiver has not acknowledged yet, or an acknowledgement the
+        daemon has not been told of (for ``meshd channels``)."""
+        if self.ended is not None:
+            return False
+        core = self.core
+        return bool(self._early) or (core is not None and (
+            not core.all_acked or (self._lease is not None
+                                   and core.acked_messages != self._reported_acked)))
+
+    def pump(self) -> None:
+        """Move the channel on without waiting (the sender's thread calls it while the
+        application makes no call): take a grant and write what waited for it, read the
+        receiver's feedback, run the retransmit timer, give a broken connection back to the
+        daemon, report the counters.  ChannelClosed if the channel ended."""
+        if self.ended is not None:
+            raise self.ended
+        self._poll(0.0)
+        core = self.core
+        if core is not None and self.sock is not None:
+            timer = core.get_timer()
+            if timer is not None and timer <= time.monotonic():
+                core.handle_timer(time.monotonic())
+            self._write()
+        if self._gone_since is not None:
+            self._rejoin(live=self.sock is not None)
+        self._report(False)
+        if self.ended is not None:
+            raise self.ended
 
     @property
     def acked_messages(self) -> int:
@@ -322,6 +355,7 @@ class DirectLink:
             return
         self._reported = t
         c = self.core.counters()
+        self._reported_acked = c["acked_messages"]
         try:
             send_message(self._lease, {"t": "count", "messages": c["messages"],
                                        "bytes": c["bytes"], "acked": c["acked_messages"],

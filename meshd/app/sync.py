@@ -24,6 +24,10 @@ from meshd.errors import ChannelClosed, LocalError
 
 __all__ = ["Mesh", "Receiver", "Sender", "connect"]
 
+PUMP_EVERY = 0.05
+"""Seconds between the sender thread's moves of a handed-over link while the application makes
+no call (see :meth:`Sender._linger_loop`)."""
+
 
 class Mesh(MeshEnd):
     """A connection to the local daemon (see :func:`connect`)."""
@@ -106,12 +110,15 @@ class Sender(SenderEnd):
             if self.ended is not None:
                 raise self.ended
             idle = self._core.deadline is None
+            link_idle = self._link is None or not self._link.busy
             batches = self._core.add(head, body, time.monotonic())
             if idle and self._core.deadline is not None:
                 self._lock.notify()  # the linger thread waits for the new batch's time
             for b in batches:
                 self._ship(b)
             self._core.added()
+            if link_idle and self._link is not None and self._link.busy:
+                self._lock.notify()  # the thread moves the link on while the caller is away
 
     def _push_locked(self) -> None:
         b = self._core.take()
@@ -134,18 +141,35 @@ class Sender(SenderEnd):
         self._sock.send_multipart(self._core.frames(b), copy=False)
 
     def _linger_loop(self) -> None:
+        """Ship a batch once its linger time is up; and, for a handed-over channel with work
+        left (batches waiting for the first connection, frames not yet acknowledged), move
+        the link on every PUMP_EVERY seconds while the application makes no call: take the
+        grant, write what waited for it, read the receiver's feedback, run the retransmit
+        timer, hand a broken connection back to the daemon."""
+        next_pump = 0.0
         with self._lock:
             while not self._closed and self.ended is None:
+                now = time.monotonic()
                 deadline = self._core.deadline
-                if deadline is None:
+                link = self._link
+                busy = link is not None and link.busy
+                wakes = [t for t in (deadline, next_pump if busy else None) if t is not None]
+                if not wakes:
                     self._lock.wait()
                     continue
-                due = deadline - time.monotonic()
+                due = min(wakes) - now
                 if due > 0:
                     self._lock.wait(due)
                     continue
                 try:
-                    self._push_locked()
+                    if deadline is not None and deadline <= now:
+                        self._push_locked()
+                    if link is not None and busy and next_pump <= now:
+                        next_pump = now + PUMP_EVERY
+                        try:
+                            link.pump()
+                        except ChannelClosed as exc:
+                            raise self._ended(exc) from None
                 except ChannelClosed:
                     return  # noted in self.ended: the next call raises it
 

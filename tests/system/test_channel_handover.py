@@ -165,3 +165,21 @@ def test_an_application_that_dies_mid_stream_leaves_no_channel_open(sites: Any) 
                    "the receiving daemon to forget the channel")
         assert more == list(range(51, 51 + len(more)))
         assert a.client.status()["counters"]["channel_orphans_closed"] == 1
+
+
+def test_what_is_sent_without_a_flush_arrives_while_the_application_waits(sites: Any) -> None:
+    """Regression: a handed-over sender kept the batches sent before its first connection
+    until the application's next call, so ``send`` and then waiting for the receiver (no
+    flush) delivered nothing; the sender's thread now moves the link on meanwhile."""
+    a, b = mesh_of(sites, "aps", "alcf", configs=HANDOVER)
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("unflushed")
+        tx = ma.sender("unflushed", to="alcf", linger=0)
+        for i in range(3):
+            tx.send(np.full(1000, i, dtype=np.uint8), meta={"i": i})
+        assert [int(rx.recv(timeout=30).meta["i"]) for _ in range(3)] == [0, 1, 2]
+        wait_until(lambda: [c["acked_messages"] for c in ma.channels()
+                            if c["id"] == tx.id] == [3], 30,
+                   "the acknowledgement to reach the sender without a call")
+        (row,) = [c for c in ma.channels() if c["id"] == tx.id]
+        assert row["handed_over"]
