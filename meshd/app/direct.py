@@ -114,7 +114,7 @@ class DirectLink:
         """Write the channel's last record (if connected) and let go of both sockets."""
         if self.sock is not None and self.core is not None and self.ended is None:
             try:
-                self._sendall(self.core.close_frame())
+                sendmsg_all(self.sock, self.core.close_frame())
             except (OSError, LocalError):
                 pass
         self._report(True)
@@ -188,15 +188,8 @@ class DirectLink:
         return self.core
 
     def _dial(self, first: dict[str, Any]) -> socket.socket:
-        lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            lease.connect(self._path)
-            send_message(lease, first)
-        except OSError:
-            lease.close()
-            raise
-        self._reader = MessageReader()
-        self._fds = []
+        lease = dial_lease(self._path, first)
+        self._reader, self._fds = MessageReader(), []
         return lease
 
     def _daemon_left(self, why: str) -> None:
@@ -297,24 +290,9 @@ class DirectLink:
         bufs = self.core.take_writes()
         if bufs:
             try:
-                self._sendall(bufs)
+                sendmsg_all(self.sock, bufs)
             except OSError as exc:
                 self._broken(f"write: {exc}")
-
-    def _sendall(self, bufs: list[Buffer]) -> None:
-        assert self.sock is not None
-        views = [memoryview(b).cast("B") for b in bufs]  # type: ignore[arg-type]
-        i = 0
-        while i < len(views):
-            sent = self.sock.sendmsg(views[i:i + _IOV])
-            while sent and i < len(views):
-                n = views[i].nbytes
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    views[i] = views[i][sent:]
-                    sent = 0
 
     def _wait(self, until: float | None) -> None:
         """Wait for feedback (or the lease) until the core's timer, then run the timer."""
@@ -357,9 +335,43 @@ class DirectLink:
         c = self.core.counters()
         self._reported_acked = c["acked_messages"]
         try:
-            send_message(self._lease, {"t": "count", "messages": c["messages"],
-                                       "bytes": c["bytes"], "acked": c["acked_messages"],
-                                       "retransmits": c["retransmits"],
-                                       "buffered": c["buffered_bytes"]})
+            send_message(self._lease, count_message(c))
         except OSError:
             pass
+
+
+def sendmsg_all(sock: socket.socket, bufs: list[Buffer]) -> None:
+    """Write every buffer of ``bufs`` on the blocking ``sock`` with as few ``sendmsg`` calls as
+    the kernel allows (at most ``_IOV`` buffers each)."""
+    views = [memoryview(b).cast("B") for b in bufs]  # type: ignore[arg-type]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + _IOV])
+        while sent and i < len(views):
+            n = views[i].nbytes
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+
+
+def dial_lease(path: str, first: dict[str, Any]) -> socket.socket:
+    """A new connection to the daemon's hand-over socket at ``path``, ``first`` sent on it
+    (``take`` or ``adopt``); OSError if the daemon is not there."""
+    lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lease.connect(path)
+        send_message(lease, first)
+    except OSError:
+        lease.close()
+        raise
+    return lease
+
+
+def count_message(c: dict[str, Any]) -> dict[str, Any]:
+    """The ``count`` message that reports a sender core's counters ``c`` to the daemon."""
+    return {"t": "count", "messages": c["messages"], "bytes": c["bytes"],
+            "acked": c["acked_messages"], "retransmits": c["retransmits"],
+            "buffered": c["buffered_bytes"]}

@@ -58,6 +58,8 @@ class Lease:
         self.owner = owner
         self.sock = sock
         self.ch = ch
+        self.task: asyncio.Task[None] | None = None
+        """:meth:`run`, while it serves the application."""
         self.closed = False
 
     def give(self, conn: DataConnection) -> None:
@@ -96,6 +98,7 @@ class Lease:
         """Serve the application's messages until it goes away."""
         loop = asyncio.get_running_loop()
         reader = MessageReader()
+        self.task = asyncio.current_task()
         try:
             while not self.closed:
                 data = await loop.sock_recv(self.sock, 1 << 16)
@@ -106,9 +109,10 @@ class Lease:
         except (OSError, ProtocolError) as exc:
             log.info("channel %r: hand-over socket: %s", self.ch.name, exc)
         finally:
+            self.task = None
             if not self.closed:
                 self.closed = True
-                self.sock.close()
+                forget_socket(self.sock)
                 app_left(self.ch)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
@@ -134,7 +138,21 @@ class Lease:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.sock.close()
+            forget_socket(self.sock)
+            if self.task is not None and self.task is not asyncio.current_task():
+                self.task.cancel()
+
+
+def forget_socket(sock: socket.socket) -> None:
+    """Close ``sock``, on which :meth:`run` may wait in ``loop.sock_recv``: its reader is
+    removed first.  Closing it under a waiting ``sock_recv`` left the reader registered on the
+    descriptor number, and the next socket given that number (a control connection, say) had
+    its bytes read by the dead waiter: its request vanished and it was reset."""
+    try:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+    except (RuntimeError, ValueError, OSError):
+        pass
+    sock.close()
 
 
 def offer(ch: OutChannel) -> None:
@@ -232,7 +250,7 @@ class Handovers:
             first = msgs[0]
             cid = bytes.fromhex(str(first.get("id", ""))) if first["t"] != "adopt" else b""
         except (OSError, ProtocolError, ValueError, asyncio.TimeoutError):
-            sock.close()
+            forget_socket(sock)  # a timed-out sock_recv may still have its reader registered
             return
         if first["t"] == "adopt":
             try:
