@@ -2,7 +2,8 @@
 :class:`AsyncSender`, :class:`AsyncReceiver` (see :mod:`meshd.app.streams`).
 
 A sender's batching is :class:`~meshd.app.batching.Batcher` with one loop timer, re-armed after
-each call; control calls run in a thread."""
+each call; control calls run in a thread.  A handed-over channel's data connection is run by
+the loop too (:mod:`meshd.app.aio_direct`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from meshd.app.aio_direct import AsyncDirectLink
 from meshd.app.batching import RING_BYTES, Batch
 from meshd.app.client import Client
 from meshd.app.ends import (STALL_CHECK, FlushWait, MeshEnd, ReceiverEnd, SenderEnd,
                             TimeoutLater, open_receiver, start_ring)
+from meshd.app.direct import DirectLink
 from meshd.app.message import Message, encode
+from meshd.channel.batch import pack_parts
 from meshd.errors import ChannelClosed, LocalError
 
 __all__ = ["AsyncMesh", "AsyncReceiver", "AsyncSender", "aconnect"]
@@ -38,8 +42,13 @@ class AsyncMesh(MeshEnd):
         await self.close()
 
     async def sender(self, name: str, *, to: str, paths: list[str] | None = None,
-                     linger: float = 0.002, ring_bytes: int = RING_BYTES) -> AsyncSender:
-        info = await asyncio.to_thread(self.client.open_sender, name, to, paths)
+                     linger: float = 0.002, ring_bytes: int = RING_BYTES,
+                     via_daemon: bool = False) -> AsyncSender:
+        """As :meth:`~meshd.app.sync.Mesh.sender`: where the site's ``channel_handover``
+        allows, the event loop runs the data connection (no thread); ``via_daemon``: let the
+        daemon carry the data."""
+        info = await asyncio.to_thread(self.client.open_sender, name, to, paths,
+                                       not via_daemon)
         tx = AsyncSender(self, info, linger, ring_bytes)
         self._open.append(tx)
         return tx
@@ -74,10 +83,24 @@ class AsyncSender(SenderEnd):
         super().__init__(mesh, info, linger, ring_bytes)
         self._timer: asyncio.TimerHandle | None = None
         self._sending = asyncio.Lock()
+        self._direct = (AsyncDirectLink(info["handover"], self.id, self.name)
+                        if info.get("handover") else None)
+        """The data connection, when this process holds it (:mod:`meshd.app.aio_direct`)."""
 
-    async def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+    def _open_link(self, info: dict[str, Any]) -> DirectLink | None:
+        return None  # the loop runs this flavour's link: self._direct
+
+    def _check_link(self) -> None:
+        """ChannelClosed if the channel ended (a handed-over channel's daemon says so on the
+        lease, between calls)."""
+        if self.ended is None and self._direct is not None and self._direct.ended is not None:
+            self._ended(self._direct.ended)
         if self.ended is not None:
             raise self.ended
+
+    async def send(self, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """As :meth:`~meshd.app.sync.Sender.send`."""
+        self._check_link()
         head, body = encode(obj, meta)
         batches = self._core.add(head, body, asyncio.get_running_loop().time())
         self._rearm()
@@ -108,6 +131,13 @@ class AsyncSender(SenderEnd):
 
     async def _ship(self, b: Batch) -> None:
         async with self._sending:
+            if self._direct is not None:
+                parts, nbytes = pack_parts(b.messages)
+                try:
+                    await self._direct.send(parts, nbytes, len(b.messages))
+                except ChannelClosed as exc:
+                    raise self._ended(exc) from None
+                return
             wanted = self._core.ring_wanted(b)
             if wanted:
                 self._core.ring = await asyncio.to_thread(start_ring, self._mesh.client, self.id,
@@ -117,9 +147,15 @@ class AsyncSender(SenderEnd):
             await self._sock.send_multipart(self._core.frames(b), copy=False)
 
     async def flush(self, timeout: float | None = None) -> None:
-        if self.ended is not None:
-            raise self.ended
+        """As :meth:`~meshd.app.sync.Sender.flush`."""
+        self._check_link()
         await self._push()
+        if self._direct is not None:
+            try:
+                await self._direct.flush(timeout)
+            except ChannelClosed as exc:
+                raise self._ended(exc) from None
+            return
         target = self.sent
         loop = asyncio.get_running_loop()
         wait = FlushWait(timeout, loop.time())
@@ -145,6 +181,8 @@ class AsyncSender(SenderEnd):
         if flush:
             with later:
                 await self.flush(timeout)
+        if self._direct is not None:
+            await self._direct.close()
         self._release()
         try:
             await asyncio.to_thread(self._mesh.client.close_sender, self.id)

@@ -36,7 +36,9 @@ REJOIN_EVERY = 0.2
 """Seconds between tries to reach a daemon that went away (to give it the channel back)."""
 REJOIN_FOR = 120.0
 """Seconds a daemon may stay away before a channel that needs it fails."""
-_IOV = 512
+IOV = 512
+"""Buffers per ``sendmsg`` at most."""
+GONE_TOO_LONG = f"the daemon did not come back within {REJOIN_FOR:.0f} s"
 
 
 class DirectLink:
@@ -211,12 +213,11 @@ class DirectLink:
         if core is None or self._gone_since is None or now < self._next_rejoin:
             return
         if now - self._gone_since > REJOIN_FOR:
-            self._end("failed", f"the daemon did not come back within {REJOIN_FOR:.0f} s")
+            self._end("failed", GONE_TOO_LONG)
             return
         self._next_rejoin = now + REJOIN_EVERY
         try:
-            self._lease = self._dial({"t": "adopt", "id": self.channel_id, "name": self.name,
-                                      "live": live, **core.adoption()})
+            self._lease = self._dial(adopt_message(self.channel_id, self.name, live, core))
         except OSError:
             return
         self._gone_since = None
@@ -263,8 +264,7 @@ class DirectLink:
 
     def _end(self, reason: str, message: str) -> None:
         if self.ended is None:
-            self.ended = ChannelClosed(f"the channel ended: {message}", reason=reason,
-                                       channel=self.channel_id)
+            self.ended = ended_error(self.channel_id, reason, message)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -342,19 +342,30 @@ class DirectLink:
 
 def sendmsg_all(sock: socket.socket, bufs: list[Buffer]) -> None:
     """Write every buffer of ``bufs`` on the blocking ``sock`` with as few ``sendmsg`` calls as
-    the kernel allows (at most ``_IOV`` buffers each)."""
-    views = [memoryview(b).cast("B") for b in bufs]  # type: ignore[arg-type]
+    the kernel allows (at most ``IOV`` buffers each)."""
+    views = byte_views(bufs)
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i:i + _IOV])
-        while sent and i < len(views):
-            n = views[i].nbytes
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        i = consumed(views, i, sock.sendmsg(views[i:i + IOV]))
+
+
+def byte_views(bufs: list[Buffer]) -> list[memoryview]:
+    """``bufs`` as flat byte views (for ``sendmsg`` and :func:`consumed`)."""
+    return [memoryview(b).cast("B") for b in bufs]  # type: ignore[arg-type]
+
+
+def consumed(views: list[memoryview], i: int, sent: int) -> int:
+    """The index of the first view of ``views[i:]`` not wholly written after a ``sendmsg``
+    of them wrote ``sent`` bytes; a view written in part is cut to what is left of it."""
+    while sent and i < len(views):
+        n = views[i].nbytes
+        if sent >= n:
+            sent -= n
+            i += 1
+        else:
+            views[i] = views[i][sent:]
+            sent = 0
+    return i
 
 
 def dial_lease(path: str, first: dict[str, Any]) -> socket.socket:
@@ -375,3 +386,14 @@ def count_message(c: dict[str, Any]) -> dict[str, Any]:
     return {"t": "count", "messages": c["messages"], "bytes": c["bytes"],
             "acked": c["acked_messages"], "retransmits": c["retransmits"],
             "buffered": c["buffered_bytes"]}
+
+
+def adopt_message(channel_id: str, name: str, live: bool, core: StreamSender) -> dict[str, Any]:
+    """The ``adopt`` message that gives channel ``channel_id`` (``name``), run by ``core``, to
+    a daemon that came back (``live``: the application still holds a working connection)."""
+    return {"t": "adopt", "id": channel_id, "name": name, "live": live, **core.adoption()}
+
+
+def ended_error(channel_id: str, reason: str, message: str) -> ChannelClosed:
+    """What a call raises once the daemon said the channel ended (``ended``)."""
+    return ChannelClosed(f"the channel ended: {message}", reason=reason, channel=channel_id)

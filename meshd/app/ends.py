@@ -150,9 +150,13 @@ class SenderEnd:
             self._sock.connect(info["endpoint"])
         self.ended: ChannelClosed | None = None
         """Why the channel ended on its own (revoked, no path), once a call found out."""
-        self._link = (DirectLink(info["handover"], self.id, self.name)
-                      if info.get("handover") else None)
+        self._link = self._open_link(info) if info.get("handover") else None
         """The data connection, when this process holds it (:mod:`meshd.app.direct`)."""
+
+    def _open_link(self, info: dict[str, Any]) -> DirectLink | None:
+        """The sync flavour's link on a handed-over channel (the asyncio flavour holds its own,
+        :mod:`meshd.app.aio_direct`, and has None here)."""
+        return DirectLink(info["handover"], self.id, self.name)
 
     def _check_ended(self) -> None:
         """Ask the daemon whether the channel ended (a send waits for room a long time):
