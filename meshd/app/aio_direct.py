@@ -25,53 +25,35 @@ import time
 from collections import deque
 from typing import Any
 
-from meshd.app.direct import (EARLY_BATCHES, GONE_TOO_LONG, IO_TIMEOUT, IOV, REJOIN_EVERY,
-                              REJOIN_FOR, REPORT_EVERY, adopt_message, byte_views, consumed,
-                              count_message, dial_lease, ended_error)
+from meshd.app.direct import EARLY_BATCHES, IO_TIMEOUT, IOV, byte_views, consumed
+from meshd.app.handover import REPORT_EVERY, HandoverEnd
 from meshd.channel.frames import Buffer
 from meshd.channel.reliable import WouldBlock
 from meshd.channel.stream import StreamSender
-from meshd.errors import ChannelClosed, LocalError, ProtocolError
-from meshd.local.handover import MessageReader, decode_grant, recv_messages, send_message
+from meshd.errors import LocalError, ProtocolError
+from meshd.local.handover import decode_grant
 
 __all__ = ["AsyncDirectLink"]
 
 
-class AsyncDirectLink:
+class AsyncDirectLink(HandoverEnd):
     """The data side of one handed-over sending channel, on the running event loop (see the
     module docstring).  One sending task at a time (the caller keeps batches in order)."""
 
     def __init__(self, path: str, channel_id: str, name: str, *,
                  window_bytes: int = 64 << 20) -> None:
-        self.channel_id = channel_id
-        self.name = name
-        self.core: StreamSender | None = None
-        self.sock: socket.socket | None = None
-        self.ended: ChannelClosed | None = None
+        super().__init__(path, channel_id, name, window_bytes)
         self._loop = asyncio.get_running_loop()
-        self._path = path
-        self._window = window_bytes
-        self._lease: socket.socket | None = None
-        self._reader = MessageReader()
-        self._fds: list[int] = []
         self._queue: deque[tuple[list[Buffer], int, int]] = deque()  # batches not sealed yet
         self._out: list[memoryview] = []  # what is sealed and not yet written, from _out_at
         self._out_at = 0
         self._wrote = 0.0  # when a write last made progress
         self._writing = False  # a loop writer waits for room on the data socket
-        self._reported = 0.0
-        self._counts: dict[str, int] = {}  # the counters last reported
-        self._gone_since: float | None = None  # the daemon went away (restarting?)
-        self._next_rejoin = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._changed = asyncio.Event()
         self._closed = False
-        try:
-            self._set_lease(dial_lease(path, {"t": "take", "id": channel_id}))
-        except OSError as exc:
-            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
-                             reason="handover") from None
+        self._take()
 
     # -- what a sender calls -------------------------------------------------------------------
 
@@ -136,38 +118,16 @@ class AsyncDirectLink:
     def _on_lease(self) -> None:
         """The daemon sent something (a read stops at a message that carries a descriptor;
         the reader is called again for the rest)."""
-        lease = self._lease
-        if lease is None:
-            return
-        try:
-            msgs = recv_messages(lease, self._reader, self._fds)
-        except BlockingIOError:
-            return
-        except (OSError, LocalError, ProtocolError) as exc:
-            self._daemon_left(str(exc))
-            msgs = []
-        for msg in msgs:
-            if msg["t"] == "grant" and self._fds:
-                self._granted(msg, self._fds.pop(0))
-            elif msg["t"] == "ended":
-                self._end(str(msg.get("reason", "failed")), str(msg.get("message", "")))
-        self._progress()
+        if self._lease is not None:
+            self._read_lease_once()
+            self._progress()
 
     def _on_data(self) -> None:
         """The receiver sent something (feedback)."""
         sock, core = self.sock, self.core
         if sock is None or core is None:
             return
-        try:
-            data = sock.recv(1 << 16)
-            if not data:
-                raise OSError("the connection was closed")
-            core.data_received(data, time.monotonic())
-        except BlockingIOError:
-            return
-        except (OSError, ProtocolError) as exc:
-            self._broken(str(exc))
-        else:
+        if self._read_data(sock, core):
             self._queue_writes(core.take_writes())
         self._progress()
 
@@ -250,17 +210,13 @@ class AsyncDirectLink:
 
     def _set_lease(self, lease: socket.socket) -> None:
         lease.setblocking(False)
-        self._lease, self._reader, self._fds = lease, MessageReader(), []
+        super()._set_lease(lease)
         self._loop.add_reader(lease.fileno(), self._on_lease)
 
     def _drop_lease(self) -> None:
         if self._lease is not None:
             self._loop.remove_reader(self._lease.fileno())
-            self._lease.close()
-            self._lease = None
-        for fd in self._fds:
-            socket.socket(fileno=fd).close()
-        self._fds = []
+        super()._drop_lease()
 
     def _drop_sock(self) -> None:
         """Let go of the data socket (its reader and writer first) and what waited to be
@@ -269,8 +225,7 @@ class AsyncDirectLink:
             self._loop.remove_reader(self.sock.fileno())
             if self._writing:
                 self._loop.remove_writer(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
+        super()._drop_sock()
         self._writing = False
         self._out, self._out_at = [], 0
 
@@ -325,68 +280,6 @@ class AsyncDirectLink:
                 self._loop.add_writer(sock.fileno(), self._on_writable)
             else:
                 self._loop.remove_writer(sock.fileno())
-
-    def _broken(self, why: str) -> None:
-        """The data connection broke: give the channel back to the daemon to resume."""
-        self._drop_sock()
-        if self.core is None or self.ended is not None:
-            return
-        ctl_seal, ctl_open = self.core.lost()
-        if self._lease is None:
-            return  # the daemon is away: it resumes the channel when it is back
-        try:
-            send_message(self._lease, {"t": "lost", "cs": ctl_seal, "co": ctl_open})
-        except OSError as exc:
-            self._daemon_left(str(exc))
-
-    def _daemon_left(self, why: str) -> None:
-        """The hand-over socket closed: the daemon stopped.  The connection, if any, goes on;
-        the channel goes back to the daemon when it returns (:meth:`_rejoin`)."""
-        self._drop_lease()
-        if self.ended is not None:
-            return
-        if self.core is None:
-            self._end("failed", f"lost the daemon before the channel opened: {why}")
-        elif self._gone_since is None:
-            self._gone_since = time.monotonic()
-
-    def _rejoin(self) -> None:
-        """Give the channel to the daemon that came back (``live`` if this end still holds a
-        working connection; else the daemon resumes the channel at once)."""
-        now, core = time.monotonic(), self.core
-        if core is None or self._gone_since is None or now < self._next_rejoin:
-            return
-        if now - self._gone_since > REJOIN_FOR:
-            self._end("failed", GONE_TOO_LONG)
-            return
-        self._next_rejoin = now + REJOIN_EVERY
-        try:
-            lease = dial_lease(self._path, adopt_message(self.channel_id, self.name,
-                                                         self.sock is not None, core))
-        except OSError:
-            return
-        self._set_lease(lease)
-        self._gone_since = None
-
-    def _end(self, reason: str, message: str) -> None:
-        if self.ended is None:
-            self.ended = ended_error(self.channel_id, reason, message)
-        self._drop_sock()
-
-    def _report(self, now_anyway: bool) -> None:
-        """Tell the daemon the counters (for ``meshd channels``): when asked, else when they
-        changed and :data:`~meshd.app.direct.REPORT_EVERY` has passed since the last time."""
-        t, core = time.monotonic(), self.core
-        if core is None or self._lease is None:
-            return
-        c = core.counters()
-        if not now_anyway and (c == self._counts or t - self._reported < REPORT_EVERY):
-            return
-        self._reported, self._counts = t, c
-        try:
-            send_message(self._lease, count_message(c))
-        except OSError:
-            pass
 
     def _shut(self) -> None:
         self._closed = True

@@ -17,55 +17,31 @@ import socket
 import time
 from typing import Any
 
+from meshd.app.handover import REJOIN_EVERY, HandoverEnd
 from meshd.channel.frames import Buffer
 from meshd.channel.reliable import WouldBlock
 from meshd.channel.stream import StreamSender
-from meshd.errors import ChannelClosed, LocalError, ProtocolError
-from meshd.local.handover import (MessageReader, decode_grant, recv_messages,
-                                  send_message)
+from meshd.errors import LocalError
+from meshd.local.handover import decode_grant
 
 __all__ = ["DirectLink"]
 
 IO_TIMEOUT = 15.0
 """Seconds a write may block before the connection counts as broken."""
-REPORT_EVERY = 0.5
-"""Seconds between counter reports to the daemon (for ``meshd channels``)."""
 EARLY_BATCHES = 8
 """Batches that may wait for the channel's first connection before ``send`` blocks."""
-REJOIN_EVERY = 0.2
-"""Seconds between tries to reach a daemon that went away (to give it the channel back)."""
-REJOIN_FOR = 120.0
-"""Seconds a daemon may stay away before a channel that needs it fails."""
 IOV = 512
 """Buffers per ``sendmsg`` at most."""
-GONE_TOO_LONG = f"the daemon did not come back within {REJOIN_FOR:.0f} s"
 
 
-class DirectLink:
+class DirectLink(HandoverEnd):
     """The data side of one handed-over sending channel (not thread-safe: the caller locks)."""
 
     def __init__(self, path: str, channel_id: str, name: str, *,
                  window_bytes: int = 64 << 20) -> None:
-        self.channel_id = channel_id
-        self.name = name
-        self.core: StreamSender | None = None
-        self.sock: socket.socket | None = None
-        self.ended: ChannelClosed | None = None
-        self._path = path
-        self._window = window_bytes
-        self._lease: socket.socket | None = None
-        self._reader = MessageReader()
-        self._fds: list[int] = []
-        self._reported = 0.0
-        self._reported_acked = 0
+        super().__init__(path, channel_id, name, window_bytes)
         self._early: list[tuple[list[Buffer], int, int]] = []  # batches before the first grant
-        self._gone_since: float | None = None  # the daemon went away (restarting?)
-        self._next_rejoin = 0.0
-        try:
-            self._lease = self._dial({"t": "take", "id": channel_id})
-        except OSError as exc:
-            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
-                             reason="handover") from None
+        self._take()
 
     # -- what a sender calls -------------------------------------------------------------------
 
@@ -93,7 +69,7 @@ class DirectLink:
         self._poll(0.0)
         self._report(False)
         if self._gone_since is not None:
-            self._rejoin(live=self.sock is not None)
+            self._rejoin()
 
     def flush(self, timeout: float | None) -> None:
         """Wait until the receiving daemon has acknowledged every batch sent; LocalError
@@ -136,8 +112,8 @@ class DirectLink:
             return False
         core = self.core
         return bool(self._early) or (core is not None and (
-            not core.all_acked or (self._lease is not None
-                                   and core.acked_messages != self._reported_acked)))
+            not core.all_acked or (self._lease is not None and core.acked_messages
+                                   != self._counts.get("acked_messages", 0))))
 
     def pump(self) -> None:
         """Move the channel on without waiting (the sender's thread calls it while the
@@ -154,7 +130,7 @@ class DirectLink:
                 core.handle_timer(time.monotonic())
             self._write()
         if self._gone_since is not None:
-            self._rejoin(live=self.sock is not None)
+            self._rejoin()
         self._report(False)
         if self.ended is not None:
             raise self.ended
@@ -178,7 +154,7 @@ class DirectLink:
             if wait is not None and wait <= 0:
                 raise LocalError("no path to the receiver yet", reason="timeout")
             if self._lease is None:  # the daemon is away: wait for it to come back
-                self._rejoin(live=False)
+                self._rejoin()
                 if self._lease is None:
                     time.sleep(REJOIN_EVERY if wait is None else min(wait, REJOIN_EVERY))
                 continue
@@ -189,39 +165,6 @@ class DirectLink:
             raise self.ended
         return self.core
 
-    def _dial(self, first: dict[str, Any]) -> socket.socket:
-        lease = dial_lease(self._path, first)
-        self._reader, self._fds = MessageReader(), []
-        return lease
-
-    def _daemon_left(self, why: str) -> None:
-        """The hand-over socket closed: the daemon stopped.  The connection, if any, goes on;
-        the channel goes back to the daemon when it returns (:meth:`_rejoin`)."""
-        if self._lease is not None:
-            self._lease.close()
-            self._lease = None
-        if self.core is None:
-            self._end("failed", f"lost the daemon before the channel opened: {why}")
-        elif self._gone_since is None:
-            self._gone_since = time.monotonic()
-
-    def _rejoin(self, live: bool) -> None:
-        """Give the channel to the daemon that came back (``live``: this end still holds a
-        working connection; else the daemon resumes the channel at once)."""
-        now = time.monotonic()
-        core = self.core
-        if core is None or self._gone_since is None or now < self._next_rejoin:
-            return
-        if now - self._gone_since > REJOIN_FOR:
-            self._end("failed", GONE_TOO_LONG)
-            return
-        self._next_rejoin = now + REJOIN_EVERY
-        try:
-            self._lease = self._dial(adopt_message(self.channel_id, self.name, live, core))
-        except OSError:
-            return
-        self._gone_since = None
-
     def _read_lease(self) -> None:
         """Take every message the daemon has sent (a read stops at a message that carries a
         descriptor, so an ``ended`` right behind a grant needs another read)."""
@@ -230,19 +173,6 @@ class DirectLink:
             if self._lease is None or not select.select([self._lease], [], [], 0)[0]:
                 return
             self._read_lease_once()
-
-    def _read_lease_once(self) -> None:
-        assert self._lease is not None
-        try:
-            msgs = recv_messages(self._lease, self._reader, self._fds)
-        except (OSError, LocalError, ProtocolError) as exc:
-            self._daemon_left(str(exc))
-            return
-        for msg in msgs:
-            if msg["t"] == "grant" and self._fds:
-                self._granted(msg, self._fds.pop(0))
-            elif msg["t"] == "ended":
-                self._end(str(msg.get("reason", "failed")), str(msg.get("message", "")))
 
     def _granted(self, msg: dict[str, Any], fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -261,28 +191,6 @@ class DirectLink:
         else:
             self.core.resume(grant, now)
         self._write()
-
-    def _end(self, reason: str, message: str) -> None:
-        if self.ended is None:
-            self.ended = ended_error(self.channel_id, reason, message)
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def _broken(self, why: str) -> None:
-        """The data connection broke: give the channel back to the daemon to resume."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.core is None or self.ended is not None:
-            return
-        ctl_seal, ctl_open = self.core.lost()
-        if self._lease is None:
-            return  # the daemon is away: it resumes the channel when it is back
-        try:
-            send_message(self._lease, {"t": "lost", "cs": ctl_seal, "co": ctl_open})
-        except OSError as exc:
-            self._daemon_left(str(exc))
 
     def _write(self) -> None:
         if self.core is None or self.sock is None:
@@ -316,29 +224,8 @@ class DirectLink:
         sock, core = self.sock, self.core
         if sock is None or core is None or sock not in ready:
             return
-        try:
-            data = sock.recv(1 << 16)
-            if not data:
-                raise OSError("the connection was closed")
-            core.data_received(data, time.monotonic())
-        except (OSError, ProtocolError) as exc:
-            self._broken(str(exc))
-            return
-        self._write()
-
-    def _report(self, now_anyway: bool) -> None:
-        t = time.monotonic()
-        if self.core is None or self._lease is None or (
-                not now_anyway and t - self._reported < REPORT_EVERY):
-            return
-        self._reported = t
-        c = self.core.counters()
-        self._reported_acked = c["acked_messages"]
-        try:
-            send_message(self._lease, count_message(c))
-        except OSError:
-            pass
-
+        if self._read_data(sock, core):
+            self._write()
 
 def sendmsg_all(sock: socket.socket, bufs: list[Buffer]) -> None:
     """Write every buffer of ``bufs`` on the blocking ``sock`` with as few ``sendmsg`` calls as
@@ -355,8 +242,8 @@ def byte_views(bufs: list[Buffer]) -> list[memoryview]:
 
 
 def consumed(views: list[memoryview], i: int, sent: int) -> int:
-    """The index of the first view of ``views[i:]`` not wholly written after a ``sendmsg``
-    of them wrote ``sent`` bytes; a view written in part is cut to what is left of it."""
+    """The index of the first view of ``views[i:]`` not wholly written once a ``sendmsg`` of
+    them wrote ``sent`` bytes; a view written in part is cut to what is left of it."""
     while sent and i < len(views):
         n = views[i].nbytes
         if sent >= n:
@@ -366,34 +253,3 @@ def consumed(views: list[memoryview], i: int, sent: int) -> int:
             views[i] = views[i][sent:]
             sent = 0
     return i
-
-
-def dial_lease(path: str, first: dict[str, Any]) -> socket.socket:
-    """A new connection to the daemon's hand-over socket at ``path``, ``first`` sent on it
-    (``take`` or ``adopt``); OSError if the daemon is not there."""
-    lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        lease.connect(path)
-        send_message(lease, first)
-    except OSError:
-        lease.close()
-        raise
-    return lease
-
-
-def count_message(c: dict[str, Any]) -> dict[str, Any]:
-    """The ``count`` message that reports a sender core's counters ``c`` to the daemon."""
-    return {"t": "count", "messages": c["messages"], "bytes": c["bytes"],
-            "acked": c["acked_messages"], "retransmits": c["retransmits"],
-            "buffered": c["buffered_bytes"]}
-
-
-def adopt_message(channel_id: str, name: str, live: bool, core: StreamSender) -> dict[str, Any]:
-    """The ``adopt`` message that gives channel ``channel_id`` (``name``), run by ``core``, to
-    a daemon that came back (``live``: the application still holds a working connection)."""
-    return {"t": "adopt", "id": channel_id, "name": name, "live": live, **core.adoption()}
-
-
-def ended_error(channel_id: str, reason: str, message: str) -> ChannelClosed:
-    """What a call raises once the daemon said the channel ended (``ended``)."""
-    return ChannelClosed(f"the channel ended: {message}", reason=reason, channel=channel_id)
