@@ -206,7 +206,7 @@ async def test_big_arrays_through_rings_with_asyncio(sites: Any) -> None:
     n, group = 30, 10
     async with meshd.aconnect(b.home) as mb, meshd.aconnect(a.home) as ma:
         rx = await mb.receiver("abig")
-        tx = await ma.sender("abig", to="alcf")
+        tx = await ma.sender("abig", to="alcf", via_daemon=True)  # a handed-over one has no ring
         assert tx._ring is None and rx._ring is not None
         await tx.send(_big(-1))  # the first big message makes the sender's ring
         assert tx._ring is not None and tx._ring.wait_ready(10)
