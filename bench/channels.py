@@ -2,7 +2,7 @@
 
     python bench/channels.py [--json] [--seconds 3] [--sizes 64KiB,1MiB,16MiB]
                              [--only raw,stunnel,direct,relay,small,setup] [--setup-runs 50]
-                             [--via-daemon] [--no-cipher]
+                             [--via-daemon] [--asyncio] [--no-cipher]
 
 Needs ``stunnel`` for the stunnel column (``apt-get install -y stunnel4``; without it that column
 says "not installed" and the rest runs) and ``cryptography`` (its throwaway certificate).
@@ -35,6 +35,7 @@ process spent per GB (10**9 payload bytes) inside the receiver's counting window
 ``sender_app``, ``receiver_app``, ``sending_daemon``, ``receiving_daemon`` (0 for raw pyzmq,
 which has no daemons), sampled from ``/proc/PID/stat`` every 50 ms.  The sites hand each
 channel's connection to the sending app (``channel_handover = true``) unless ``--via-daemon``;
+``--asyncio`` makes the channels' sending apps use ``meshd.aconnect``;
 ``--no-cipher`` replaces the AEAD in every process the bench starts by a copy (a
 ``sitecustomize`` on ``PYTHONPATH``: the bench only, never the product), to show what the
 cipher costs.
@@ -47,6 +48,7 @@ and its load (two cores are shared by both apps, their daemons or stunnels, and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import multiprocessing as mp
@@ -98,6 +100,8 @@ SITES: dict[str, dict[str, Any]] = {
 """The bench mesh: each site's config changes (``discovery = false`` for all)."""
 MESH_TIMEOUT = 60.0
 HANDOVER = [True]
+ASYNCIO = [False]
+"""Whether the channels' sending apps use the asyncio flavour (``--asyncio``)."""
 """``channel_handover`` of the bench sites (``--via-daemon`` sets it False)."""
 
 NULL_CIPHER = '''"""bench/channels.py --no-cipher: frames are copied, not encrypted (never outside the bench)."""
@@ -338,13 +342,16 @@ def channel_receiver(ready: Callable[[Any], None], stop: Any, sender_done: Any, 
     return result
 
 
-def channel_sender(stop: Any, home: str, name: str, to: str, size: int) -> dict[str, Any]:
+def channel_sender(stop: Any, home: str, name: str, to: str, size: int,
+                   flavour: str = "sync") -> dict[str, Any]:
     """Send the pattern on channel ``name`` until ``stop``; return its ``channels()`` row."""
     import meshd
 
     payload = pattern(size)
     every = check_every(size)
     sent = 0
+    if flavour == "asyncio":
+        return asyncio.run(_async_sender(stop, home, name, to, payload, every))
     with meshd.connect(home=home) as mesh:
         tx = mesh.sender(name, to=to)
         while not stop.is_set():
@@ -358,13 +365,33 @@ def channel_sender(stop: Any, home: str, name: str, to: str, size: int) -> dict[
     return {"sent": sent, "channel": rows[0] if rows else None}
 
 
+async def _async_sender(stop: Any, home: str, name: str, to: str, payload: Any,
+                        every: int) -> dict[str, Any]:
+    """:func:`channel_sender` with ``meshd.aconnect``."""
+    import meshd
+
+    sent = 0
+    async with meshd.aconnect(home) as mesh:
+        tx = await mesh.sender(name, to=to)
+        while not stop.is_set():
+            for _ in range(every):
+                await tx.send(payload)
+            sent += every
+        await tx.flush()
+        rows = [c for c in await mesh.channels()
+                if c.get("name") == name and c.get("direction", "out") == "out"]
+        await tx.close()
+    return {"sent": sent, "channel": rows[0] if rows else None}
+
+
 def _channel_window(mesh: DemoMesh, sender: str, size: int, seconds: float,
                     path: str) -> dict[str, Any]:
     _api()
     name = f"bench-{path}-{size}-{uuid.uuid4().hex[:8]}"
     with Pair(timeout=seconds + 120) as pair:
         pair.start_receiver(channel_receiver, str(mesh.home(RECEIVER)), name, size, seconds)
-        pair.start_sender(channel_sender, str(mesh.home(sender)), name, RECEIVER, size)
+        pair.start_sender(channel_sender, str(mesh.home(sender)), name, RECEIVER, size,
+                          "asyncio" if ASYNCIO[0] else "sync")
         sampler = CpuSampler({**pair.pids(), "sending_daemon": mesh.procs[sender].pid,
                               "receiving_daemon": mesh.procs[RECEIVER].pid})
         try:
@@ -724,11 +751,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-runs", type=int, default=50)
     p.add_argument("--via-daemon", action="store_true",
                    help="channels carry their data through the daemons (channel_handover off)")
+    p.add_argument("--asyncio", action="store_true",
+                   help="the channels' sending apps use meshd.aconnect (the asyncio flavour)")
     p.add_argument("--no-cipher", action="store_true",
                    help="the channels' frames are copied, not encrypted (the bench only:"
                         " what is left without the cipher)")
     args = p.parse_args(argv)
     HANDOVER[0] = not args.via_daemon
+    ASYNCIO[0] = args.asyncio
     nocipher = no_cipher() if args.no_cipher else None
     if unknown := args.only - set(COLUMNS):
         p.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(COLUMNS)}")
@@ -745,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         if nocipher:
             shutil.rmtree(nocipher, ignore_errors=True)
     report["handover"] = HANDOVER[0]
+    report["flavour"] = "asyncio" if ASYNCIO[0] else "sync"
     report["cipher"] = not args.no_cipher
     if args.json:
         print(json.dumps(report))
