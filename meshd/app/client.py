@@ -176,9 +176,12 @@ class Client:
         return self._call("DELETE", f"{api.CHANNELS}/{quote(channel_id)}")  # type: ignore[no-any-return]
 
     def open_receiver(self, name: str, allow: list[str] | None = None,
-                      ring_bytes: int = 0) -> dict[str, Any]:
+                      ring_bytes: int = 0, handover: bool = False) -> dict[str, Any]:
+        """``handover``: ask to take the channels' data connections (the answer's ``handover``
+        is the hand-over socket's path and ``port`` the receiver's token if granted)."""
         return self._call("POST", api.RECEIVERS, {"name": name, "allow": allow,  # type: ignore[no-any-return]
-                                                  "ring_bytes": ring_bytes})
+                                                  "ring_bytes": ring_bytes,
+                                                  "handover": handover})
 
     def close_receiver(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"{api.RECEIVERS}/{quote(name, safe='')}")  # type: ignore[no-any-return]

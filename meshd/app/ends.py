@@ -15,6 +15,7 @@ import zmq
 from meshd.app.batching import Batcher
 from meshd.app.client import Client
 from meshd.app.direct import DirectLink
+from meshd.app.direct_in import InLinks
 from meshd.app.message import Message, checked_messages
 from meshd.errors import ChannelClosed, LocalError, ProtocolError
 from meshd.local.ipc import ChannelEnd, unpack_end
@@ -60,11 +61,15 @@ def start_ring(client: Client, channel_id: str, ring_bytes: int) -> Ring | None:
     return ring
 
 
-def open_receiver(client: Client, name: str, allow: list[str] | None,
-                  ring_bytes: int) -> tuple[dict[str, Any], ReleaseTracker | None]:
+def open_receiver(client: Client, name: str, allow: list[str] | None, ring_bytes: int,
+                  handover: bool = False) -> tuple[dict[str, Any], ReleaseTracker | None]:
     """Open the receiver ``name`` with a ring of ``ring_bytes`` (0: none), mapped here; without
-    one if the daemon's ring cannot be mapped."""
-    info = client.open_receiver(name, allow, ring_bytes)
+    one if the daemon's ring cannot be mapped.  ``handover``: ask to take the channels' data
+    connections; a receiver whose daemon grants that has no ring (the daemon carries only what
+    arrives before a hand-over)."""
+    info = client.open_receiver(name, allow, 0 if handover else ring_bytes, handover)
+    if handover and not info.get("handover") and ring_bytes:  # refused: the daemon carries all
+        info = client.open_receiver(name, allow, ring_bytes, False)
     if not info.get("ring"):
         return info, None
     try:
@@ -214,6 +219,36 @@ class ReceiverEnd:
         self._ready: deque[Message | ChannelEnd] = deque()
         self.ended: list[ChannelClosed] = []
         """The channels to this receiver that ended, oldest first (see :meth:`_next`)."""
+        self._links = (InLinks(info["handover"], info["port"], self.name)
+                       if info.get("handover") and info.get("port") else None)
+        """The channels whose data connections this process holds (:mod:`.direct_in`)."""
+
+    def _watched(self) -> list[Any]:
+        """What a receive waits on: the ipc socket, and the hand-over reader's wake socket."""
+        return [self._sock] if self._links is None else [self._sock, self._links.wake]
+
+    def _ready_now(self, ipc_ready: bool) -> None:
+        """Take what is ready: a delivery on the ipc socket, what the hand-over links hold."""
+        if ipc_ready:
+            self._take(self._sock.recv_multipart(copy=False))
+        if self._links is None:
+            return
+        got, cuts = self._links.take()
+        self._ready.extend(got)
+        for cut in cuts:
+            if cut.tell:  # ended here, after what it delivered (the daemon is away)
+                self._ready.append(ChannelEnd(cut.cid, b"", cut.sender_name, cut.reason,
+                                              cut.message, len(self._links.links)))
+            else:  # cut by the daemon: nothing more of it (its end notice comes over ipc)
+                self._drop(cut.cid)
+
+    def _drop(self, cid: bytes) -> None:
+        """Nothing more of channel ``cid`` (it ended) is handed out."""
+        if self._links is not None:
+            self._links.drop(cid)
+        if any(isinstance(m, Message) and m._cid == cid for m in self._ready):
+            self._ready = deque(m for m in self._ready
+                                if not (isinstance(m, Message) and m._cid == cid))
 
     def _collect(self) -> None:
         """Release the ring records no received array views any more."""
@@ -224,11 +259,21 @@ class ReceiverEnd:
         """Decode one delivery or end notice (a malformed one is logged and skipped)."""
         if len(parts) == 1:
             try:
-                self._ready.append(unpack_end(parts[0].bytes))
+                end = unpack_end(parts[0].bytes)
             except ProtocolError as exc:
                 log.warning("channel %r: skipped a malformed delivery: %s", self.name, exc)
+                return
+            if end.reason != "closed":  # cut: what is not handed out yet is dropped
+                self._drop(end.cid)
+            elif self._links is not None:  # closed: what the links hold of it goes first
+                self._ready.extend(self._links.take_channel(end.cid))
+                self._links.drop(end.cid)
+            self._ready.append(end)
             return
-        self._ready.extend(checked_messages(parts, self.name, self._ring))
+        got = checked_messages(parts, self.name, self._ring)
+        if got and self._links is not None:
+            self._links.note_delivery(got[0]._cid, got[0].seq, len(got))
+        self._ready.extend(got)
 
     def _next(self) -> Message | None:
         """The next message ready, or None.  A channel's end is noted in :attr:`ended`; it
@@ -251,9 +296,12 @@ class ReceiverEnd:
         return TimeoutError(f"no message on {self.name!r} within {timeout} s")
 
     def _release(self) -> bool:
-        """Close the socket and the ring; False if they were closed already."""
+        """Close the socket and the ring; False if they were closed already.  The channels this
+        process holds go back to the daemon first (they stay open for the next receiver)."""
         if self._sock.closed:
             return False
+        if self._links is not None:
+            self._links.close()
         self._sock.close(0)
         if self._ring is not None:
             self._ring.ring.close()

@@ -18,7 +18,7 @@ from meshd.local import ipc
 from meshd.local.ring import ReleaseTracker
 from meshd.trust.identity import site_id_of
 
-__all__ = ["Message", "checked_messages", "encode", "messages"]
+__all__ = ["Message", "batch_messages", "checked_messages", "encode", "messages"]
 
 log = logging.getLogger("meshd.app.streams")
 """The application API's logger (its name from before the API was split into modules)."""
@@ -39,6 +39,8 @@ class Message:
     channel: str
     kind: str = "array"
     _frame: Any = field(default=None, repr=False)
+    _cid: bytes = field(default=b"", repr=False)
+    """The channel's id (to drop what is not handed out yet of a channel that was cut)."""
 
     def bytes(self) -> bytes:
         return bytes(self.data)
@@ -111,14 +113,23 @@ def messages(parts: list[Any], channel: str, ring: ReleaseTracker | None) -> lis
         weakref.finalize(whole, ring.freed, got.ring_start)
         keep = whole
     cid, sender, first, name = ipc.unpack_meta(got.meta)
-    sid = site_id_of(sender)
+    return batch_messages(view, whole, keep, first, name, site_id_of(sender), channel, cid)
+
+
+def batch_messages(view: memoryview, whole: np.ndarray[Any, Any], keep: Any, first: int,
+                   sender_name: str, sender_id: str, channel: str, cid: bytes
+                   ) -> list[Message]:
+    """The messages of one packed batch ``view`` (``whole``: the same bytes as uint8 numpy;
+    ``keep``: what each message holds on to), the first of them number ``first``; ProtocolError
+    (``batch``) if it is malformed."""
     out = []
     for i, (ho, hn, bo, bn) in enumerate(batch.offsets(view)):
         raw = whole[bo:bo + bn]
         # a ring's views must hold ``whole`` (its finalizer frees the record); a frame's need not
         body = memoryview(raw) if keep is whole else view[bo:bo + bn]  # type: ignore[arg-type]
         kind, array, meta = _decode(view[ho:ho + hn], body, raw)
-        out.append(Message(array, body, meta, first + i, name, sid, channel, kind, keep))
+        out.append(Message(array, body, meta, first + i, sender_name, sender_id, channel, kind,
+                           keep, cid))
     return out
 
 

@@ -58,12 +58,15 @@ class Mesh(MeshEnd):
         return tx
 
     def receiver(self, name: str, *, allow: list[str] | None = None,
-                 ring_bytes: int = RING_BYTES) -> Receiver:
+                 ring_bytes: int = RING_BYTES, via_daemon: bool = False) -> Receiver:
         """The receiver of channel ``name`` (messages from every sender on it, each sender's in
         order).  ``allow``: only these sites may open it.  A newer receiver of the same name
-        takes over from an older one.  ``ring_bytes``: shared memory the daemon puts big
-        messages in (their arrays view it; a record is reused once no array views it; 0: none)."""
-        info, ring = open_receiver(self.client, name, allow, ring_bytes)
+        takes over from an older one.  Where the site's ``channel_handover`` allows, this
+        process takes each channel's data connection and opens the frames itself;
+        ``via_daemon``: let the daemon carry them.  ``ring_bytes``: shared memory the daemon
+        puts big messages in when it carries them (their arrays view it; a record is reused
+        once no array views it; 0: none)."""
+        info, ring = open_receiver(self.client, name, allow, ring_bytes, not via_daemon)
         rx = Receiver(self, info, ring)
         self._open.append(rx)
         return rx
@@ -252,14 +255,30 @@ class Receiver(ReceiverEnd):
         channels feeding this receiver ended and everything they sent was handed out (reason
         ``closed``: the sender closed it; ``revoked``: it was cut).  A malformed delivery is
         logged and skipped (its messages' sequence numbers are then missing)."""
+        deadline: float | None = None
         while True:
             msg = self._next()
             if msg is not None:
                 return msg
             self._collect()
-            if timeout is not None and not self._sock.poll(int(timeout * 1000)):
+            if self._links is None:
+                if timeout is not None and not self._sock.poll(int(timeout * 1000)):
+                    raise self._timed_out(timeout)
+                self._take(self._sock.recv_multipart(copy=False))
+                continue
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._ready_now(False)  # what the links took meanwhile
+            if self._ready:
+                continue
+            poller = zmq.Poller()
+            for item in self._watched():
+                poller.register(item, zmq.POLLIN)
+            events = dict(poller.poll(None if wait is None else int(wait * 1000)))
+            if not events and deadline is not None and time.monotonic() >= deadline:
                 raise self._timed_out(timeout)
-            self._take(self._sock.recv_multipart(copy=False))
+            self._ready_now(self._sock in events)
 
     def __iter__(self) -> Iterator[Message]:
         """Every message until the channels feeding this receiver end."""

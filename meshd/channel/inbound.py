@@ -18,7 +18,7 @@ States (for ``describe``)::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -29,6 +29,7 @@ from .events import Probe
 from .frames import KIND_CONTROL, KIND_DATA, Block, Opener, Sealer
 from .handshake import ChannelKeys
 from .reliable import Receiver, ReceiverConfig, decode_control, encode_control
+from .stream import LEASE
 
 _COUNT = struct.Struct(">I")
 
@@ -59,6 +60,38 @@ def open_first(keys: ChannelKeys, body: Block) -> tuple[Opener, int, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class InGrant:
+    """A receiving end as one holder gives it to another: the receiving daemon to its
+    application with the connected data socket (:meth:`ReceivingEnd.hand_over`,
+    :meth:`ReceivingEnd.for_application`), the application back to its daemon when that
+    connection broke (:meth:`ReceivingEnd.give_back`, :meth:`ReceivingEnd.taken_back`)."""
+
+    cid: bytes
+    cipher: int
+    send_key: bytes = field(repr=False)
+    """The key this end seals its Feedback with."""
+    recv_key: bytes = field(repr=False)
+    send_direction: int
+    recv_direction: int
+    ctl_seal: int
+    """The next control seq to seal (an application may seal :data:`~.stream.LEASE` of
+    them from here)."""
+    ctl_open: int
+    """The lowest control seq the opener takes."""
+    rx: tuple[int, int, int, int, int]
+    """:meth:`~.reliable.Receiver.snapshot`."""
+    messages: int
+    """Messages delivered so far (the number of the next one)."""
+    nbytes: int
+    """Payload bytes delivered so far."""
+    closed: bool
+    """The sender's CTRL_CLOSE arrived."""
+    name: str
+    sender: bytes
+    """The sending site's key."""
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One batch for the application: ``payload`` holds ``count`` messages, the first of them
     the channel's message number ``first``."""
@@ -77,7 +110,11 @@ class ReceivingEnd:
         self.sender = keys.peer
         self.name = name
         self._opener = opener
+        self._keys = keys
+        self._cipher = keys.cipher
         self._sealer = Sealer.for_channel(keys)
+        self.ctl_end: int | None = None
+        """The end of an application's lease of control seqs (None in the daemon)."""
         self.rx = Receiver(config)
         self.connected = False
         self.closed_by_sender = False
@@ -86,6 +123,55 @@ class ReceivingEnd:
         self._due = False
         self._flush = False
         self._request_feedback()  # the first frame asks for credit
+
+    @classmethod
+    def for_application(cls, g: InGrant, config: ReceiverConfig) -> ReceivingEnd:
+        """The end an application runs once its daemon handed it over (:meth:`hand_over`):
+        it seals Feedback within its lease of control seqs."""
+        keys = ChannelKeys(g.cid, False, g.sender, g.cipher, g.send_direction, g.recv_direction,
+                           b"", g.send_key, g.recv_key)
+        opener = Opener.for_channel(keys)
+        end = cls(keys, opener, g.name, config)
+        end._sealer.next_control_seq = g.ctl_seal
+        end.ctl_end = g.ctl_seal + LEASE
+        end._restore(g)
+        return end
+
+    def hand_over(self) -> InGrant:
+        """This end goes to the application (the glue hands it the data socket with what this
+        returns): the application may seal the next :data:`~.stream.LEASE` control seqs, this
+        end goes on after them.  LocalError (``busy``) while messages are held here: deliver
+        them first."""
+        if self.rx.held_messages:
+            raise LocalError("messages are held: deliver them first", reason="busy")
+        g = self.give_back()
+        self._sealer.next_control_seq += LEASE
+        self.connected = False
+        return g
+
+    def give_back(self) -> InGrant:
+        """This end's state, for the other holder (see :class:`InGrant`)."""
+        k = self._sealer
+        return InGrant(self.cid, self._cipher, self._keys.send_key, self._keys.recv_key,
+                       k.direction, self._opener.direction, k.next_control_seq,
+                       self._opener.next_control_seq, self.rx.snapshot(), self.messages,
+                       self.bytes, self.closed_by_sender, self.name, self.sender)
+
+    def taken_back(self, g: InGrant) -> None:
+        """The application gave this end back (its connection broke): go on from ``g``.
+        LocalError if ``g`` is another channel's or not a state this end can take."""
+        if g.cid != self.cid or g.sender != self.sender:
+            raise LocalError("the state of another channel", reason="wrong-channel")
+        if g.messages < self.messages:
+            raise LocalError("a state older than this end's", reason="usage")
+        self._restore(g)
+        self.connection_lost()
+
+    def _restore(self, g: InGrant) -> None:
+        self.rx.restore(g.rx)
+        self.messages, self.bytes = g.messages, g.nbytes
+        self.closed_by_sender = self.closed_by_sender or g.closed
+        self._opener.next_control_seq = max(self._opener.next_control_seq, g.ctl_open)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -134,7 +220,11 @@ class ReceivingEnd:
         if not self.connected:
             return None
         fb = self.rx.take_feedback()
-        return None if fb is None else self._sealer.seal_control(encode_control(fb))
+        if fb is None:
+            return None
+        if self.ctl_end is not None and self._sealer.next_control_seq >= self.ctl_end:
+            raise LocalError("control sequence lease used up", reason="lease")
+        return self._sealer.seal_control(encode_control(fb))
 
     @property
     def finished(self) -> bool:

@@ -392,6 +392,28 @@ class Receiver:
             self._due = True
         return msg
 
+    def snapshot(self) -> tuple[int, int, int, int, int]:
+        """What another holder of this end needs to go on from here (see :meth:`restore`):
+        ``(next_seq, popped_count, popped_bytes, advertised_seq, advertised_bytes)``.  Messages
+        held but not popped are not in it: the sender resends from ``next_seq`` only what was
+        never delivered, so take a snapshot once everything received was popped."""
+        return (self._next, self._popped_count, self._popped_bytes, self._adv_seq,
+                self._adv_bytes)
+
+    def restore(self, snap: tuple[int, int, int, int, int]) -> None:
+        """Go on from :meth:`snapshot` ``snap`` (taken by another holder of this end): what is
+        held here is dropped; feedback is due.  LocalError if ``snap`` is not a snapshot."""
+        nxt, pc, pb, adv_seq, adv_bytes = snap
+        if not (0 <= nxt <= MAX_SEQ and 0 <= pc <= nxt and pb >= 0 and adv_seq >= 0
+                and adv_bytes >= 0):
+            raise LocalError(f"not a receiver snapshot: {snap}", reason="usage")
+        self._next, self._popped_count, self._popped_bytes = nxt, pc, pb
+        self._adv_seq, self._adv_bytes = adv_seq, adv_bytes
+        self._ooo.clear()
+        self._ready.clear()
+        self._held = 0
+        self._due = True
+
     def take_feedback(self) -> Feedback | None:
         """The feedback to send now, if any is due (at most one, with the latest values)."""
         if not self._due:

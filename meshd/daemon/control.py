@@ -386,8 +386,10 @@ class ControlServer:
         name = check_name(_field(data, "name", str))  # before any ring is made for it
         ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0), name)
         port = self.channels.open_receiver(name, keys, ring)
-        return _json({"name": port.name, "endpoint": port.endpoint,
-                      "ring": None if port.ring is None else str(port.ring.path)})
+        handover = self.channels.handover_path(_field(data, "handover", bool, False))
+        return _json({"name": port.name, "endpoint": port.endpoint, "handover": handover,
+                      "ring": None if port.ring is None else str(port.ring.path),
+                      "port": port.token if handover else None})
 
     async def close_receiver(self, request: web.Request) -> web.Response:
         self.channels.close_receiver(request.match_info["name"])

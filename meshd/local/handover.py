@@ -27,6 +27,35 @@ Daemon -> application::
                                         ``no-path``, ``failed``) or cannot be taken
                                         (``not-found``, ``not-handover``)
 
+Receiving ends (a receiver's channels) go to the application the same way, over one connection
+per receiver (the lease of all its channels).  Application -> daemon::
+
+    {"t": "receive", "port": hex}       this connection serves the receiver whose open answer
+                                        carried ``port`` (first message)
+    {"t": "lost", "id": hex, "cs", "co", "rx": [5 ints], "m", "b", "closed"}
+                                        channel ``id``'s data connection broke (or was yielded):
+                                        the daemon goes on from this state
+                                        (:class:`~meshd.channel.inbound.InGrant`)
+    {"t": "finished", "id": hex, "m", "b"}
+                                        the sender closed channel ``id`` and every message was
+                                        delivered: the daemon forgets it and sends the end
+                                        notice on the receiver's ipc socket
+    {"t": "count", "id": hex, "m", "b", "dup"}
+                                        a channel's counters, for ``meshd channels``
+
+Daemon -> application::
+
+    {"t": "grant-in", "cid", "cipher", "sk", "rk", "sd", "rd", "cs", "co", "rx", "m", "b",
+     "closed", "name", "sender", "sname", "path", "left"}
+                                        with ONE descriptor: a channel's data socket and its
+                                        receiving end (``m``: the number of its next message;
+                                        those before it came over the ipc socket)
+    {"t": "yield", "id": hex}           the sender resumed channel ``id`` on a new connection:
+                                        give the channel back (``lost``)
+    {"t": "cut", "id": hex, "reason", "message"}
+                                        channel ``id`` ended (its sender revoked): deliver
+                                        nothing more of it
+
 The keys in a grant are the channel's two direction keys (``sk`` the application seals with,
 ``rk`` it opens the receiver's feedback with), nothing else: no site key, no other channel's.
 """
@@ -35,15 +64,18 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import msgpack
 
 from meshd.channel.events import Feedback
+from meshd.channel.inbound import InGrant
 from meshd.channel.stream import Grant
 from meshd.errors import LocalError, ProtocolError
 
-__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "MessageReader", "decode_grant", "encode_grant",
+__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "InGrantInfo", "MessageReader", "decode_grant",
+           "decode_in_grant", "decode_state", "encode_grant", "encode_in_grant", "encode_state",
            "pack", "recv_messages", "send_message"]
 
 SOCKET_NAME = "handover.sock"
@@ -76,6 +108,57 @@ def decode_grant(m: dict[str, Any]) -> Grant:
                                                       bool(fb[3])),
                      str(m["path"]), bytes(m["peer"]), bytes(m["left"]))
     except (KeyError, TypeError, ValueError, IndexError):
+        raise ProtocolError("malformed grant", reason="malformed") from None
+
+
+def encode_state(g: InGrant) -> dict[str, Any]:
+    """The fields of a receiving end's state (in ``lost`` and ``grant-in``)."""
+    return {"id": g.cid.hex(), "cs": g.ctl_seal, "co": g.ctl_open, "rx": list(g.rx),
+            "m": g.messages, "b": g.nbytes, "closed": g.closed}
+
+
+def decode_state(m: dict[str, Any], base: InGrant) -> InGrant:
+    """``base`` with the state fields of message ``m`` (an application's ``lost``);
+    ProtocolError (``malformed``) if they are not there or not of their types."""
+    try:
+        rx = tuple(int(v) for v in m["rx"])
+        if len(rx) != 5 or not all(isinstance(v, int) for v in m["rx"]):
+            raise ValueError
+        for k in ("cs", "co", "m", "b"):
+            if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] < 0:
+                raise ValueError
+        return replace(base, ctl_seal=m["cs"], ctl_open=m["co"],
+                       rx=(rx[0], rx[1], rx[2], rx[3], rx[4]), messages=m["m"], nbytes=m["b"],
+                       closed=bool(m["closed"]))
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("malformed receiving state", reason="malformed") from None
+
+
+class InGrantInfo(NamedTuple):
+    """A ``grant-in`` message: the receiving end and where it comes from."""
+
+    grant: InGrant
+    sender_name: str
+    path: str
+    leftover: bytes
+
+
+def encode_in_grant(g: InGrant, sender_name: str, path: str, left: bytes) -> dict[str, Any]:
+    return {"t": "grant-in", **encode_state(g), "cid": g.cid, "cipher": g.cipher,
+            "sk": g.send_key, "rk": g.recv_key, "sd": g.send_direction,
+            "rd": g.recv_direction, "name": g.name, "sender": g.sender, "sname": sender_name,
+            "path": path, "left": left}
+
+
+def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
+    """The receiving end in a ``grant-in``; ProtocolError (``malformed``) if it is not one."""
+    try:
+        base = InGrant(bytes(m["cid"]), int(m["cipher"]), bytes(m["sk"]), bytes(m["rk"]),
+                       int(m["sd"]), int(m["rd"]), 0, 0, (0, 0, 0, 0, 0), 0, 0, False,
+                       str(m["name"]), bytes(m["sender"]))
+        return InGrantInfo(decode_state(m, base), str(m["sname"]), str(m["path"]),
+                           bytes(m["left"]))
+    except (KeyError, TypeError, ValueError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 
 

@@ -353,6 +353,19 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.pause_reading()
 
+    def unhold(self, first: tuple[int, Block] | None = None) -> None:
+        """Read again after :meth:`hold`; ``first``: a record taken before the hold, first."""
+        self._held = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        if first is not None:
+            self._deliver(*first)
+        if self._held or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if not self._parsing and self._fill:
+            self._parse()
+
     def splice(self, partner: DataConnection) -> None:
         """From now on pass every byte to ``partner`` (and what is held already)."""
         self._partner = partner

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import time
 from pathlib import Path as FsPath
@@ -26,6 +27,7 @@ from meshd.channel.outbound import SendingEnd
 from meshd.channel.paths import Path, PathKind
 from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
+from meshd.daemon.channels.handover_in import InLease
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import MessageReader, encode_grant, pack, send_message
@@ -196,10 +198,13 @@ def app_left(ch: OutChannel) -> None:
 class Handovers:
     """The hand-over socket of this daemon (see the module docstring)."""
 
-    def __init__(self, path: FsPath, sending: Any, tasks: TaskSet, counters: Any) -> None:
-        """``sending``: the :class:`.outbound.Sending` whose channels are handed over."""
+    def __init__(self, path: FsPath, sending: Any, receiving: Any, tasks: TaskSet,
+                 counters: Any) -> None:
+        """``sending``, ``receiving``: the :class:`.outbound.Sending` and
+        :class:`.inbound.Receiving` whose channels are handed over."""
         self.path = path
         self.sending = sending
+        self.receiving = receiving
         self.tasks = tasks
         self.counters = counters
         self._listener: socket.socket | None = None
@@ -248,9 +253,14 @@ class Handovers:
                     return
                 msgs = reader.feed(data)
             first = msgs[0]
-            cid = bytes.fromhex(str(first.get("id", ""))) if first["t"] != "adopt" else b""
+            cid = (bytes.fromhex(str(first.get("id", ""))) if first["t"] not in ("adopt",
+                                                                                "receive")
+                   else b"")
         except (OSError, ProtocolError, ValueError, asyncio.TimeoutError):
             forget_socket(sock)  # a timed-out sock_recv may still have its reader registered
+            return
+        if first["t"] == "receive":
+            await self._serve_receiver(sock, str(first.get("port", "")))
             return
         if first["t"] == "adopt":
             try:
@@ -273,6 +283,22 @@ class Handovers:
         if first["t"] == "adopt" and not first.get("live"):
             taken_back(ch, int(first["co"]))
         offer(ch)
+        await lease.run()
+
+    async def _serve_receiver(self, sock: socket.socket, token: str) -> None:
+        """A receiving application takes its receiver's channels (:mod:`.handover_in`)."""
+        port = next((p for p in self.receiving.ports.values()
+                     if secrets.compare_digest(p.token, token)), None)
+        why = "not-found" if port is None else "taken" if port.lease is not None else None
+        if why is not None or port is None:
+            try:
+                sock.send(pack({"t": "ended", "reason": why, "message": f"cannot take: {why}"}))
+            except OSError:
+                pass
+            sock.close()
+            return
+        lease = port.lease = InLease(self.receiving, port, sock)
+        self.receiving.offer_all(port)
         await lease.run()
 
     def _adopt(self, m: dict[str, Any]) -> Any:

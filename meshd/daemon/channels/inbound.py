@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,9 +32,10 @@ from meshd.channel.frames import Block
 from meshd.channel.handshake import ChannelKeys, Responder
 from meshd.channel.control import CTRL_TUNNEL
 from meshd.channel.frames import Opener
-from meshd.channel.inbound import ReceivingEnd, open_first
+from meshd.channel.inbound import InGrant, ReceivingEnd, open_first
 from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.handover_in import InLease, cut_socket
 from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
 from meshd.local.ipc import ChannelEnd, delivery_frames, pack_end, pack_meta
 from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
@@ -81,6 +83,26 @@ class InChannel:
         self.path = side.path
         self.relay = side.relay
         self.created = time.time()
+        self.lease: InLease | None = None
+        """The receiving application's lease, once it was given this channel."""
+        self.giving = False
+        """A hand-over to the application is under way."""
+        self.handed = False
+        """The application holds the channel's connection and receiving end."""
+        self.dup: socket.socket | None = None
+        """The daemon's duplicate of the handed-over socket (to cut it)."""
+        self.waiting: tuple[DataConnection, _RSide, Block] | None = None
+        """A new connection the sender resumed on while the application held the channel,
+        with its first frame, held until the application gives the channel back."""
+
+    def drop_handed(self) -> None:
+        """Cut what the application holds of this channel (it ended)."""
+        cut_socket(self.dup)
+        self.dup = None
+        self.handed = self.giving = False
+        if self.waiting is not None:
+            self.waiting[0].abort("the channel ended")
+            self.waiting = None
 
     def adopt(self, conn: DataConnection, side: _RSide) -> None:
         self.conn = conn
@@ -89,11 +111,14 @@ class InChannel:
         self.core.connection_adopted()
         self.pump()
 
-    def on_frame(self, conn: DataConnection, side: _RSide, body: Block) -> None:
+    def on_frame(self, conn: DataConnection, side: _RSide, body: Block) -> bool:
+        """Take a frame; whether ``conn`` became the channel's connection with it."""
         self.core.frame_received(body)  # ProtocolError: the connection is dropped, not the channel
-        if conn is not self.conn:
+        adopted = conn is not self.conn
+        if adopted:
             self.adopt(conn, side)
         self.pump()
+        return adopted
 
     def lost(self, conn: DataConnection) -> None:
         if conn is self.conn:
@@ -117,8 +142,9 @@ class InChannel:
             "id": self.cid.hex(), "name": self.name, "direction": "in",
             "peer": view.name_of(self.sender), "peer_id": site_id_of(self.sender),
             "path": self.path, "relay": view.name_of(self.relay) if self.relay else None,
-            "state": core.state, "bytes": core.bytes, "messages": core.messages,
-            "rate_Bps": round(core.bytes / elapsed), "retransmits": None, **core.counters(),
+            "state": "open" if self.handed else core.state, "bytes": core.bytes,
+            "messages": core.messages, "rate_Bps": round(core.bytes / elapsed),
+            "retransmits": None, **core.counters(), "handed_over": self.handed,
         }
 
 
@@ -141,6 +167,10 @@ class ReceiverPort:
         self.wake.set()
         self.ends: deque[ChannelEnd] = deque()
         """Channels that ended, to be told to the application after their last delivery."""
+        self.token = secrets.token_hex(16)
+        """What the application names this port by on the hand-over socket."""
+        self.lease: InLease | None = None
+        """The application's hold on the channels it was handed (:mod:`.handover_in`)."""
         self.task = owner.tasks.spawn(self._run(), f"rx-{name}")
         self._watcher = owner.tasks.spawn(self._watch_app(), f"rx-watch-{name}")
 
@@ -178,6 +208,8 @@ class ReceiverPort:
                 await self.sock.send(pack_end(self.ends.popleft()))
 
     def close(self) -> None:
+        if self.lease is not None:
+            self.lease.close()
         self.task.cancel()
         if self._watcher is not asyncio.current_task():
             self._watcher.cancel()
@@ -222,6 +254,10 @@ class Receiving:
         owner = conn.owner
         if isinstance(owner, _RSide) and owner.inc is not None:
             owner.inc.lost(conn)
+        elif isinstance(owner, _RSide):
+            inc = self.inc.get(owner.cid)
+            if inc is not None and inc.waiting is not None and inc.waiting[0] is conn:
+                inc.waiting = None
 
     def answer_hello(self, sender: bytes, cid: bytes, hello: bytes) -> tuple[bytes, ChannelKeys]:
         """Check a sender's Hello for channel ``cid``; ProtocolError if it is not acceptable."""
@@ -254,7 +290,11 @@ class Receiving:
         if inc is not None:
             if inc.sender != side.sender:
                 raise ProtocolError("frame for another site's channel", reason="wrong-channel")
-            inc.on_frame(conn, side, body)  # authentic, or ProtocolError
+            if (inc.handed or inc.giving) and conn is not inc.conn:
+                self._hold_for_app(inc, conn, side, body)
+                return
+            if inc.on_frame(conn, side, body):  # authentic, or ProtocolError
+                self._offer(inc, conn)
             conn.trust()
             self.wake_port(inc.name)
             if inc.core.finished:  # closed with nothing held: it leaves the list now
@@ -286,6 +326,7 @@ class Receiving:
         inc = InChannel(core, side)
         self.inc[side.cid] = inc
         inc.adopt(conn, side)
+        self._offer(inc, conn)
         log.info("channel %r from %s open (%s%s)", name, self.view.name_of(side.sender),
                  side.path, f" via {self.view.name_of(side.relay)}" if side.relay else "")
         self.wake_port(name)
@@ -332,6 +373,56 @@ class Receiving:
             link.Preamble("relay", notice.cid, self.site.public, notice.sender, "r", relay,
                           now_ms()).signed(self.site.keys.key)))
 
+    # -- hand-over to the receiving application (:mod:`.handover_in`) -------------------------
+
+    def _offer(self, inc: InChannel, conn: DataConnection) -> None:
+        """``inc`` adopted ``conn``: to the receiving application, if it holds a lease."""
+        port = self.ports.get(inc.name)
+        lease = None if port is None else port.lease
+        if lease is not None and not lease.closed and not inc.core.closed_by_sender:
+            lease.give(inc, conn)
+
+    def offer_all(self, port: ReceiverPort) -> None:
+        """``port``'s application took its lease: its channels' connections go to it."""
+        for inc in [c for c in self.inc.values() if c.name == port.name]:
+            if inc.conn is not None and not (inc.giving or inc.handed):
+                self._offer(inc, inc.conn)
+
+    def _hold_for_app(self, inc: InChannel, conn: DataConnection, side: _RSide,
+                      body: Block) -> None:
+        """A new connection of a channel the application holds: kept, its first frame unread,
+        until the application gives the channel back."""
+        if inc.waiting is not None and inc.waiting[0] is not conn:
+            inc.waiting[0].abort("replaced by a newer connection of the channel")
+        conn.hold()
+        inc.waiting = (conn, side, body)
+        if inc.handed and inc.lease is not None:
+            inc.lease.ask_back(inc)
+
+    def after_give(self, inc: InChannel) -> None:
+        """A hand-over of ``inc`` ended (done or not): a connection that waited meanwhile."""
+        if inc.waiting is None:
+            return
+        if inc.handed and inc.lease is not None:
+            inc.lease.ask_back(inc)
+        elif not inc.handed:
+            conn, side, body = inc.waiting
+            inc.waiting = None
+            conn.unhold((link.FRAME, body))
+
+    def taken_back(self, inc: InChannel, state: InGrant) -> None:
+        """The application gave ``inc`` back (its connection broke, or we asked): the daemon
+        goes on from ``state``, with the connection that waited if there is one."""
+        inc.core.taken_back(state)
+        cut_socket(inc.dup)
+        inc.dup = None
+        inc.handed = False
+        self.after_give(inc)
+
+    def finished(self, inc: InChannel) -> None:
+        """The application delivered everything of a channel its sender closed."""
+        self.end(inc, "closed", "the sender closed the channel")
+
     # -- ports -------------------------------------------------------------------------------
 
     def wake_port(self, name: str) -> None:
@@ -343,7 +434,7 @@ class Receiving:
         """Forget the channels their senders closed once everything is delivered."""
         for inc in list(self.inc.values()):
             if inc.core.finished:
-                self._end(inc, "closed", "the sender closed the channel")
+                self.end(inc, "closed", "the sender closed the channel")
 
     def cut_sender(self, key: bytes, reason: str) -> None:
         """End every channel from ``key`` now (it was revoked): what it holds is dropped, its
@@ -351,13 +442,17 @@ class Receiving:
         for inc in [c for c in self.inc.values() if c.sender == key]:
             if inc.conn is not None:
                 inc.conn.abort(f"the sender was {reason}")
-            self._end(inc, reason, f"{self.view.name_of(key)} was {reason}; the channel was cut")
+            message = f"{self.view.name_of(key)} was {reason}; the channel was cut"
+            if inc.lease is not None and (inc.handed or inc.giving):
+                inc.lease.cut(inc, reason, message)
+            self.end(inc, reason, message)
 
-    def _end(self, inc: InChannel, reason: str, message: str) -> None:
+    def end(self, inc: InChannel, reason: str, message: str) -> None:
         """Forget ``inc`` and tell its receiver (after the deliveries already handed out)."""
         if self.inc.pop(inc.cid, None) is None:
             return
         self.counters.count(f"in_ended_{reason}")
+        inc.drop_handed()
         if inc.conn is not None:
             inc.conn.close()
         port = self.ports.get(inc.name)

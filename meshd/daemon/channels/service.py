@@ -93,7 +93,8 @@ class ChannelService:
                                reach=self.reach, counters=counters, tasks=self.tasks,
                                ipc=endpoints, zctx=zctx)
         self.out: dict[bytes, OutChannel] = self.sending.out
-        self.handovers = Handovers(home.root / SOCKET_NAME, self.sending, self.tasks, counters)
+        self.handovers = Handovers(home.root / SOCKET_NAME, self.sending, self.receiving,
+                                   self.tasks, counters)
         self.untrusted = SourceLimit(total=MAX_UNTRUSTED, per_source=MAX_UNTRUSTED_PER_SOURCE)
         """Accepted data connections that have not proved themselves yet."""
         self._pending_conns: set[DataConnection] = set()
@@ -303,6 +304,13 @@ class ChannelService:
                 ring.close()
             raise
         return self.receiving.open_receiver(name, frozenset(allow) if allow else None, ring)
+
+    def handover_path(self, asked: bool) -> str | None:
+        """The hand-over socket's path for an application that ``asked`` to take its data
+        connections, if this site's ``channel_handover`` allows and the socket is up."""
+        if asked and self.config.channel_handover and self.handovers.available:
+            return str(self.handovers.path)
+        return None
 
     def close_sender(self, cid: bytes) -> None:
         """Close the sending end ``cid`` (one that ended on its own is forgotten)."""

@@ -1,0 +1,340 @@
+"""A receiver's handed-over channels in the application: a reader thread, and what the
+receiving call takes from it (the sync and the asyncio receiver share this).
+
+The receiving daemon answers each channel's Hello and opens its first frame, then hands the
+connected data socket and the channel's receiving end over (:mod:`meshd.local.handover`,
+``grant-in``); :class:`~meshd.app.in_link.InLink` runs one such channel with the daemon's own
+pure core (:class:`~meshd.channel.inbound.ReceivingEnd`).
+
+Two threads share the links, under one lock.  The *reader thread* (one per receiver) waits on
+the hand-over socket and every link's socket: it reads each record into one buffer it reuses,
+opens the frame into a new block (which the messages' arrays will view), feeds the core, takes
+up to :data:`~meshd.app.in_link.AHEAD_BYTES` of what it holds ahead of the application and
+acknowledges at once: a sender's ``flush`` returns while the application is busy, and the
+buffering is what it was when the daemon carried the data (a window in the core, as much again
+taken ahead).  The *receiving call* (:meth:`InLinks.take`) hands out what the links hold, in
+order, decodes the messages and writes the credit that this frees.
+
+A broken connection, or one the daemon asks back (``yield``: the sender resumed on a new
+connection), goes back to the daemon at once with the end's state (``lost``); what its core held
+counts as taken ahead and is still handed out.  A channel the sender closed is reported
+``finished`` once all of it is here; its end notice comes over ipc, after what is held of it.
+Messages that the daemon delivered over the ipc socket before a hand-over come first: a link is
+handed out only once the ipc socket delivered up to its first message.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+from meshd.app.handover import dial_lease
+from meshd.app.in_link import AHEAD_BYTES, Broken, Cut, InLink
+from meshd.app.message import Message
+from meshd.channel.reliable import ReceiverConfig
+from meshd.errors import LocalError, ProtocolError
+from meshd.local.handover import (MessageReader, decode_in_grant, encode_state, pack,
+                                  recv_messages)
+
+log = logging.getLogger("meshd.app.streams")
+
+__all__ = ["Cut", "InLink", "InLinks"]
+
+REPORT_EVERY = 0.5
+"""Seconds between counter reports to the daemon (for ``meshd channels``)."""
+FRAMES_PER_WAKE = 8
+"""Most records the reader thread takes from one link before it looks at the others."""
+
+
+class InLinks:
+    """A receiver's hand-over lease, the channels it was given and their reader thread (see
+    the module docstring)."""
+
+    def __init__(self, path: str, token: str, channel: str,
+                 config: ReceiverConfig = ReceiverConfig()) -> None:
+        self.channel = channel
+        self._config = config
+        try:
+            self.lease: socket.socket | None = dial_lease(path, {"t": "receive", "port": token})
+        except OSError as exc:
+            raise LocalError(f"cannot reach the daemon's hand-over socket: {exc}",
+                             reason="handover") from None
+        self.lock = threading.Lock()
+        self.links: dict[bytes, InLink] = {}
+        self.next_message: dict[bytes, int] = {}
+        """Per channel, the number of the next message to hand out (from either source)."""
+        self._cut: list[Cut] = []
+        self._draining: list[InLink] = []  # given back, with messages still to hand out
+        self._retired: list[socket.socket] = []  # closed by the reader thread only
+        self.wake, self._wake_w = socket.socketpair()
+        """Readable when the receiving call has something to take (:meth:`take`)."""
+        self._poke_r, self._poke_w = socket.socketpair()
+        for s in (self.wake, self._wake_w, self._poke_r, self._poke_w):
+            s.setblocking(False)
+        self._closed = False
+        self._poke_pending = False
+        self._reader = MessageReader()
+        self._fds: list[int] = []
+        self._reported = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"meshd-rx-{channel}")
+        self._thread.start()
+
+    # -- the receiving call ----------------------------------------------------------------------
+
+    def note_delivery(self, cid: bytes, first: int, count: int) -> None:
+        """The ipc socket delivered messages ``first .. first+count-1`` of channel ``cid``."""
+        with self.lock:
+            self.next_message[cid] = max(self.next_message.get(cid, 0), first + count)
+
+    def take(self) -> tuple[list[Message], list[Cut]]:
+        """The messages the links hold, in order, and the channels that ended here."""
+        _drain(self.wake)
+        out: list[Message] = []
+        with self.lock:
+            for ln in [*self._draining, *self.links.values()]:
+                if self.next_message.get(ln.cid, 0) < ln.first:
+                    continue  # the daemon's (or a given-back link's) deliveries come first
+                got = ln.pop()
+                if got:
+                    out += got
+                self.next_message[ln.cid] = max(self.next_message.get(ln.cid, 0),
+                                                ln.core.messages)
+                if ln.broken is not None:
+                    self._draining.remove(ln)
+                    if ln.cut_after is not None:
+                        self._cut.append(ln.cut_after)
+                    continue
+                ln.write_feedback()
+                if ln.core.finished:
+                    self._finished(ln)
+            cut, self._cut = self._cut, []
+            self._report()
+        return out, cut
+
+    def take_channel(self, cid: bytes) -> list[Message]:
+        """What is held of channel ``cid`` (its end notice came: it goes before it)."""
+        out: list[Message] = []
+        with self.lock:
+            for ln in [*self._draining, *self.links.values()]:
+                if ln.cid == cid:
+                    out += ln.pop()
+                    if ln in self._draining:
+                        self._draining.remove(ln)
+        return out
+
+    def drop(self, cid: bytes) -> None:
+        """Forget channel ``cid`` (it ended): nothing more of it is read or handed out."""
+        with self.lock:
+            ln = self.links.pop(cid, None)
+            if ln is not None:
+                self._retired.append(ln.sock)
+            self._draining = [d for d in self._draining if d.cid != cid]
+            self._poke()
+
+    def close(self) -> None:
+        """Give every channel back to the daemon (what was received and not handed out is
+        dropped) and stop the reader thread."""
+        with self.lock:
+            for ln in list(self.links.values()):
+                self._give_back(ln, "the receiver closed")
+            self._draining.clear()
+            self._closed = True
+            self._poke()
+        self._thread.join(5.0)
+        with self.lock:
+            for s in self._retired:
+                s.close()
+            self._retired.clear()
+            if self.lease is not None:
+                self.lease.close()
+                self.lease = None
+        for s in (self.wake, self._wake_w, self._poke_r, self._poke_w):
+            s.close()
+
+    def _finished(self, ln: InLink) -> None:
+        """(Under the lock.)  The sender closed ``ln`` and all of it is in :attr:`pending`:
+        the daemon forgets the channel and sends its end notice over ipc (the receiving call
+        hands out what is pending first: :meth:`take_channel`)."""
+        ln.broken = "finished"
+        self.links.pop(ln.cid, None)
+        self._retired.append(ln.sock)
+        self._draining.append(ln)
+        self._poke()
+        core = ln.core
+        if self.lease is None:
+            ln.cut_after = Cut(ln.cid, ln.sender_name, "closed",
+                               "the sender closed the channel", True)
+        else:
+            self._send({"t": "finished", "id": ln.cid.hex(), "m": core.messages,
+                        "b": core.bytes})
+
+    def _give_back(self, ln: InLink, why: str) -> None:
+        """(Under the lock.)  ``ln``'s connection cannot go on, or the daemon asked for it: the
+        channel goes back to the daemon, which resumes it on the sender's next connection;
+        what the core held is still handed out (:meth:`take`).  Without a daemon the channel
+        ends here."""
+        ln.drain_core()
+        ln.broken = why
+        self.links.pop(ln.cid, None)
+        self._retired.append(ln.sock)
+        self._draining.append(ln)
+        self._poke()
+        if self.lease is None:
+            ln.cut_after = Cut(ln.cid, ln.sender_name, "failed",
+                               f"the connection broke ({why}) while the daemon was away", True)
+        else:
+            self._send({"t": "lost", **encode_state(ln.core.give_back())})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.lease is None:
+            return
+        try:
+            self.lease.sendall(pack(msg))
+        except OSError:
+            pass  # the daemon went away: the reader thread sees its end of file
+
+    def _report(self) -> None:
+        t = time.monotonic()
+        if self.lease is None or t - self._reported < REPORT_EVERY:
+            return
+        self._reported = t
+        for ln in self.links.values():
+            core = ln.core
+            self._send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
+                        "dup": core.rx.duplicates})
+
+    # -- the reader thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if self._closed:
+                    return
+                for s in self._retired:
+                    s.close()
+                self._retired.clear()
+                self._poke_pending = False
+                socks = {ln.sock: ln for ln in self.links.values()}
+                lease = self.lease
+            watch = [self._poke_r, *socks, *([lease] if lease is not None else [])]
+            ready, _, _ = select.select(watch, [], [], REPORT_EVERY)
+            woke = False
+            for s in ready:
+                if s is self._poke_r:
+                    _drain(s)
+                elif s is lease:
+                    woke |= self._read_lease(lease)
+                else:
+                    woke |= self._read_link(socks[s])
+            if woke:
+                try:
+                    self._wake_w.send(b"\0")
+                except (BlockingIOError, InterruptedError):
+                    pass  # a wake is pending already
+
+    def _read_link(self, ln: InLink) -> bool:
+        """Take up to :data:`FRAMES_PER_WAKE` records of ``ln``; whether the receiving call
+        has something new to take."""
+        for n in range(FRAMES_PER_WAKE):
+            try:
+                rec = ln.records.next()  # outside the lock: only this thread reads it
+            except Broken as exc:
+                with self.lock:
+                    if self.links.get(ln.cid) is ln:
+                        self._give_back(ln, str(exc))
+                return True
+            if rec is None:
+                return n > 0
+            with self.lock:
+                if self.links.get(ln.cid) is not ln:
+                    return False
+                try:
+                    ln.frame(*rec)
+                    if ln.core.closed_by_sender:  # all of it is here: the daemon may forget it
+                        ln.pending_bytes += ln.drain_core()
+                        self._finished(ln)
+                        return True
+                    if ln.pending_bytes < AHEAD_BYTES:
+                        ln.pending_bytes += ln.drain_core(AHEAD_BYTES - ln.pending_bytes)
+                    ln.write_feedback()
+                except Broken as exc:
+                    self._give_back(ln, str(exc))
+                    return True
+                if ln.broken is not None:  # the Feedback could not be written
+                    self._give_back(ln, ln.broken)
+                    return True
+        return True
+
+    def _read_lease(self, lease: socket.socket) -> bool:
+        try:
+            msgs = recv_messages(lease, self._reader, self._fds)
+        except (OSError, LocalError, ProtocolError) as exc:
+            # The daemon went away: the links go on (their connections do not need it) until
+            # one breaks; a new daemon knows none of them.
+            log.info("receiver %r: the daemon left the hand-over socket: %s", self.channel, exc)
+            with self.lock:
+                self.lease = None
+                lease.close()
+            return True
+        for msg in msgs:
+            t = msg["t"]
+            if t == "grant-in" and self._fds:
+                self._granted(msg, self._fds.pop(0))
+                continue
+            cid = _cid(msg)
+            with self.lock:
+                ln = self.links.get(cid)
+                if t == "yield" and ln is not None:
+                    self._give_back(ln, "the sender resumed on a new connection")
+                elif t == "cut":
+                    if ln is not None:
+                        self.links.pop(cid)
+                        self._retired.append(ln.sock)
+                    self._draining = [d for d in self._draining if d.cid != cid]
+                    self._cut.append(Cut(cid, "", str(msg.get("reason", "failed")),
+                                         str(msg.get("message", "")), False))
+        return True
+
+    def _granted(self, msg: dict[str, Any], fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        try:
+            ln = InLink(decode_in_grant(msg), sock, self.channel, self._config)
+        except (ProtocolError, LocalError) as exc:
+            log.warning("receiver %r: a grant this end cannot take: %s", self.channel, exc)
+            sock.close()
+            return
+        with self.lock:
+            old = self.links.pop(ln.cid, None)
+            if old is not None:
+                old.sock.close()
+            self.links[ln.cid] = ln
+
+    def _poke(self) -> None:
+        """Make the reader thread look at the links again (under the lock)."""
+        if self._poke_pending:
+            return
+        self._poke_pending = True
+        try:
+            self._poke_w.send(b"\0")
+        except OSError:
+            pass
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError, OSError):
+        pass
+
+
+def _cid(msg: dict[str, Any]) -> bytes:
+    try:
+        return bytes.fromhex(str(msg.get("id", "")))
+    except ValueError:
+        return b""

@@ -1,0 +1,249 @@
+"""Handing a receiver's channels to its application (asyncio glue).
+
+The receiving half of :mod:`.handover`: the daemon still answers the Hello, opens each
+channel's first frame and each resumed connection's first frame (so only authentic connections
+of member sites reach an application), then gives the connected socket and the channel's
+receiving end (:class:`~meshd.channel.inbound.InGrant`) to the application that holds the
+receiver (one :class:`InLease` per receiver port, over ``handover.sock``; the messages are in
+:mod:`meshd.local.handover`).  The application opens the frames, delivers the messages and
+sends the Feedback itself.
+
+The daemon keeps a duplicate of each socket it handed over, never reading it: to cut the
+connection when the channel ends from outside (its sender revoked, the application gone), even
+if the application does not cooperate.  When the sender resumes the channel on a new connection,
+the daemon holds that connection (its first frame kept unread), asks the application to give
+the channel back (``yield``), goes on from the state it returns (``lost``), then hands the new
+connection over in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from meshd.channel.inbound import InGrant, ReceivingEnd
+from meshd.daemon.channels.connection import DataConnection, detach
+from meshd.daemon.counters import Counters
+from meshd.daemon.tasks import TaskSet
+from meshd.state.view import MeshView
+from meshd.errors import LocalError, ProtocolError
+from meshd.local.handover import (MessageReader, decode_state, encode_in_grant, pack,
+                                  send_message)
+
+
+class InChannel(Protocol):
+    """What this module needs of :class:`.inbound.InChannel` (typed here: that module imports
+    this one)."""
+
+    cid: bytes
+    name: str
+    sender: bytes
+    path: str
+    core: ReceivingEnd
+    conn: DataConnection | None
+    lease: InLease | None
+    giving: bool
+    handed: bool
+    dup: socket.socket | None
+
+    def lost(self, conn: DataConnection) -> None: ...
+
+
+class ReceiverPort(Protocol):
+    name: str
+    lease: InLease | None
+
+
+class Receiving(Protocol):
+    """What this module needs of :class:`.inbound.Receiving`."""
+
+    tasks: TaskSet
+    counters: Counters
+    view: MeshView
+
+    @property
+    def inc(self) -> Mapping[bytes, InChannel]: ...
+
+    def wake_port(self, name: str) -> None: ...
+
+    def after_give(self, inc: Any) -> None: ...
+
+    def taken_back(self, inc: Any, state: InGrant) -> None: ...
+
+    def finished(self, inc: Any) -> None: ...
+
+    def end(self, inc: Any, reason: str, message: str) -> None: ...
+
+
+log = logging.getLogger("meshd.daemon.channels.handover")
+
+DRAIN_FOR = 5.0
+"""Seconds a hand-over waits for the port to deliver what the daemon holds of the channel."""
+
+
+def cut_socket(sock: socket.socket | None) -> None:
+    """Shut ``sock`` (a duplicate of a handed-over connection) down for every holder, and close
+    this copy."""
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class InLease:
+    """One application's hold on the channels of one receiver port."""
+
+    def __init__(self, receiving: Receiving, port: ReceiverPort, sock: socket.socket) -> None:
+        self.receiving = receiving
+        self.port = port
+        self.sock = sock
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- the daemon's side -----------------------------------------------------------------------
+
+    def give(self, inc: InChannel, conn: DataConnection) -> None:
+        """Hand ``conn`` (``inc``'s connection, just adopted) to the application."""
+        inc.giving = True
+        inc.lease = self
+        conn.hold()
+        self.receiving.tasks.spawn(self._give(inc, conn), f"handover-in-{inc.name}")
+
+    async def _give(self, inc: InChannel, conn: DataConnection) -> None:
+        rx = self.receiving
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_FOR
+        while inc.core.rx.held_messages and self._serves(inc) and loop.time() < deadline:
+            rx.wake_port(inc.name)  # what the daemon holds goes over the ipc socket first
+            await asyncio.sleep(0.002)
+        if not self._serves(inc) or inc.conn is not conn or inc.core.rx.held_messages:
+            inc.giving = False
+            if rx.inc.get(inc.cid) is inc and inc.conn is conn:
+                conn.unhold()  # the daemon goes on carrying this channel
+            rx.after_give(inc)
+            return
+        detached = await detach(conn)
+        if detached is None or not self._serves(inc):
+            inc.giving = False
+            if detached is not None:
+                cut_socket(detached[0])
+            if rx.inc.get(inc.cid) is inc and inc.conn is conn:
+                inc.lost(conn)
+            rx.after_give(inc)
+            return
+        sock, left = detached
+        grant = inc.core.hand_over()
+        inc.conn = None
+        try:
+            send_message(self.sock, encode_in_grant(grant, rx.view.name_of(inc.sender),
+                                                    inc.path, left), sock.fileno())
+        except OSError as exc:
+            log.info("receiver %r: cannot hand channel %r over: %s", self.port.name, inc.name,
+                     exc)
+            inc.giving = False
+            inc.handed = True
+            inc.dup = sock
+            self.close()
+            return
+        rx.counters.count("handovers_in")
+        inc.dup = sock
+        inc.handed = True
+        inc.giving = False
+        rx.after_give(inc)
+
+    def _serves(self, inc: InChannel) -> bool:
+        return not self.closed and self.receiving.inc.get(inc.cid) is inc
+
+    def ask_back(self, inc: InChannel) -> None:
+        """The sender resumed ``inc`` on a new connection: the application gives it back."""
+        self._send({"t": "yield", "id": inc.cid.hex()})
+
+    def cut(self, inc: InChannel, reason: str, message: str) -> None:
+        """``inc`` ended from outside: the application delivers nothing more of it."""
+        self._send({"t": "cut", "id": inc.cid.hex(), "reason": reason, "message": message})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            self.sock.send(pack(msg))
+        except OSError as exc:
+            log.info("receiver %r: hand-over socket: %s", self.port.name, exc)
+            self.close()
+
+    # -- the application's messages ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the application's messages until it goes away."""
+        loop = asyncio.get_running_loop()
+        reader = MessageReader()
+        self.task = asyncio.current_task()
+        try:
+            while not self.closed:
+                data = await loop.sock_recv(self.sock, 1 << 16)
+                if not data:
+                    break
+                for msg in reader.feed(data):
+                    self._on_message(msg)
+        except (OSError, ProtocolError) as exc:
+            log.info("receiver %r: hand-over socket: %s", self.port.name, exc)
+        finally:
+            self.task = None
+            self.close()
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        try:
+            cid = bytes.fromhex(str(msg.get("id", "")))
+        except ValueError:
+            raise ProtocolError("a channel id that is not hex", reason="malformed") from None
+        inc = self.receiving.inc.get(cid)
+        if inc is None or inc.lease is not self or not inc.handed:
+            return  # ended meanwhile (cut, or the daemon took it back)
+        t = msg["t"]
+        if t == "lost":
+            try:
+                self.receiving.taken_back(inc, decode_state(msg, inc.core.give_back()))
+            except LocalError as exc:
+                raise ProtocolError(f"a state the channel cannot take: {exc}",
+                                    reason="malformed") from None
+        elif t == "finished":
+            note_counts(inc, msg)
+            self.receiving.finished(inc)
+        elif t == "count":
+            note_counts(inc, msg)
+
+    def close(self) -> None:
+        """The application went away (or its receiver closed): the channels it held end."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.port.lease is self:
+            self.port.lease = None
+        try:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        except (RuntimeError, ValueError, OSError):
+            pass
+        self.sock.close()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        for inc in [c for c in self.receiving.inc.values() if c.lease is self]:
+            if inc.handed or inc.giving:
+                self.receiving.end(inc, "failed", "the receiving application went away")
+
+
+def note_counts(inc: InChannel, msg: dict[str, Any]) -> None:
+    """Take an application's counters of ``inc`` (for ``meshd channels``)."""
+    core = inc.core
+    for attr, key in (("messages", "m"), ("bytes", "b")):
+        value = msg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(core, attr, max(getattr(core, attr), value))
+    dup = msg.get("dup")
+    if isinstance(dup, int) and not isinstance(dup, bool):
+        core.rx.duplicates = max(core.rx.duplicates, dup)
