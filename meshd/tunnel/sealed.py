@@ -85,6 +85,10 @@ class TunnelEnd:
         self._recv_seq += 1
         self.mux.receive(frame.payload)
 
+    def drop_buffer(self) -> None:
+        """Forget the reused plaintext buffer (an idle tunnel holds none)."""
+        self._plain = None
+
     def frames(self, room: int = 0) -> list[Block]:
         """The multiplexer's queued messages, sealed (and forgotten); each frame starts
         ``room`` bytes into its buffer (for a record header the caller writes there).  DATA

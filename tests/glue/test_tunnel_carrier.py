@@ -141,3 +141,10 @@ async def test_big_streams_at_once_arrive_intact_through_the_reused_buffers(rig:
     assert [hashlib.sha256(g).digest() for g in got] == \
         [hashlib.sha256(p).digest() for p in payloads]
     assert rig.consumer.conn.reuse_bodies and not rig.consumer.closed
+    # with no stream left the connection drops its reused buffers
+    for _ in range(int(T / 0.01)):
+        if rig.consumer._arena is None and rig.consumer.end._plain is None:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.consumer._arena is None and rig.consumer.end._plain is None
+    assert rig.consumer.conn._spare is None

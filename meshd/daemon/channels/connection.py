@@ -412,6 +412,12 @@ class DataConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+def drop_spare(conn: DataConnection) -> None:
+    """Forget the reused body buffer unless a record is being received into it."""
+    if conn._body is None:
+        conn._spare = None
+
+
 def _new_body(conn: DataConnection, n: int) -> Block:
     """The buffer a big record of ``n`` bytes is received into (one reused buffer if the
     connection's handler keeps nothing: ``reuse_bodies``)."""

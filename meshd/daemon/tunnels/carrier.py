@@ -11,7 +11,8 @@ Copies.  Local sockets are read into one reused buffer per data connection (:dat
 bytes; each read at most the stream's credit), the multiplexer queues views of it, and the
 flush seals them from there, unjoined, into a frame built with room for its record header: one
 buffer and one write per frame, the AEAD pass the only copy in user space.  The buffer is
-sealed out early when a read would find less than :data:`MIN_READ` left in it.  The other way,
+sealed out early when a read would find less than :data:`MIN_READ` left in it.  A connection
+with no stream left drops its reused buffers (they come back with the next stream's bytes).  The other way,
 records arrive in one reused buffer and decrypt into one reused buffer (``TunnelEnd``), whose
 views go to the local sockets; asyncio copies only what a socket does not take at once.
 """
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 from meshd.channel import link
 from meshd.channel.frames import Block
-from meshd.daemon.channels.connection import DataConnection, set_options
+from meshd.daemon.channels.connection import DataConnection, drop_spare, set_options
 from meshd.daemon.tunnels.local import WRITE_COPIES, LocalStream
 from meshd.errors import ProtocolError
 from meshd.tunnel import (
@@ -250,6 +251,14 @@ class Carrier:
             self.close("the far end opens streams and does not read the answers")
             return
         self._seal_out()
+        if not self.streams and self._arena is not None and not self._fill:
+            self._release_buffers()
+
+    def _release_buffers(self) -> None:
+        """No stream left: an idle data connection holds no buffers (up to 3 * ARENA)."""
+        self._arena = None
+        drop_spare(self.conn)
+        self.end.drop_buffer()
 
     def _seal_out(self) -> None:
         """Seal what the multiplexer queued (the read buffer is free again) and send it."""
