@@ -334,9 +334,12 @@ class Opener(_Keyed):
     def for_channel(cls, keys: FrameKeys) -> Opener:
         return cls(keys.cipher, keys.recv_key, keys.channel_id, keys.recv_direction)
 
-    def open(self, frame: Buffer, *, expect_seq: int | None = None) -> Frame:
+    def open(self, frame: Buffer, *, expect_seq: int | None = None,
+             out: Block | None = None) -> Frame:
         """Authenticate and decrypt one frame; ProtocolError if it is not an authentic frame
-        of this channel and direction (or, with ``expect_seq``, not the one expected)."""
+        of this channel and direction (or, with ``expect_seq``, not the one expected).  The
+        payload is decrypted into the start of ``out`` if it is given and big enough (a buffer
+        the caller reuses), else into a new block."""
         view = byte_view(frame)
         size = view.nbytes
         if size < FRAME_OVERHEAD:
@@ -358,10 +361,11 @@ class Opener(_Keyed):
                                 reason="length")
         if seq == MAX_SEQ:
             raise ProtocolError("frame at seq 2**64-1", reason="malformed")
-        out = new_block(length)
+        plain: Block = new_block(length) if out is None or len(out) < length \
+            else memoryview(out)[:length]
         try:
             self._aead(seq).decrypt_into(_nonce(direction, kind, seq), view[HEADER_SIZE:],
-                                         header, out)
+                                         header, plain)
         except InvalidTag:
             raise ProtocolError("frame failed authentication", reason="auth-failed") from None
         if kind == KIND_CONTROL:
@@ -372,4 +376,4 @@ class Opener(_Keyed):
         elif expect_seq is not None and seq != expect_seq:
             raise ProtocolError(f"frame {seq} where {expect_seq} was expected",
                                 reason="unexpected-seq")
-        return Frame(kind, seq, flags, out)
+        return Frame(kind, seq, flags, plain)

@@ -141,10 +141,13 @@ class Mux:
         self._emit(Open(sid, service))
         return sid
 
-    def send(self, sid: int, data: bytes | bytearray | memoryview) -> bool:
+    def send(self, sid: int, data: bytes | bytearray | memoryview, *,
+             borrowed: bool = False) -> bool:
         """Bytes the local TCP connection sent for ``sid``.  True if the glue may read more at
-        once; False if some wait for credit (pause reading until :class:`~.events.Writable`).
-        Bytes for a stream that is gone are dropped (True)."""
+        once; False if some wait for credit or no credit is left (pause reading until
+        :class:`~.events.Writable`).  Bytes for a stream that is gone are dropped (True).
+        ``borrowed``: ``data`` stays valid only until the next :meth:`take_parts` (a reused
+        read buffer); what must wait for credit is copied."""
         st = self.streams.get(sid)
         if st is None or st.fin_queued:
             return True
@@ -153,10 +156,20 @@ class Mux:
             st.pending.append(view)
             st.pending_bytes += view.nbytes
             self._push(st)
-        if st.pending_bytes:
+            if borrowed and st.pending:
+                st.pending = deque(memoryview(bytes(v)) for v in st.pending)
+        if st.pending_bytes or st.send_credit <= 0:
             st.blocked = True
             return False
         return True
+
+    def sendable(self, sid: int) -> int:
+        """How many bytes :meth:`send` would put out for ``sid`` at once (its credit, 0 if
+        anything waits or the stream is gone): what the glue should read at most."""
+        st = self.streams.get(sid)
+        if st is None or st.pending_bytes or st.fin_queued:
+            return 0
+        return max(st.send_credit, 0)
 
     def finish(self, sid: int) -> None:
         """The local connection half-closed: FIN once everything queued has gone."""
@@ -226,24 +239,29 @@ class Mux:
 
     # -- outputs -------------------------------------------------------------------------------
 
-    def take_payloads(self) -> list[bytes]:
-        """The queued messages packed into frame plaintexts of at most MAX_FRAME_PAYLOAD
-        bytes (and forget them)."""
-        out: list[bytes] = []
+    def take_parts(self) -> list[list[bytes | memoryview]]:
+        """The queued messages packed into frame plaintexts of at most MAX_FRAME_PAYLOAD bytes
+        (unless one DATA message with the control messages before it is more), each as its
+        pieces in order (headers, and DATA bodies uncopied); forgets them."""
+        out: list[list[bytes | memoryview]] = []
         batch: list[bytes | memoryview] = []
         size = 0
         for part in self._out:
             n = len(part) if isinstance(part, bytes) else part.nbytes
             if size and size + n > MAX_FRAME_PAYLOAD and _is_header(part):
-                out.append(b"".join(batch))
+                out.append(batch)
                 batch, size = [], 0
             batch.append(part)
             size += n
         if batch:
-            out.append(b"".join(batch))
-        self._out.clear()
+            out.append(batch)
+        self._out = []
         self._out_bytes = 0
         return out
+
+    def take_payloads(self) -> list[bytes]:
+        """:meth:`take_parts`, each frame's plaintext joined."""
+        return [b"".join(parts) for parts in self.take_parts()]
 
     def events(self) -> list[Event]:
         out, self._events = self._events, []

@@ -18,7 +18,19 @@ sequence space, so no nonce repeats; a new data connection runs a new handshake 
 from __future__ import annotations
 
 from meshd.channel.control import CTRL_TUNNEL, tunnel_payload
-from meshd.channel.frames import KIND_CONTROL, KIND_DATA, Block, Buffer, Opener, Sealer
+from meshd.channel.frames import (
+    BIG_BLOCK,
+    FRAME_OVERHEAD,
+    KIND_CONTROL,
+    KIND_DATA,
+    Block,
+    Buffer,
+    Opener,
+    Sealer,
+    byte_view,
+    frame_size,
+    new_block,
+)
 from meshd.channel.handshake import ChannelKeys
 from meshd.errors import ProtocolError
 
@@ -42,6 +54,7 @@ class TunnelEnd:
         self._opener = opener or Opener.for_channel(keys)
         self._send_seq = 0
         self._recv_seq = 0
+        self._plain: Block | None = None
         self.accepted = self.role == OWNER
         """Consumer: True once the owner accepted the tunnel."""
 
@@ -49,10 +62,17 @@ class TunnelEnd:
         """The consumer's request, or the owner's acceptance."""
         return self._sealer.seal_control(tunnel_payload(self.service))
 
-    def frame_received(self, body: Buffer) -> None:
+    def frame_received(self, body: Buffer, *, reuse: bool = False) -> None:
         """A frame from the far end; ProtocolError if it is not authentic, out of order, or
-        breaks the multiplexer's protocol."""
-        frame = self._opener.open(body, expect_seq=self._recv_seq)
+        breaks the multiplexer's protocol.  ``reuse``: decrypt into a buffer that the next
+        call overwrites (the caller takes every ``Received`` event before it)."""
+        out = None
+        if reuse:
+            need = max(byte_view(body).nbytes - FRAME_OVERHEAD, 0)
+            if self._plain is None or len(self._plain) < need:
+                self._plain = new_block(max(need, BIG_BLOCK))
+            out = self._plain
+        frame = self._opener.open(body, expect_seq=self._recv_seq, out=out)
         if frame.kind == KIND_CONTROL:
             if self.accepted or bytes(frame.payload) != tunnel_payload(self.service):
                 raise ProtocolError("an unexpected control frame on a tunnel",
@@ -65,11 +85,22 @@ class TunnelEnd:
         self._recv_seq += 1
         self.mux.receive(frame.payload)
 
-    def frames(self) -> list[Block]:
-        """The multiplexer's queued messages, sealed (and forgotten)."""
+    def drop_buffer(self) -> None:
+        """Forget the reused plaintext buffer (an idle tunnel holds none)."""
+        self._plain = None
+
+    def frames(self, room: int = 0) -> list[Block]:
+        """The multiplexer's queued messages, sealed (and forgotten); each frame starts
+        ``room`` bytes into its buffer (for a record header the caller writes there).  DATA
+        bodies are sealed where they lie, unjoined (:meth:`~meshd.channel.frames.Sealer.seal_into`)."""
         out = []
-        for payload in self.mux.take_payloads():
-            out.append(self._sealer.seal(self._send_seq, payload, kind=KIND_DATA))
+        for parts in self.mux.take_parts():
+            n = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+            if n < BIG_BLOCK and len(parts) > 1:
+                parts = [b"".join(parts)]  # one AEAD call beats many small ones
+            block = new_block(room + frame_size(n))
+            self._sealer.seal_into(self._send_seq, list(parts), memoryview(block)[room:])
+            out.append(block)
             self._send_seq += 1
         return out
 

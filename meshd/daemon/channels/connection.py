@@ -5,7 +5,10 @@ reused scratch buffer; a large record (a frame of a big message) is received str
 own buffer, so the kernel's copy is the only one before decryption.  Records go to ``handler``
 (by default an inbox queue that handshakes await with :meth:`DataConnection.expect`).  A relay
 switches a connection to :meth:`DataConnection.splice`: raw bytes to the partner, with flow
-control both ways (:mod:`meshd.peer.splice`), nothing parsed.
+control both ways (:mod:`meshd.peer.splice`), nothing parsed.  A handler that keeps nothing
+of a record past its call (a tunnel carrier) sets ``reuse_bodies``: every big record is then
+received into one reused buffer, and after a big record the next header is read alone, so
+that the next body lands in that buffer without passing through the scratch.
 
 What a connection may cost before it is authenticated.  A connection this daemon *accepted*
 starts untrusted: its records may be at most :data:`~meshd.channel.link.MAX_SMALL` bytes and it
@@ -130,6 +133,10 @@ class DataConnection(asyncio.BufferedProtocol):
         """Called once, when an untrusted connection is trusted or lost, whichever comes first
         (it gives back the slot the accepting service took for it)."""
         self.stall_timeout = STALL_TIMEOUT
+        self.reuse_bodies = False
+        """Set by a handler that keeps nothing of a record past its call (see the module doc)."""
+        self._spare: Block | None = None
+        self._after_big = False
         self._scratch = bytearray(_SCRATCH if trusted else _SMALL_SCRATCH)
         self._fill = 0
         self._body: Block | None = None
@@ -165,6 +172,8 @@ class DataConnection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._body is not None:
             return memoryview(self._body)[self._body_got:]
+        if self._after_big and not self._fill and self._partner is None:
+            return memoryview(self._scratch)[:link.RECORD_HEADER.size]
         if self._fill == len(self._scratch):  # held bytes fill it (relay leg waiting)
             self._scratch.extend(bytes(_SCRATCH))
         elif self.trusted and len(self._scratch) < _SCRATCH:
@@ -182,6 +191,7 @@ class DataConnection(asyncio.BufferedProtocol):
             self._stall.progress()
             if self._body_got == len(self._body):
                 body, self._body = self._body, None
+                self._after_big = self.reuse_bodies
                 self._deliver(self._body_kind, body)
             return
         self._fill += nbytes
@@ -244,12 +254,13 @@ class DataConnection(asyncio.BufferedProtocol):
                         f" (at most {self.max_record})", reason="oversized")
                 have = self._fill - pos - hs
                 if have >= length:
+                    self._after_big = False
                     small: Block = bytearray(view[pos + hs:pos + hs + length])
                     pos += hs + length
                     self._deliver(kind, small)
                     continue
                 if hs + length > len(self._scratch):  # receive the rest straight into the body
-                    body = new_block(length)
+                    body = _new_body(self, length)
                     body[:have] = view[pos + hs:self._fill]
                     self._body, self._body_kind, self._body_got = body, kind, have
                     self._stall.start()
@@ -315,14 +326,19 @@ class DataConnection(asyncio.BufferedProtocol):
                                 reason="unexpected")
         return body
 
-    def send(self, kind: int, body: Any) -> bool:
-        """Queue one record; False if the connection is closed."""
+    def send(self, kind: int, body: Any, *, built: bool = False) -> bool:
+        """Queue one record; False if the connection is closed.  ``built``: ``body`` is the
+        whole record, its first ``link.RECORD_HEADER.size`` bytes left for the header, which
+        is written there (one buffer, one write, no copy)."""
         t = self.transport
         if t is None or t.is_closing():
             return False
         n = memoryview(body).nbytes
-        head = link.record_header(kind, n)
-        if n < _COALESCE:
+        head = b"" if built else link.record_header(kind, n)
+        if built:
+            link.RECORD_HEADER.pack_into(body, 0, kind, n - link.RECORD_HEADER.size)
+            self._queue.append(body)
+        elif n < _COALESCE:
             self._queue.append(head + body)
         else:
             self._queue.append(head)
@@ -407,6 +423,22 @@ class DataConnection(asyncio.BufferedProtocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+def drop_spare(conn: DataConnection) -> None:
+    """Forget the reused body buffer unless a record is being received into it."""
+    if conn._body is None:
+        conn._spare = None
+
+
+def _new_body(conn: DataConnection, n: int) -> Block:
+    """The buffer a big record of ``n`` bytes is received into (one reused buffer if the
+    connection's handler keeps nothing: ``reuse_bodies``)."""
+    if not conn.reuse_bodies:
+        return new_block(n)
+    if conn._spare is None or len(conn._spare) < n:
+        conn._spare = new_block(n)
+    return memoryview(conn._spare)[:n]
 
 
 async def detach(conn: DataConnection,

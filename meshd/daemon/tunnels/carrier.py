@@ -6,6 +6,15 @@ Records in -> ``TunnelEnd.frame_received`` -> events to the local streams; local
 the multiplexer -> one flush per loop turn seals what is queued into as few frames as fit.
 When the data connection's send queue is over its mark every local stream stops reading
 until it drains.  A lost connection (or a protocol error, which closes it) resets every stream.
+
+Copies.  Local sockets are read into one reused buffer per data connection (:data:`ARENA`
+bytes; each read at most the stream's credit), the multiplexer queues views of it, and the
+flush seals them from there, unjoined, into a frame built with room for its record header: one
+buffer and one write per frame, the AEAD pass the only copy in user space.  The buffer is
+sealed out early when a read would find less than :data:`MIN_READ` left in it.  A connection
+with no stream left drops its reused buffers (they come back with the next stream's bytes).  The other way,
+records arrive in one reused buffer and decrypt into one reused buffer (``TunnelEnd``), whose
+views go to the local sockets; asyncio copies only what a socket does not take at once.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ from collections.abc import Callable
 
 from meshd.channel import link
 from meshd.channel.frames import Block
-from meshd.daemon.channels.connection import DataConnection, set_options
-from meshd.daemon.tunnels.local import LocalStream
+from meshd.daemon.channels.connection import DataConnection, drop_spare, set_options
+from meshd.daemon.tunnels.local import WRITE_COPIES, LocalStream
 from meshd.errors import ProtocolError
 from meshd.tunnel import (
     Ended,
@@ -30,6 +39,7 @@ from meshd.tunnel import (
     TunnelEnd,
     Writable,
 )
+from meshd.tunnel.codec import MAX_FRAME_PAYLOAD
 
 log = logging.getLogger("meshd.daemon.tunnels")
 
@@ -41,11 +51,19 @@ MAX_HELD = 64 << 20
 """Bytes one data connection's streams may hold for targets still being connected (each up to
 its window); DATA beyond resets its stream ``busy``, so 4096 streams to a target that does not
 answer cannot hold 4096 windows (1 GiB)."""
+ARENA = MAX_FRAME_PAYLOAD
+"""Bytes of the reused buffer local sockets are read into (one frame's worth)."""
+MIN_READ = 64 << 10
+"""A read that would find less room than this in the buffer seals it out first."""
+_HS = link.RECORD_HEADER.size
 MAX_UNREAD_REFUSALS = 65536
 """Streams the owner may refuse (each answered with a RESET) while the consumer is not reading
 what it is sent (the send queue over its mark); beyond, the data connection is closed.  An
 OPEN costs 10 bytes and its RESET 10: without this a consumer that never reads makes the owner
 queue as much as it sends, without end.  Honest consumers read, and open at most 4096 streams."""
+
+
+_SPILL = memoryview(bytearray(16 << 10))
 
 
 def _keep_alive(conn: DataConnection) -> None:
@@ -86,6 +104,11 @@ class Carrier:
         """Owner: streams refused as they were opened (not allowed, target refused, busy)."""
         self._refused_mark = 0
         self.closed = False
+        self._arena: memoryview | None = None
+        self._fill = 0
+        self._lent = _SPILL
+        self._lent_arena = False
+        conn.reuse_bodies = True
         conn.owner = self
         conn.handler = self._on_record
         conn.on_lost = self._lost
@@ -110,8 +133,25 @@ class Carrier:
         self.streams[sid] = local
         self.opened += 1
 
-    def send(self, sid: int, data: bytes) -> bool:
-        more = self.mux.send(sid, data)
+    def read_buffer(self, sid: int) -> memoryview:
+        """Where the next read of stream ``sid`` goes: room in the shared buffer, as much as
+        the stream may send at once (a small spill buffer if nothing: what is read there is
+        copied to wait for credit)."""
+        if self._arena is None:
+            self._arena = memoryview(bytearray(ARENA))
+        if ARENA - self._fill < MIN_READ and not self.closed:
+            self._seal_out()
+        n = min(ARENA - self._fill, self.mux.sendable(sid))
+        self._lent_arena = n > 0
+        self._lent = self._arena[self._fill:self._fill + n] if n > 0 else _SPILL
+        return self._lent
+
+    def read_done(self, sid: int, n: int) -> bool:
+        """``n`` bytes were read into the last :meth:`read_buffer`; False: pause reading."""
+        view = self._lent[:n]
+        if self._lent_arena:
+            self._fill += n
+        more = self.mux.send(sid, view, borrowed=True)
         self._flush_soon()
         return more
 
@@ -156,7 +196,9 @@ class Carrier:
             return
         if kind != link.FRAME:
             raise ProtocolError(f"record type {kind} on a tunnel", reason="unexpected")
-        self.end.frame_received(body)  # ProtocolError: the connection is closed, streams reset
+        # ProtocolError: the connection is closed, streams reset.  The plaintext buffer is
+        # reused: every Received is written (or copied, if held) in _dispatch below.
+        self.end.frame_received(body, reuse=WRITE_COPIES)
         self._dispatch()
         self._flush_soon()
 
@@ -208,8 +250,21 @@ class Carrier:
         elif refused - self._refused_mark > MAX_UNREAD_REFUSALS:
             self.close("the far end opens streams and does not read the answers")
             return
-        for frame in self.end.frames():
-            self.conn.send(link.FRAME, frame)
+        self._seal_out()
+        if not self.streams and self._arena is not None and not self._fill:
+            self._release_buffers()
+
+    def _release_buffers(self) -> None:
+        """No stream left: an idle data connection holds no buffers (up to 3 * ARENA)."""
+        self._arena = None
+        drop_spare(self.conn)
+        self.end.drop_buffer()
+
+    def _seal_out(self) -> None:
+        """Seal what the multiplexer queued (the read buffer is free again) and send it."""
+        for frame in self.end.frames(room=_HS):
+            self.conn.send(link.FRAME, frame, built=True)
+        self._fill = 0
         if not self.conn.writable.is_set() and not self._paused:
             self._pause_all(True)
             asyncio.get_running_loop().create_task(self._wait_writable())
@@ -232,6 +287,7 @@ class Carrier:
         self.closed = True
         self.error = self.error or conn.error
         self.mux.lost()
+        self._fill = 0
         self._dispatch_lost()
         self._on_lost(self)
 

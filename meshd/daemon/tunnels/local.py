@@ -1,8 +1,10 @@
 """One local TCP connection of a tunnel: the client's at the consuming site, the target's at
 the owning site (asyncio glue bridging a socket to a stream of a :class:`.carrier.Carrier`).
 
-Flow control both ways.  Bytes read from the socket go to the multiplexer; when it says some
-wait for credit, reading pauses until its ``Writable``.  Bytes for the socket are written at
+Flow control both ways.  The socket is read with ``recv_into`` straight into the carrier's
+reused read buffer, at most as many bytes as the stream has credit for (:meth:`Carrier.read_buffer`),
+and the bytes go to the multiplexer uncopied; when it says the credit is spent or some wait,
+reading pauses until its ``Writable``.  Bytes for the socket are written at
 once; the transport's buffer limit is 0, so asyncio tells us (``resume_writing``) as soon as
 everything written has left the process, and only then is it reported consumed (credit goes
 back to the far writer).  A slow reader therefore holds at most one window of its stream.
@@ -14,6 +16,7 @@ import asyncio
 import logging
 import socket
 import struct
+import sys
 from typing import Protocol
 
 from meshd.daemon.channels.connection import set_options
@@ -21,19 +24,26 @@ from meshd.daemon.channels.connection import set_options
 log = logging.getLogger("meshd.daemon.tunnels")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_DISCARD = memoryview(bytearray(16 << 10))
+"""Where a stream with no carrier (or done) reads what it ignores."""
+WRITE_COPIES = sys.version_info < (3, 12)
+"""asyncio's socket transport copies what it cannot send at once (3.11: into a bytearray), so
+a buffer written to it may be reused right after :meth:`LocalStream.write`; later versions may
+keep a view, so the carrier then hands over buffers of their own."""
 
 
 class Carrier(Protocol):
     """What a local stream tells the data connection that carries it (:class:`.carrier.Carrier`)."""
 
-    def send(self, sid: int, data: bytes) -> bool: ...
+    def read_buffer(self, sid: int) -> memoryview: ...
+    def read_done(self, sid: int, n: int) -> bool: ...
     def finish(self, sid: int) -> None: ...
     def consumed(self, sid: int, n: int, *, drained: bool) -> None: ...
     def local_gone(self, sid: int) -> None: ...
     def held(self, n: int) -> None: ...
 
 
-class LocalStream(asyncio.Protocol):
+class LocalStream(asyncio.BufferedProtocol):
     """A local TCP connection carried as stream ``sid`` (set once the stream exists)."""
 
     def __init__(self, carrier: Carrier | None = None, sid: int = 0) -> None:
@@ -74,10 +84,15 @@ class LocalStream(asyncio.Protocol):
         if not self.connected.done():
             self.connected.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.carrier is None or self.done:
+            return _DISCARD
+        return self.carrier.read_buffer(self.sid)
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.carrier is None or self.done:
             return
-        if not self.carrier.send(self.sid, data):
+        if not self.carrier.read_done(self.sid, nbytes):
             self.pause()
 
     def eof_received(self) -> bool:
