@@ -23,7 +23,7 @@ import zmq.asyncio
 from meshd.channel import batch, link
 from meshd.channel.control import ReachRequest, encode
 from meshd.channel.handshake import Initiator
-from meshd.daemon.channels.connection import dial_any
+from meshd.daemon.channels.dialing import dial_any
 from meshd.daemon.channels.service import ChannelService
 from meshd.errors import ProtocolError
 from meshd.peer.portmux import PortMux

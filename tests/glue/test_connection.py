@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from meshd.channel import link
-from meshd.daemon.channels.connection import MAX_INBOX, DataConnection, dial_any
+from meshd.daemon.channels.connection import MAX_INBOX, DataConnection
+from meshd.daemon.channels.dialing import dial_any
 from meshd.errors import ProtocolError
 from meshd.peer.splice import SpliceEnd, pair
 

@@ -16,7 +16,8 @@ import pytest
 from meshd.channel import link
 from meshd.channel.handshake import Initiator, Responder
 from meshd.channel.inbound import open_first
-from meshd.daemon.channels.connection import DataConnection, dial
+from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.dialing import dial
 from meshd.daemon.counters import Counters
 from meshd.daemon.tasks import TaskSet
 from meshd.daemon.tunnels.carrier import Carrier

@@ -369,19 +369,6 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.pause_reading()
 
-    def unhold(self, first: tuple[int, Block] | None = None) -> None:
-        """Read again after :meth:`hold`; ``first``: a record taken before the hold, first."""
-        self._held = False
-        if self.transport is None or self.transport.is_closing():
-            return
-        if first is not None:
-            self._deliver(*first)
-        if self._held or self.transport.is_closing():
-            return
-        self.transport.resume_reading()
-        if not self._parsing and self._fill:
-            self._parse()
-
     def splice(self, partner: DataConnection) -> None:
         """From now on pass every byte to ``partner`` (and what is held already)."""
         self._partner = partner
@@ -476,29 +463,17 @@ async def detach(conn: DataConnection,
     return sock, left
 
 
-async def dial(address: str, *, timeout: float,
-               on_lost: Callable[[DataConnection], None] | None = None) -> DataConnection:
-    """Open a data connection to ``HOST:PORT``; OSError (or TimeoutError) on failure."""
-    host, _, port = address.rpartition(":")
-    loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: DataConnection(on_lost), host, int(port)), timeout)
-    return proto
-
-
-async def dial_any(addresses: list[str], *, timeout: float,
-                   on_lost: Callable[[DataConnection], None] | None = None
-                   ) -> tuple[DataConnection, str, float]:
-    """Dial each address in turn; the connection, the address and the connect time."""
-    if not addresses:
-        raise OSError("no address to dial (the site only dials out)")
-    loop = asyncio.get_running_loop()
-    errors = []
-    for address in addresses:
-        t0 = loop.time()
-        try:
-            conn = await dial(address, timeout=timeout, on_lost=on_lost)
-            return conn, address, loop.time() - t0
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
-            errors.append(f"{address}: {exc or type(exc).__name__}")
-    raise OSError("; ".join(errors))
+def unhold(conn: DataConnection, first: tuple[int, Block] | None = None) -> None:
+    """Read ``conn`` again after :meth:`DataConnection.hold`; ``first``: a record that was
+    taken before the hold, handled before the bytes held behind it."""
+    conn._held = False
+    t = conn.transport
+    if t is None or t.is_closing():
+        return
+    if first is not None:
+        conn._deliver(*first)
+    if conn._held or t.is_closing():
+        return
+    t.resume_reading()
+    if not conn._parsing and conn._fill:
+        conn._parse()

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from meshd.channel.inbound import InGrant, ReceivingEnd
-from meshd.daemon.channels.connection import DataConnection, detach
+from meshd.daemon.channels.connection import DataConnection, detach, unhold
 from meshd.daemon.counters import Counters
 from meshd.daemon.tasks import TaskSet
 from meshd.state.view import MeshView
@@ -125,7 +125,7 @@ class InLease:
         if not self._serves(inc) or inc.conn is not conn or inc.core.rx.held_messages:
             inc.giving = False
             if rx.inc.get(inc.cid) is inc and inc.conn is conn:
-                conn.unhold()  # the daemon goes on carrying this channel
+                unhold(conn)  # the daemon goes on carrying this channel
             rx.after_give(inc)
             return
         detached = await detach(conn)

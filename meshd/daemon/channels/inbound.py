@@ -34,7 +34,7 @@ from meshd.channel.control import CTRL_TUNNEL
 from meshd.channel.frames import Opener
 from meshd.channel.inbound import InGrant, ReceivingEnd, open_first
 from meshd.channel.reliable import ReceiverConfig
-from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.connection import DataConnection, unhold
 from meshd.daemon.channels.handover_in import InLease, cut_socket
 from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
 from meshd.local.ipc import ChannelEnd, delivery_frames, pack_end, pack_meta
@@ -408,7 +408,7 @@ class Receiving:
         elif not inc.handed:
             conn, side, body = inc.waiting
             inc.waiting = None
-            conn.unhold((link.FRAME, body))
+            unhold(conn, (link.FRAME, body))
 
     def taken_back(self, inc: InChannel, state: InGrant) -> None:
         """The application gave ``inc`` back (its connection broke, or we asked): the daemon

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from meshd.channel import link
 from meshd.channel.control import ReachReport, ReachRequest, peer_message
 from meshd.channel.reach import Observation, Outcome, ReachabilityTable, Tri
-from meshd.daemon.channels.connection import DataConnection, dial_any
+from meshd.daemon.channels.connection import DataConnection
+from meshd.daemon.channels.dialing import dial_any
 from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
 from meshd.daemon.site import LocalSite
