@@ -54,8 +54,10 @@ class AsyncMesh(MeshEnd):
         return tx
 
     async def receiver(self, name: str, *, allow: list[str] | None = None,
-                       ring_bytes: int = RING_BYTES) -> AsyncReceiver:
-        info, ring = await asyncio.to_thread(open_receiver, self.client, name, allow, ring_bytes)
+                       ring_bytes: int = RING_BYTES, via_daemon: bool = False) -> AsyncReceiver:
+        """As :meth:`~meshd.app.sync.Mesh.receiver`."""
+        info, ring = await asyncio.to_thread(open_receiver, self.client, name, allow, ring_bytes,
+                                             not via_daemon)
         rx = AsyncReceiver(self, info, ring)
         self._open.append(rx)
         return rx
@@ -197,16 +199,48 @@ class AsyncReceiver(ReceiverEnd):
 
     async def recv(self, timeout: float | None = None) -> Message:
         """As :meth:`~meshd.app.sync.Receiver.recv`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             msg = self._next()
             if msg is not None:
                 return msg
             self._collect()
-            try:
-                parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False), timeout)
-            except asyncio.TimeoutError:
-                raise self._timed_out(timeout) from None
-            self._take(parts)
+            if self._links is None:
+                try:
+                    parts = await asyncio.wait_for(self._sock.recv_multipart(copy=False),
+                                                   timeout)
+                except asyncio.TimeoutError:
+                    raise self._timed_out(timeout) from None
+                self._take(parts)
+                continue
+            self._ready_now(False)  # what the links took meanwhile
+            if self._ready:
+                continue
+            wait = None if deadline is None else max(0.0, deadline - loop.time())
+            if not await self._wait_either(wait) and deadline is not None \
+                    and loop.time() >= deadline:
+                raise self._timed_out(timeout)
+
+    async def _wait_either(self, wait: float | None) -> bool:
+        """Wait at most ``wait`` seconds for a delivery on the ipc socket (taken) or for the
+        hand-over links to have something; whether either came."""
+        assert self._links is not None
+        loop = asyncio.get_running_loop()
+        woke: asyncio.Future[None] = loop.create_future()
+        fd = self._links.wake.fileno()
+        loop.add_reader(fd, _settle, woke)
+        polled = asyncio.ensure_future(self._sock.poll(None, zmq.POLLIN))
+        try:
+            done, _ = await asyncio.wait({woke, polled}, timeout=wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(fd)
+            if not polled.done():
+                polled.cancel()
+        if polled in done and polled.result():
+            self._take(await self._sock.recv_multipart(copy=False))
+        return bool(done)
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iter()
@@ -227,6 +261,11 @@ class AsyncReceiver(ReceiverEnd):
         except LocalError:
             pass
         self._forget()
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def aconnect(home: str | os.PathLike[str] | None = None) -> AsyncMesh:

@@ -188,7 +188,7 @@ class InLinks:
             ln.cut_after = Cut(ln.cid, ln.sender_name, "failed",
                                f"the connection broke ({why}) while the daemon was away", True)
         else:
-            self._send({"t": "lost", **encode_state(ln.core.give_back())})
+            self._send({"t": "lost", "why": why[:200], **encode_state(ln.core.give_back())})
 
     def _send(self, msg: dict[str, Any]) -> None:
         if self.lease is None:

@@ -137,7 +137,7 @@ class InLink:
         try:
             self.core.frame_received(body)
         except ProtocolError as exc:
-            raise Broken(str(exc)) from None
+            raise Broken(f"{exc.reason}: {exc}") from None
 
     def pop(self) -> list[Message]:
         """The messages the core holds, in order (the receiving call, under the lock)."""

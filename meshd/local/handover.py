@@ -32,10 +32,10 @@ per receiver (the lease of all its channels).  Application -> daemon::
 
     {"t": "receive", "port": hex}       this connection serves the receiver whose open answer
                                         carried ``port`` (first message)
-    {"t": "lost", "id": hex, "cs", "co", "rx": [5 ints], "m", "b", "closed"}
-                                        channel ``id``'s data connection broke (or was yielded):
-                                        the daemon goes on from this state
-                                        (:class:`~meshd.channel.inbound.InGrant`)
+    {"t": "lost", "id": hex, "cs", "co", "rx": [5 ints], "m", "b", "closed", "why"}
+                                        channel ``id``'s data connection broke (or was yielded;
+                                        ``why``: a line for the daemon's log): the daemon goes
+                                        on from this state (:class:`~meshd.channel.inbound.InGrant`)
     {"t": "finished", "id": hex, "m", "b"}
                                         the sender closed channel ``id`` and every message was
                                         delivered: the daemon forgets it and sends the end

@@ -43,7 +43,7 @@ def test_big_arrays_cross_both_rings_in_order_and_intact(sites: Any) -> None:
     a, b = mesh_of(sites, "aps", "alcf")
     n, group = 50, 10  # a group (10 MiB) always fits the 48 MiB rings
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("big")
+        rx = mb.receiver("big", via_daemon=True)
         tx = ma.sender("big", to="alcf", via_daemon=True)  # a handed-over sender needs no ring
         assert tx._ring is None and rx._ring is not None  # a sender's is made when needed
         tx.send(b"small")  # small messages need no ring
@@ -78,7 +78,7 @@ def test_a_full_receiver_ring_falls_back_inline_and_overwrites_nothing(sites: An
     a, b = mesh_of(sites, "aps", "alcf")
     n = 40  # 40 x 512 KiB, five times the receiver's ring
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("held", ring_bytes=4 << 20)
+        rx = mb.receiver("held", ring_bytes=4 << 20, via_daemon=True)
         tx = ma.sender("held", to="alcf")
         assert rx._ring is not None and rx._ring.ring.capacity == 4 << 20
         for i in range(n):
@@ -112,7 +112,7 @@ def test_without_rings_big_arrays_go_inline_and_arrive_the_same(sites: Any) -> N
     a, b = mesh_of(sites, "aps", "alcf")
     n = 12
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("plain", ring_bytes=0)
+        rx = mb.receiver("plain", ring_bytes=0, via_daemon=True)
         tx = ma.sender("plain", to="alcf", ring_bytes=0)
         assert tx._ring is None and rx._ring is None
         for i in range(n):
@@ -205,7 +205,7 @@ async def test_big_arrays_through_rings_with_asyncio(sites: Any) -> None:
     a, b = mesh_of(sites, "aps", "alcf")
     n, group = 30, 10
     async with meshd.aconnect(b.home) as mb, meshd.aconnect(a.home) as ma:
-        rx = await mb.receiver("abig")
+        rx = await mb.receiver("abig", via_daemon=True)
         tx = await ma.sender("abig", to="alcf", via_daemon=True)  # a handed-over one has no ring
         assert tx._ring is None and rx._ring is not None
         await tx.send(_big(-1))  # the first big message makes the sender's ring

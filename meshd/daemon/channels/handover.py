@@ -27,7 +27,7 @@ from meshd.channel.outbound import SendingEnd
 from meshd.channel.paths import Path, PathKind
 from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
-from meshd.daemon.channels.handover_in import InLease
+from meshd.daemon.channels.handover_in import InLease, cut_socket, refuse, serve_messages
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import MessageReader, encode_grant, pack, send_message
@@ -63,6 +63,15 @@ class Lease:
         self.task: asyncio.Task[None] | None = None
         """:meth:`run`, while it serves the application."""
         self.closed = False
+        self.dup: socket.socket | None = None
+        """The daemon's duplicate of the connection it handed over, never read: to cut the
+        connection when the application gives it back, dies, or the channel ends (a
+        relay revoked, say), whatever the application does."""
+
+    def cut(self) -> None:
+        """Cut the handed-over connection (for the application too)."""
+        cut_socket(self.dup)
+        self.dup = None
 
     def give(self, conn: DataConnection) -> None:
         """Hand ``conn`` (the channel's connection, no longer the daemon's) to the app."""
@@ -87,39 +96,33 @@ class Lease:
         grant = Grant(keys.channel_id, keys.cipher, keys.send_key, keys.recv_key,
                       keys.send_direction, keys.recv_direction, ctl_seal, ctl_open, max_seq,
                       max_bytes, feedback, core.path.kind.value, ch.peer, left)
+        if self.dup is not None:
+            self.dup.close()
+        self.dup = sock  # kept unread, to cut the connection (see cut_socket)
         try:
             send_message(self.sock, encode_grant(grant), sock.fileno())
             self.owner.counters.count("handovers")
         except OSError as exc:
             log.info("channel %r: cannot hand the connection over: %s", ch.name, exc)
             self.close()
-        finally:
-            sock.close()  # the application's copy keeps the connection open
 
     async def run(self) -> None:
         """Serve the application's messages until it goes away."""
-        loop = asyncio.get_running_loop()
-        reader = MessageReader()
         self.task = asyncio.current_task()
         try:
-            while not self.closed:
-                data = await loop.sock_recv(self.sock, 1 << 16)
-                if not data:
-                    break
-                for msg in reader.feed(data):
-                    self._on_message(msg)
-        except (OSError, ProtocolError) as exc:
-            log.info("channel %r: hand-over socket: %s", self.ch.name, exc)
+            await serve_messages(self, self._on_message, f"channel {self.ch.name!r}")
         finally:
             self.task = None
             if not self.closed:
                 self.closed = True
                 forget_socket(self.sock)
+                self.cut()
                 app_left(self.ch)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         t, ch = msg["t"], self.ch
         if t == "lost":
+            self.cut()
             taken_back(ch, int(msg.get("co", 0)))
         elif t == "count":
             ch.reported = {k: int(msg[k]) for k in ("messages", "bytes", "acked", "retransmits",
@@ -135,12 +138,17 @@ class Lease:
                 self.sock.send(pack({"t": "ended", "reason": reason, "message": message}))
             except OSError:
                 pass
+        self.cut()
         self.close()
 
     def close(self) -> None:
+        """Let go of the application (the daemon stops: the connection goes on with it)."""
         if not self.closed:
             self.closed = True
             forget_socket(self.sock)
+            if self.dup is not None:
+                self.dup.close()
+                self.dup = None
             if self.task is not None and self.task is not asyncio.current_task():
                 self.task.cancel()
 
@@ -273,11 +281,7 @@ class Handovers:
         why = ("not-found" if ch is None else "not-handover" if not ch.handover
                else "taken" if ch.lease is not None else None)
         if why is not None or ch is None:
-            try:
-                sock.send(pack({"t": "ended", "reason": why, "message": f"cannot take: {why}"}))
-            except OSError:
-                pass
-            sock.close()
+            refuse(sock, str(why))
             return
         lease = ch.lease = Lease(self, sock, ch)
         if first["t"] == "adopt" and not first.get("live"):
@@ -291,11 +295,7 @@ class Handovers:
                      if secrets.compare_digest(p.token, token)), None)
         why = "not-found" if port is None else "taken" if port.lease is not None else None
         if why is not None or port is None:
-            try:
-                sock.send(pack({"t": "ended", "reason": why, "message": f"cannot take: {why}"}))
-            except OSError:
-                pass
-            sock.close()
+            refuse(sock, str(why))
             return
         lease = port.lease = InLease(self.receiving, port, sock)
         self.receiving.offer_all(port)

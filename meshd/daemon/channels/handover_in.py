@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from meshd.channel.inbound import InGrant, ReceivingEnd
@@ -63,6 +63,7 @@ class Receiving(Protocol):
     tasks: TaskSet
     counters: Counters
     view: MeshView
+    stopping: bool
 
     @property
     def inc(self) -> Mapping[bytes, InChannel]: ...
@@ -181,18 +182,9 @@ class InLease:
 
     async def run(self) -> None:
         """Serve the application's messages until it goes away."""
-        loop = asyncio.get_running_loop()
-        reader = MessageReader()
         self.task = asyncio.current_task()
         try:
-            while not self.closed:
-                data = await loop.sock_recv(self.sock, 1 << 16)
-                if not data:
-                    break
-                for msg in reader.feed(data):
-                    self._on_message(msg)
-        except (OSError, ProtocolError) as exc:
-            log.info("receiver %r: hand-over socket: %s", self.port.name, exc)
+            await serve_messages(self, self._on_message, f"receiver {self.port.name!r}")
         finally:
             self.task = None
             self.close()
@@ -207,6 +199,8 @@ class InLease:
             return  # ended meanwhile (cut, or the daemon took it back)
         t = msg["t"]
         if t == "lost":
+            log.info("channel %r from %s: its connection came back from the application: %s",
+                     inc.name, self.receiving.view.name_of(inc.sender), str(msg.get("why"))[:200])
             try:
                 self.receiving.taken_back(inc, decode_state(msg, inc.core.give_back()))
             except LocalError as exc:
@@ -233,8 +227,42 @@ class InLease:
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         for inc in [c for c in self.receiving.inc.values() if c.lease is self]:
-            if inc.handed or inc.giving:
+            if self.receiving.stopping and inc.dup is not None:
+                inc.dup.close()  # the daemon stops: the application goes on with it
+                inc.dup = None
+            elif inc.handed or inc.giving:
                 self.receiving.end(inc, "failed", "the receiving application went away")
+
+
+class _Served(Protocol):
+    sock: socket.socket
+    closed: bool
+
+
+async def serve_messages(lease: _Served, on_message: Callable[[dict[str, Any]], None],
+                         label: str) -> None:
+    """Read an application's messages on ``lease.sock`` and act on each until it closes, sends
+    something malformed, or ``lease`` is closed."""
+    loop = asyncio.get_running_loop()
+    reader = MessageReader()
+    try:
+        while not lease.closed:
+            data = await loop.sock_recv(lease.sock, 1 << 16)
+            if not data:
+                break
+            for msg in reader.feed(data):
+                on_message(msg)
+    except (OSError, ProtocolError) as exc:
+        log.info("%s: hand-over socket: %s", label, exc)
+
+
+def refuse(sock: socket.socket, why: str) -> None:
+    """Tell an application on the hand-over socket why it cannot take what it asked for."""
+    try:
+        sock.send(pack({"t": "ended", "reason": why, "message": f"cannot take: {why}"}))
+    except OSError:
+        pass
+    sock.close()
 
 
 def note_counts(inc: InChannel, msg: dict[str, Any]) -> None:

@@ -237,6 +237,7 @@ class Receiving:
         self.responder = Responder(lambda: site.keys.key, not_before=time.time())
         self.inc: dict[bytes, InChannel] = {}
         self.ports: dict[str, ReceiverPort] = {}
+        self.stopping = False
         self.tunnels: TunnelAcceptor | None = None
         """Takes a data connection whose first frame asks for a tunnel (set by the tunnels)."""
 
@@ -419,6 +420,16 @@ class Receiving:
         inc.handed = False
         self.after_give(inc)
 
+    def leave_relay(self, key: bytes, reason: str) -> None:
+        """Channels relayed through ``key`` (it was revoked) lose that connection: their
+        senders race another path and resume."""
+        for inc in self.inc.values():
+            if inc.relay == key:
+                if inc.conn is not None:
+                    inc.conn.abort(f"the relay was {reason}")
+                cut_socket(inc.dup)  # handed over: the application gives it back
+                inc.dup = None
+
     def finished(self, inc: InChannel) -> None:
         """The application delivered everything of a channel its sender closed."""
         self.end(inc, "closed", "the sender closed the channel")
@@ -478,6 +489,9 @@ class Receiving:
         port.close()
 
     def close(self) -> None:
+        """The daemon stops: handed-over channels go on in their applications (their
+        connections are not cut; a new daemon does not know them)."""
+        self.stopping = True
         for port in list(self.ports.values()):
             port.close()
 

@@ -147,11 +147,12 @@ class ChannelService:
         # another path (and resumes), so no data keeps flowing through a site that is out.
         for ch in self.out.values():
             path = ch.core.path
-            if ch.conn is not None and path is not None and path.relay == key:
-                ch.conn.abort(f"the relay was {reason}")
-        for inc in self.receiving.inc.values():
-            if inc.conn is not None and inc.relay == key:
-                inc.conn.abort(f"the relay was {reason}")
+            if path is not None and path.relay == key:
+                if ch.conn is not None:
+                    ch.conn.abort(f"the relay was {reason}")
+                elif ch.lease is not None:  # handed over: the application gives it back
+                    ch.lease.cut()
+        self.receiving.leave_relay(key, reason)
 
     def sender(self, cid: bytes) -> OutChannel:
         """The open sending end ``cid``; ChannelClosed if it ended on its own (revoked, no

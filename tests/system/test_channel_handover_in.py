@@ -1,0 +1,203 @@
+"""Receiving ends handed over between real daemons: the receiving application holds the data
+connection and opens the frames (``channel_handover = true``, the default), its daemon answers
+the Hello, opens each connection's first frame and resumes.  Delivery stays in order and
+exactly once across a connection cut at the receiver, a restart of the receiving daemon, a
+receiver that closes and one that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+
+import meshd
+from meshd.testing.processes import wait_until
+from tests.helpers import ROOT, mesh_of
+from tests.system.test_channel_handover import _drain, _send
+
+
+def _rows(client: Any, direction: str) -> list[dict[str, Any]]:
+    return [c for c in client.channels() if c["direction"] == direction]
+
+
+def _cut_at_receiver(rx: Any) -> None:
+    """Cut the receiving application's data connections (as a failing network would)."""
+    links = rx._links
+    assert links is not None
+    with links.lock:
+        socks = [ln.sock for ln in links.links.values()]
+    assert socks, "the receiver holds no connection"
+    for s in socks:
+        s.shutdown(socket.SHUT_RDWR)
+
+
+def test_the_receiving_application_holds_the_connection_and_delivers_in_order(
+        sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        assert rx._links is not None
+        tx = ma.sender("frames", to="alcf")
+        n = 0
+        for size in [5, 70_000, 1 << 20, 300, 16 << 20, 3 << 20] * 3:
+            tx.send(np.full(size, n % 251, dtype=np.uint8), meta={"i": n})
+            n += 1
+        tx.flush(timeout=60)  # acknowledged by the receiving application before it is asked
+        (inc,) = _rows(mb, "in")
+        assert inc["handed_over"] and inc["path"] == "direct"
+        assert _drain(rx, n) == list(range(n))
+        assert b.client.status()["counters"]["channel_handovers_in"] == 1
+        wait_until(lambda: _rows(mb, "in")[0]["messages"] == n, 30,
+                   "the receiving application to report its counters")
+        tx.close()
+        try:
+            rx.recv(timeout=30)
+            raise AssertionError("a message after the sender closed")
+        except meshd.ChannelClosed as exc:
+            assert exc.reason == "closed"
+        assert not _rows(mb, "in")
+
+
+def test_a_connection_cut_at_the_receiver_resumes_with_nothing_lost_or_repeated(
+        sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 50)
+        got = _drain(rx, 20)
+        for _ in range(3):
+            _cut_at_receiver(rx)
+            n = _send(tx, n, 50)
+            tx.flush(timeout=60)
+            wait_until(lambda: rx._links.links, 30, "the resumed connection to be handed over")
+        got += _drain(rx, n - len(got))
+        assert got == list(range(n))
+        assert b.client.status()["counters"]["channel_handovers_in"] >= 4
+        (inc,) = _rows(mb, "in")
+        assert inc["handed_over"]
+
+
+def test_the_receiving_daemon_killed_mid_stream_loses_and_repeats_nothing(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 50)
+        tx.flush(timeout=60)
+        b.kill()
+        n = _send(tx, n, 100)  # the receiving application's connection does not need it
+        tx.flush(timeout=60)
+        assert _drain(rx, n) == list(range(n))
+        b.start()
+        n2 = _send(tx, n, 20)
+        tx.flush(timeout=60)
+        assert _drain(rx, n2 - n) == list(range(n, n2))
+
+
+RECEIVER_APP = textwrap.dedent("""
+    import sys, meshd
+    mesh = meshd.connect(sys.argv[1])
+    rx = mesh.receiver("frames")
+    print("open", flush=True)
+    for i in range(20):
+        rx.recv(timeout=60)
+    print("received", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_a_receiving_application_that_dies_leaves_no_channel_open(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf", configs={"aps": "channel_give_up = 3"})
+    app = subprocess.Popen([sys.executable, "-c", RECEIVER_APP, str(b.home)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert app.stdout is not None and app.stdout.readline() == b"open\n"
+        with meshd.connect(a.home) as ma:
+            tx = ma.sender("frames", to="alcf")
+            _send(tx, 0, 20)
+            assert app.stdout.readline() == b"received\n"
+            wait_until(lambda: any(c["handed_over"] for c in _rows(b.client, "in")), 30,
+                       "the receiving application to hold the channel")
+            app.send_signal(signal.SIGKILL)
+            app.wait(20)
+            wait_until(lambda: not _rows(b.client, "in"), 30,
+                       "the receiving daemon to end the dead application's channel")
+            assert b.client.status()["counters"]["channel_in_ended_failed"] == 1
+            try:
+                _send(tx, 20, 5)
+                tx.flush(timeout=60)
+                raise AssertionError("the channel of a dead receiver went on")
+            except meshd.ChannelClosed as exc:
+                assert exc.reason == "no-path"
+            tx.close(flush=False)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(20)
+    assert "Traceback" not in a.log() + b.log()
+
+
+def test_a_new_receiver_of_the_name_goes_on_where_the_closed_one_stopped(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 30)
+        first = _drain(rx, 10)
+        rx.close()  # the channel goes back to the daemon, which holds what comes next
+        n = _send(tx, n, 30)
+        rx2 = mb.receiver("frames")
+        rest = []
+        while not rest or rest[-1] != n - 1:
+            rest.append(int(rx2.recv(timeout=60).meta["i"]))
+        assert first == list(range(10))
+        # What the first receiver had taken ahead and not handed out went with it; the rest
+        # arrives in order, once each.
+        assert rest == list(range(rest[0], n)) and rest[0] >= 10
+        tx.flush(timeout=60)
+
+
+def test_a_receiver_may_leave_the_data_to_its_daemon(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames", via_daemon=True)
+        assert rx._links is None
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 40)
+        assert _drain(rx, n) == list(range(n))
+        (inc,) = _rows(mb, "in")
+        assert not inc["handed_over"]
+        assert "channel_handovers_in" not in b.client.status()["counters"]
+
+
+def test_an_asyncio_receiver_holds_the_connection(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+
+    async def main() -> tuple[list[int], bool, str]:
+        async with meshd.aconnect(b.home) as mb:
+            rx = await mb.receiver("frames")
+            with meshd.connect(a.home) as ma:
+                tx = ma.sender("frames", to="alcf")
+                n = _send(tx, 0, 60)
+                got = [int((await rx.recv(timeout=60)).meta["i"]) for _ in range(n)]
+                handed = all(c["handed_over"] for c in await mb.channels()
+                             if c["direction"] == "in")
+                tx.close()
+            try:
+                await rx.recv(timeout=30)
+                reason = "none"
+            except meshd.ChannelClosed as exc:
+                reason = exc.reason
+            return got, handed, reason
+
+    got, handed, reason = asyncio.run(main())
+    assert got == list(range(60)) and handed and reason == "closed"
