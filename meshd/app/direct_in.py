@@ -222,9 +222,12 @@ class InLinks:
                 socks = {ln.sock: ln for ln in self.links.values()}
                 lease = self.lease
             watch = [self._poke_r, *socks, *([lease] if lease is not None else [])]
-            ready, _, _ = select.select(watch, [], [], REPORT_EVERY)
+            # Bytes the daemon read past the last record come with the grant: no readiness of
+            # the socket announces them.
+            buffered = [s for s, ln in socks.items() if ln.records.buffered]
+            ready, _, _ = select.select(watch, [], [], 0 if buffered else REPORT_EVERY)
             woke = False
-            for s in ready:
+            for s in [*ready, *(b for b in buffered if b not in ready)]:
                 if s is self._poke_r:
                     _drain(s)
                 elif s is lease:

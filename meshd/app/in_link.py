@@ -61,6 +61,11 @@ class _Records:
         self._got = 0
         self._buf: Any = new_block(64 << 10)
 
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes the daemon read are still to be taken (the socket may stay quiet)."""
+        return self._pre.nbytes > 0
+
     def _recv_into(self, view: memoryview) -> int:
         if self._pre.nbytes:
             n = min(view.nbytes, self._pre.nbytes)
