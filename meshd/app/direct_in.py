@@ -199,14 +199,20 @@ class InLinks:
             pass  # the daemon went away: the reader thread sees its end of file
 
     def _report(self) -> None:
+        """(Under the lock.)  Tell the daemon the counters that changed (for ``meshd
+        channels``), at most every :data:`REPORT_EVERY` seconds: the receiving call and the
+        reader thread (at least that often) both try, so the last change is reported within
+        that time even when the application stops receiving."""
         t = time.monotonic()
         if self.lease is None or t - self._reported < REPORT_EVERY:
             return
         self._reported = t
         for ln in self.links.values():
             core = ln.core
-            self._send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
-                        "dup": core.rx.duplicates})
+            if core.messages != ln.reported:
+                ln.reported = core.messages
+                self._send({"t": "count", "id": ln.cid.hex(), "m": core.messages,
+                            "b": core.bytes, "dup": core.rx.duplicates})
 
     # -- the reader thread -----------------------------------------------------------------------
 
@@ -219,6 +225,7 @@ class InLinks:
                     s.close()
                 self._retired.clear()
                 self._poke_pending = False
+                self._report()
                 socks = {ln.sock: ln for ln in self.links.values()}
                 lease = self.lease
             watch = [self._poke_r, *socks, *([lease] if lease is not None else [])]

@@ -128,6 +128,8 @@ class InLink:
         """What the reader thread took from the core ahead of the receiving call (at most
         :data:`AHEAD_BYTES`), or what it held when the channel was given back."""
         self.pending_bytes = 0
+        self.reported = -1
+        """The message count last reported to the daemon."""
         self.cut_after: Cut | None = None
         """The end to tell once :attr:`pending` is handed out (given back with no daemon)."""
         self._out = bytearray()

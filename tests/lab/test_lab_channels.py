@@ -327,8 +327,15 @@ def stream(src: LabSite, dst: LabSite, name: str, *, count: int = ARRAYS,
                     f"channels {chans}{logs(*involved)}", pytrace=False)
     res.out = next((c for c in ms.channels() if c["direction"] == "out" and c["name"] == name),
                    {})
-    res.inc = next((c for c in mr.channels() if c["direction"] == "in" and c["name"] == name),
-                   {})
+
+    def incoming() -> dict[str, Any]:
+        return next((c for c in mr.channels() if c["direction"] == "in" and c["name"] == name),
+                    {})
+
+    if not res.errors:  # a receiving application reports its counters every 0.5 s
+        wait_until(lambda: incoming().get("messages") == count, 10,
+                   "the receiving application to report the last message")
+    res.inc = incoming()
     ms.close(flush=not res.errors)
     mr.close()
     return res
@@ -360,6 +367,7 @@ def check(res: Stream, src: LabSite, dst: LabSite, *involved: LabSite,
     assert not bad, f"{len(bad)} arrays wrong (seq, meta seq, first, last, ok, sender): {bad[:5]}"
     assert res.out["messages"] == count and res.out["acked_messages"] == count, res.out
     assert res.out["handed_over"], res.out  # the sending application held the connection
+    assert res.inc["handed_over"], res.inc  # ... and the receiving one
     assert res.inc["messages"] == count and res.inc["peer"] == src.name, res.inc
     print(f"\n{src.name} -> {dst.name}: {count} MiB in {res.done_at - res.sent_at:.2f} s,"
           f" {res.mb_s:.0f} MB/s, path {res.out['path']}"
