@@ -231,6 +231,7 @@ class InLinks:
                     woke |= self._read_lease(lease)
                 else:
                     woke |= self._read_link(socks[s])
+            woke |= self._give_back_stalled(socks.values())
             if woke:
                 try:
                     self._wake_w.send(b"\0")
@@ -242,7 +243,7 @@ class InLinks:
         has something new to take."""
         for n in range(FRAMES_PER_WAKE):
             try:
-                rec = ln.records.next()  # outside the lock: only this thread reads it
+                rec = ln.records.next(time.monotonic())  # outside the lock: only we read it
             except Broken as exc:
                 with self.lock:
                     if self.links.get(ln.cid) is ln:
@@ -269,6 +270,19 @@ class InLinks:
                     self._give_back(ln, ln.broken)
                     return True
         return True
+
+    def _give_back_stalled(self, links: Any) -> bool:
+        """Give back the links whose sender stalled in the middle of a record (what it
+        announced would otherwise stay allocated, and the channel stuck, for ever)."""
+        now, woke = time.monotonic(), False
+        for ln in links:
+            why = ln.records.stalled(now)
+            if why is not None:
+                with self.lock:
+                    if self.links.get(ln.cid) is ln:
+                        self._give_back(ln, why)
+                        woke = True
+        return woke
 
     def _read_lease(self, lease: socket.socket) -> bool:
         try:

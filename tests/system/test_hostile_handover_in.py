@@ -180,3 +180,53 @@ def test_a_lying_lost_ends_only_that_channel_and_repeats_nothing(sites: Any,
     log = b.log()
     assert "Traceback" not in log, log
     assert log.count("gave back a state the channel cannot take") == len(LIES)
+
+
+def _inject(tx: Any, raw: bytes) -> None:
+    """Write ``raw`` on an idle sending application's data connection: what a hostile member
+    that holds the channel's keys could send the receiving application."""
+    with tx._lock:
+        tx._link.sock.sendall(raw)
+
+
+def test_a_sender_that_stalls_in_the_middle_of_a_big_record_is_given_back(
+        sites: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(link, "STALL_TIMEOUT", 1.0)  # the receiving application is this process
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 5)
+        tx.flush(timeout=60)
+        wait_until(lambda: rx._links.links, 30, "the connection to be handed over")
+        _inject(tx, link.record_header(link.FRAME, link.MAX_RECORD) + b"\0" * 1000)
+        wait_until(lambda: "stalled in the middle of a" in b.log(), 30,
+                   "the receiving application to give the stalled connection back")
+        n = _send(tx, n, 5)
+        tx.flush(timeout=60)
+        assert _drain(rx, n) == list(range(n))
+    assert "Traceback" not in b.log()
+
+
+def test_bad_records_from_the_sender_are_given_back_and_the_channel_goes_on(
+        sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+    bad = [link.record_header(9, 10) + b"\0" * 10,
+           link.record_header(link.REFUSE, 5) + b"nope!",
+           link.record_header(link.FRAME, 100) + os.urandom(100),
+           link.record_header(link.FRAME, 48) + bytes([1, 0, 0, 0]) + b"\x07" * 44,
+           link.record_header(link.HELLO, 4000) + b"\0" * 4000]
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        n = _send(tx, 0, 3)
+        for i, raw in enumerate(bad):
+            tx.flush(timeout=60)
+            wait_until(lambda: rx._links.links, 30, "the connection to be handed over")
+            _inject(tx, raw)
+            wait_until(lambda: b.log().count("came back from the application") > i, 30,
+                       f"bad record {i} to make the receiving application give the channel back")
+            n = _send(tx, n, 3)
+        tx.flush(timeout=60)
+        assert _drain(rx, n) == list(range(n))
+    assert "Traceback" not in b.log()
