@@ -30,6 +30,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from meshd.app.handover import dial_lease
@@ -271,7 +272,7 @@ class InLinks:
                     return True
         return True
 
-    def _give_back_stalled(self, links: Any) -> bool:
+    def _give_back_stalled(self, links: Iterable[InLink]) -> bool:
         """Give back the links whose sender stalled in the middle of a record (what it
         announced would otherwise stay allocated, and the channel stuck, for ever)."""
         now, woke = time.monotonic(), False
