@@ -70,6 +70,8 @@ class InLinks:
         """Per channel, the number of the next message to hand out (from either source)."""
         self._cut: list[Cut] = []
         self._draining: list[InLink] = []  # given back, with messages still to hand out
+        self._deferred: dict[bytes, dict[str, Any]] = {}
+        """Per channel, a ``lost`` held back until the receiving call takes what is ahead."""
         self._retired: list[socket.socket] = []  # closed by the reader thread only
         self.wake, self._wake_w = socket.socketpair()
         """Readable when the receiving call has something to take (:meth:`take`)."""
@@ -113,6 +115,8 @@ class InLinks:
                 ln.write_feedback()
                 if ln.core.finished:
                     self._finished(ln)
+            for cid in [c for c in self._deferred if self._ahead(c) <= AHEAD_BYTES]:
+                self._send(self._deferred.pop(cid))
             cut, self._cut = self._cut, []
             self._report()
         return out, cut
@@ -135,6 +139,7 @@ class InLinks:
             if ln is not None:
                 self._retired.append(ln.sock)
             self._draining = [d for d in self._draining if d.cid != cid]
+            self._deferred.pop(cid, None)
             self._poke()
 
     def close(self) -> None:
@@ -144,6 +149,9 @@ class InLinks:
             for ln in list(self.links.values()):
                 self._give_back(ln, "the receiver closed")
             self._draining.clear()
+            for msg in self._deferred.values():
+                self._send(msg)
+            self._deferred.clear()
             self._closed = True
             self._poke()
         self._thread.join(5.0)
@@ -179,7 +187,7 @@ class InLinks:
         channel goes back to the daemon, which resumes it on the sender's next connection;
         what the core held is still handed out (:meth:`take`).  Without a daemon the channel
         ends here."""
-        ln.drain_core()
+        ln.pending_bytes += ln.drain_core()
         ln.broken = why
         self.links.pop(ln.cid, None)
         self._retired.append(ln.sock)
@@ -189,7 +197,14 @@ class InLinks:
             ln.cut_after = Cut(ln.cid, ln.sender_name, "failed",
                                f"the connection broke ({why}) while the daemon was away", True)
         else:
-            self._send({"t": "lost", "why": why[:200], **encode_state(ln.core.give_back())})
+            msg = {"t": "lost", "why": why[:200], **encode_state(ln.core.give_back())}
+            if self._ahead(ln.cid) > AHEAD_BYTES:  # the daemon would grant a window more
+                self._deferred[ln.cid] = msg
+            else:
+                self._send(msg)
+
+    def _ahead(self, cid: bytes) -> int:  # under the lock; see _ahead_of
+        return _ahead_of([*self._draining, *self.links.values()], cid)
 
     def _send(self, msg: dict[str, Any]) -> None:
         if self.lease is None:
@@ -205,9 +220,8 @@ class InLinks:
             return
         self._reported = t
         for ln in self.links.values():
-            core = ln.core
-            self._send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
-                        "dup": core.rx.duplicates})
+            self._send({"t": "count", "id": ln.cid.hex(), "m": ln.core.messages,
+                        "b": ln.core.bytes, "dup": ln.core.rx.duplicates})
 
     # -- the reader thread -----------------------------------------------------------------------
 
@@ -261,8 +275,9 @@ class InLinks:
                         ln.pending_bytes += ln.drain_core()
                         self._finished(ln)
                         return True
-                    if ln.pending_bytes < AHEAD_BYTES:
-                        ln.pending_bytes += ln.drain_core(AHEAD_BYTES - ln.pending_bytes)
+                    room = AHEAD_BYTES - self._ahead(ln.cid)
+                    if room > 0:
+                        ln.pending_bytes += ln.drain_core(room)
                     ln.write_feedback()
                 except Broken as exc:
                     self._give_back(ln, str(exc))
@@ -273,17 +288,13 @@ class InLinks:
         return True
 
     def _give_back_stalled(self, links: Iterable[InLink]) -> bool:
-        """Give back the links whose sender stalled in the middle of a record (what it
-        announced would otherwise stay allocated, and the channel stuck, for ever)."""
-        now, woke = time.monotonic(), False
-        for ln in links:
-            why = ln.records.stalled(now)
-            if why is not None:
-                with self.lock:
-                    if self.links.get(ln.cid) is ln:
-                        self._give_back(ln, why)
-                        woke = True
-        return woke
+        """Give back the links whose sender stalled in the middle of a record (see
+        :meth:`~meshd.app.in_link._Records.stalled`)."""
+        with self.lock:
+            stalled = [(ln, why) for ln, why in _stalled(links) if self.links.get(ln.cid) is ln]
+            for ln, why in stalled:
+                self._give_back(ln, why)
+        return bool(stalled)
 
     def _read_lease(self, lease: socket.socket) -> bool:
         try:
@@ -311,6 +322,7 @@ class InLinks:
                         self.links.pop(cid)
                         self._retired.append(ln.sock)
                     self._draining = [d for d in self._draining if d.cid != cid]
+                    self._deferred.pop(cid, None)
                     self._cut.append(Cut(cid, "", str(msg.get("reason", "failed")),
                                          str(msg.get("message", "")), False))
         return True
@@ -338,6 +350,21 @@ class InLinks:
             self._poke_w.send(b"\0")
         except OSError:
             pass
+
+
+def _ahead_of(links: Iterable[InLink], cid: bytes) -> int:
+    """Payload bytes of channel ``cid`` taken ahead of the receiving call on ``links``: at most
+    :data:`AHEAD_BYTES` beyond the window in the core.  A link given back while more is ahead
+    goes back to the daemon (which would grant the sender a whole window again) only once the
+    receiving call took the rest down to it."""
+    return sum(ln.pending_bytes for ln in links if ln.cid == cid)
+
+
+def _stalled(links: Iterable[InLink]) -> list[tuple[InLink, str]]:
+    """The links whose sender stalled in the middle of a record (what it announced would
+    otherwise stay allocated, and the channel stuck, for ever), and why."""
+    now = time.monotonic()
+    return [(ln, why) for ln in links if (why := ln.records.stalled(now)) is not None]
 
 
 def _drain(sock: socket.socket) -> None:

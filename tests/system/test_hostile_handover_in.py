@@ -230,3 +230,45 @@ def test_bad_records_from_the_sender_are_given_back_and_the_channel_goes_on(
         tx.flush(timeout=60)
         assert _drain(rx, n) == list(range(n))
     assert "Traceback" not in b.log()
+
+
+def _held(rx: Any) -> int:
+    """Payload bytes the receiving application holds of its channels (taken ahead, given back
+    and not yet handed out, or in a core)."""
+    links = rx._links
+    with links.lock:
+        every = [*links._draining, *links.links.values()]
+        return sum(sum(len(d.payload) for d in ln.pending) + ln.core.rx.held_bytes
+                   for ln in every)
+
+
+def test_a_receiver_that_does_not_receive_stays_bounded_across_broken_connections(
+        sites: Any) -> None:
+    from tests.system.test_channel_handover_in import _cut_at_receiver
+
+    MiB = 1 << 20
+    bound = in_link.AHEAD_BYTES + (64 << 20) + 2 * MiB  # taken ahead + the window in the core
+    a, b = mesh_of(sites, "aps", "alcf")
+    total = 400
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        sending = __import__("threading").Thread(
+            target=lambda: _send(tx, 0, total, MiB), daemon=True)
+        sending.start()
+
+        def filled() -> bool:
+            core = tx._link.core if tx._link is not None else None
+            return (bool(rx._links.links) and core is not None and core.all_acked
+                    and not core.sender.can_send(MiB + 4096))
+
+        wait_until(filled, 60, "the sender to fill what the receiver may take")
+        _cut_at_receiver(rx)  # a flaky network, or a hostile sender breaking it at will
+        # The application does not receive: the channel must not get a window more.
+        wait_until(lambda: _held(rx) > bound or getattr(rx._links, "_deferred", None), 60,
+                   "the receiver to hold the channel back, or to hold too much")
+        peak = _held(rx)
+        got = _drain(rx, total)
+        sending.join(60)
+        assert got == list(range(total))
+        assert peak <= bound, f"the receiving application held {peak / MiB:.0f} MiB"
