@@ -30,6 +30,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from meshd.app.handover import dial_lease
@@ -69,6 +70,8 @@ class InLinks:
         """Per channel, the number of the next message to hand out (from either source)."""
         self._cut: list[Cut] = []
         self._draining: list[InLink] = []  # given back, with messages still to hand out
+        self._deferred: dict[bytes, dict[str, Any]] = {}
+        """Per channel, a ``lost`` held back until the receiving call takes what is ahead."""
         self._retired: list[socket.socket] = []  # closed by the reader thread only
         self.wake, self._wake_w = socket.socketpair()
         """Readable when the receiving call has something to take (:meth:`take`)."""
@@ -112,8 +115,10 @@ class InLinks:
                 ln.write_feedback()
                 if ln.core.finished:
                     self._finished(ln)
+            for cid in [c for c in self._deferred if self._ahead(c) <= AHEAD_BYTES]:
+                self._send(self._deferred.pop(cid))
             cut, self._cut = self._cut, []
-            self._report()
+            _report(self)
         return out, cut
 
     def take_channel(self, cid: bytes) -> list[Message]:
@@ -134,6 +139,7 @@ class InLinks:
             if ln is not None:
                 self._retired.append(ln.sock)
             self._draining = [d for d in self._draining if d.cid != cid]
+            self._deferred.pop(cid, None)
             self._poke()
 
     def close(self) -> None:
@@ -143,6 +149,9 @@ class InLinks:
             for ln in list(self.links.values()):
                 self._give_back(ln, "the receiver closed")
             self._draining.clear()
+            for msg in self._deferred.values():
+                self._send(msg)
+            self._deferred.clear()
             self._closed = True
             self._poke()
         self._thread.join(5.0)
@@ -178,7 +187,7 @@ class InLinks:
         channel goes back to the daemon, which resumes it on the sender's next connection;
         what the core held is still handed out (:meth:`take`).  Without a daemon the channel
         ends here."""
-        ln.drain_core()
+        ln.pending_bytes += ln.drain_core()
         ln.broken = why
         self.links.pop(ln.cid, None)
         self._retired.append(ln.sock)
@@ -188,7 +197,14 @@ class InLinks:
             ln.cut_after = Cut(ln.cid, ln.sender_name, "failed",
                                f"the connection broke ({why}) while the daemon was away", True)
         else:
-            self._send({"t": "lost", "why": why[:200], **encode_state(ln.core.give_back())})
+            msg = {"t": "lost", "why": why[:200], **encode_state(ln.core.give_back())}
+            if self._ahead(ln.cid) > AHEAD_BYTES:  # the daemon would grant a window more
+                self._deferred[ln.cid] = msg
+            else:
+                self._send(msg)
+
+    def _ahead(self, cid: bytes) -> int:  # under the lock; see _ahead_of
+        return _ahead_of([*self._draining, *self.links.values()], cid)
 
     def _send(self, msg: dict[str, Any]) -> None:
         if self.lease is None:
@@ -197,22 +213,6 @@ class InLinks:
             self.lease.sendall(pack(msg))
         except OSError:
             pass  # the daemon went away: the reader thread sees its end of file
-
-    def _report(self) -> None:
-        """(Under the lock.)  Tell the daemon the counters that changed (for ``meshd
-        channels``), at most every :data:`REPORT_EVERY` seconds: the receiving call and the
-        reader thread (at least that often) both try, so the last change is reported within
-        that time even when the application stops receiving."""
-        t = time.monotonic()
-        if self.lease is None or t - self._reported < REPORT_EVERY:
-            return
-        self._reported = t
-        for ln in self.links.values():
-            core = ln.core
-            if core.messages != ln.reported:
-                ln.reported = core.messages
-                self._send({"t": "count", "id": ln.cid.hex(), "m": core.messages,
-                            "b": core.bytes, "dup": core.rx.duplicates})
 
     # -- the reader thread -----------------------------------------------------------------------
 
@@ -225,7 +225,7 @@ class InLinks:
                     s.close()
                 self._retired.clear()
                 self._poke_pending = False
-                self._report()
+                _report(self)
                 socks = {ln.sock: ln for ln in self.links.values()}
                 lease = self.lease
             watch = [self._poke_r, *socks, *([lease] if lease is not None else [])]
@@ -241,6 +241,7 @@ class InLinks:
                     woke |= self._read_lease(lease)
                 else:
                     woke |= self._read_link(socks[s])
+            woke |= self._give_back_stalled(socks.values())
             if woke:
                 try:
                     self._wake_w.send(b"\0")
@@ -252,7 +253,7 @@ class InLinks:
         has something new to take."""
         for n in range(FRAMES_PER_WAKE):
             try:
-                rec = ln.records.next()  # outside the lock: only this thread reads it
+                rec = ln.records.next(time.monotonic())  # outside the lock: only we read it
             except Broken as exc:
                 with self.lock:
                     if self.links.get(ln.cid) is ln:
@@ -269,8 +270,9 @@ class InLinks:
                         ln.pending_bytes += ln.drain_core()
                         self._finished(ln)
                         return True
-                    if ln.pending_bytes < AHEAD_BYTES:
-                        ln.pending_bytes += ln.drain_core(AHEAD_BYTES - ln.pending_bytes)
+                    room = AHEAD_BYTES - self._ahead(ln.cid)
+                    if room > 0:
+                        ln.pending_bytes += ln.drain_core(room)
                     ln.write_feedback()
                 except Broken as exc:
                     self._give_back(ln, str(exc))
@@ -279,6 +281,15 @@ class InLinks:
                     self._give_back(ln, ln.broken)
                     return True
         return True
+
+    def _give_back_stalled(self, links: Iterable[InLink]) -> bool:
+        """Give back the links whose sender stalled in the middle of a record (see
+        :meth:`~meshd.app.in_link._Records.stalled`)."""
+        with self.lock:
+            stalled = [(ln, why) for ln, why in _stalled(links) if self.links.get(ln.cid) is ln]
+            for ln, why in stalled:
+                self._give_back(ln, why)
+        return bool(stalled)
 
     def _read_lease(self, lease: socket.socket) -> bool:
         try:
@@ -306,17 +317,14 @@ class InLinks:
                         self.links.pop(cid)
                         self._retired.append(ln.sock)
                     self._draining = [d for d in self._draining if d.cid != cid]
+                    self._deferred.pop(cid, None)
                     self._cut.append(Cut(cid, "", str(msg.get("reason", "failed")),
                                          str(msg.get("message", "")), False))
         return True
 
     def _granted(self, msg: dict[str, Any], fd: int) -> None:
-        sock = socket.socket(fileno=fd)
-        try:
-            ln = InLink(decode_in_grant(msg), sock, self.channel, self._config)
-        except (ProtocolError, LocalError) as exc:
-            log.warning("receiver %r: a grant this end cannot take: %s", self.channel, exc)
-            sock.close()
+        ln = _link_of(msg, fd, self.channel, self._config)
+        if ln is None:
             return
         with self.lock:
             old = self.links.pop(ln.cid, None)
@@ -333,6 +341,51 @@ class InLinks:
             self._poke_w.send(b"\0")
         except OSError:
             pass
+
+
+def _ahead_of(links: Iterable[InLink], cid: bytes) -> int:
+    """Payload bytes of channel ``cid`` taken ahead of the receiving call on ``links``: at most
+    :data:`AHEAD_BYTES` beyond the window in the core.  A link given back while more is ahead
+    goes back to the daemon (which would grant the sender a whole window again) only once the
+    receiving call took the rest down to it."""
+    return sum(ln.pending_bytes for ln in links if ln.cid == cid)
+
+
+def _stalled(links: Iterable[InLink]) -> list[tuple[InLink, str]]:
+    """The links whose sender stalled in the middle of a record (what it announced would
+    otherwise stay allocated, and the channel stuck, for ever), and why."""
+    now = time.monotonic()
+    return [(ln, why) for ln in links if (why := ln.records.stalled(now)) is not None]
+
+
+def _report(links: InLinks) -> None:
+    """(Under the lock.)  Tell the daemon the counters that changed (for ``meshd
+    channels``), at most every :data:`REPORT_EVERY` seconds: the receiving call and the
+    reader thread (at least that often) both try, so the last change is reported within
+    that time even when the application stops receiving."""
+    t = time.monotonic()
+    if links.lease is None or t - links._reported < REPORT_EVERY:
+        return
+    links._reported = t
+    for ln in links.links.values():
+        core = ln.core
+        if core.messages != ln.reported:
+            ln.reported = core.messages
+            links._send({"t": "count", "id": ln.cid.hex(), "m": core.messages,
+                        "b": core.bytes, "dup": core.rx.duplicates})
+
+
+def _link_of(msg: dict[str, Any], fd: int, channel: str, config: ReceiverConfig
+             ) -> InLink | None:
+    """The link a ``grant-in`` message and its descriptor make; None (logged, the descriptor
+    closed) if this end cannot take it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return InLink(decode_in_grant(msg), sock, channel, config)
+    except (ProtocolError, LocalError) as exc:
+        log.warning("receiver %r: a grant this end cannot take: %s", channel, exc)
+        sock.close()
+        return None
 
 
 def _drain(sock: socket.socket) -> None:

@@ -49,10 +49,13 @@ class Broken(Exception):
 
 class _Records:
     """One connection's records, read from a non-blocking socket: the header, then the body
-    straight into a buffer reused by the next record (after the bytes the daemon had read)."""
+    straight into a buffer reused by the next record (after the bytes the daemon had read).
+    A record must keep coming as at the daemon (:meth:`stalled`)."""
 
     def __init__(self, sock: socket.socket, leftover: bytes) -> None:
         self.sock = sock
+        self._started = self._last = 0.0
+        """When the record being received began, and when a byte of it last came."""
         self._pre = memoryview(leftover)
         self._head = bytearray(_HEAD.size)
         self._hgot = 0
@@ -77,12 +80,31 @@ class _Records:
             raise Broken("the connection was closed")
         return n
 
-    def next(self) -> tuple[int, memoryview] | None:
+    def stalled(self, now: float) -> str | None:
+        """Why the connection cannot go on if the record being received is overdue: no byte of
+        it for :data:`~meshd.channel.link.STALL_TIMEOUT` seconds, or not whole after that
+        plus its size at :data:`~meshd.channel.link.MIN_RECORD_RATE` (as the daemon's
+        connections); None while it is not (or no record is under way)."""
+        if self._len < 0 and self._hgot == 0:
+            return None
+        size = max(self._len, 0)
+        if now < min(self._last + link.STALL_TIMEOUT,
+                     self._started + link.STALL_TIMEOUT + size / link.MIN_RECORD_RATE):
+            return None
+        return (f"stalled in the middle of a {size}-byte record ({self._got} bytes in"
+                f" {now - self._started:.0f} s)")
+
+    def next(self, now: float) -> tuple[int, memoryview] | None:
         """The next whole record (its body valid until the next call), or None until the
-        socket has more; Broken at its end or if the record is malformed."""
+        socket has more; Broken at its end or if the record is malformed.  ``now``: the
+        monotonic clock (for :meth:`stalled`)."""
         try:
             while self._len < 0:
-                self._hgot += self._recv_into(memoryview(self._head)[self._hgot:])
+                got = self._recv_into(memoryview(self._head)[self._hgot:])
+                if self._hgot == 0:
+                    self._started = now
+                self._hgot += got
+                self._last = now
                 if self._hgot < _HEAD.size:
                     continue
                 self._hgot = 0
@@ -96,6 +118,7 @@ class _Records:
             body = memoryview(self._buf)
             while self._got < self._len:
                 self._got += self._recv_into(body[self._got:self._len])
+                self._last = now
         except (BlockingIOError, InterruptedError):
             return None
         except (OSError, ProtocolError) as exc:

@@ -32,6 +32,9 @@ from .reliable import Receiver, ReceiverConfig, decode_control, encode_control
 from .stream import LEASE
 
 _COUNT = struct.Struct(">I")
+COUNTER_LIMIT = 1 << 63
+"""Bound of every counter in a state taken back (seqs, messages, bytes): far beyond what a
+channel carries, and the window added to any of them still fits the 64-bit Feedback fields."""
 
 
 def open_first_frame(keys: ChannelKeys, body: Block) -> tuple[Opener, str]:
@@ -159,11 +162,18 @@ class ReceivingEnd:
 
     def taken_back(self, g: InGrant) -> None:
         """The application gave this end back (its connection broke): go on from ``g``.
-        LocalError if ``g`` is another channel's or not a state this end can take."""
+        LocalError if ``g`` is another channel's or not a state this end can take: one that
+        goes back from this end's (what was received and acknowledged would be asked again,
+        which the sender no longer holds: the channel would stall), or with a counter of
+        :data:`COUNTER_LIMIT` or more (its Feedback would not encode)."""
         if g.cid != self.cid or g.sender != self.sender:
             raise LocalError("the state of another channel", reason="wrong-channel")
-        if g.messages < self.messages:
+        nxt, popped, popped_bytes, _, _ = self.rx.snapshot()
+        if (g.messages < self.messages or g.nbytes < self.bytes or g.rx[0] < nxt
+                or g.rx[1] < popped or g.rx[2] < popped_bytes):
             raise LocalError("a state older than this end's", reason="usage")
+        if max(g.messages, g.nbytes, g.ctl_open, *g.rx) >= COUNTER_LIMIT:
+            raise LocalError("a state with a counter beyond 2**63", reason="usage")
         self._restore(g)
         self.connection_lost()
 

@@ -49,9 +49,11 @@ __all__ = [
     "FRAME",
     "HELLO",
     "MAX_RECORD",
+    "MIN_RECORD_RATE",
     "PREAMBLE",
     "RECORD_HEADER",
     "REFUSE",
+    "STALL_TIMEOUT",
     "Preamble",
     "RecordReader",
     "decode_preamble",
@@ -71,6 +73,12 @@ MAX_RECORD = MAX_PAYLOAD + FRAME_OVERHEAD
 """Largest record body (a frame of the largest payload)."""
 MAX_SMALL = 4096
 """Largest body of any record but FRAME."""
+STALL_TIMEOUT = 15.0
+"""Seconds a record being received may go without a byte before its connection is closed (by
+the daemon's :class:`~meshd.daemon.channels.connection.DataConnection` and a receiving
+application's reader alike)."""
+MIN_RECORD_RATE = 1 << 20
+"""Bytes per second a record being received must average (after STALL_TIMEOUT of grace)."""
 
 _DOMAIN = b"meshd-link-preamble-v1\x00"
 _MODES = ("direct", "relay", "probe")

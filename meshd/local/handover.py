@@ -122,7 +122,8 @@ def decode_state(m: dict[str, Any], base: InGrant) -> InGrant:
     ProtocolError (``malformed``) if they are not there or not of their types."""
     try:
         rx = tuple(int(v) for v in m["rx"])
-        if len(rx) != 5 or not all(isinstance(v, int) for v in m["rx"]):
+        if len(rx) != 5 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                   for v in m["rx"]):
             raise ValueError
         for k in ("cs", "co", "m", "b"):
             if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,9 +12,10 @@ from meshd.channel.control import CLOSE_PAYLOAD, open_payload
 from meshd.channel.events import Feedback, Probe
 from meshd.channel.frames import Opener, Sealer
 from meshd.channel.handshake import Initiator, Responder
-from meshd.channel.inbound import ReceivingEnd, open_first_frame
+from meshd.channel.inbound import InGrant, ReceivingEnd, open_first_frame
 from meshd.channel.reliable import ReceiverConfig, decode_control, encode_control
-from meshd.errors import ProtocolError
+from meshd.channel.stream import LEASE
+from meshd.errors import LocalError, ProtocolError
 from meshd.trust.identity import SiteKey
 
 A = SiteKey(bytes(range(32)))
@@ -106,3 +108,46 @@ def test_a_tampered_frame_is_a_protocol_error_and_changes_nothing() -> None:
     with pytest.raises(ProtocolError):
         end.frame_received(frame)
     assert end.pop() is None and end.counters()["held_messages"] == 0
+
+
+def _handed_after_two_messages() -> tuple[ReceivingEnd, InGrant]:
+    """A daemon's end that delivered two messages, handed over, and the application's state."""
+    end, tx, _ = opened()
+    end.take_feedback()  # the credit
+    for seq in (0, 1):
+        end.frame_received(tx.seal(seq, batch.pack([(b"h", b"x")])))
+        assert end.pop() is not None
+    end.take_feedback()
+    return end, end.hand_over()
+
+
+def _lies(g: InGrant) -> list[InGrant]:
+    nxt, pc, pb, adv_seq, adv_bytes = g.rx
+    return [replace(g, rx=(0, 0, 0, 0, 0), messages=0, nbytes=0),   # delivered, undelivered
+            replace(g, rx=(nxt - 1, pc - 1, pb, adv_seq, adv_bytes)),
+            replace(g, rx=(nxt, pc, pb - 1, adv_seq, adv_bytes)),
+            replace(g, nbytes=g.nbytes - 1),
+            replace(g, rx=(nxt, pc, 2 ** 64 - 1, adv_seq, adv_bytes)),  # Feedback overflows
+            replace(g, rx=(nxt, pc, pb, adv_seq, 2 ** 63)),
+            replace(g, messages=2 ** 63), replace(g, ctl_open=2 ** 64 - 1),
+            replace(g, rx=(nxt, nxt + 1, pb, adv_seq, adv_bytes)),
+            replace(g, rx=(nxt, pc, pb, -1, adv_bytes))]
+
+
+def test_a_state_given_back_that_goes_back_or_overflows_is_refused_and_changes_nothing() -> None:
+    for lie in _lies(_handed_after_two_messages()[1]):
+        end, honest = _handed_after_two_messages()
+        with pytest.raises(LocalError):
+            end.taken_back(lie)
+        assert end.give_back() == replace(honest, ctl_seal=honest.ctl_seal + LEASE), lie
+    end, honest = _handed_after_two_messages()
+    end.taken_back(honest)  # the same state (nothing happened meanwhile) is taken
+    fb = end.rx.take_feedback()
+    assert isinstance(fb, Feedback) and fb.ack == 2
+
+
+def test_a_later_honest_state_is_taken() -> None:
+    end, g = _handed_after_two_messages()
+    app = ReceivingEnd.for_application(g, ReceiverConfig(window_messages=16))
+    end.taken_back(app.give_back())
+    assert end.messages == 2 and end.rx.next_seq == 2

@@ -36,6 +36,7 @@ from typing import Any
 
 from meshd.channel import link
 from meshd.channel.frames import Block, new_block
+from meshd.channel.link import MIN_RECORD_RATE, STALL_TIMEOUT
 from meshd.errors import ProtocolError
 from meshd.peer.splice import SpliceEnd, pair
 
@@ -44,10 +45,6 @@ log = logging.getLogger("meshd.daemon.channels.connection")
 _SCRATCH = 256 << 10
 _SMALL_SCRATCH = 8 << 10
 """Scratch of an untrusted connection: a header and the largest small record fit."""
-STALL_TIMEOUT = 15.0
-"""Seconds a record being received may go without a byte before the connection is closed."""
-MIN_RECORD_RATE = 1 << 20
-"""Bytes per second a record being received must average (after STALL_TIMEOUT of grace)."""
 MAX_INBOX = 64
 _WRITE_HIGH = 8 << 20
 _WRITE_LOW = 2 << 20

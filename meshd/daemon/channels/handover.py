@@ -106,11 +106,12 @@ class Lease:
             log.info("channel %r: cannot hand the connection over: %s", ch.name, exc)
             self.close()
 
-    async def run(self) -> None:
-        """Serve the application's messages until it goes away."""
+    async def run(self, reader: MessageReader, early: list[dict[str, Any]]) -> None:
+        """Serve the application's messages until it goes away (see :func:`serve_messages`)."""
         self.task = asyncio.current_task()
         try:
-            await serve_messages(self, self._on_message, f"channel {self.ch.name!r}")
+            await serve_messages(self, self._on_message, f"channel {self.ch.name!r}", reader,
+                                 early)
         finally:
             self.task = None
             if not self.closed:
@@ -268,7 +269,7 @@ class Handovers:
             forget_socket(sock)  # a timed-out sock_recv may still have its reader registered
             return
         if first["t"] == "receive":
-            await self._serve_receiver(sock, str(first.get("port", "")))
+            await self._serve_receiver(sock, str(first.get("port", "")), reader, msgs[1:])
             return
         if first["t"] == "adopt":
             try:
@@ -287,19 +288,21 @@ class Handovers:
         if first["t"] == "adopt" and not first.get("live"):
             taken_back(ch, int(first["co"]))
         offer(ch)
-        await lease.run()
+        await lease.run(reader, msgs[1:])
 
-    async def _serve_receiver(self, sock: socket.socket, token: str) -> None:
+    async def _serve_receiver(self, sock: socket.socket, token: str, reader: MessageReader,
+                              early: list[dict[str, Any]]) -> None:
         """A receiving application takes its receiver's channels (:mod:`.handover_in`)."""
+        given = token.encode("utf-8", "replace")  # compare_digest takes no non-ASCII str
         port = next((p for p in self.receiving.ports.values()
-                     if secrets.compare_digest(p.token, token)), None)
+                     if secrets.compare_digest(p.token.encode(), given)), None)
         why = "not-found" if port is None else "taken" if port.lease is not None else None
         if why is not None or port is None:
             refuse(sock, str(why))
             return
         lease = port.lease = InLease(self.receiving, port, sock)
         self.receiving.offer_all(port)
-        await lease.run()
+        await lease.run(reader, early)
 
     def _adopt(self, m: dict[str, Any]) -> Any:
         """A channel this daemon does not know from an application that holds its keys (the

@@ -180,11 +180,13 @@ class InLease:
 
     # -- the application's messages ----------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the application's messages until it goes away."""
+    async def run(self, reader: MessageReader, early: list[dict[str, Any]]) -> None:
+        """Serve the application's messages until it goes away (``early``: those that came
+        with its first, ``reader`` holding what followed them)."""
         self.task = asyncio.current_task()
         try:
-            await serve_messages(self, self._on_message, f"receiver {self.port.name!r}")
+            await serve_messages(self, self._on_message, f"receiver {self.port.name!r}", reader,
+                                 early)
         finally:
             self.task = None
             self.close()
@@ -203,9 +205,12 @@ class InLease:
                      inc.name, self.receiving.view.name_of(inc.sender), str(msg.get("why"))[:200])
             try:
                 self.receiving.taken_back(inc, decode_state(msg, inc.core.give_back()))
-            except LocalError as exc:
-                raise ProtocolError(f"a state the channel cannot take: {exc}",
-                                    reason="malformed") from None
+            except (LocalError, ProtocolError) as exc:  # only this channel pays for it
+                why = f"the application gave back a state the channel cannot take: {exc}"
+                log.warning("channel %r from %s: %s; it ends", inc.name,
+                            self.receiving.view.name_of(inc.sender), why)
+                self.cut(inc, "failed", why)
+                self.receiving.end(inc, "failed", why)
         elif t == "finished":
             note_counts(inc, msg)
             self.receiving.finished(inc)
@@ -240,12 +245,16 @@ class _Served(Protocol):
 
 
 async def serve_messages(lease: _Served, on_message: Callable[[dict[str, Any]], None],
-                         label: str) -> None:
-    """Read an application's messages on ``lease.sock`` and act on each until it closes, sends
-    something malformed, or ``lease`` is closed."""
+                         label: str, reader: MessageReader,
+                         early: list[dict[str, Any]]) -> None:
+    """Act on ``early`` (messages read with the application's first), then read its messages
+    on ``lease.sock`` with ``reader`` (which may hold the start of one) and act on each, until
+    it closes, sends something malformed, or ``lease`` is closed."""
     loop = asyncio.get_running_loop()
-    reader = MessageReader()
     try:
+        for msg in early:
+            if not lease.closed:
+                on_message(msg)
         while not lease.closed:
             data = await loop.sock_recv(lease.sock, 1 << 16)
             if not data:
