@@ -46,7 +46,9 @@ log = logging.getLogger("meshd.app.streams")
 __all__ = ["Cut", "InLink", "InLinks"]
 
 REPORT_EVERY = 0.5
-"""Seconds between counter reports to the daemon (for ``meshd channels``)."""
+"""Seconds between counter reports to the daemon (for ``meshd channels``) while data flows."""
+REPORT_GAP = 0.01
+"""Fewest seconds between two reports (see :func:`_report`)."""
 FRAMES_PER_WAKE = 8
 """Most records the reader thread takes from one link before it looks at the others."""
 
@@ -82,7 +84,8 @@ class InLinks:
         self._poke_pending = False
         self._reader = MessageReader()
         self._fds: list[int] = []
-        self._reported = 0.0
+        self._left: dict[bytes, bytes] = {}  # leftovers ahead of their grant
+        self._reported, self.owed = 0.0, False  # see _report
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"meshd-rx-{channel}")
         self._thread.start()
@@ -90,7 +93,7 @@ class InLinks:
     # -- the receiving call ----------------------------------------------------------------------
 
     def note_delivery(self, cid: bytes, first: int, count: int) -> None:
-        """The ipc socket delivered messages ``first .. first+count-1`` of channel ``cid``."""
+        """The ipc socket delivered messages ``first`` to ``first+count-1`` of ``cid``."""
         with self.lock:
             self.next_message[cid] = max(self.next_message.get(cid, 0), first + count)
 
@@ -146,16 +149,19 @@ class InLinks:
         """Give every channel back to the daemon (what was received and not handed out is
         dropped) and stop the reader thread."""
         with self.lock:
+            self._closed = True
+            self._poke()
+        self._thread.join(5.0)  # then nothing is read any more: what it granted is here
+        with self.lock:
             for ln in list(self.links.values()):
                 self._give_back(ln, "the receiver closed")
             self._draining.clear()
             for msg in self._deferred.values():
                 self._send(msg)
             self._deferred.clear()
-            self._closed = True
-            self._poke()
-        self._thread.join(5.0)
-        with self.lock:
+            # A grant still unread on the lease was never used: the daemon takes it back as it
+            # gave it.  Without this word, the lease's end means the application died.
+            self._send({"t": "bye"})
             for s in self._retired:
                 s.close()
             self._retired.clear()
@@ -232,7 +238,8 @@ class InLinks:
             # Bytes the daemon read past the last record come with the grant: no readiness of
             # the socket announces them.
             buffered = [s for s, ln in socks.items() if ln.records.buffered]
-            ready, _, _ = select.select(watch, [], [], 0 if buffered else REPORT_EVERY)
+            wait = 0 if buffered else REPORT_GAP if self.owed else REPORT_EVERY
+            ready, _, _ = select.select(watch, [], [], wait)
             woke = False
             for s in [*ready, *(b for b in buffered if b not in ready)]:
                 if s is self._poke_r:
@@ -308,6 +315,9 @@ class InLinks:
                 self._granted(msg, self._fds.pop(0))
                 continue
             cid = _cid(msg)
+            if t == "left" and isinstance(msg.get("b"), bytes):
+                self._left[cid] = self._left.get(cid, b"") + msg["b"]
+                continue
             with self.lock:
                 ln = self.links.get(cid)
                 if t == "yield" and ln is not None:
@@ -323,7 +333,9 @@ class InLinks:
         return True
 
     def _granted(self, msg: dict[str, Any], fd: int) -> None:
-        ln = _link_of(msg, fd, self.channel, self._config)
+        cid = msg.get("cid")
+        ln = _link_of(msg, fd, self.channel, self._config,
+                      self._left.pop(cid, b"") if isinstance(cid, bytes) else b"")
         if ln is None:
             return
         with self.lock:
@@ -359,29 +371,39 @@ def _stalled(links: Iterable[InLink]) -> list[tuple[InLink, str]]:
 
 
 def _report(links: InLinks) -> None:
-    """(Under the lock.)  Tell the daemon the counters that changed (for ``meshd
-    channels``), at most every :data:`REPORT_EVERY` seconds: the receiving call and the
-    reader thread (at least that often) both try, so the last change is reported within
-    that time even when the application stops receiving."""
+    """(Under the lock.)  Tell the daemon the counters that changed (for ``meshd channels``):
+    at once when every link has handed out all it holds (a listing after the last message
+    shows it), else at most every :data:`REPORT_EVERY` seconds; never more often than every
+    :data:`REPORT_GAP` seconds (a change within it is *owed*, and the reader thread, which
+    calls this too, sends it that much later)."""
     t = time.monotonic()
-    if links.lease is None or t - links._reported < REPORT_EVERY:
+    changed = [ln for ln in links.links.values() if ln.core.messages != ln.reported]
+    if links.lease is None or not changed:
+        links.owed = False
+        return
+    caught_up = all(not ln.pending and not ln.core.rx.held_messages for ln in changed)
+    since = t - links._reported
+    if since < REPORT_GAP or (since < REPORT_EVERY and not caught_up):
+        links.owed = caught_up
         return
     links._reported = t
-    for ln in links.links.values():
+    links.owed = False
+    for ln in changed:
         core = ln.core
-        if core.messages != ln.reported:
-            ln.reported = core.messages
-            links._send({"t": "count", "id": ln.cid.hex(), "m": core.messages,
-                        "b": core.bytes, "dup": core.rx.duplicates})
+        ln.reported = core.messages
+        links._send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
+                     "dup": core.rx.duplicates})
 
 
-def _link_of(msg: dict[str, Any], fd: int, channel: str, config: ReceiverConfig
-             ) -> InLink | None:
-    """The link a ``grant-in`` message and its descriptor make; None (logged, the descriptor
-    closed) if this end cannot take it."""
+def _link_of(msg: dict[str, Any], fd: int, channel: str, config: ReceiverConfig,
+             left: bytes) -> InLink | None:
+    """The link a ``grant-in`` message and its descriptor make (``left``: the leftover that
+    came ahead of it in ``left`` messages); None (logged, the descriptor closed) if this end
+    cannot take it."""
     sock = socket.socket(fileno=fd)
     try:
-        return InLink(decode_in_grant(msg), sock, channel, config)
+        info = decode_in_grant(msg)
+        return InLink(info._replace(leftover=left + info.leftover), sock, channel, config)
     except (ProtocolError, LocalError) as exc:
         log.warning("receiver %r: a grant this end cannot take: %s", channel, exc)
         sock.close()

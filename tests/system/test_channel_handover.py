@@ -49,6 +49,8 @@ def test_a_handed_over_channel_delivers_in_order_exactly_once(sites: Any) -> Non
         (out,) = [c for c in ma.channels() if c["direction"] == "out"]
         assert out["handed_over"] and out["path"] == "direct"
         assert out["messages"] == n and out["acked_messages"] == n
+        wait_until(lambda: [c["messages"] for c in mb.channels() if c["direction"] == "in"]
+                   == [n], 30, "the receiving application to report its counters")
         (inc,) = [c for c in mb.channels() if c["direction"] == "in"]
         assert inc["messages"] == n
         assert a.client.status()["counters"].get("channel_handovers", 0) >= 1
@@ -84,6 +86,8 @@ def test_a_broken_connection_resumes_through_the_daemon_with_nothing_lost(sites:
         assert a.client.status()["counters"]["channel_handovers"] >= 4
         (out,) = [c for c in ma.channels() if c["direction"] == "out"]
         assert out["renegotiations"] >= 3 and out["acked_messages"] == n
+        wait_until(lambda: [c["messages"] for c in mb.channels() if c["direction"] == "in"]
+                   == [n], 30, "the receiving application to report its counters")
         (inc,) = [c for c in mb.channels() if c["direction"] == "in"]
         assert inc["duplicates"] >= 0 and inc["messages"] == n
 

@@ -66,6 +66,9 @@ async def test_an_asyncio_handed_over_channel_delivers_in_order_exactly_once(
         (out,) = _out(await ma.channels())
         assert out["handed_over"] and out["path"] == "direct"
         assert out["messages"] == n and out["acked_messages"] == n
+        await wait_until_async(lambda: [c["messages"] for c in mb.client.channels()
+                                        if c["direction"] == "in"] == [n], 30,
+                               "the receiving application to report its counters")
         (inc,) = [c for c in await mb.channels() if c["direction"] == "in"]
         assert inc["messages"] == n
         assert a.client.status()["counters"].get("channel_handovers", 0) >= 1
@@ -91,6 +94,9 @@ async def test_a_broken_connection_resumes_through_the_daemon_with_nothing_lost(
         assert a.client.status()["counters"]["channel_handovers"] >= 4
         (out,) = _out(await ma.channels())
         assert out["renegotiations"] >= 3 and out["acked_messages"] == n
+        await wait_until_async(lambda: [c["messages"] for c in mb.client.channels()
+                                        if c["direction"] == "in"] == [n], 30,
+                               "the receiving application to report its counters")
         (inc,) = [c for c in await mb.channels() if c["direction"] == "in"]
         assert inc["messages"] == n
 

@@ -22,6 +22,7 @@ import pytest
 
 import meshd
 from meshd.channel import link
+from meshd.testing.processes import wait_until
 from meshd.trust.identity import SiteKey
 
 from tests.helpers import mesh_of, Site
@@ -151,6 +152,8 @@ def stream(a: Site, b: Site) -> tuple[list[Any], dict[str, Any], dict[str, Any]]
         with pytest.raises(TimeoutError):
             rx.recv(timeout=0.5)  # and nothing more
         out = next(c for c in ma.channels() if c["direction"] == "out")
+        wait_until(lambda: [c["messages"] for c in mb.channels() if c["direction"] == "in"]
+                   == [N], 30, "the receiving application to report its counters")
         inc = next(c for c in mb.channels() if c["direction"] == "in")
         return [(m.seq, m.meta["i"], bool((m.array == m.meta["i"] % 251).all()), m.array.size)
                 for m in got], out, inc

@@ -42,6 +42,8 @@ def test_arrays_and_bytes_arrive_in_order_exactly_once_with_meta(sites: Any) -> 
         (out,) = [c for c in ma.channels() if c["direction"] == "out"]
         assert out["name"] == "frames" and out["peer"] == "alcf" and out["path"] == "direct"
         assert out["messages"] == len(arrays) + 1 and out["acked_messages"] == len(arrays) + 1
+        wait_until(lambda: [c["messages"] for c in mb.channels() if c["direction"] == "in"]
+                   == [len(arrays) + 1], 30, "the receiving application to report its counters")
         (inc,) = [c for c in mb.channels() if c["direction"] == "in"]
         assert inc["messages"] == len(arrays) + 1 and inc["peer"] == "aps"
 

@@ -81,6 +81,8 @@ class Receiving(Protocol):
 
 log = logging.getLogger("meshd.daemon.channels.handover")
 
+LEFT_PIECE = 32 << 10
+"""Bytes of a grant's leftover per ``left`` message (each message is at most 64 KiB)."""
 DRAIN_FOR = 5.0
 """Seconds a hand-over waits for the port to deliver what the daemon holds of the channel."""
 
@@ -106,6 +108,10 @@ class InLease:
         self.sock = sock
         self.closed = False
         self.task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._later: list[dict[str, Any]] = []
+        self.said_bye = False
+        """The application closed its receiver (``bye``), rather than died."""
 
     # -- the daemon's side -----------------------------------------------------------------------
 
@@ -142,8 +148,21 @@ class InLease:
         grant = inc.core.hand_over()
         inc.conn = None
         try:
+            # What the daemon read past the last record (up to a scratch buffer and part of a
+            # big frame) goes ahead in pieces: one message is at most 64 KiB.
+            self._busy = True
+            if len(left) > LEFT_PIECE:
+                rx.counters.count("handover_left_pieces")
+            while len(left) > LEFT_PIECE:
+                await asyncio.get_running_loop().sock_sendall(self.sock, pack(
+                    {"t": "left", "id": inc.cid.hex(), "b": left[:LEFT_PIECE]}))
+                left = left[LEFT_PIECE:]
             send_message(self.sock, encode_in_grant(grant, rx.view.name_of(inc.sender),
                                                     inc.path, left), sock.fileno())
+            self._busy = False
+            for msg in self._later:
+                self._send(msg)
+            self._later.clear()
         except OSError as exc:
             log.info("receiver %r: cannot hand channel %r over: %s", self.port.name, inc.name,
                      exc)
@@ -172,6 +191,9 @@ class InLease:
     def _send(self, msg: dict[str, Any]) -> None:
         if self.closed:
             return
+        if self._busy:  # a grant's pieces are on their way: after them
+            self._later.append(msg)
+            return
         try:
             self.sock.send(pack(msg))
         except OSError as exc:
@@ -192,6 +214,9 @@ class InLease:
             self.close()
 
     def _on_message(self, msg: dict[str, Any]) -> None:
+        if msg["t"] == "bye":  # the receiver closes: what is still handed over was never used
+            self.said_bye = True
+            return
         try:
             cid = bytes.fromhex(str(msg.get("id", "")))
         except ValueError:
@@ -235,7 +260,9 @@ class InLease:
             if self.receiving.stopping and inc.dup is not None:
                 inc.dup.close()  # the daemon stops: the application goes on with it
                 inc.dup = None
-            elif inc.handed or inc.giving:
+            elif self.said_bye and inc.handed:  # granted, never read: back as it was given
+                self.receiving.taken_back(inc, inc.core.give_back())
+            elif inc.handed or (inc.giving and not self.said_bye):
                 self.receiving.end(inc, "failed", "the receiving application went away")
 
 
