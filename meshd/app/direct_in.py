@@ -403,6 +403,8 @@ def _link_of(msg: dict[str, Any], fd: int, channel: str, config: ReceiverConfig,
     sock = socket.socket(fileno=fd)
     try:
         info = decode_in_grant(msg)
+        if info.window is not None:  # the site's window: the sender's credit was made by it
+            config = ReceiverConfig(window_messages=info.window[0], window_bytes=info.window[1])
         return InLink(info._replace(leftover=left + info.leftover), sock, channel, config)
     except (ProtocolError, LocalError) as exc:
         log.warning("receiver %r: a grant this end cannot take: %s", channel, exc)

@@ -142,13 +142,16 @@ class InGrantInfo(NamedTuple):
     sender_name: str
     path: str
     leftover: bytes
+    window: tuple[int, int] | None = None
+    """The receiving site's window (messages, bytes), which the application's end keeps."""
 
 
-def encode_in_grant(g: InGrant, sender_name: str, path: str, left: bytes) -> dict[str, Any]:
+def encode_in_grant(g: InGrant, sender_name: str, path: str, left: bytes,
+                    window: tuple[int, int]) -> dict[str, Any]:
     return {"t": "grant-in", **encode_state(g), "cid": g.cid, "cipher": g.cipher,
             "sk": g.send_key, "rk": g.recv_key, "sd": g.send_direction,
             "rd": g.recv_direction, "name": g.name, "sender": g.sender, "sname": sender_name,
-            "path": path, "left": left}
+            "path": path, "left": left, "wm": window[0], "wb": window[1]}
 
 
 def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
@@ -157,8 +160,10 @@ def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
         base = InGrant(bytes(m["cid"]), int(m["cipher"]), bytes(m["sk"]), bytes(m["rk"]),
                        int(m["sd"]), int(m["rd"]), 0, 0, (0, 0, 0, 0, 0), 0, 0, False,
                        str(m["name"]), bytes(m["sender"]))
+        wm, wb = m.get("wm"), m.get("wb")
+        window = (wm, wb) if isinstance(wm, int) and isinstance(wb, int) else None
         return InGrantInfo(decode_state(m, base), str(m["sname"]), str(m["path"]),
-                           bytes(m["left"]))
+                           bytes(m["left"]), window)
     except (KeyError, TypeError, ValueError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 

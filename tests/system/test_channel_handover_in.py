@@ -254,3 +254,22 @@ def test_big_frames_the_daemon_read_in_part_reach_the_application_whole(sites: A
         assert not [c for c in _rows(mb, "in") if c["state"] != "open"]
         print("leftovers sent in pieces:",
               b.client.status()["counters"].get("channel_handover_left_pieces", 0))
+
+
+def test_the_receiving_application_keeps_its_sites_window(sites: Any) -> None:
+    """Bug: the receiving application ran the default window (64 MiB) whatever the site set:
+    with a bigger one the sender got credit the application refused (credit-exceeded), and
+    the channel went back and forth between daemon and application."""
+    a, b = mesh_of(sites, "aps", "alcf",
+                   configs={"alcf": "channel_window_bytes = 134217728"})  # 128 MiB
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("wide")
+        tx = ma.sender("wide", to="alcf")
+        n = _send(tx, 0, 400, size=250_000)  # 100 MB: beyond the default window, unreceived
+        tx.flush(timeout=120)
+        assert _drain(rx, n) == list(range(n))
+        assert b.client.status()["counters"]["channel_handovers_in"] == 1
+        links = rx._links
+        assert links is not None
+        (ln,) = links.links.values()
+        assert ln.core.rx.config.window_bytes == 128 << 20

@@ -157,8 +157,9 @@ class InLease:
                 await asyncio.get_running_loop().sock_sendall(self.sock, pack(
                     {"t": "left", "id": inc.cid.hex(), "b": left[:LEFT_PIECE]}))
                 left = left[LEFT_PIECE:]
+            window = (inc.core.rx.config.window_messages, inc.core.rx.config.window_bytes)
             send_message(self.sock, encode_in_grant(grant, rx.view.name_of(inc.sender),
-                                                    inc.path, left), sock.fileno())
+                                                    inc.path, left, window), sock.fileno())
             self._busy = False
             for msg in self._later:
                 self._send(msg)
