@@ -30,8 +30,7 @@ from meshd.daemon.counters import Counters
 from meshd.daemon.tasks import TaskSet
 from meshd.state.view import MeshView
 from meshd.errors import LocalError, ProtocolError
-from meshd.local.handover import (MessageReader, decode_state, encode_in_grant, pack,
-                                  send_message)
+from meshd.local.handover import MessageReader, decode_state, encode_in_grant, pack
 
 
 class InChannel(Protocol):
@@ -108,8 +107,8 @@ class InLease:
         self.sock = sock
         self.closed = False
         self.task: asyncio.Task[None] | None = None
-        self._busy = False
-        self._later: list[dict[str, Any]] = []
+        self._out: asyncio.Queue[tuple[bytes, int | None]] = asyncio.Queue()
+        self._writer = receiving.tasks.spawn(self._write(), f"handover-in-write-{port.name}")
         self.said_bye = False
         """The application closed its receiver (``bye``), rather than died."""
 
@@ -147,33 +146,18 @@ class InLease:
         sock, left = detached
         grant = inc.core.hand_over()
         inc.conn = None
-        try:
-            # What the daemon read past the last record (up to a scratch buffer and part of a
-            # big frame) goes ahead in pieces: one message is at most 64 KiB.
-            self._busy = True
-            if len(left) > LEFT_PIECE:
-                rx.counters.count("handover_left_pieces")
-            while len(left) > LEFT_PIECE:
-                await asyncio.get_running_loop().sock_sendall(self.sock, pack(
-                    {"t": "left", "id": inc.cid.hex(), "b": left[:LEFT_PIECE]}))
-                left = left[LEFT_PIECE:]
-            window = (inc.core.rx.config.window_messages, inc.core.rx.config.window_bytes)
-            send_message(self.sock, encode_in_grant(grant, rx.view.name_of(inc.sender),
-                                                    inc.path, left, window), sock.fileno())
-            self._busy = False
-            for msg in self._later:
-                self._send(msg)
-            self._later.clear()
-        except OSError as exc:
-            log.info("receiver %r: cannot hand channel %r over: %s", self.port.name, inc.name,
-                     exc)
-            inc.giving = False
-            inc.handed = True
-            inc.dup = sock
-            self.close()
-            return
+        # What the daemon read past the last record (up to a scratch buffer and part of a big
+        # frame) goes ahead in pieces: one message is at most 64 KiB.
+        if len(left) > LEFT_PIECE:
+            rx.counters.count("handover_left_pieces")
+        while len(left) > LEFT_PIECE:
+            self._send({"t": "left", "id": inc.cid.hex(), "b": left[:LEFT_PIECE]})
+            left = left[LEFT_PIECE:]
+        window = (inc.core.rx.config.window_messages, inc.core.rx.config.window_bytes)
+        self._send(encode_in_grant(grant, rx.view.name_of(inc.sender), inc.path, left, window),
+                   sock.fileno())
         rx.counters.count("handovers_in")
-        inc.dup = sock
+        inc.dup = sock  # kept open: it is also the descriptor the writer sends
         inc.handed = True
         inc.giving = False
         rx.after_give(inc)
@@ -189,14 +173,27 @@ class InLease:
         """``inc`` ended from outside: the application delivers nothing more of it."""
         self._send({"t": "cut", "id": inc.cid.hex(), "reason": reason, "message": message})
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        if self.closed:
-            return
-        if self._busy:  # a grant's pieces are on their way: after them
-            self._later.append(msg)
-            return
+    def _send(self, msg: dict[str, Any], fd: int | None = None) -> None:
+        """Queue ``msg`` (with descriptor ``fd``) for :meth:`_write`, which sends the messages
+        whole and in order."""
+        if not self.closed:
+            self._out.put_nowait((pack(msg), fd))
+
+    async def _write(self) -> None:
+        """Send the queued messages, each whole (a non-blocking socket may take part of one:
+        the rest follows; a descriptor goes with the first byte)."""
+        loop = asyncio.get_running_loop()
         try:
-            self.sock.send(pack(msg))
+            while True:
+                data, fd = await self._out.get()
+                view = memoryview(data)
+                while fd is not None:
+                    try:
+                        view = view[socket.send_fds(self.sock, [view], [fd]):]
+                        fd = None
+                    except BlockingIOError:
+                        await _writable(loop, self.sock)
+                await loop.sock_sendall(self.sock, view)
         except OSError as exc:
             log.info("receiver %r: hand-over socket: %s", self.port.name, exc)
             self.close()
@@ -257,6 +254,8 @@ class InLease:
         self.sock.close()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
+        if self._writer is not asyncio.current_task():
+            self._writer.cancel()
         for inc in [c for c in self.receiving.inc.values() if c.lease is self]:
             if self.receiving.stopping and inc.dup is not None:
                 inc.dup.close()  # the daemon stops: the application goes on with it
@@ -265,6 +264,21 @@ class InLease:
                 self.receiving.taken_back(inc, inc.core.give_back())
             elif inc.handed or (inc.giving and not self.said_bye):
                 self.receiving.end(inc, "failed", "the receiving application went away")
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until ``sock`` takes more bytes."""
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(sock.fileno(), _settle, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Served(Protocol):
