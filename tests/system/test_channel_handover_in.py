@@ -7,12 +7,14 @@ receiver that closes and one that dies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,15 @@ import meshd
 from meshd.testing.processes import wait_until
 from tests.helpers import ROOT, mesh_of
 from tests.system.test_channel_handover import _drain, _send
+
+
+@contextlib.contextmanager
+def streaming(sites: Any, name: str = "frames") -> Iterator[tuple[Any, ...]]:
+    """Two sites (aps, alcf), a connection to each daemon, a receiver of ``name`` at alcf and
+    a sender to it at aps: ``(a, b, mb, ma, rx, tx)``."""
+    a, b = mesh_of(sites, "aps", "alcf")
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        yield a, b, mb, ma, mb.receiver(name), ma.sender(name, to="alcf")
 
 
 def _rows(client: Any, direction: str) -> list[dict[str, Any]]:
@@ -67,10 +78,7 @@ def test_the_receiving_application_holds_the_connection_and_delivers_in_order(
 
 def test_a_connection_cut_at_the_receiver_resumes_with_nothing_lost_or_repeated(
         sites: Any) -> None:
-    a, b = mesh_of(sites, "aps", "alcf")
-    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("frames")
-        tx = ma.sender("frames", to="alcf")
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
         n = _send(tx, 0, 50)
         got = _drain(rx, 20)
         for _ in range(3):
@@ -86,10 +94,7 @@ def test_a_connection_cut_at_the_receiver_resumes_with_nothing_lost_or_repeated(
 
 
 def test_the_receiving_daemon_killed_mid_stream_loses_and_repeats_nothing(sites: Any) -> None:
-    a, b = mesh_of(sites, "aps", "alcf")
-    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("frames")
-        tx = ma.sender("frames", to="alcf")
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
         n = _send(tx, 0, 50)
         tx.flush(timeout=60)
         b.kill()
@@ -147,10 +152,7 @@ def test_a_receiving_application_that_dies_leaves_no_channel_open(sites: Any) ->
 
 
 def test_a_new_receiver_of_the_name_goes_on_where_the_closed_one_stopped(sites: Any) -> None:
-    a, b = mesh_of(sites, "aps", "alcf")
-    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("frames")
-        tx = ma.sender("frames", to="alcf")
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
         n = _send(tx, 0, 30)
         first = _drain(rx, 10)
         rx.close()  # the channel goes back to the daemon, which holds what comes next

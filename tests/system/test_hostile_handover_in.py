@@ -11,8 +11,6 @@ import socket
 import struct
 from typing import Any
 
-import msgpack
-import numpy as np
 
 import meshd
 from meshd.app import in_link
@@ -21,6 +19,7 @@ from meshd.local.handover import MessageReader, pack
 from meshd.testing.processes import wait_until
 from tests.helpers import Site, channel_works, closed_by_peer, mesh_of
 from tests.system.test_channel_handover import _drain, _send
+from tests.system.test_channel_handover_in import streaming
 
 
 def _rows(site: Site) -> list[dict[str, Any]]:
@@ -192,10 +191,7 @@ def _inject(tx: Any, raw: bytes) -> None:
 def test_a_sender_that_stalls_in_the_middle_of_a_big_record_is_given_back(
         sites: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(link, "STALL_TIMEOUT", 1.0)  # the receiving application is this process
-    a, b = mesh_of(sites, "aps", "alcf")
-    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
-        rx = mb.receiver("frames")
-        tx = ma.sender("frames", to="alcf")
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
         n = _send(tx, 0, 5)
         tx.flush(timeout=60)
         wait_until(lambda: rx._links.links, 30, "the connection to be handed over")
