@@ -27,7 +27,8 @@ from meshd.channel.outbound import SendingEnd
 from meshd.channel.paths import Path, PathKind
 from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
-from meshd.daemon.channels.handover_in import InLease, cut_socket, refuse, serve_messages
+from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socket, refuse,
+                                               serve_messages)
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import MessageReader, encode_grant, pack, send_message
@@ -152,18 +153,6 @@ class Lease:
                 self.dup = None
             if self.task is not None and self.task is not asyncio.current_task():
                 self.task.cancel()
-
-
-def forget_socket(sock: socket.socket) -> None:
-    """Close ``sock``, on which :meth:`run` may wait in ``loop.sock_recv``: its reader is
-    removed first.  Closing it under a waiting ``sock_recv`` left the reader registered on the
-    descriptor number, and the next socket given that number (a control connection, say) had
-    its bytes read by the dead waiter: its request vanished and it was reset."""
-    try:
-        asyncio.get_running_loop().remove_reader(sock.fileno())
-    except (RuntimeError, ValueError, OSError):
-        pass
-    sock.close()
 
 
 def offer(ch: OutChannel) -> None:

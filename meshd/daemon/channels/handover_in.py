@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -97,6 +98,20 @@ def cut_socket(sock: socket.socket | None) -> None:
         pass
     sock.close()
 
+def forget_socket(sock: socket.socket) -> None:
+    """Close ``sock``, on which :meth:`run` may wait in ``loop.sock_recv``: its reader is
+    removed first.  Closing it under a waiting ``sock_recv`` left the reader registered on the
+    descriptor number, and the next socket given that number (a control connection, say) had
+    its bytes read by the dead waiter: its request vanished and it was reset.  A writer (a
+    ``sock_sendall`` waiting for room) is removed for the same reason."""
+    try:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.remove_writer(sock.fileno())
+    except (RuntimeError, ValueError, OSError):
+        pass
+    sock.close()
+
 
 class InLease:
     """One application's hold on the channels of one receiver port."""
@@ -155,7 +170,7 @@ class InLease:
             left = left[LEFT_PIECE:]
         window = (inc.core.rx.config.window_messages, inc.core.rx.config.window_bytes)
         self._send(encode_in_grant(grant, rx.view.name_of(inc.sender), inc.path, left, window),
-                   sock.fileno())
+                   sock)
         rx.counters.count("handovers_in")
         inc.dup = sock  # kept open: it is also the descriptor the writer sends
         inc.handed = True
@@ -173,11 +188,13 @@ class InLease:
         """``inc`` ended from outside: the application delivers nothing more of it."""
         self._send({"t": "cut", "id": inc.cid.hex(), "reason": reason, "message": message})
 
-    def _send(self, msg: dict[str, Any], fd: int | None = None) -> None:
-        """Queue ``msg`` (with descriptor ``fd``) for :meth:`_write`, which sends the messages
-        whole and in order."""
+    def _send(self, msg: dict[str, Any], sock: socket.socket | None = None) -> None:
+        """Queue ``msg`` (with a descriptor of ``sock``) for :meth:`_write`, which sends the
+        messages whole and in order.  The queue holds its own duplicate of the descriptor: the
+        channel's copy may be closed (cut) before the message goes, and its number taken by
+        another socket (a gossip connection), which the application would then be sent."""
         if not self.closed:
-            self._out.put_nowait((pack(msg), fd))
+            self._out.put_nowait((pack(msg), None if sock is None else os.dup(sock.fileno())))
 
     async def _write(self) -> None:
         """Send the queued messages, each whole (a non-blocking socket may take part of one:
@@ -187,16 +204,26 @@ class InLease:
             while True:
                 data, fd = await self._out.get()
                 view = memoryview(data)
-                while fd is not None:
-                    try:
-                        view = view[socket.send_fds(self.sock, [view], [fd]):]
-                        fd = None
-                    except BlockingIOError:
-                        await _writable(loop, self.sock)
+                try:
+                    while fd is not None:
+                        try:
+                            view = view[socket.send_fds(self.sock, [view], [fd]):]
+                        except BlockingIOError:
+                            await _writable(loop, self.sock)
+                        else:
+                            os.close(fd)
+                            fd = None
+                finally:
+                    if fd is not None:
+                        os.close(fd)
                 await loop.sock_sendall(self.sock, view)
         except OSError as exc:
             log.info("receiver %r: hand-over socket: %s", self.port.name, exc)
             self.close()
+        finally:
+            while not self._out.empty():  # never sent: the duplicates go
+                if (fd := self._out.get_nowait()[1]) is not None:
+                    os.close(fd)
 
     # -- the application's messages ----------------------------------------------------------------
 
@@ -247,11 +274,7 @@ class InLease:
         self.closed = True
         if self.port.lease is self:
             self.port.lease = None
-        try:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        except (RuntimeError, ValueError, OSError):
-            pass
-        self.sock.close()
+        forget_socket(self.sock)
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         if self._writer is not asyncio.current_task():
@@ -269,11 +292,13 @@ class InLease:
 async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     """Wait until ``sock`` takes more bytes."""
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(sock.fileno(), _settle, ready)
+    fd = sock.fileno()
+    loop.add_writer(fd, _settle, ready)
     try:
         await ready
     finally:
-        loop.remove_writer(sock.fileno())
+        if sock.fileno() == fd:  # else closed, and :func:`forget_socket` removed the writer
+            loop.remove_writer(fd)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
