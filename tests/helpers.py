@@ -51,7 +51,15 @@ class Site:
         self.client = Client(self.home)
 
     def start(self) -> "Site":
+        return self.launch().wait_up()
+
+    def launch(self) -> "Site":
+        """Start the daemon without waiting for it (see :meth:`wait_up`)."""
         self.proc = start_daemon(self.home, self.home / "daemon.log")
+        return self
+
+    def wait_up(self) -> "Site":
+        """Wait until the daemon answers on its control socket."""
         wait_until(self.client.status, 30, f"the daemon of {self.name}")
         return self
 
@@ -122,7 +130,9 @@ def mesh_of(sites: Any, *names: str, configs: dict[str, str] | None = None,
         s = sites(n, listen=(listen or {}).get(n, "127.0.0.1:0"), start=False)
         for line in (configs or {}).get(n, "").splitlines():
             set_config(s, line)
-        made.append(s.start())
+        made.append(s.launch())  # all start at once; the waits follow
+    for up in made:
+        up.wait_up()
     token = invite(made[0], "--uses", str(len(made) - 1))
     for s in made[1:]:
         r = s.cli("join", input=token)

@@ -9,6 +9,7 @@ key; a sighting of anyone else is only listed (``meshd peers --discovered``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -82,6 +83,7 @@ class Discovery:
         self._browser: Any = None
         self._info: Any = None
         self._tasks = TaskSet("discovery")
+        self._advertising = asyncio.Lock()
 
     @property
     def instance(self) -> str:
@@ -94,7 +96,9 @@ class Discovery:
         ifaces = self.interfaces if self.interfaces else InterfaceChoice.All
         self._azc = AsyncZeroconf(interfaces=ifaces, ip_version=IPVersion.V4Only)
         if self.port:
-            await self._register()
+            # Probing the name on the LAN takes about a second (RFC 6762, three probes 250 ms
+            # apart): the daemon serves meanwhile rather than wait for it.
+            self._tasks.spawn(self._advertise(), "advertise")
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, [SERVICE_TYPE],
                                             handlers=[self._on_change])
 
@@ -114,14 +118,23 @@ class Discovery:
             server=f"meshd-{site_id_of(self.key)[:12]}.local.")
         await self._azc.async_register_service(self._info, allow_name_change=True)
 
+    async def _advertise(self) -> None:
+        """Advertise this site (again, with what it is now), one advertisement at a time."""
+        async with self._advertising:
+            if self._azc is None:
+                return
+            if self._info is not None:
+                await self._azc.async_unregister_service(self._info)
+                self._info = None
+            await self._register()
+
     async def update(self, mesh_id: bytes | None) -> None:
         """Advertise a new mesh id (after founding or joining a mesh)."""
         if mesh_id == self.mesh_id:
             return
         self.mesh_id = mesh_id
-        if self._azc is not None and self._info is not None:
-            await self._azc.async_unregister_service(self._info)
-            await self._register()
+        if self._azc is not None and self.port:
+            await self._advertise()
 
     def _on_change(self, zeroconf: object, service_type: str, name: str,
                    state_change: object) -> None:
