@@ -218,9 +218,13 @@ class AsyncReceiver(ReceiverEnd):
             if self._ready:
                 continue
             wait = None if deadline is None else max(0.0, deadline - loop.time())
-            if not await self._wait_either(wait) and deadline is not None \
-                    and loop.time() >= deadline:
-                raise self._timed_out(timeout)
+            await self._wait_either(wait)
+            # Checked whether or not something woke it: a link that wakes the call with
+            # nothing it may hand out yet must not hold it past its timeout.
+            if deadline is not None and loop.time() >= deadline:
+                self._ready_now(False)
+                if not self._ready:
+                    raise self._timed_out(timeout)
 
     async def _wait_either(self, wait: float | None) -> bool:
         """Wait at most ``wait`` seconds for a delivery on the ipc socket (taken) or for the

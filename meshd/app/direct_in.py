@@ -103,7 +103,7 @@ class InLinks:
         out: list[Message] = []
         with self.lock:
             for ln in [*self._draining, *self.links.values()]:
-                if self.next_message.get(ln.cid, 0) < ln.first:
+                if self.next_message.get(ln.cid, 0) < ln.wait_for:
                     continue  # the daemon's (or a given-back link's) deliveries come first
                 got = ln.pop()
                 if got:
@@ -336,13 +336,12 @@ class InLinks:
         cid = msg.get("cid")
         ln = _link_of(msg, fd, self.channel, self._config,
                       self._left.pop(cid, b"") if isinstance(cid, bytes) else b"")
-        if ln is None:
-            return
-        with self.lock:
-            old = self.links.pop(ln.cid, None)
-            if old is not None:
-                old.sock.close()
-            self.links[ln.cid] = ln
+        if ln is not None:
+            with self.lock:
+                if (old := self.links.pop(ln.cid, None)) is not None:
+                    old.sock.close()
+                ln.wait_for = _wait_for(ln, self._draining)
+                self.links[ln.cid] = ln
 
     def _poke(self) -> None:
         """Make the reader thread look at the links again (under the lock)."""
@@ -353,6 +352,13 @@ class InLinks:
             self._poke_w.send(b"\0")
         except OSError:
             pass
+
+
+def _wait_for(ln: InLink, draining: Iterable[InLink]) -> int:
+    """The number of the message before which ``ln`` (just granted) waits: what this
+    receiver's earlier links of the channel still hold goes out first, and what the daemon sent
+    over its ipc socket; what an earlier receiver (closed since) took is never waited for."""
+    return max([ln.wait_for, *(d.core.messages for d in draining if d.cid == ln.cid)])
 
 
 def _ahead_of(links: Iterable[InLink], cid: bytes) -> int:

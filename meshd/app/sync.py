@@ -276,9 +276,11 @@ class Receiver(ReceiverEnd):
             for item in self._watched():
                 poller.register(item, zmq.POLLIN)
             events = dict(poller.poll(None if wait is None else int(wait * 1000)))
-            if not events and deadline is not None and time.monotonic() >= deadline:
-                raise self._timed_out(timeout)
             self._ready_now(self._sock in events)
+            # Checked whether or not something woke it: a link that wakes the call with
+            # nothing it may hand out yet must not hold it past its timeout.
+            if not self._ready and deadline is not None and time.monotonic() >= deadline:
+                raise self._timed_out(timeout)
 
     def __iter__(self) -> Iterator[Message]:
         """Every message until the channels feeding this receiver end."""

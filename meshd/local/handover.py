@@ -144,14 +144,18 @@ class InGrantInfo(NamedTuple):
     leftover: bytes
     window: tuple[int, int] | None = None
     """The receiving site's window (messages, bytes), which the application's end keeps."""
+    ipc_until: int = 0
+    """The number after the last message of the channel that the daemon delivered over this
+    receiver's ipc socket (0: none).  The application hands out the link's messages after
+    those; what went to an earlier receiver (closed since) it never waits for."""
 
 
 def encode_in_grant(g: InGrant, sender_name: str, path: str, left: bytes,
-                    window: tuple[int, int]) -> dict[str, Any]:
+                    window: tuple[int, int], ipc_until: int = 0) -> dict[str, Any]:
     return {"t": "grant-in", **encode_state(g), "cid": g.cid, "cipher": g.cipher,
             "sk": g.send_key, "rk": g.recv_key, "sd": g.send_direction,
             "rd": g.recv_direction, "name": g.name, "sender": g.sender, "sname": sender_name,
-            "path": path, "left": left, "wm": window[0], "wb": window[1]}
+            "path": path, "left": left, "wm": window[0], "wb": window[1], "iu": ipc_until}
 
 
 def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
@@ -162,8 +166,13 @@ def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
                        str(m["name"]), bytes(m["sender"]))
         wm, wb = m.get("wm"), m.get("wb")
         window = (wm, wb) if isinstance(wm, int) and isinstance(wb, int) else None
-        return InGrantInfo(decode_state(m, base), str(m["sname"]), str(m["path"]),
-                           bytes(m["left"]), window)
+        state = decode_state(m, base)
+        ipc_until = m.get("iu", 0)
+        if (not isinstance(ipc_until, int) or isinstance(ipc_until, bool)
+                or not 0 <= ipc_until <= state.messages):
+            raise ValueError("ipc_until")
+        return InGrantInfo(state, str(m["sname"]), str(m["path"]), bytes(m["left"]), window,
+                           ipc_until)
     except (KeyError, TypeError, ValueError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 

@@ -55,6 +55,7 @@ class InChannel(Protocol):
 class ReceiverPort(Protocol):
     name: str
     lease: InLease | None
+    pushed: dict[bytes, int]
 
 
 class Receiving(Protocol):
@@ -169,8 +170,8 @@ class InLease:
             self._send({"t": "left", "id": inc.cid.hex(), "b": left[:LEFT_PIECE]})
             left = left[LEFT_PIECE:]
         window = (inc.core.rx.config.window_messages, inc.core.rx.config.window_bytes)
-        self._send(encode_in_grant(grant, rx.view.name_of(inc.sender), inc.path, left, window),
-                   sock)
+        self._send(encode_in_grant(grant, rx.view.name_of(inc.sender), inc.path, left, window,
+                                   self.port.pushed.get(inc.cid, 0)), sock)
         rx.counters.count("handovers_in")
         inc.dup = sock  # kept open: it is also the descriptor the writer sends
         inc.handed = True

@@ -23,15 +23,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import zmq
 import zmq.asyncio
 
 from meshd.channel import link
-from meshd.channel.control import DialRequest, RelayNotice
-from meshd.channel.frames import Block
+from meshd.channel.control import CTRL_TUNNEL, DialRequest, RelayNotice
+from meshd.channel.frames import Block, Opener
 from meshd.channel.handshake import ChannelKeys, Responder
-from meshd.channel.control import CTRL_TUNNEL
-from meshd.channel.frames import Opener
 from meshd.channel.inbound import InGrant, ReceivingEnd, open_first
 from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection, unhold
@@ -171,6 +168,8 @@ class ReceiverPort:
         """What the application names this port by on the hand-over socket."""
         self.lease: InLease | None = None
         """The application's hold on the channels it was handed (:mod:`.handover_in`)."""
+        self.pushed: dict[bytes, int] = {}
+        """By channel, the number after the last message sent over this port's socket."""
         self.task = owner.tasks.spawn(self._run(), f"rx-{name}")
         self._watcher = owner.tasks.spawn(self._watch_app(), f"rx-watch-{name}")
 
@@ -200,6 +199,7 @@ class ReceiverPort:
                     inc.pump()
                     meta = pack_meta(inc.cid, inc.sender, got.first,
                                          self.owner.view.name_of(inc.sender))
+                    self.pushed[inc.cid] = got.first + got.count
                     await self.sock.send_multipart(
                         delivery_frames(self.ring, meta, got.payload, got.count),
                         copy=len(got.payload) < _BIG_PAYLOAD)
@@ -468,6 +468,7 @@ class Receiving:
             inc.conn.close()
         port = self.ports.get(inc.name)
         if port is not None:
+            port.pushed.pop(inc.cid, None)
             still_open = sum(1 for c in self.inc.values() if c.name == inc.name)
             port.ends.append(ChannelEnd(inc.cid, inc.sender, self.view.name_of(inc.sender),
                                         reason, message, still_open))

@@ -1,0 +1,43 @@
+"""The ``grant-in`` message: what a receiving daemon hands its application with a socket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meshd.channel.inbound import InGrant
+from meshd.errors import ProtocolError
+from meshd.local.handover import decode_in_grant, encode_in_grant
+
+
+def _grant(messages: int = 9) -> InGrant:
+    return InGrant(b"c" * 16, 1, b"s" * 32, b"r" * 32, 1, 2, 5, 3, (1, 2, 3, 4, 5), messages,
+                   4096, False, "frames", b"k" * 32)
+
+
+def test_a_grant_comes_back_as_it_was_sent_with_how_far_the_ipc_socket_went() -> None:
+    g = _grant()
+    info = decode_in_grant(encode_in_grant(g, "aps", "direct", b"left", (64, 1 << 20), 7))
+    assert info.grant == g
+    assert (info.sender_name, info.path, info.leftover) == ("aps", "direct", b"left")
+    assert info.window == (64, 1 << 20)
+    assert info.ipc_until == 7
+
+
+def test_a_grant_without_the_ipc_mark_waits_for_nothing() -> None:
+    """A grant from a daemon that sends no ``iu``: the application waits for no ipc delivery
+    (it did, for every message before the link's first, and hung when an earlier receiver
+    had taken them)."""
+    m = encode_in_grant(_grant(), "aps", "direct", b"", (64, 1 << 20))
+    del m["iu"]
+    assert decode_in_grant(m).ipc_until == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 10, True, "3", 2.5, None])
+def test_an_ipc_mark_that_is_not_a_count_up_to_the_grants_messages_is_refused(bad: Any) -> None:
+    m = encode_in_grant(_grant(messages=9), "aps", "direct", b"", (64, 1 << 20))
+    m["iu"] = bad
+    with pytest.raises(ProtocolError) as err:
+        decode_in_grant(m)
+    assert err.value.reason == "malformed"
