@@ -9,12 +9,12 @@ built).  ``python3 -m pytest -m "unit or glue"`` is the fast part.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from meshd.testing.processes import stop_daemons
 from tests.helpers import Site, meshd
 
 LAYERS = ("unit", "glue", "system", "lab")
@@ -43,11 +43,8 @@ def sites(tmp_path: Path) -> Iterator[Any]:
 
     yield make
     running = [site for site in made if site.proc is not None]
-    for site in running:  # all stop at once: each one's leave and goodbyes overlap the others'
-        assert site.proc is not None
-        site.proc.send_signal(signal.SIGTERM)
-    for site in running:
-        assert site.proc is not None
-        code = site.proc.wait(20)
+    # All stop at once: each one's leave and goodbyes overlap the others'.
+    codes = stop_daemons(site.proc for site in running if site.proc is not None)
+    for site, code in zip(running, codes):
         site.proc = None
         assert code == 0, f"{site.name} did not stop cleanly (exit {code}):\n{site.log()}"

@@ -99,6 +99,7 @@ def cut_socket(sock: socket.socket | None) -> None:
         pass
     sock.close()
 
+
 def forget_socket(sock: socket.socket) -> None:
     """Close ``sock``, on which :meth:`run` may wait in ``loop.sock_recv``: its reader is
     removed first.  Closing it under a waiting ``sock_recv`` left the reader registered on the
@@ -205,15 +206,13 @@ class InLease:
             while True:
                 data, fd = await self._out.get()
                 view = memoryview(data)
-                try:
+                try:  # once sent, the message holds its own reference: ours goes either way
                     while fd is not None:
                         try:
                             view = view[socket.send_fds(self.sock, [view], [fd]):]
+                            break
                         except BlockingIOError:
                             await _writable(loop, self.sock)
-                        else:
-                            os.close(fd)
-                            fd = None
                 finally:
                     if fd is not None:
                         os.close(fd)
