@@ -33,7 +33,7 @@ from meshd.channel.inbound import InGrant, ReceivingEnd, open_first
 from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection, unhold
 from meshd.daemon.channels.handover_in import InLease, cut_socket
-from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
+from meshd.daemon.channels.ipc import IpcEndpoints, close_watched, until_app_leaves
 from meshd.local.ipc import ChannelEnd, delivery_frames, pack_end, pack_meta
 from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
 from meshd.daemon.counters import Counters
@@ -213,7 +213,7 @@ class ReceiverPort:
         self.task.cancel()
         if self._watcher is not asyncio.current_task():
             self._watcher.cancel()
-        self.sock.close(0)
+        close_watched(self.sock)
         self.owner.ipc.remove(self.endpoint)
         if self.ring is not None:
             self.ring.unlink()

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path as FsPath
 
 import zmq
@@ -50,10 +51,13 @@ class IpcEndpoints:
             pass
 
 
-async def until_app_leaves(sock: zmq.asyncio.Socket) -> None:
+async def until_app_leaves(sock: zmq.asyncio.Socket,
+                           counted: Callable[[int], None] | None = None) -> None:
     """Return once no application is connected to ``sock`` (an ipc socket the daemon bound)
     after one was, or after the only one that connected before this started watching left:
-    how a daemon notices an application that died without closing its channel."""
+    how a daemon notices an application that died without closing its channel.  ``counted``
+    is told the number of applications connected after each connect or disconnect.  Close
+    ``sock`` with :func:`close_watched`."""
     # A unique address: pyzmq's default names it by the socket's descriptor, which a socket
     # opened right after this one closed may reuse ("Address already in use").
     monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED,
@@ -66,12 +70,31 @@ async def until_app_leaves(sock: zmq.asyncio.Socket) -> None:
                 connected += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 connected -= 1
-                if connected <= 0:
-                    return
+            if counted is not None:
+                counted(connected)
+            if event == zmq.EVENT_DISCONNECTED and connected <= 0:
+                return
     finally:
         if not sock.closed:
             sock.disable_monitor()
+        # Closed already: its owner stopped the monitor first (close_watched), else this close
+        # could hang ZeroMQ's I/O thread (see there).
         monitor.close(0)
+
+
+def close_watched(sock: zmq.asyncio.Socket) -> None:
+    """Close ``sock``, which :func:`until_app_leaves` may be watching: its monitor is stopped
+    first.  Closed with the monitor on, the socket reports its last events (disconnected,
+    closed) from ZeroMQ's I/O thread while the watcher, cancelled, closes the monitor's reading
+    end: the I/O thread then blocks in that send for ever, and every ZeroMQ connection of the
+    daemon (its gossip first) goes silent with it.  Stopping the monitor here is synchronous:
+    no event follows it."""
+    if not sock.closed:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        sock.close(0)
 
 
 # -- rings ------------------------------------------------------------------------------------

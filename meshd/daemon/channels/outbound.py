@@ -31,7 +31,7 @@ from meshd.channel.paths import CancelAttempt, Path, PathKind, StartAttempt
 from meshd.channel.reliable import WouldBlock
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.handover import Lease, offer
-from meshd.daemon.channels.ipc import IpcEndpoints, until_app_leaves
+from meshd.daemon.channels.ipc import IpcEndpoints, close_watched, until_app_leaves
 from meshd.local.ipc import read_batch
 from meshd.daemon.channels.reach import Reachability, now_ms
 from meshd.daemon.counters import Counters
@@ -341,7 +341,7 @@ class OutChannel:
         self._timer.cancel()
         if self.conn is not None:
             self.conn.close()
-        self.pull.close(0)
+        close_watched(self.pull)
         self.owner.ipc.remove(self.endpoint)
         if self.ring is not None:
             self.ring.close()
