@@ -14,8 +14,8 @@ side's writing (half-close passes through).  A side that breaks (a reset) ends b
 it is in: what it sent before still reaches the other side, followed by an end of file, never
 by a reset, which would make the other side's kernel drop what it had not read yet (a refusal
 sent just before a close, say).  Once both directions ended, both sockets close and
-``on_done`` is called once.  At most :data:`CHUNKS_PER_TURN`
-chunks move per turn of the loop, so one busy relay does not starve the rest of the daemon.
+``on_done`` is called once.  At most :data:`CHUNKS_PER_TURN` chunks move per turn of the loop,
+so one busy relay does not starve the rest of the daemon.
 Linux only (:data:`AVAILABLE`); elsewhere the relay copies (:mod:`meshd.peer.splice`).
 """
 
@@ -81,7 +81,6 @@ class KernelSplice:
         a.setblocking(False)
         b.setblocking(False)
         self._socks = (a, b)
-        self._fds = (a.fileno(), b.fileno())
         self._ways = (_Direction(a, b, a_first), _Direction(b, a, b_first))
         for way in self._ways:
             self._loop.call_soon(self._turn, way)
