@@ -64,12 +64,12 @@ class Batcher:
     def add(self, head: Any, body: Any, now: float) -> list[Batch]:
         """Take one encoded message; the batches to ship now, in order (none, what was batched,
         this message alone, or both).  Call :meth:`added` once they are shipped."""
-        nbody = memoryview(body).nbytes
+        nbody = len(body) if type(body) is bytes else memoryview(body).nbytes
         if nbody >= ALONE:
             return [b for b in (self.take(), Batch([(head, body)], nbody)) if b is not None]
         if not self._messages:
             self._deadline = now + self.linger
-        self._messages.append((head, body if isinstance(body, bytes) or nbody >= BIG
+        self._messages.append((head, body if type(body) is bytes or nbody >= BIG
                                else bytes(body)))
         self._nbytes += nbody + len(head) + ENTRY_BYTES
         if self._nbytes >= batch.MAX_BATCH_BYTES or len(self._messages) >= batch.MAX_BATCH_MESSAGES:

@@ -94,7 +94,10 @@ class Sender(SenderEnd):
     def __init__(self, mesh: Mesh, info: dict[str, Any], linger: float,
                  ring_bytes: int = RING_BYTES) -> None:
         super().__init__(mesh, info, linger, ring_bytes)
-        self._lock = threading.Condition()
+        self._mutex = threading.RLock()
+        """:attr:`_lock`'s own lock: :meth:`send` takes it directly (a C call, where the
+        condition's ``with`` is two Python calls per message)."""
+        self._lock = threading.Condition(self._mutex)
         self._closed = False
         self._thread = threading.Thread(target=self._linger_loop, daemon=True,
                                         name=f"meshd-tx-{self.name}")
@@ -107,7 +110,7 @@ class Sender(SenderEnd):
         ChannelClosed once the channel ended on its own (revoked, no path for
         ``channel_give_up`` seconds)."""
         head, body = encode(obj, meta)
-        with self._lock:
+        with self._mutex:
             if self._closed:
                 raise LocalError("the sender is closed", reason="closed")
             if self.ended is not None:

@@ -27,7 +27,7 @@ from meshd.errors import LocalError, ProtocolError
 from .frames import MAX_PAYLOAD
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_MESSAGES", "MAX_MESSAGE_BYTES", "check", "offsets",
-           "pack", "pack_into", "pack_parts", "payload_size", "split"]
+           "pack", "pack_into", "pack_parts", "payload_size", "split", "uniform"]
 
 MAX_MESSAGE_BYTES = 1 << 24
 """Largest array or byte string one message may carry (16 MiB); split larger data."""
@@ -180,3 +180,22 @@ def offsets(payload: Any) -> list[tuple[int, int, int, int]]:
     if pos != size:
         raise ProtocolError(f"{size - pos} stray bytes after the batch", reason="batch")
     return out
+
+
+def uniform(payload: Any) -> tuple[int, int, int] | None:
+    """``(count, header size, body size)`` if every message of a well-formed payload has the
+    same header size and body size (a stream of one dtype and shape); None if they differ
+    (:func:`offsets` then places them); ProtocolError (``batch``) if it is malformed.
+    Vectorized: a few microseconds for a batch, where :func:`offsets` spends about 0.3 us per
+    message."""
+    view, size, n = _counted(payload)
+    entries = np.frombuffer(view, dtype=_ENTRIES, count=n, offset=_COUNT.size)
+    headers, bodies = entries["header"], entries["body"]
+    hn, bn = int(headers[0]), int(bodies[0])
+    if not ((headers == hn).all() and (bodies == bn).all()):
+        return None
+    if hn > MAX_PAYLOAD or bn > MAX_MESSAGE_BYTES \
+            or _COUNT.size + n * (_ENTRY.size + hn + bn) != size:
+        raise ProtocolError(f"batch of {n} messages of {hn} + {bn} bytes is not its {size}"
+                            " bytes", reason="batch")
+    return n, hn, bn
