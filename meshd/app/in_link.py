@@ -47,10 +47,18 @@ class Broken(Exception):
     """A handed-over connection cannot go on (closed, reset, an inauthentic record)."""
 
 
+OWN_BLOCK_FROM = 64 << 10
+"""A record this big is received into a block of its own, which goes with it: its frame is
+opened in place and the messages view it (one pass over the bytes fewer than decrypting out
+of a reused buffer, and none at all without a cipher); a smaller one into a buffer reused by
+the next record."""
+
+
 class _Records:
     """One connection's records, read from a non-blocking socket: the header, then the body
-    straight into a buffer reused by the next record (after the bytes the daemon had read).
-    A record must keep coming as at the daemon (:meth:`stalled`)."""
+    straight into a block of its own or a reused buffer (:data:`OWN_BLOCK_FROM`; after the
+    bytes the daemon had read).  A record must keep coming as at the daemon
+    (:meth:`stalled`)."""
 
     def __init__(self, sock: socket.socket, leftover: bytes) -> None:
         self.sock = sock
@@ -62,7 +70,8 @@ class _Records:
         self._kind = 0
         self._len = -1
         self._got = 0
-        self._buf: Any = new_block(64 << 10)
+        self._reused: Any = new_block(OWN_BLOCK_FROM)
+        self._buf: Any = self._reused
 
     @property
     def buffered(self) -> bool:
@@ -94,10 +103,11 @@ class _Records:
         return (f"stalled in the middle of a {size}-byte record ({self._got} bytes in"
                 f" {now - self._started:.0f} s)")
 
-    def next(self, now: float) -> tuple[int, memoryview] | None:
-        """The next whole record (its body valid until the next call), or None until the
-        socket has more; Broken at its end or if the record is malformed.  ``now``: the
-        monotonic clock (for :meth:`stalled`)."""
+    def next(self, now: float) -> tuple[int, memoryview, bool] | None:
+        """The next whole record: its type, its body and whether the body is the caller's to
+        keep (else it is valid until the next call); or None until the socket has more; Broken
+        at its end or if the record is malformed.  ``now``: the monotonic clock (for
+        :meth:`stalled`)."""
         try:
             while self._len < 0:
                 got = self._recv_into(memoryview(self._head)[self._hgot:])
@@ -112,8 +122,7 @@ class _Records:
                 link.check_record(kind, length)
                 if length > link.MAX_RECORD:
                     raise ProtocolError(f"record of {length} bytes", reason="oversized")
-                if length > len(self._buf):
-                    self._buf = new_block(length)
+                self._buf = new_block(length) if length >= OWN_BLOCK_FROM else self._reused
                 self._kind, self._len, self._got = kind, length, 0
             body = memoryview(self._buf)
             while self._got < self._len:
@@ -124,7 +133,7 @@ class _Records:
         except (OSError, ProtocolError) as exc:
             raise Broken(str(exc)) from None
         n, self._len = self._len, -1
-        return self._kind, memoryview(self._buf)[:n]
+        return self._kind, memoryview(self._buf)[:n], self._buf is not self._reused
 
 
 class InLink:
@@ -158,15 +167,16 @@ class InLink:
         """The end to tell once :attr:`pending` is handed out (given back with no daemon)."""
         self._out = bytearray()
 
-    def frame(self, kind: int, body: memoryview) -> None:
+    def frame(self, kind: int, body: memoryview, own: bool = False) -> None:
         """One record from the sender (the reader thread, under the lock); Broken if the
-        connection cannot go on."""
+        connection cannot go on.  ``own``: ``body`` is ours to keep, and a frame in it is
+        opened in place."""
         if kind == link.REFUSE:
             raise Broken(f"refused: {bytes(body[:200]).decode('utf-8', 'replace')}")
         if kind != link.FRAME:
             raise Broken(f"record type {kind} from the sender")
         try:
-            self.core.frame_received(body)
+            self.core.frame_received(body, in_place=own)
         except ProtocolError as exc:
             raise Broken(f"{exc.reason}: {exc}") from None
 

@@ -335,11 +335,13 @@ class Opener(_Keyed):
         return cls(keys.cipher, keys.recv_key, keys.channel_id, keys.recv_direction)
 
     def open(self, frame: Buffer, *, expect_seq: int | None = None,
-             out: Block | None = None) -> Frame:
+             out: Block | None = None, in_place: bool = False) -> Frame:
         """Authenticate and decrypt one frame; ProtocolError if it is not an authentic frame
         of this channel and direction (or, with ``expect_seq``, not the one expected).  The
         payload is decrypted into the start of ``out`` if it is given and big enough (a buffer
-        the caller reuses), else into a new block."""
+        the caller reuses), else, with ``in_place``, over its ciphertext in ``frame`` (a
+        writable buffer the caller gives up: the payload is a view of it; if the frame is not
+        authentic its bytes are left garbled), else into a new block."""
         view = byte_view(frame)
         size = view.nbytes
         if size < FRAME_OVERHEAD:
@@ -361,8 +363,12 @@ class Opener(_Keyed):
                                 reason="length")
         if seq == MAX_SEQ:
             raise ProtocolError("frame at seq 2**64-1", reason="malformed")
-        plain: Block = new_block(length) if out is None or len(out) < length \
-            else memoryview(out)[:length]
+        if out is not None and len(out) >= length:
+            plain: Block = memoryview(out)[:length]
+        elif in_place:
+            plain = view[HEADER_SIZE:HEADER_SIZE + length]
+        else:
+            plain = new_block(length)
         try:
             self._aead(seq).decrypt_into(_nonce(direction, kind, seq), view[HEADER_SIZE:],
                                          header, plain)

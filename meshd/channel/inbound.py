@@ -192,10 +192,11 @@ class ReceivingEnd:
         self.connected = False
         self.rx.on_reconnect()  # the next connection starts with fresh feedback
 
-    def frame_received(self, body: Block) -> None:
+    def frame_received(self, body: Block, *, in_place: bool = False) -> None:
         """A frame from the sender; ProtocolError if it does not open (the connection is
-        dropped, not the channel)."""
-        frame = self._opener.open(body)
+        dropped, not the channel).  ``in_place``: ``body`` is the caller's to give up, and its
+        payload is opened over it (see :meth:`~meshd.channel.frames.Opener.open`)."""
+        frame = self._opener.open(body, in_place=in_place)
         if frame.kind == KIND_DATA:
             self.rx.on_data(frame.seq, frame.payload)
         else:

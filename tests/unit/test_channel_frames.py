@@ -50,6 +50,21 @@ def test_round_trip(cipher: int) -> None:
 
 
 @pytest.mark.parametrize("cipher", CIPHER_IDS)
+def test_opening_in_place_views_the_frame_and_still_authenticates(cipher: int) -> None:
+    s, o = pair(cipher)
+    payload = np.arange(1 << 16, dtype=np.uint32)
+    frame = np.frombuffer(bytes(s.seal(3, payload)), dtype=np.uint8).copy()
+    f = o.open(frame.data, expect_seq=3, in_place=True)
+    assert np.array_equal(np.frombuffer(f.payload, dtype=np.uint32), payload)
+    opened = np.frombuffer(f.payload, dtype=np.uint8)
+    assert opened.ctypes.data == frame.ctypes.data + HEADER_SIZE, "a view of the frame"
+    bad = np.frombuffer(bytes(s.seal(4, payload)), dtype=np.uint8).copy()
+    bad[HEADER_SIZE + 5] ^= 1
+    with pytest.raises(ProtocolError):
+        o.open(bad.data, in_place=True)
+
+
+@pytest.mark.parametrize("cipher", CIPHER_IDS)
 def test_flipping_any_bit_fails(cipher: int) -> None:
     s, _ = pair(cipher)
     frame = bytes(s.seal(5, b"0123456789abcdef"))
