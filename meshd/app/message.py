@@ -75,6 +75,11 @@ class Message:
         return self._origin.kind
 
     @property
+    def _frame(self) -> Any:
+        """What the message's buffer belongs to (a delivery's frame, or a ring's view)."""
+        return self._origin.frame
+
+    @property
     def _cid(self) -> bytes:
         """The channel's id (to drop what is not handed out yet of a channel that was cut)."""
         return self._origin.cid
