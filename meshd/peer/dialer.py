@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from typing import Any, Callable
 
@@ -56,10 +57,13 @@ class _Link:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         sock.curve_publickey, sock.curve_secretkey = curve
         sock.curve_serverkey = server_key
+        # A unique address: pyzmq's default names it by the socket's descriptor, which a socket
+        # opened right after this one closed may reuse.
         self._monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            addr=f"inproc://meshd-dialer-monitor-{secrets.token_hex(8)}")
         sock.connect(tcp_endpoint(address))
         self.sock = sock
         self.last_event: int | None = None
@@ -85,11 +89,19 @@ class _Link:
                 fut.set_result(msg)
 
     async def _watch(self) -> None:
-        while True:
-            event = await recv_monitor_message(self._monitor)
-            self.last_event = int(event["event"])
-            if self.last_event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.handshake_ok = True
+        """Keep the link's last event.  Whatever ends this stops the monitor: events nobody
+        reads fill it (a retry every 100 ms to an address that refuses), and ZeroMQ's I/O
+        thread then blocks in the next one, silencing every connection of the daemon."""
+        try:
+            while True:
+                event = await recv_monitor_message(self._monitor)
+                self.last_event = int(event["event"])
+                if self.last_event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.handshake_ok = True
+        finally:
+            if not self.sock.closed:
+                self.sock.disable_monitor()  # before its reading end closes (see ipc.close_watched)
+            self._monitor.close(0)
 
     def explain_silence(self) -> str:
         """Why no answer came, as far as the connection's events tell."""
