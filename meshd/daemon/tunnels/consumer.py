@@ -246,6 +246,8 @@ class ConsumerTunnel:
         self.race = PathRace(self.ctx.site.public, peer, self.ctx.reach.table,
                              self.ctx.reach.relay_candidates(peer), kinds=self.ctx.kinds)
         self._raced = False
+        if self.waiting and not self.closed:  # clients held for the old race: race for them
+            self._race()
 
     def cut(self, why: str) -> None:
         if self.carrier is not None:
