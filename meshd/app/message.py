@@ -116,10 +116,9 @@ def encode(obj: Any, meta: Mapping[str, Any] | None) -> tuple[Any, Any]:
             if head is not None:
                 if obj.nbytes < COPIED_BELOW:
                     return head, obj.tobytes()  # in C order, as the header says
-                try:
-                    return head, obj.data.cast("B")
-                except TypeError:  # not C-contiguous: encode_message copies it
-                    pass
+                if obj.flags.c_contiguous:  # else encode_message copies it
+                    # (a uint8 view: numpy exports no buffer of some dtypes, datetime64 say)
+                    return head, obj.reshape(-1).view(np.uint8).data
         elif kind is bytes or kind is bytearray:
             head = _HEADERS.get(len(obj))
             if head is not None:

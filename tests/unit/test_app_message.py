@@ -110,6 +110,10 @@ def test_the_cached_header_serves_strided_and_reused_arrays() -> None:
     encode(big.copy(), None)
     head, body = encode(big, None)
     assert np.array_equal(decode_message([head, body]).array, big)
+    stamps = np.arange(1 << 14).astype("datetime64[ns]")  # numpy exports no buffer of it
+    for _ in range(2):
+        head, body = encode(stamps, None)
+        assert np.array_equal(decode_message([head, body]).array, stamps)
     small = np.arange(4, dtype=np.int64)
     encode(small.copy(), None)
     head, body = encode(small, None)  # from the cache: a small body is copied at once
