@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshd.app.message import UNIFORM_FROM, Message, batch_messages, encode
 from meshd.channel import batch
@@ -119,3 +121,47 @@ def test_the_cached_header_serves_strided_and_reused_arrays() -> None:
     head, body = encode(small, None)  # from the cache: a small body is copied at once
     small[:] = 0
     assert decode_message([head, body]).array.tolist() == [0, 1, 2, 3]
+
+
+def general(payload: bytes, first: int = 0) -> list[tuple[Any, ...]]:
+    """What the general (per-message) path makes of ``payload``."""
+    whole = np.frombuffer(payload, dtype=np.uint8)
+    out = []
+    for i, (ho, hn, bo, bn) in enumerate(batch.offsets(payload)):
+        msg = decode_message([payload[ho:ho + hn], payload[bo:bo + bn]])
+        out.append((first + i, msg.kind, msg.array.dtype, msg.array.shape,
+                    whole[bo:bo + bn].tobytes(), msg.meta))
+    return out
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 40), length=st.integers(0, 24), dtype=st.sampled_from(
+    ["u1", "<f4", ">i2", "<c8"]), odd=st.one_of(st.none(), st.integers(0, 39)))
+def test_the_uniform_path_agrees_with_the_general_one(count: int, length: int, dtype: str,
+                                                      odd: int | None) -> None:
+    """Batches of one dtype and length, some with one message that differs (another dtype of
+    the same size, or other contents): message by message, the same as the general path."""
+    objs: list[Any] = [np.full(length, i, dtype=dtype) for i in range(count)]
+    if odd is not None and odd < count:
+        objs[odd] = objs[odd].view(">u" + dtype[-1]) if dtype[-1] in "248" else b"x" * length
+    payload = batch.pack([encode(o, None) for o in objs])
+    got = receive(objs, first=0)
+    expected = general(payload)
+    assert [(m.seq, m.kind, m.array.dtype, m.array.shape, m.bytes(), m.meta) for m in got] \
+        == expected
+
+
+@pytest.mark.unit
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400), count=st.integers(1, 20))
+def test_arbitrary_batches_are_refused_cleanly(data: bytes, count: int) -> None:
+    """Whatever an authentic sender packs, the receiver gets messages or a ProtocolError."""
+    half = len(data) // (2 * count)  # entries that may add up: header and body halves
+    head = count.to_bytes(4, "big") + (half.to_bytes(4, "big") + half.to_bytes(8, "big")) * count
+    for payload in (head + data, data, head[:7] + data):
+        whole = np.frombuffer(payload, dtype=np.uint8)
+        try:
+            batch_messages(whole.data, whole, payload, 0, "s", "i", "c", CID)
+        except ProtocolError:
+            pass
