@@ -16,7 +16,6 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -18,7 +18,7 @@ from meshd.channel.paths import StartAttempt
 from meshd.channel.reliable import WouldBlock
 from meshd.channel.stream import LEASE, Grant, StreamSender
 from meshd.errors import ProtocolError
-from tests.unit.test_channel_outbound import T0, keys_pair, opened
+from tests.unit.test_channel_outbound import T0, opened
 
 
 def records(bufs: list[Any]) -> list[tuple[int, bytearray]]:
