@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from meshd.app import blocks
 from meshd.app.message import Message, batch_messages
 from meshd.channel import link
 from meshd.channel.frames import new_block
@@ -122,7 +123,7 @@ class _Records:
                 link.check_record(kind, length)
                 if length > link.MAX_RECORD:
                     raise ProtocolError(f"record of {length} bytes", reason="oversized")
-                self._buf = new_block(length) if length >= OWN_BLOCK_FROM else self._reused
+                self._buf = blocks.take(length) if length >= OWN_BLOCK_FROM else self._reused
                 self._kind, self._len, self._got = kind, length, 0
             body = memoryview(self._buf)
             while self._got < self._len:
