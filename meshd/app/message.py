@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -58,31 +59,14 @@ class Message:
             self._data = memoryview(self.array).cast("B")  # type: ignore[arg-type]
         return self._data
 
-    @property
-    def sender(self) -> str:
-        return self._origin.sender
-
-    @property
-    def sender_id(self) -> str:
-        return self._origin.sender_id
-
-    @property
-    def channel(self) -> str:
-        return self._origin.channel
-
-    @property
-    def kind(self) -> str:
-        return self._origin.kind
-
-    @property
-    def _frame(self) -> Any:
-        """What the message's buffer belongs to (a delivery's frame, or a ring's view)."""
-        return self._origin.frame
-
-    @property
-    def _cid(self) -> bytes:
-        """The channel's id (to drop what is not handed out yet of a channel that was cut)."""
-        return self._origin.cid
+    sender = property(attrgetter("_origin.sender"))
+    sender_id = property(attrgetter("_origin.sender_id"))
+    channel = property(attrgetter("_origin.channel"))
+    kind = property(attrgetter("_origin.kind"))
+    _frame = property(attrgetter("_origin.frame"))
+    """What the message's buffer belongs to (a delivery's frame, or a ring's view)."""
+    _cid = property(attrgetter("_origin.cid"))
+    """The channel's id (to drop what is not handed out yet of a channel that was cut)."""
 
     def bytes(self) -> bytes:
         return bytes(self.data)
@@ -217,10 +201,10 @@ def _uniform(sizes: tuple[int, int, int], view: memoryview, whole: np.ndarray[An
     instead of a numpy call each (their ``data`` is made when asked for); None if the batch is
     not like that.  ``sizes``: :func:`meshd.channel.batch.uniform` of it."""
     n, hn, bn = sizes
-    stride = hn + bn
-    start = view.nbytes - n * stride  # the messages follow the entries, back to back
     if bn == 0:
         return None
+    stride = hn + bn
+    start = view.nbytes - n * stride  # the messages follow the entries, back to back
     rows = whole[start:].reshape(n, stride)
     heads = rows[:, :hn]
     if not (heads == heads[0]).all():
