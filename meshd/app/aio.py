@@ -58,7 +58,7 @@ class AsyncMesh(MeshEnd):
         """As :meth:`~meshd.app.sync.Mesh.receiver`."""
         info, ring = await asyncio.to_thread(open_receiver, self.client, name, allow, ring_bytes,
                                              not via_daemon)
-        rx = AsyncReceiver(self, info, ring)
+        rx = AsyncReceiver(self, info, ring, allow)
         self._open.append(rx)
         return rx
 

@@ -35,11 +35,11 @@ from typing import Any
 
 from meshd.app.handover import dial_lease
 from meshd.app.in_link import AHEAD_BYTES, Broken, Cut, InLink
+from meshd.app.lease_in import Rejoin, Reopen, read_lease
 from meshd.app.message import Message
 from meshd.channel.reliable import ReceiverConfig
 from meshd.errors import LocalError, ProtocolError
-from meshd.local.handover import (MessageReader, decode_in_grant, encode_state, pack,
-                                  recv_messages)
+from meshd.local.handover import MessageReader, decode_in_grant, encode_state, pack
 
 log = logging.getLogger("meshd.app.streams")
 
@@ -59,7 +59,10 @@ class InLinks:
     the module docstring)."""
 
     def __init__(self, path: str, token: str, channel: str,
-                 config: ReceiverConfig = ReceiverConfig()) -> None:
+                 config: ReceiverConfig = ReceiverConfig(), reopen: Reopen | None = None) -> None:
+        """``reopen``: opens this receiver again at a daemon that restarted (see
+        :mod:`.lease_in`); None: the channels end when their connections break after the
+        daemon went away."""
         self.channel = channel
         self._config = config
         try:
@@ -71,9 +74,9 @@ class InLinks:
         self.links: dict[bytes, InLink] = {}
         self.next_message: dict[bytes, int] = {}
         """Per channel, the number of the next message to hand out (from either source)."""
-        self._cut: list[Cut] = []
-        self._draining: list[InLink] = []  # given back, with messages still to hand out
-        self._deferred: dict[bytes, dict[str, Any]] = {}
+        self.ended: list[Cut] = []
+        self.draining: list[InLink] = []  # given back, with messages still to hand out
+        self.deferred: dict[bytes, dict[str, Any]] = {}
         """Per channel, a ``lost`` held back until the receiving call takes what is ahead."""
         self._retired: list[socket.socket] = []  # closed by the reader thread only
         self.wake, self._wake_w = socket.socketpair()
@@ -83,9 +86,10 @@ class InLinks:
             s.setblocking(False)
         self._closed = False
         self._poke_pending = False
-        self._reader = MessageReader()
-        self._fds: list[int] = []
-        self._left: dict[bytes, bytes] = {}  # leftovers ahead of their grant
+        self.reader = MessageReader()
+        self.fds: list[int] = []
+        self.left: dict[bytes, bytes] = {}  # leftovers ahead of their grant
+        self.rejoin = Rejoin(reopen, channel)
         self._reported, self.owed = 0.0, False  # see _report
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"meshd-rx-{channel}")
@@ -103,7 +107,7 @@ class InLinks:
         _drain(self.wake)
         out: list[Message] = []
         with self.lock:
-            for ln in [*self._draining, *self.links.values()]:
+            for ln in [*self.draining, *self.links.values()]:
                 if self.next_message.get(ln.cid, 0) < ln.wait_for:
                     continue  # the daemon's (or a given-back link's) deliveries come first
                 got = ln.pop()
@@ -112,16 +116,16 @@ class InLinks:
                 self.next_message[ln.cid] = max(self.next_message.get(ln.cid, 0),
                                                 ln.core.messages)
                 if ln.broken is not None:
-                    self._draining.remove(ln)
+                    self.draining.remove(ln)
                     if ln.cut_after is not None:
-                        self._cut.append(ln.cut_after)
+                        self.ended.append(ln.cut_after)
                     continue
                 ln.write_feedback()
                 if ln.core.finished:
                     self._finished(ln)
-            for cid in [c for c in self._deferred if self._ahead(c) <= AHEAD_BYTES]:
-                self._send(self._deferred.pop(cid))
-            cut, self._cut = self._cut, []
+            for cid in [c for c in self.deferred if self._ahead(c) <= AHEAD_BYTES]:
+                self.send(self.deferred.pop(cid))
+            cut, self.ended = self.ended, []
             _report(self)
         return out, cut
 
@@ -129,11 +133,11 @@ class InLinks:
         """What is held of channel ``cid`` (its end notice came: it goes before it)."""
         out: list[Message] = []
         with self.lock:
-            for ln in [*self._draining, *self.links.values()]:
+            for ln in [*self.draining, *self.links.values()]:
                 if ln.cid == cid:
                     out += ln.pop()
-                    if ln in self._draining:
-                        self._draining.remove(ln)
+                    if ln in self.draining:
+                        self.draining.remove(ln)
         return out
 
     def drop(self, cid: bytes) -> None:
@@ -142,8 +146,8 @@ class InLinks:
             ln = self.links.pop(cid, None)
             if ln is not None:
                 self._retired.append(ln.sock)
-            self._draining = [d for d in self._draining if d.cid != cid]
-            self._deferred.pop(cid, None)
+            self.draining = [d for d in self.draining if d.cid != cid]
+            self.deferred.pop(cid, None)
             self._poke()
 
     def close(self) -> None:
@@ -155,14 +159,14 @@ class InLinks:
         self._thread.join(5.0)  # then nothing is read any more: what it granted is here
         with self.lock:
             for ln in list(self.links.values()):
-                self._give_back(ln, "the receiver closed")
-            self._draining.clear()
-            for msg in self._deferred.values():
-                self._send(msg)
-            self._deferred.clear()
+                self.give_back(ln, "the receiver closed")
+            self.draining.clear()
+            for msg in self.deferred.values():
+                self.send(msg)
+            self.deferred.clear()
             # A grant still unread on the lease was never used: the daemon takes it back as it
             # gave it.  Without this word, the lease's end means the application died.
-            self._send({"t": "bye"})
+            self.send({"t": "bye"})
             for s in self._retired:
                 s.close()
             self._retired.clear()
@@ -179,17 +183,17 @@ class InLinks:
         ln.broken = "finished"
         self.links.pop(ln.cid, None)
         self._retired.append(ln.sock)
-        self._draining.append(ln)
+        self.draining.append(ln)
         self._poke()
         core = ln.core
         if self.lease is None:
             ln.cut_after = Cut(ln.cid, ln.sender_name, "closed",
                                "the sender closed the channel", True)
         else:
-            self._send({"t": "finished", "id": ln.cid.hex(), "m": core.messages,
+            self.send({"t": "finished", "id": ln.cid.hex(), "m": core.messages,
                         "b": core.bytes})
 
-    def _give_back(self, ln: InLink, why: str) -> None:
+    def give_back(self, ln: InLink, why: str) -> None:
         """(Under the lock.)  ``ln``'s connection cannot go on, or the daemon asked for it: the
         channel goes back to the daemon, which resumes it on the sender's next connection;
         what the core held is still handed out (:meth:`take`).  Without a daemon the channel
@@ -198,22 +202,18 @@ class InLinks:
         ln.broken = why
         self.links.pop(ln.cid, None)
         self._retired.append(ln.sock)
-        self._draining.append(ln)
+        self.draining.append(ln)
         self._poke()
-        if self.lease is None:
-            ln.cut_after = Cut(ln.cid, ln.sender_name, "failed",
-                               f"the connection broke ({why}) while the daemon was away", True)
+        if self.lease is None:  # kept for a daemon that comes back, or ended here
+            ln.cut_after = self.rejoin.orphan(ln, why)
         else:
-            msg = {"t": "lost", "why": why[:200], **encode_state(ln.core.give_back())}
-            if self._ahead(ln.cid) > AHEAD_BYTES:  # the daemon would grant a window more
-                self._deferred[ln.cid] = msg
-            else:
-                self._send(msg)
+            self.send_when_taken(ln.cid, {"t": "lost", "why": why[:200],
+                                          **encode_state(ln.core.give_back())})
 
     def _ahead(self, cid: bytes) -> int:  # under the lock; see _ahead_of
-        return _ahead_of([*self._draining, *self.links.values()], cid)
+        return _ahead_of([*self.draining, *self.links.values()], cid)
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any]) -> None:
         if self.lease is None:
             return
         try:
@@ -240,16 +240,19 @@ class InLinks:
             # the socket announces them.
             buffered = [s for s, ln in socks.items() if ln.records.buffered]
             wait = 0 if buffered else REPORT_GAP if self.owed else REPORT_EVERY
+            if (again := self.rejoin.wait(time.monotonic())) is not None:
+                wait = min(wait, again)
             ready, _, _ = select.select(watch, [], [], wait)
             woke = False
             for s in [*ready, *(b for b in buffered if b not in ready)]:
                 if s is self._poke_r:
                     _drain(s)
                 elif s is lease:
-                    woke |= self._read_lease(lease)
+                    woke |= read_lease(self, lease)
                 else:
                     woke |= self._read_link(socks[s])
             woke |= self._give_back_stalled(socks.values())
+            woke |= self.rejoin.step(self, time.monotonic())
             if woke:
                 try:
                     self._wake_w.send(b"\0")
@@ -265,7 +268,7 @@ class InLinks:
             except Broken as exc:
                 with self.lock:
                     if self.links.get(ln.cid) is ln:
-                        self._give_back(ln, str(exc))
+                        self.give_back(ln, str(exc))
                 return True
             if rec is None:
                 return n > 0
@@ -283,10 +286,10 @@ class InLinks:
                         ln.pending_bytes += ln.drain_core(room)
                     ln.write_feedback()
                 except Broken as exc:
-                    self._give_back(ln, str(exc))
+                    self.give_back(ln, str(exc))
                     return True
                 if ln.broken is not None:  # the Feedback could not be written
-                    self._give_back(ln, ln.broken)
+                    self.give_back(ln, ln.broken)
                     return True
         return True
 
@@ -296,53 +299,48 @@ class InLinks:
         with self.lock:
             stalled = [(ln, why) for ln, why in _stalled(links) if self.links.get(ln.cid) is ln]
             for ln, why in stalled:
-                self._give_back(ln, why)
+                self.give_back(ln, why)
         return bool(stalled)
 
-    def _read_lease(self, lease: socket.socket) -> bool:
-        try:
-            msgs = recv_messages(lease, self._reader, self._fds)
-        except (OSError, LocalError, ProtocolError) as exc:
-            # The daemon went away: the links go on (their connections do not need it) until
-            # one breaks; a new daemon knows none of them.
-            log.info("receiver %r: the daemon left the hand-over socket: %s", self.channel, exc)
-            with self.lock:
-                self.lease = None
-                lease.close()
-            return True
-        for msg in msgs:
-            t = msg["t"]
-            if t == "grant-in" and self._fds:
-                self._granted(msg, self._fds.pop(0))
-                continue
-            cid = _cid(msg)
-            if t == "left" and isinstance(msg.get("b"), bytes):
-                self._left[cid] = self._left.get(cid, b"") + msg["b"]
-                continue
-            with self.lock:
-                ln = self.links.get(cid)
-                if t == "yield" and ln is not None:
-                    self._give_back(ln, "the sender resumed on a new connection")
-                elif t == "cut":
-                    if ln is not None:
-                        self.links.pop(cid)
-                        self._retired.append(ln.sock)
-                    self._draining = [d for d in self._draining if d.cid != cid]
-                    self._deferred.pop(cid, None)
-                    self._cut.append(Cut(cid, "", str(msg.get("reason", "failed")),
-                                         str(msg.get("message", "")), False))
-        return True
-
-    def _granted(self, msg: dict[str, Any], fd: int) -> None:
+    def granted(self, msg: dict[str, Any], fd: int) -> None:
+        """The daemon handed a channel over (``grant-in`` with its descriptor ``fd``)."""
         cid = msg.get("cid")
         ln = _link_of(msg, fd, self.channel, self._config,
-                      self._left.pop(cid, b"") if isinstance(cid, bytes) else b"")
+                      self.left.pop(cid, b"") if isinstance(cid, bytes) else b"")
         if ln is not None:
             with self.lock:
                 if (old := self.links.pop(ln.cid, None)) is not None:
                     old.sock.close()
-                ln.wait_for = _wait_for(ln, self._draining)
+                ln.wait_for = _wait_for(ln, self.draining)
                 self.links[ln.cid] = ln
+
+    def cut_here(self, cid: bytes, cut: Cut) -> None:
+        """(Under the lock.)  Channel ``cid`` ended: what is held of it is dropped (the daemon
+        cut it and its end notice follows on ipc), or, with ``cut.tell`` (no daemon tells this
+        end), handed out first and the end told after it."""
+        if (ln := self.links.pop(cid, None)) is not None:
+            self._retired.append(ln.sock)
+            self._poke()
+            if cut.tell:
+                ln.pending_bytes += ln.drain_core()
+                ln.broken = cut.message
+                self.draining.append(ln)
+        held = [d for d in self.draining if d.cid == cid]
+        if cut.tell and held:
+            held[-1].cut_after = cut
+            return
+        self.draining = [d for d in self.draining if d.cid != cid]
+        self.deferred.pop(cid, None)
+        self.ended.append(cut)
+
+    def send_when_taken(self, cid: bytes, msg: dict[str, Any]) -> None:
+        """(Under the lock.)  Send ``msg`` now, or once the receiving call took what is ahead
+        of channel ``cid`` down to :data:`AHEAD_BYTES` (a channel given to the daemon gets a
+        window more from it)."""
+        if self._ahead(cid) > AHEAD_BYTES:
+            self.deferred[cid] = msg
+        else:
+            self.send(msg)
 
     def _poke(self) -> None:
         """Make the reader thread look at the links again (under the lock)."""
@@ -398,7 +396,7 @@ def _report(links: InLinks) -> None:
     for ln in changed:
         core = ln.core
         ln.reported = core.messages
-        links._send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
+        links.send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
                      "dup": core.rx.duplicates})
 
 
@@ -425,10 +423,3 @@ def _drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError, OSError):
         pass
-
-
-def _cid(msg: dict[str, Any]) -> bytes:
-    try:
-        return bytes.fromhex(str(msg.get("id", "")))
-    except ValueError:
-        return b""

@@ -30,6 +30,9 @@ FLUSH_SLICE = 20.0
 """A flush asks the daemon at most this long at a time (then asks again)."""
 STALL_CHECK = 1.0
 """Seconds a send may wait for room before it asks the daemon whether the channel ended."""
+REOPEN_TIMEOUT = 5.0
+"""Seconds a receiver waits for the answer when it opens itself again at a daemon that
+restarted (the reader thread asks; the receiver's close waits for that thread)."""
 
 
 def _new_ring(ring_bytes: int) -> Ring | None:
@@ -208,18 +211,22 @@ class ReceiverEnd:
     the last delivery not yet handed out."""
 
     def __init__(self, mesh: MeshEnd, info: dict[str, Any],
-                 ring: ReleaseTracker | None = None) -> None:
+                 ring: ReleaseTracker | None = None, allow: list[str] | None = None) -> None:
         self._mesh = mesh
         self._ring = ring
         self.name: str = info["name"]
         self._sock: Any = mesh._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 4)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(info["endpoint"])
+        self._endpoint: str = info["endpoint"]
+        self._sock.connect(self._endpoint)
         self._ready: deque[Message | ChannelEnd] = deque()
         self.ended: list[ChannelClosed] = []
         """The channels to this receiver that ended, oldest first (see :meth:`_next`)."""
-        self._links = (InLinks(info["handover"], info["port"], self.name)
+        home = mesh.client.home.root
+        self._links = (InLinks(info["handover"], info["port"], self.name,
+                               reopen=lambda: Client(home, REOPEN_TIMEOUT).open_receiver(
+                                   self.name, allow, 0, True, rejoin=True))
                        if info.get("handover") and info.get("port") else None)
         """The channels whose data connections this process holds (:mod:`.direct_in`)."""
 
@@ -235,12 +242,25 @@ class ReceiverEnd:
             return
         got, cuts = self._links.take()
         self._ready.extend(got)
+        moved = self._links.rejoin.endpoint
+        if moved is not None and moved != self._endpoint:  # the daemon restarted
+            self._move_ipc(moved)
         for cut in cuts:
             if cut.tell:  # ended here, after what it delivered (the daemon is away)
                 self._ready.append(ChannelEnd(cut.cid, b"", cut.sender_name, cut.reason,
                                               cut.message, len(self._links.links)))
             else:  # cut by the daemon: nothing more of it (its end notice comes over ipc)
                 self._drop(cut.cid)
+
+    def _move_ipc(self, endpoint: str) -> None:
+        """Take deliveries and end notices from ``endpoint`` (the receiver's at the daemon that
+        came back) instead of the old daemon's."""
+        try:
+            self._sock.disconnect(self._endpoint)
+        except zmq.ZMQError:
+            pass
+        self._sock.connect(endpoint)
+        self._endpoint = endpoint
 
     def _drop(self, cid: bytes) -> None:
         """Nothing more of channel ``cid`` (it ended) is handed out."""

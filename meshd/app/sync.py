@@ -67,7 +67,7 @@ class Mesh(MeshEnd):
         puts big messages in when it carries them (their arrays view it; a record is reused
         once no array views it; 0: none)."""
         info, ring = open_receiver(self.client, name, allow, ring_bytes, not via_daemon)
-        rx = Receiver(self, info, ring)
+        rx = Receiver(self, info, ring, allow)
         self._open.append(rx)
         return rx
 

@@ -140,6 +140,26 @@ class ReceivingEnd:
         end._restore(g)
         return end
 
+    @classmethod
+    def adopted(cls, g: InGrant, ctl_end: int, config: ReceiverConfig) -> ReceivingEnd:
+        """The end a daemon runs for a channel that the application holding it offers after
+        the daemon restarted (its state ``g``; ``ctl_end``: the end of the application's lease
+        of control seqs).  The daemon seals from a whole lease beyond ``ctl_end``: the daemon
+        before it may have sealed up to there.  LocalError if ``g`` cannot be a channel's
+        state (a counter of :data:`COUNTER_LIMIT` or more, a lease end before its next seq)."""
+        if max(g.messages, g.nbytes, g.ctl_open, g.ctl_seal, ctl_end, *g.rx) >= COUNTER_LIMIT:
+            raise LocalError("a state with a counter beyond 2**63", reason="usage")
+        if not g.ctl_seal <= ctl_end <= g.ctl_seal + LEASE:
+            raise LocalError("a control seq lease that does not hold the next seq",
+                             reason="usage")
+        keys = ChannelKeys(g.cid, False, g.sender, g.cipher, g.send_direction, g.recv_direction,
+                           b"", g.send_key, g.recv_key)
+        end = cls(keys, Opener.for_channel(keys), g.name, config)
+        end._sealer.next_control_seq = ctl_end + LEASE
+        end._restore(g)
+        end.connected = False
+        return end
+
     def hand_over(self) -> InGrant:
         """This end goes to the application (the glue hands it the data socket with what this
         returns): the application may seal the next :data:`~.stream.LEASE` control seqs, this

@@ -385,7 +385,8 @@ class ControlServer:
             keys = [self.admin.find_site(a) for a in allow]
         name = check_name(_field(data, "name", str))  # before any ring is made for it
         ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0), name)
-        port = self.channels.open_receiver(name, keys, ring)
+        port = self.channels.open_receiver(name, keys, ring,
+                                           replace=not _field(data, "rejoin", bool, False))
         handover = self.channels.handover_path(_field(data, "handover", bool, False))
         return _json({"name": port.name, "endpoint": port.endpoint, "handover": handover,
                       "ring": None if port.ring is None else str(port.ring.path),

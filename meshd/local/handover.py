@@ -42,6 +42,13 @@ per receiver (the lease of all its channels).  Application -> daemon::
                                         notice on the receiver's ipc socket
     {"t": "count", "id": hex, "m", "b", "dup"}
                                         a channel's counters, for ``meshd channels``
+    {"t": "adopt-in", <the fields of grant-in>, "ce": int, "live": bool}
+                                        a channel this application holds, offered to a daemon
+                                        that restarted under it (``ce``: the end of its lease
+                                        of control seqs; ``live``: it still holds a working
+                                        connection, else the daemon waits for the sender to
+                                        resume); the daemon refuses it with ``cut`` and
+                                        ``tell``
 
 Daemon -> application::
 
@@ -52,9 +59,11 @@ Daemon -> application::
                                         those before it came over the ipc socket)
     {"t": "yield", "id": hex}           the sender resumed channel ``id`` on a new connection:
                                         give the channel back (``lost``)
-    {"t": "cut", "id": hex, "reason", "message"}
+    {"t": "cut", "id": hex, "reason", "message", "tell"?}
                                         channel ``id`` ended (its sender revoked): deliver
-                                        nothing more of it
+                                        nothing more of it; with ``tell`` (an ``adopt-in``
+                                        refused) no end notice follows: the application ends
+                                        the channel itself, after what it holds
 
 The keys in a grant are the channel's two direction keys (``sk`` the application seals with,
 ``rk`` it opens the receiver's feedback with), nothing else: no site key, no other channel's.
@@ -74,9 +83,10 @@ from meshd.channel.inbound import InGrant
 from meshd.channel.stream import Grant
 from meshd.errors import LocalError, ProtocolError
 
-__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "InGrantInfo", "MessageReader", "decode_grant",
-           "decode_in_grant", "decode_state", "encode_grant", "encode_in_grant", "encode_state",
-           "pack", "recv_messages", "send_message"]
+__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "InGrantInfo", "MessageReader", "as_bytes",
+           "decode_adopt_in",
+           "decode_grant", "decode_in_grant", "decode_state", "encode_adopt_in", "encode_grant",
+           "encode_in_grant", "encode_state", "pack", "recv_messages", "send_message"]
 
 SOCKET_NAME = "handover.sock"
 MAX_MESSAGE = 64 << 10
@@ -86,6 +96,15 @@ _LEN = struct.Struct(">I")
 def pack(msg: dict[str, Any]) -> bytes:
     body: bytes = msgpack.packb(msg, use_bin_type=True)
     return _LEN.pack(len(body)) + body
+
+
+def as_bytes(value: Any) -> bytes:
+    """``value``, a binary field of a message; ValueError if it is anything else.  Never
+    ``bytes(value)``: an integer there would make that many zero bytes (a one-line message
+    asking a daemon for gigabytes)."""
+    if not isinstance(value, bytes):
+        raise ValueError(f"a binary field is {type(value).__name__}")
+    return value
 
 
 def encode_grant(g: Grant) -> dict[str, Any]:
@@ -101,12 +120,12 @@ def decode_grant(m: dict[str, Any]) -> Grant:
     """The grant in a message; ProtocolError (``malformed``) if it is not one."""
     try:
         fb = m["fb"]
-        return Grant(bytes(m["cid"]), int(m["cipher"]), bytes(m["sk"]), bytes(m["rk"]),
+        return Grant(as_bytes(m["cid"]), int(m["cipher"]), as_bytes(m["sk"]), as_bytes(m["rk"]),
                      int(m["sd"]), int(m["rd"]), int(m["cs"]), int(m["co"]), int(m["ms"]),
                      int(m["mb"]),
                      None if fb is None else Feedback(int(fb[0]), int(fb[1]), int(fb[2]),
                                                       bool(fb[3])),
-                     str(m["path"]), bytes(m["peer"]), bytes(m["left"]))
+                     str(m["path"]), as_bytes(m["peer"]), as_bytes(m["left"]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 
@@ -161,9 +180,10 @@ def encode_in_grant(g: InGrant, sender_name: str, path: str, left: bytes,
 def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
     """The receiving end in a ``grant-in``; ProtocolError (``malformed``) if it is not one."""
     try:
-        base = InGrant(bytes(m["cid"]), int(m["cipher"]), bytes(m["sk"]), bytes(m["rk"]),
+        base = InGrant(as_bytes(m["cid"]), int(m["cipher"]), as_bytes(m["sk"]),
+                       as_bytes(m["rk"]),
                        int(m["sd"]), int(m["rd"]), 0, 0, (0, 0, 0, 0, 0), 0, 0, False,
-                       str(m["name"]), bytes(m["sender"]))
+                       str(m["name"]), as_bytes(m["sender"]))
         wm, wb = m.get("wm"), m.get("wb")
         window = (wm, wb) if isinstance(wm, int) and isinstance(wb, int) else None
         state = decode_state(m, base)
@@ -171,10 +191,30 @@ def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
         if (not isinstance(ipc_until, int) or isinstance(ipc_until, bool)
                 or not 0 <= ipc_until <= state.messages):
             raise ValueError("ipc_until")
-        return InGrantInfo(state, str(m["sname"]), str(m["path"]), bytes(m["left"]), window,
+        return InGrantInfo(state, str(m["sname"]), str(m["path"]), as_bytes(m["left"]), window,
                            ipc_until)
     except (KeyError, TypeError, ValueError):
         raise ProtocolError("malformed grant", reason="malformed") from None
+
+
+def encode_adopt_in(g: InGrant, ctl_end: int, sender_name: str, path: str,
+                    live: bool) -> dict[str, Any]:
+    """``adopt-in``: a receiving application offers a channel it holds (state ``g``, its lease
+    of control seqs ending at ``ctl_end``) to a daemon that does not know it (restarted);
+    ``live``: it still holds a working connection (else the daemon waits for the sender to
+    resume the channel)."""
+    return {**encode_in_grant(g, sender_name, path, b"", (0, 0)), "t": "adopt-in",
+            "ce": ctl_end, "live": live}
+
+
+def decode_adopt_in(m: dict[str, Any]) -> tuple[InGrantInfo, int, bool]:
+    """``(state, ctl_end, live)`` of an ``adopt-in``; ProtocolError (``malformed``) if it is
+    not one."""
+    info = decode_in_grant(m)
+    ce, live = m.get("ce"), m.get("live")
+    if not isinstance(ce, int) or isinstance(ce, bool) or ce < 0 or not isinstance(live, bool):
+        raise ProtocolError("malformed adopt-in", reason="malformed")
+    return info, ce, live
 
 
 class MessageReader:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 import meshd
 from meshd.testing.processes import wait_until
@@ -105,6 +106,75 @@ def test_the_receiving_daemon_killed_mid_stream_loses_and_repeats_nothing(sites:
         n2 = _send(tx, n, 20)
         tx.flush(timeout=60)
         assert _drain(rx, n2 - n) == list(range(n, n2))
+
+
+def _adopted(site: Any, client: Any, n: int = 1) -> None:
+    """Wait until ``site``'s daemon (restarted) took on ``n`` channels from the receiving
+    application and lists one held by it."""
+    wait_until(lambda: site.client.status()["counters"].get("channel_adopted_in", 0) >= n
+               and any(c["handed_over"] for c in _rows(client, "in")), 30,
+               "the receiving application to offer its channel to the restarted daemon")
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_receiver_comes_back_to_its_restarted_daemon_which_then_resumes_and_ends_the_channel(
+        sites: Any, how: str) -> None:
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
+        n = _send(tx, 0, 30)
+        tx.flush(timeout=60)
+        b.kill() if how == "kill" else b.stop()
+        n = _send(tx, n, 30)  # the application's connection goes on without its daemon
+        b.start()
+        _adopted(b, mb)
+        (row,) = _rows(mb, "in")
+        assert row["path"] == "direct" and row["messages"] >= 30
+        for _ in range(2):  # the new daemon resumes the channel it took on, and hands it over
+            _cut_at_receiver(rx)
+            n = _send(tx, n, 30)
+            tx.flush(timeout=60)
+            wait_until(lambda: rx._links.links, 30, "the resumed connection to be handed over")
+        assert _drain(rx, n) == list(range(n))
+        assert b.client.status()["counters"]["channel_handovers_in"] >= 2
+        tx.close()  # its end notice comes on the new daemon's ipc socket
+        try:
+            rx.recv(timeout=30)
+            raise AssertionError("a message after the sender closed")
+        except meshd.ChannelClosed as exc:
+            assert exc.reason == "closed"
+        tx2 = ma.sender("frames", to="alcf")  # a new channel reaches the same receiver
+        _send(tx2, 0, 5)
+        assert _drain(rx, 5) == list(range(5))
+        assert "Traceback" not in a.log() + b.log()
+
+
+def test_a_connection_that_breaks_while_the_receiving_daemon_is_away_resumes_once_it_is_back(
+        sites: Any) -> None:
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
+        n = _send(tx, 0, 20)
+        tx.flush(timeout=60)
+        got = _drain(rx, 20)
+        b.kill()
+        _cut_at_receiver(rx)  # nobody to give the channel back to: the receiver keeps it
+        wait_until(lambda: not rx._links.links, 30, "the receiver to see its connection cut")
+        b.start()  # the receiver offers it the channel to resume; the sender's daemon races
+        n = _send(tx, n, 20)
+        tx.flush(timeout=90)
+        got += _drain(rx, n - len(got))
+        assert got == list(range(n))
+        counters = b.client.status()["counters"]
+        assert counters["channel_adopted_in"] == 1 and counters["channel_handovers_in"] >= 1
+        assert "Traceback" not in a.log() + b.log()
+
+
+def test_a_rejoining_receiver_never_takes_the_name_from_a_newer_one(sites: Any) -> None:
+    _, b = mesh_of(sites, "aps", "alcf")
+    b.client.open_receiver("frames", handover=True)
+    try:
+        b.client.open_receiver("frames", handover=True, rejoin=True)
+        raise AssertionError("a rejoining receiver replaced an open one")
+    except meshd.LocalError as exc:
+        assert exc.reason == "conflict" and "open at this site already" in str(exc)
+    assert b.client.open_receiver("frames", handover=True)["port"]  # a plain open replaces it
 
 
 RECEIVER_APP = textwrap.dedent("""

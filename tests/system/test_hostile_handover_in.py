@@ -119,6 +119,80 @@ def test_a_flood_and_a_huge_message_on_a_lease_end_only_that_lease(sites: Any) -
     assert "Traceback" not in b.log()
 
 
+def _fresh(msg: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``msg`` as another channel's (a new id), with ``changes``."""
+    cid = os.urandom(16)
+    return {**msg, "id": cid.hex(), "cid": cid, **changes}
+
+
+ADOPTIONS: list[tuple[str, Any, str]] = [
+    ("the channel open here", lambda m: m, "has that channel open"),
+    ("another receiver's name", lambda m: _fresh(m, name="other"), "not one of this receiver"),
+    ("an id its state does not have", lambda m: {**m, "id": os.urandom(16).hex()},
+     "not one of this receiver"),
+    ("a sender that is no member", lambda m: _fresh(m, sender=os.urandom(32)), "no member"),
+    ("a short key", lambda m: _fresh(m, sk=b"short"), "32 bytes"),
+    ("an unknown cipher", lambda m: _fresh(m, cipher=99), "cipher"),
+    ("messages at 2**63", lambda m: _fresh(m, m=1 << 63), "2**63"),
+    ("a lease that ends before its next seq", lambda m: _fresh(m, ce=m["cs"] - 1), "lease"),
+    ("a lease end that is a string", lambda m: _fresh(m, ce="1"), "malformed"),
+    ("no live flag", lambda m: {k: v for k, v in _fresh(m).items() if k != "live"},
+     "malformed"),
+    ("no state", lambda m: {"t": "adopt-in", "id": os.urandom(16).hex()}, "malformed"),
+    ("a key that is a huge number", lambda m: _fresh(m, sk=10 ** 11), "malformed"),
+]
+
+
+def test_a_sender_adoption_with_numbers_for_keys_is_refused_without_allocating_them(
+        sites: Any) -> None:
+    """``adopt`` (a sending application offering its channel): binary fields given as huge
+    integers were once turned into that many zero bytes by ``bytes(n)``."""
+    a, b = mesh_of(sites, "aps", "alcf")
+    path = b.client.open_receiver("probe", handover=True)["handover"]
+    base = {"t": "adopt", "id": os.urandom(16).hex(), "name": "frames", "live": True,
+            "peer": b"k" * 32, "cipher": 1,
+            "sd": 1, "rd": 2, "sk": b"s" * 32, "rk": b"r" * 32, "ce": 0, "co": 0,
+            "path": "direct"}
+    for field in ("peer", "sk", "rk"):
+        answer = _refused(path, pack({**base, field: 10 ** 11}))
+        assert answer is not None and answer["reason"] == "not-found", (field, answer)
+    channel_works(a, b, "after")
+    log = b.log()
+    assert "Traceback" not in log and log.count("refused to adopt a channel") == 3
+
+
+def test_hostile_adoptions_are_refused_with_their_reason_and_the_daemon_goes_on(
+        sites: Any) -> None:
+    """``adopt-in`` on a lease: what a receiving application offers a daemon that restarted
+    under it.  Each bad offer is refused back to it with the reason (``cut`` with ``tell``); a
+    well-formed one for a new id is taken on (the process holds whatever it offers: nothing
+    more) and ends with the lease."""
+    a, b = mesh_of(sites, "aps", "alcf")
+    lease = HostileLease(b, "frames")
+    with meshd.connect(a.home) as ma:
+        tx = ma.sender("frames", to="alcf")
+        _send(tx, 0, 3)
+        grant = lease.next("grant-in")
+        offer = {**grant, "t": "adopt-in", "ce": grant["cs"] + 1, "live": True}
+        for label, make, why in ADOPTIONS:
+            msg = make(offer)
+            lease.send(msg)
+            cut = lease.next("cut")
+            assert cut["id"] == msg["id"] and cut["tell"] is True, label
+            assert cut["reason"] == "failed" and why in cut["message"], (label, cut)
+        assert b.client.status()["counters"]["channel_adopt_in_refused"] == len(ADOPTIONS)
+        taken = _fresh(offer)
+        lease.send(taken)
+        wait_until(lambda: any(r["id"] == taken["id"] and r["handed_over"] for r in _rows(b)),
+                   30, "the daemon to take the offered channel on")
+        lease.close()
+        wait_until(lambda: not _rows(b), 30, "the channels of the closed lease to end")
+        tx.close(flush=False)
+    channel_works(a, b, "after")
+    log = b.log()
+    assert "Traceback" not in log and log.count("refused to take on channel") == len(ADOPTIONS)
+
+
 LIES: list[tuple[str, Any]] = [
     ("delivered messages undelivered", lambda s: {**s, "rx": [0, 0, 0, 0, 0], "m": 0, "b": 0}),
     ("fewer messages", lambda s: {**s, "m": 0}),
@@ -233,7 +307,7 @@ def _held(rx: Any) -> int:
     and not yet handed out, or in a core)."""
     links = rx._links
     with links.lock:
-        every = [*links._draining, *links.links.values()]
+        every = [*links.draining, *links.links.values()]
         return sum(sum(len(d.payload) for d in ln.pending) + ln.core.rx.held_bytes
                    for ln in every)
 
@@ -261,7 +335,7 @@ def test_a_receiver_that_does_not_receive_stays_bounded_across_broken_connection
         wait_until(filled, 60, "the sender to fill what the receiver may take")
         _cut_at_receiver(rx)  # a flaky network, or a hostile sender breaking it at will
         # The application does not receive: the channel must not get a window more.
-        wait_until(lambda: _held(rx) > bound or getattr(rx._links, "_deferred", None), 60,
+        wait_until(lambda: _held(rx) > bound or rx._links.deferred, 60,
                    "the receiver to hold the channel back, or to hold too much")
         peak = _held(rx)
         got = _drain(rx, total)

@@ -151,3 +151,53 @@ def test_a_later_honest_state_is_taken() -> None:
     app = ReceivingEnd.for_application(g, ReceiverConfig(window_messages=16))
     end.taken_back(app.give_back())
     assert end.messages == 2 and end.rx.next_seq == 2
+
+
+def test_a_restarted_daemon_takes_on_the_applications_end_and_seals_beyond_its_lease() -> None:
+    """``ReceivingEnd.adopted``: the end a daemon that restarted runs for a channel its
+    application holds.  It goes on from the application's state, opens the sender's frames and
+    seals its own Feedback a whole lease beyond the application's (the daemon before it may
+    have sealed up to there), so that no control seq is sealed twice."""
+    old_daemon, tx, sender_opener = opened()
+    old_daemon.take_feedback()  # the credit
+    app = ReceivingEnd.for_application(old_daemon.hand_over(), ReceiverConfig(window_messages=16))
+    app.connection_adopted()
+    for seq in (0, 1):
+        app.frame_received(tx.seal(seq, batch.pack([(b"h", b"x")])))
+        assert app.pop() is not None
+    app_fb = app.take_feedback()  # the application seals within its lease
+    assert app_fb is not None and app.ctl_end is not None
+    state = app.give_back()
+    daemon = ReceivingEnd.adopted(state, app.ctl_end, ReceiverConfig(window_messages=16))
+    assert not daemon.connected and daemon.messages == 2 and daemon.rx.next_seq == 2
+    assert daemon.give_back() == replace(state, ctl_seal=app.ctl_end + LEASE)
+    app.frame_received(tx.seal(2, batch.pack([(b"h", b"y")])))  # the app goes on meanwhile
+    assert app.pop() is not None
+    daemon.taken_back(app.give_back())  # then gives the channel back: the daemon resumes
+    assert daemon.messages == 3
+    daemon.connection_adopted()
+    fb = daemon.take_feedback()
+    assert fb is not None
+    first, resumed = (sender_opener.open(f) for f in (app_fb, fb))
+    assert first.seq < app.ctl_end and resumed.seq == app.ctl_end + LEASE
+    got = decode_control(resumed.payload)
+    assert isinstance(got, Feedback) and got.ack == 3 and got.max_seq == 3 + 16
+
+
+@pytest.mark.parametrize("lie", [
+    lambda g, end: (replace(g, messages=2 ** 63), end),
+    lambda g, end: (replace(g, ctl_open=2 ** 63), end),
+    lambda g, end: (g, g.ctl_seal - 1),                 # the lease ends before its next seq
+    lambda g, end: (g, g.ctl_seal + LEASE + 1),         # a lease longer than one
+    lambda g, end: (g, 2 ** 63),
+    lambda g, end: (replace(g, send_key=b"short"), end),
+    lambda g, end: (replace(g, cipher=99), end),
+    lambda g, end: (replace(g, rx=(1, 2, 0, 0, 0)), end),  # popped beyond next
+])
+def test_a_state_a_channel_cannot_have_is_not_taken_on(lie: Any) -> None:
+    _, g = _handed_after_two_messages()
+    app = ReceivingEnd.for_application(g, ReceiverConfig())
+    assert app.ctl_end is not None
+    state, ctl_end = lie(app.give_back(), app.ctl_end)
+    with pytest.raises(LocalError):
+        ReceivingEnd.adopted(state, ctl_end, ReceiverConfig())

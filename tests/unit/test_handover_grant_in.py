@@ -1,4 +1,5 @@
-"""The ``grant-in`` message: what a receiving daemon hands its application with a socket."""
+"""The ``grant-in`` message: what a receiving daemon hands its application with a socket; and
+``adopt-in``, what the application offers back to a daemon that restarted under it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 
 from meshd.channel.inbound import InGrant
 from meshd.errors import ProtocolError
-from meshd.local.handover import decode_in_grant, encode_in_grant
+from meshd.local.handover import (decode_adopt_in, decode_in_grant, encode_adopt_in,
+                                  encode_in_grant)
 
 
 def _grant(messages: int = 9) -> InGrant:
@@ -40,4 +42,22 @@ def test_an_ipc_mark_that_is_not_a_count_up_to_the_grants_messages_is_refused(ba
     m["iu"] = bad
     with pytest.raises(ProtocolError) as err:
         decode_in_grant(m)
+    assert err.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_an_adoption_comes_back_as_it_was_sent(live: bool) -> None:
+    g = _grant()
+    info, ctl_end, got_live = decode_adopt_in(encode_adopt_in(g, 77, "aps", "reversed", live))
+    assert info.grant == g and (info.sender_name, info.path) == ("aps", "reversed")
+    assert ctl_end == 77 and got_live is live
+
+
+@pytest.mark.parametrize("field,bad", [("ce", -1), ("ce", True), ("ce", "7"), ("ce", None),
+                                       ("live", 1), ("live", None), ("cid", 5), ("rx", [1])])
+def test_a_malformed_adoption_is_refused(field: str, bad: Any) -> None:
+    m = encode_adopt_in(_grant(), 77, "aps", "direct", True)
+    m[field] = bad
+    with pytest.raises(ProtocolError) as err:
+        decode_adopt_in(m)
     assert err.value.reason == "malformed"

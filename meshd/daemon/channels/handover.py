@@ -31,7 +31,7 @@ from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socke
                                                serve_messages)
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
-from meshd.local.handover import MessageReader, encode_grant, pack, send_message
+from meshd.local.handover import MessageReader, as_bytes, encode_grant, pack, send_message
 
 log = logging.getLogger("meshd.daemon.channels.handover")
 
@@ -296,14 +296,14 @@ class Handovers:
     def _adopt(self, m: dict[str, Any]) -> Any:
         """A channel this daemon does not know from an application that holds its keys (the
         daemon restarted under it); LocalError if it cannot be taken on."""
-        cid, peer, name = bytes.fromhex(str(m["id"])), bytes(m["peer"]), str(m["name"])
+        cid, peer, name = bytes.fromhex(str(m["id"])), as_bytes(m["peer"]), str(m["name"])
         if cid in self.sending.out:
             raise LocalError("that channel is open here", reason="conflict")
         if not self.sending.view.is_member(peer):
             raise LocalError("the receiver is no member", reason="not-member")
         check_name(name)
         keys = ChannelKeys(cid, True, peer, int(m["cipher"]), int(m["sd"]), int(m["rd"]), b"",
-                           bytes(m["sk"]), bytes(m["rk"]))
+                           as_bytes(m["sk"]), as_bytes(m["rk"]))
         path = str(m["path"])
         self.counters.count("adopted")
         log.info("channel %r to %s: taken on from its application", name,

@@ -54,6 +54,7 @@ class InChannel(Protocol):
 
 class ReceiverPort(Protocol):
     name: str
+    allow: frozenset[bytes] | None
     lease: InLease | None
     pushed: dict[bytes, int]
 
@@ -78,6 +79,8 @@ class Receiving(Protocol):
     def finished(self, inc: Any) -> None: ...
 
     def end(self, inc: Any, reason: str, message: str) -> None: ...
+
+    def adopt_in(self, lease: InLease, cid: bytes, msg: dict[str, Any]) -> None: ...
 
 
 log = logging.getLogger("meshd.daemon.channels.handover")
@@ -190,6 +193,12 @@ class InLease:
         """``inc`` ended from outside: the application delivers nothing more of it."""
         self._send({"t": "cut", "id": inc.cid.hex(), "reason": reason, "message": message})
 
+    def refuse_adoption(self, cid: bytes, message: str) -> None:
+        """The application offered channel ``cid`` (``adopt-in``) and this daemon will not take
+        it on: the application ends it itself, after what it holds of it."""
+        self._send({"t": "cut", "id": cid.hex(), "reason": "failed", "message": message,
+                    "tell": True})
+
     def _send(self, msg: dict[str, Any], sock: socket.socket | None = None) -> None:
         """Queue ``msg`` (with a descriptor of ``sock``) for :meth:`_write`, which sends the
         messages whole and in order.  The queue holds its own duplicate of the descriptor: the
@@ -246,6 +255,9 @@ class InLease:
             cid = bytes.fromhex(str(msg.get("id", "")))
         except ValueError:
             raise ProtocolError("a channel id that is not hex", reason="malformed") from None
+        if msg["t"] == "adopt-in":
+            self.receiving.adopt_in(self, cid, msg)
+            return
         inc = self.receiving.inc.get(cid)
         if inc is None or inc.lease is not self or not inc.handed:
             return  # ended meanwhile (cut, or the daemon took it back)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,8 +30,10 @@ from meshd.channel.frames import Block, Opener
 from meshd.channel.handshake import ChannelKeys, Responder
 from meshd.channel.inbound import InGrant, ReceivingEnd, open_first
 from meshd.channel.reliable import ReceiverConfig
+from meshd.daemon.channels.adopt_in import take_on
 from meshd.daemon.channels.connection import DataConnection, unhold
 from meshd.daemon.channels.handover_in import InLease, cut_socket
+from meshd.daemon.channels.in_channel import InChannel, RSide
 from meshd.daemon.channels.ipc import IpcEndpoints, close_watched, until_app_leaves
 from meshd.local.ipc import ChannelEnd, delivery_frames, pack_end, pack_meta
 from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
@@ -43,7 +44,6 @@ from meshd.errors import LocalError, ProtocolError
 from meshd.local.ring import Ring
 from meshd.state.config import Config
 from meshd.state.view import MeshView
-from meshd.trust.identity import site_id_of
 
 log = logging.getLogger("meshd.daemon.channels.inbound")
 
@@ -53,96 +53,6 @@ TunnelAcceptor = Callable[[DataConnection, ChannelKeys, Opener, str, str, "bytes
 _BIG_PAYLOAD = 64 << 10
 """Payloads at least this big are handed to ZeroMQ without a copy."""
 
-
-class _RSide:
-    """What a receiving-end data connection is for, before and after it joins a channel."""
-
-    __slots__ = ("cid", "inc", "path", "pending", "relay", "sender")
-
-    def __init__(self, cid: bytes, sender: bytes, path: str, relay: bytes | None) -> None:
-        self.cid = cid
-        self.sender = sender
-        self.path = path
-        self.relay = relay
-        self.pending: ChannelKeys | None = None
-        self.inc: InChannel | None = None
-
-
-class InChannel:
-    """The receiving end of one channel: its core, its current connection, the feedback flush."""
-
-    def __init__(self, core: ReceivingEnd, side: _RSide) -> None:
-        self.core = core
-        self.cid = core.cid
-        self.sender = core.sender
-        self.name = core.name
-        self.conn: DataConnection | None = None
-        self.path = side.path
-        self.relay = side.relay
-        self.created = time.time()
-        self.lease: InLease | None = None
-        """The receiving application's lease, once it was given this channel."""
-        self.giving = False
-        """A hand-over to the application is under way."""
-        self.handed = False
-        """The application holds the channel's connection and receiving end."""
-        self.dup: socket.socket | None = None
-        """The daemon's duplicate of the handed-over socket (to cut it)."""
-        self.waiting: tuple[DataConnection, _RSide, Block] | None = None
-        """A new connection the sender resumed on while the application held the channel,
-        with its first frame, held until the application gives the channel back."""
-
-    def drop_handed(self) -> None:
-        """Cut what the application holds of this channel (it ended)."""
-        cut_socket(self.dup)
-        self.dup = None
-        self.handed = self.giving = False
-        if self.waiting is not None:
-            self.waiting[0].abort("the channel ended")
-            self.waiting = None
-
-    def adopt(self, conn: DataConnection, side: _RSide) -> None:
-        self.conn = conn
-        self.path, self.relay = side.path, side.relay
-        side.inc = self
-        self.core.connection_adopted()
-        self.pump()
-
-    def on_frame(self, conn: DataConnection, side: _RSide, body: Block) -> bool:
-        """Take a frame; whether ``conn`` became the channel's connection with it."""
-        self.core.frame_received(body)  # ProtocolError: the connection is dropped, not the channel
-        adopted = conn is not self.conn
-        if adopted:
-            self.adopt(conn, side)
-        self.pump()
-        return adopted
-
-    def lost(self, conn: DataConnection) -> None:
-        if conn is self.conn:
-            self.conn = None
-            self.core.connection_lost()
-
-    def pump(self) -> None:
-        """Run a feedback flush soon if the core wants one."""
-        if self.core.take_flush():
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        frame = self.core.take_feedback()
-        if frame is not None and self.conn is not None:
-            self.conn.send(link.FRAME, frame)
-
-    def describe(self, view: MeshView) -> dict[str, Any]:
-        core = self.core
-        elapsed = max(1e-9, time.time() - self.created)
-        return {
-            "id": self.cid.hex(), "name": self.name, "direction": "in",
-            "peer": view.name_of(self.sender), "peer_id": site_id_of(self.sender),
-            "path": self.path, "relay": view.name_of(self.relay) if self.relay else None,
-            "state": "open" if self.handed else core.state, "bytes": core.bytes,
-            "messages": core.messages, "rate_Bps": round(core.bytes / elapsed),
-            "retransmits": None, **core.counters(), "handed_over": self.handed,
-        }
 
 
 class ReceiverPort:
@@ -244,18 +154,18 @@ class Receiving:
     # -- connections -------------------------------------------------------------------------
 
     def start_end(self, conn: DataConnection, cid: bytes, sender: bytes, path: str,
-                  relay: bytes | None) -> _RSide:
+                  relay: bytes | None) -> RSide:
         """Make ``conn`` a receiving end of channel ``cid`` from ``sender``."""
-        side = _RSide(cid, sender, path, relay)
+        side = RSide(cid, sender, path, relay)
         conn.owner = side
         conn.handler = self.on_record
         return side
 
     def conn_lost(self, conn: DataConnection) -> None:
         owner = conn.owner
-        if isinstance(owner, _RSide) and owner.inc is not None:
+        if isinstance(owner, RSide) and owner.inc is not None:
             owner.inc.lost(conn)
-        elif isinstance(owner, _RSide):
+        elif isinstance(owner, RSide):
             inc = self.inc.get(owner.cid)
             if inc is not None and inc.waiting is not None and inc.waiting[0] is conn:
                 inc.waiting = None
@@ -270,7 +180,7 @@ class Receiving:
 
     def on_record(self, conn: DataConnection, kind: int, body: Block) -> None:
         side = conn.owner
-        assert isinstance(side, _RSide)
+        assert isinstance(side, RSide)
         if not self.view.is_member(side.sender):  # revoked since it connected
             self.counters.count("refused_not_member")
             conn.abort("the sender is no member of this mesh any more")
@@ -307,7 +217,7 @@ class Receiving:
             return
         self._open(conn, side, side.pending, body)
 
-    def _open(self, conn: DataConnection, side: _RSide, keys: ChannelKeys, body: Block) -> None:
+    def _open(self, conn: DataConnection, side: RSide, keys: ChannelKeys, body: Block) -> None:
         opener, kind, name = open_first(keys, body)
         if kind == CTRL_TUNNEL:
             side.pending = None
@@ -321,9 +231,7 @@ class Receiving:
             self.counters.count("refused_policy")
             conn.refuse(f"not-allowed: channel {name!r} does not take messages from you")
             return
-        cfg = self.config
-        core = ReceivingEnd(keys, opener, name, ReceiverConfig(
-            window_messages=cfg.channel_window_messages, window_bytes=cfg.channel_window_bytes))
+        core = ReceivingEnd(keys, opener, name, self.window())
         inc = InChannel(core, side)
         self.inc[side.cid] = inc
         inc.adopt(conn, side)
@@ -331,6 +239,12 @@ class Receiving:
         log.info("channel %r from %s open (%s%s)", name, self.view.name_of(side.sender),
                  side.path, f" via {self.view.name_of(side.relay)}" if side.relay else "")
         self.wake_port(name)
+
+    def window(self) -> ReceiverConfig:
+        """The receiving window of this site's channels (its config)."""
+        cfg = self.config
+        return ReceiverConfig(window_messages=cfg.channel_window_messages,
+                              window_bytes=cfg.channel_window_bytes)
 
     async def dial_back(self, sender: bytes, req: DialRequest) -> None:
         """A sender asked us to dial it (a reversed path), maybe with its Hello inside.
@@ -389,7 +303,7 @@ class Receiving:
             if inc.conn is not None and not (inc.giving or inc.handed):
                 self._offer(inc, inc.conn)
 
-    def _hold_for_app(self, inc: InChannel, conn: DataConnection, side: _RSide,
+    def _hold_for_app(self, inc: InChannel, conn: DataConnection, side: RSide,
                       body: Block) -> None:
         """A new connection of a channel the application holds: kept, its first frame unread,
         until the application gives the channel back."""
@@ -399,6 +313,12 @@ class Receiving:
         inc.waiting = (conn, side, body)
         if inc.handed and inc.lease is not None:
             inc.lease.ask_back(inc)
+
+    def adopt_in(self, lease: InLease, cid: bytes, msg: dict[str, Any]) -> None:
+        """The application holding ``lease`` offers channel ``cid`` (see
+        :func:`.adopt_in.take_on`)."""
+        if (inc := take_on(self, lease, cid, msg)) is not None:
+            self.inc[cid] = inc
 
     def after_give(self, inc: InChannel) -> None:
         """A hand-over of ``inc`` ended (done or not): a connection that waited meanwhile."""
@@ -475,7 +395,10 @@ class Receiving:
             port.wake.set()
 
     def open_receiver(self, name: str, allow: frozenset[bytes] | None,
-                      ring: Ring | None) -> ReceiverPort:
+                      ring: Ring | None, replace: bool = True) -> ReceiverPort:
+        if not replace and name in self.ports:
+            raise LocalError(f"a receiver of {name!r} is open at this site already",
+                             reason="conflict")
         old = self.ports.pop(name, None)
         if old is not None:  # the newest receiver takes over (the old app may have died)
             old.close()

@@ -294,17 +294,19 @@ class ChannelService:
                              reason="busy")
 
     def open_receiver(self, name: str, allow: list[bytes] | None,
-                      ring: Ring | None = None) -> ReceiverPort:
-        """``ring``: shared memory the application maps (see :meth:`make_ring`)."""
+                      ring: Ring | None = None, replace: bool = True) -> ReceiverPort:
+        """``ring``: shared memory the application maps (see :meth:`make_ring`); ``replace``:
+        a receiver of ``name`` open already is closed (else LocalError ``conflict``)."""
         check_name(name)
         try:
             self._check_receiver_room(name)
+            return self.receiving.open_receiver(name, frozenset(allow) if allow else None, ring,
+                                                replace)
         except LocalError:
             if ring is not None:
                 ring.unlink()
                 ring.close()
             raise
-        return self.receiving.open_receiver(name, frozenset(allow) if allow else None, ring)
 
     def handover_path(self, asked: bool) -> str | None:
         """The hand-over socket's path for an application that ``asked`` to take its data

@@ -1,0 +1,204 @@
+"""A receiver's hand-over lease as the reader thread of :mod:`.direct_in` reads it: what the
+daemon says (grants, leftovers, ``yield``, ``cut``), and the way back to a daemon that
+restarted.
+
+When the lease reaches its end of file the daemon went away (a crash, or a stop: a stopping
+daemon lets its channels go without cutting them).  The links go on: their connections do not
+need the daemon.  A link whose connection breaks meanwhile is kept as an *orphan*: what it holds
+is still handed out, and its state waits for the daemon.  Every
+:data:`~meshd.app.handover.REJOIN_EVERY` seconds the reader thread asks the daemon of the same
+home to open the receiver again (``rejoin``: never taking the name from a receiver opened since),
+takes the new lease and offers it every channel it holds (``adopt-in``): the live links as
+handed over, the orphans as waiting for their senders to resume.  The receiving call then moves
+its ipc socket to the new receiver's endpoint.  An orphan whose daemon is not back within
+:data:`~meshd.app.handover.REJOIN_FOR` seconds ends (``failed``), as does a channel the new
+daemon refuses (with its reason); a receiver whose name another receiver took meanwhile stops
+trying, and its channels end as their connections do.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from meshd.app.handover import REJOIN_EVERY, REJOIN_FOR, dial_lease
+from meshd.app.in_link import Cut, InLink
+from meshd.errors import LocalError, MeshdError, ProtocolError
+from meshd.local.handover import MessageReader, encode_adopt_in, recv_messages
+
+log = logging.getLogger("meshd.app.streams")
+
+__all__ = ["Rejoin", "Reopen", "read_lease"]
+
+Reopen = Callable[[], dict[str, Any]]
+"""Opens the receiver again at its daemon (``rejoin``): the control API's answer."""
+
+
+class InLinks(Protocol):
+    """What this module needs of :class:`~meshd.app.direct_in.InLinks` (typed here: that
+    module imports this one)."""
+
+    channel: str
+    lock: threading.Lock
+    links: dict[bytes, InLink]
+    lease: socket.socket | None
+    reader: MessageReader
+    fds: list[int]
+    left: dict[bytes, bytes]
+    rejoin: Rejoin
+
+    def give_back(self, ln: InLink, why: str) -> None: ...
+
+    def granted(self, msg: dict[str, Any], fd: int) -> None: ...
+
+    def cut_here(self, cid: bytes, cut: Cut) -> None: ...
+
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+    def send_when_taken(self, cid: bytes, msg: dict[str, Any]) -> None: ...
+
+
+class Rejoin:
+    """The reader thread's way back to a daemon that restarted (see the module docstring)."""
+
+    def __init__(self, reopen: Reopen | None, channel: str) -> None:
+        self._reopen = reopen
+        self._channel = channel
+        self.gone_since: float | None = None
+        """When the daemon went away, while a daemon is awaited."""
+        self._next_try = 0.0
+        self.orphans: dict[bytes, InLink] = {}
+        """Links whose connections broke while the daemon was away."""
+        self.senders: dict[bytes, str] = {}
+        """Sender names of the channels offered to the last daemon that came back."""
+        self.endpoint: str | None = None
+        """The ipc endpoint of the receiver at the daemon that came back (the receiving call
+        moves its socket there)."""
+
+    def lost(self, now: float) -> None:
+        """The lease reached its end of file (under the lock)."""
+        if self._reopen is not None:
+            self.gone_since, self._next_try = now, now
+
+    def orphan(self, ln: InLink, why: str) -> Cut | None:
+        """(Under the lock.)  ``ln``'s connection broke while the daemon was away: kept for the
+        daemon that comes back (None), or, if none is awaited, the end to tell once what it
+        holds is handed out."""
+        if self.gone_since is None:
+            return Cut(ln.cid, ln.sender_name, "failed",
+                       f"the connection broke ({why}) while the daemon was away", True)
+        self.orphans[ln.cid] = ln
+        return None
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until the next try; None while no daemon is awaited."""
+        return None if self.gone_since is None else max(0.0, self._next_try - now)
+
+    def step(self, links: InLinks, now: float) -> bool:
+        """(The reader thread, outside the lock.)  Try to come back to the daemon if a try is
+        due; whether the receiving call has something new (a new endpoint, ended orphans)."""
+        if self._reopen is None or self.gone_since is None or now < self._next_try:
+            return False
+        self._next_try = now + REJOIN_EVERY
+        woke = False
+        if now - self.gone_since > REJOIN_FOR and self.orphans:
+            self._end_orphans(links, f"the connection broke while the daemon was away, and it"
+                                     f" was not back within {REJOIN_FOR:.0f} s")
+            woke = True
+        try:
+            info = self._reopen()
+            path, token = info.get("handover"), info.get("port")
+            lease = (dial_lease(str(path), {"t": "receive", "port": str(token)})
+                     if path and token else None)
+        except LocalError as exc:
+            if exc.reason != "conflict":
+                return woke
+            log.warning("receiver %r: its daemon came back with a newer receiver of the name;"
+                        " this one goes on without it", self._channel)
+            self.gone_since = None
+            self._end_orphans(links, "the daemon came back with another receiver of the name")
+            return True
+        except (MeshdError, OSError):
+            return woke  # not back yet
+        self._adopt_all(links, lease, str(info.get("endpoint", "")))
+        return True
+
+    def _adopt_all(self, links: InLinks, lease: socket.socket | None, endpoint: str) -> None:
+        """Offer every channel held here to the daemon that came back (``lease``: its hand-over
+        lease; None if it hands nothing over any more: the orphans end)."""
+        with links.lock:
+            self.gone_since = None
+            self.endpoint = endpoint or None
+            if lease is None:
+                log.warning("receiver %r: its daemon came back without hand-over; the channels"
+                            " held here end as their connections do", self._channel)
+                self._end_orphans(links, "the daemon came back without hand-over", locked=True)
+                return
+            links.lease = lease
+            self.senders = {}
+            for ln in links.links.values():
+                self.senders[ln.cid] = ln.sender_name
+                links.send(encode_adopt_in(ln.core.give_back(), ln.core.ctl_end or 0,
+                                           ln.sender_name, ln.path, True))
+            for ln in self.orphans.values():
+                self.senders[ln.cid] = ln.sender_name
+                links.send_when_taken(ln.cid, encode_adopt_in(
+                    ln.core.give_back(), ln.core.ctl_end or 0, ln.sender_name, ln.path, False))
+            log.info("receiver %r: back with its daemon; offered it %d channel(s), %d of them"
+                     " to resume", self._channel, len(self.senders), len(self.orphans))
+            self.orphans.clear()
+
+    def _end_orphans(self, links: InLinks, why: str, locked: bool = False) -> None:
+        if not locked:
+            with links.lock:
+                self._end_orphans(links, why, True)
+            return
+        for ln in self.orphans.values():
+            links.cut_here(ln.cid, Cut(ln.cid, ln.sender_name, "failed", why, True))
+        self.orphans.clear()
+
+
+def read_lease(links: InLinks, lease: socket.socket) -> bool:
+    """Read what the daemon sent on ``lease`` and act on it (the reader thread); whether the
+    receiving call has something new."""
+    try:
+        msgs = recv_messages(lease, links.reader, links.fds)
+    except (OSError, LocalError, ProtocolError) as exc:
+        # The daemon went away: the links go on (their connections do not need it).
+        log.info("receiver %r: the daemon left the hand-over socket: %s", links.channel, exc)
+        with links.lock:
+            links.lease = None
+            lease.close()
+            links.rejoin.lost(time.monotonic())
+        return True
+    for msg in msgs:
+        t = msg["t"]
+        if t == "grant-in" and links.fds:
+            links.granted(msg, links.fds.pop(0))
+            continue
+        cid = _cid(msg)
+        if t == "left" and isinstance(msg.get("b"), bytes):
+            links.left[cid] = links.left.get(cid, b"") + msg["b"]
+            continue
+        with links.lock:
+            ln = links.links.get(cid)
+            if t == "yield" and ln is not None:
+                links.give_back(ln, "the sender resumed on a new connection")
+            elif t == "cut":
+                tell = msg.get("tell") is True  # an adopt-in refused: no end notice follows
+                name = ln.sender_name if ln is not None else links.rejoin.senders.get(cid, "")
+                links.cut_here(cid, Cut(cid, name if tell else "",
+                                        str(msg.get("reason", "failed")),
+                                        str(msg.get("message", "")), tell))
+    return True
+
+
+def _cid(msg: dict[str, Any]) -> bytes:
+    try:
+        return bytes.fromhex(str(msg.get("id", "")))
+    except ValueError:
+        return b""
