@@ -275,6 +275,34 @@ def test_an_asyncio_receiver_holds_the_connection(sites: Any) -> None:
     assert got == list(range(60)) and handed and reason == "closed"
 
 
+def test_an_asyncio_receiver_comes_back_to_its_restarted_daemon(sites: Any) -> None:
+    a, b = mesh_of(sites, "aps", "alcf")
+
+    async def main() -> tuple[list[int], str]:
+        async with meshd.aconnect(b.home) as mb:
+            rx = await mb.receiver("frames")
+            with meshd.connect(a.home) as ma:
+                tx = ma.sender("frames", to="alcf")
+                n = _send(tx, 0, 20)
+                got = [int((await rx.recv(timeout=60)).meta["i"]) for _ in range(n)]
+                b.kill()
+                b.start()
+                await asyncio.to_thread(_adopted, b, b.client)
+                _cut_at_receiver(rx)  # resumed through the daemon that took it on
+                n = _send(tx, n, 20)
+                got += [int((await rx.recv(timeout=60)).meta["i"]) for _ in range(20)]
+                tx.close()
+            try:
+                await rx.recv(timeout=30)
+                reason = "none"
+            except meshd.ChannelClosed as exc:
+                reason = exc.reason
+            return got, reason
+
+    got, reason = asyncio.run(main())
+    assert got == list(range(40)) and reason == "closed"
+
+
 def test_a_frame_read_by_the_daemon_before_the_hand_over_is_delivered_without_a_resend(
         sites: Any) -> None:
     """Bug: a frame the daemon had read past the channel's first one came to the application
