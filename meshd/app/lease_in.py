@@ -71,6 +71,8 @@ class Rejoin:
         self.gone_since: float | None = None
         """When the daemon went away, while a daemon is awaited."""
         self._next_try = 0.0
+        self._opened: dict[str, Any] | None = None
+        """The control API's answer of the last try, while its lease is still to be dialed."""
         self.orphans: dict[bytes, InLink] = {}
         """Links whose connections broke while the daemon was away."""
         self.senders: dict[bytes, str] = {}
@@ -82,7 +84,7 @@ class Rejoin:
     def lost(self, now: float) -> None:
         """The lease reached its end of file (under the lock)."""
         if self._reopen is not None:
-            self.gone_since, self._next_try = now, now
+            self.gone_since, self._next_try, self._opened = now, now, None
 
     def orphan(self, ln: InLink, why: str) -> Cut | None:
         """(Under the lock.)  ``ln``'s connection broke while the daemon was away: kept for the
@@ -110,10 +112,14 @@ class Rejoin:
                                      f" was not back within {REJOIN_FOR:.0f} s")
             woke = True
         try:
-            info = self._reopen()
+            # A receiver opened at the last try whose lease could not be dialed is dialed
+            # again: opening it again would find the name taken (by this receiver).
+            info = self._opened if self._opened is not None else self._reopen()
+            self._opened = info
             path, token = info.get("handover"), info.get("port")
             lease = (dial_lease(str(path), {"t": "receive", "port": str(token)})
                      if path and token else None)
+            self._opened = None
         except LocalError as exc:
             if exc.reason != "conflict":
                 return woke
