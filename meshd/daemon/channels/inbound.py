@@ -414,7 +414,7 @@ class Receiving:
 
     def close(self) -> None:
         """The daemon stops: handed-over channels go on in their applications (their
-        connections are not cut; a new daemon does not know them)."""
+        connections are not cut), which offer them to the next daemon (:mod:`.adopt_in`)."""
         self.stopping = True
         for port in list(self.ports.values()):
             port.close()
