@@ -114,7 +114,7 @@ def mono_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-def _cpu_ticks(pid: int) -> int | None:
+def cpu_ticks(pid: int) -> int | None:
     """utime + stime of process ``pid`` (clock ticks), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -122,6 +122,30 @@ def _cpu_ticks(pid: int) -> int | None:
     except OSError:
         return None
     return int(fields[11]) + int(fields[12])
+
+
+def tree_cpu_ticks(pid: int) -> int | None:
+    """utime + stime of process ``pid`` and every live process under it (clock ticks): an
+    ``sshd`` forks the process that carries a connection; None if ``pid`` is gone."""
+    own = cpu_ticks(pid)
+    if own is None:
+        return None
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    total, todo = own, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, ppid in parents.items():
+            if ppid == parent:
+                todo.append(child)
+                total += cpu_ticks(child) or 0
+    return total
 
 
 class CpuSampler:
@@ -141,7 +165,7 @@ class CpuSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((mono_ns(), {r: _cpu_ticks(p) for r, p in self.pids.items()}))
+            self.samples.append((mono_ns(), {r: cpu_ticks(p) for r, p in self.pids.items()}))
             self._stop.wait(self._interval)
 
     def stop(self) -> None:
@@ -484,11 +508,12 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def stunnel_pair(target_port: int) -> Iterator[int]:
+def stunnel_pair(target_port: int, pids: dict[str, int] | None = None) -> Iterator[int]:
     """Client stunnel on P1 -> TLS -> server stunnel on P2 -> ``target_port``; yields P1.
 
     Both run in the foreground as child processes (config ``foreground = yes``, no pid file) and
-    are terminated (then killed) on exit; their logs go to a temporary directory.
+    are terminated (then killed) on exit; their logs go to a temporary directory.  ``pids``
+    (if given) gets their process ids as ``entry`` (the client) and ``exit`` (the server).
     """
     exe = stunnel_binary()
     if exe is None:
@@ -509,6 +534,8 @@ def stunnel_pair(target_port: int) -> Iterator[int]:
             log = tmp / f"{side}.log"
             procs.append(_spawn([exe, str(tmp / f"{side}.conf")], log))
             _wait_accepts(port, procs[-1], log, STUNNEL_READY)
+        if pids is not None:
+            pids.update({"exit": procs[0].pid, "entry": procs[1].pid})
         yield p1
     finally:
         _stop(procs)
@@ -520,12 +547,14 @@ def sshd_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def ssh_forward(target_port: int) -> Iterator[int]:
+def ssh_forward(target_port: int, pids: dict[str, int] | None = None) -> Iterator[int]:
     """``ssh -L P:127.0.0.1:target_port`` through a throwaway ``sshd`` on loopback; yields P.
 
     The sshd runs in the foreground (``-D -e``) with its own host key, config and authorized
     key (nothing of the system's sshd is used or changed); the client is ``ssh -N`` with the
-    default cipher choice. Both are stopped on exit. Needs openssh-server and openssh-client."""
+    default cipher choice. Both are stopped on exit. Needs openssh-server and openssh-client.
+    ``pids`` (if given) gets their process ids as ``entry`` (ssh) and ``exit`` (sshd, whose
+    child carries the connection)."""
     sshd, ssh, keygen = sshd_binary(), shutil.which("ssh"), shutil.which("ssh-keygen")
     if sshd is None or ssh is None or keygen is None:
         raise Unavailable("not installed (apt-get install -y openssh-server openssh-client)")
@@ -555,6 +584,8 @@ def ssh_forward(target_port: int) -> Iterator[int]:
              "-L", f"127.0.0.1:{p_fwd}:127.0.0.1:{target_port}", f"{user}@127.0.0.1"],
             tmp / "ssh.log"))
         _wait_accepts(p_fwd, procs[-1], tmp / "ssh.log", STUNNEL_READY, "ssh -L")
+        if pids is not None:
+            pids.update({"entry": procs[1].pid, "exit": procs[0].pid})
         yield p_fwd
     finally:
         _stop(procs)

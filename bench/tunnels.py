@@ -15,7 +15,11 @@ data connection is direct.  Every app is its own process (multiprocessing, spawn
   ``stunnel`` and ``ssh`` are ``null`` with the reason in ``unavailable`` when the tools are
   missing (install ``stunnel4`` and ``openssh-server`` in the bench's set-up, never in tests).
   ``ssh`` runs a throwaway ``sshd`` on loopback (its own host key and config) and ``ssh -N -L``
-  with OpenSSH's default cipher.
+  with OpenSSH's default cipher.  ``bulk_cpu_s_per_GB`` gives, per column, the CPU seconds
+  per GB of each process role during that stream (``/proc/PID/stat`` before and after, each
+  with the processes under it): ``sender`` (this bench process), ``entry`` (the stunnel
+  client, ``ssh``, the consuming daemon), ``exit`` (the stunnel server, ``sshd``, the owning
+  daemon) and ``sink``.  On two cores their sum bounds the rate: 2 / sum GB/s.
 - ``pyzmq``: PUSH -> PULL of 1 MiB messages for ``--seconds`` (bench/_baselines.py), raw,
   through stunnel and through the tunnel, in MB/s.
 - ``connect_ms``: connect-to-first-byte of a new TCP connection through the established tunnel
@@ -50,8 +54,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _baselines import (Pair, Unavailable, ssh_forward, sshd_binary, stunnel_binary, stunnel_pair,
-                        zmq_receiver, zmq_sender)
+from _baselines import (Pair, ssh_forward, sshd_binary, stunnel_binary, stunnel_pair,
+                        cpu_ticks, tree_cpu_ticks, zmq_receiver, zmq_sender)
 
 from meshd.app.client import Client
 from meshd.testing.processes import start_daemon, stop_daemons, wait_until
@@ -118,9 +122,13 @@ def expected_digest(data: bytes, size: int) -> str:
     return h.hexdigest()
 
 
-def bulk(port: int, data: bytes, size: int, digest: str) -> float:
-    """MB/s of ``size`` bytes to the sink at ``port``, digest checked."""
+def bulk(port: int, data: bytes, size: int, digest: str,
+         roles: dict[str, int] | None = None) -> float:
+    """MB/s of ``size`` bytes to the sink at ``port``, digest checked.  ``roles`` (name: pid,
+    each with the processes under it): their CPU seconds per GB during the stream are put in
+    :data:`CPU` under the column being measured (set :data:`COLUMN` first)."""
     view = memoryview(data)
+    ticks = {r: _ticks(r, p) for r, p in (roles or {}).items()}
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as c:
         for _ in range(size // BLOCK):
@@ -132,7 +140,25 @@ def bulk(port: int, data: bytes, size: int, digest: str) -> float:
     dt = time.perf_counter() - t0
     if got.decode() != digest:
         raise RuntimeError("the sha256 of what arrived differs from what was sent")
+    if roles:
+        tick = os.sysconf("SC_CLK_TCK")
+        after = {r: _ticks(r, p) for r, p in roles.items()}
+        CPU[COLUMN[0]] = {r: None if ticks[r] is None or after[r] is None
+                          else round((after[r] - ticks[r]) / tick / (size / 1e9), 3)  # type: ignore[operator]
+                          for r in roles}
     return size / dt / 1e6
+
+
+def _ticks(role: str, pid: int) -> int | None:
+    """CPU ticks of a role's process: the gateways with the processes under them (an sshd
+    forks the one that carries the connection), the bench itself (the sender) and the sink
+    alone (every app is a child of the bench)."""
+    return tree_cpu_ticks(pid) if role in ("entry", "exit") else cpu_ticks(pid)
+
+
+CPU: dict[str, dict[str, float | None]] = {}
+"""CPU seconds per GB of each process role, by bulk column (see :func:`bulk`)."""
+COLUMN = ["raw_tcp"]
 
 
 # --- the mesh ---------------------------------------------------------------------------------
@@ -260,15 +286,21 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
     mesh = Mesh()
     try:
         bulk_mbps: dict[str, Any] = {"raw_tcp": None, "tunnel": None, "stunnel": None, "ssh": None}
-        bulk_mbps["raw_tcp"] = round(bulk(sink_port, data, size, digest), 1)
+        ends = {"sender": os.getpid(), "sink": sink.pid}
+        COLUMN[0] = "raw_tcp"
+        bulk_mbps["raw_tcp"] = round(bulk(sink_port, data, size, digest, ends), 1)
         say(f"bulk raw_tcp {bulk_mbps['raw_tcp']} MB/s")
         if "stunnel" not in unavailable:
-            with stunnel_pair(sink_port) as p1:
-                bulk_mbps["stunnel"] = round(bulk(p1, data, size, digest), 1)
+            pids: dict[str, int] = {}
+            with stunnel_pair(sink_port, pids) as p1:
+                COLUMN[0] = "stunnel"
+                bulk_mbps["stunnel"] = round(bulk(p1, data, size, digest, {**ends, **pids}), 1)
             say(f"bulk stunnel {bulk_mbps['stunnel']} MB/s")
         if "ssh" not in unavailable:
-            with ssh_forward(sink_port) as p1:
-                bulk_mbps["ssh"] = round(bulk(p1, data, size, digest), 1)
+            pids = {}
+            with ssh_forward(sink_port, pids) as p1:
+                COLUMN[0] = "ssh"
+                bulk_mbps["ssh"] = round(bulk(p1, data, size, digest, {**ends, **pids}), 1)
             say(f"bulk ssh -L {bulk_mbps['ssh']} MB/s")
         zmq_mbps: dict[str, Any] = {"raw": round(pyzmq(_Same, seconds), 1), "tunnel": None,
                                     "stunnel": None}
@@ -278,7 +310,9 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
             say(f"pyzmq stunnel {zmq_mbps['stunnel']} MB/s")
         mesh.start()
         sink_tunnel = mesh.tunnel("sink", sink_port)
-        bulk_mbps["tunnel"] = round(bulk(sink_tunnel, data, size, digest), 1)
+        COLUMN[0] = "tunnel"
+        bulk_mbps["tunnel"] = round(bulk(sink_tunnel, data, size, digest, {
+            **ends, "entry": mesh.procs[1].pid, "exit": mesh.procs[0].pid}), 1)
         say(f"bulk tunnel {bulk_mbps['tunnel']} MB/s")
 
         class _Tunnelled(_Same):
@@ -293,6 +327,7 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
         out["concurrent"] = {**concurrent(echo_tunnel, conns), "peak_rss": mesh.peak_rss()}
         say(f"concurrent {out['concurrent']}")
         out["bulk_MBps"] = bulk_mbps
+        out["bulk_cpu_s_per_GB"] = dict(CPU)
         out["pyzmq_1MiB_MBps"] = zmq_mbps
         out["raw_tcp"], out["tunnel"] = bulk_mbps["raw_tcp"], bulk_mbps["tunnel"]
         out["stunnel"], out["ssh"] = bulk_mbps["stunnel"], bulk_mbps["ssh"]
