@@ -102,7 +102,7 @@ class HandoverEnd:
         """Read the receiver's bytes once (as ``sock`` blocks) into ``core``; False if none
         were there yet or the connection broke (it is then given back to the daemon)."""
         try:
-            data = sock.recv(1 << 16)
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
             if not data:
                 raise OSError("the connection was closed")
             core.data_received(data, time.monotonic())
