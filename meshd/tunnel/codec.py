@@ -42,9 +42,10 @@ MAX_WINDOW = 16 << 20
 MAX_STREAM = (1 << 32) - 1
 MAX_FRAME_PAYLOAD = 4 << 20
 """Most plaintext bytes of messages a sender packs into one sealed frame (its choice: a
-receiver takes any frame up to the channel's limit).  4 MiB, one stream's largest window: a
-bulk stream then costs one read, one seal and one write per window (1 MiB frames spent
-0.3 CPU-s/GB more in the sending daemon, see docs/performance.md)."""
+receiver takes any frame up to the channel's limit).  4 MiB, a quarter of one stream's largest
+window (:data:`~.mux.MAX_STREAM_WINDOW`): a bulk stream then costs one read, one seal and one
+write per 4 MiB (1 MiB frames spent 0.3 CPU-s/GB more in the sending daemon, see
+docs/performance.md) and keeps four frames in flight."""
 
 # RESET reasons: code -> name (what the far end's client sees is a TCP reset either way)
 REASONS = {
