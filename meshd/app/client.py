@@ -177,14 +177,16 @@ class Client:
 
     def open_receiver(self, name: str, allow: list[str] | None = None,
                       ring_bytes: int = 0, handover: bool = False,
-                      rejoin: bool = False) -> dict[str, Any]:
+                      rejoin: bool = False, claim: str | None = None) -> dict[str, Any]:
         """``handover``: ask to take the channels' data connections (the answer's ``handover``
         is the hand-over socket's path and ``port`` the receiver's token if granted);
         ``rejoin``: a receiver coming back to its restarted daemon, which must not take the
-        name from a receiver opened meanwhile (LocalError ``conflict``)."""
+        name from a receiver opened meanwhile (LocalError ``conflict``), unless that one was
+        opened with the same ``claim`` (a random token of the receiver: its own earlier try)."""
         return self._call("POST", api.RECEIVERS, {"name": name, "allow": allow,  # type: ignore[no-any-return]
                                                   "ring_bytes": ring_bytes,
-                                                  "handover": handover, "rejoin": rejoin})
+                                                  "handover": handover, "rejoin": rejoin,
+                                                  "claim": claim})
 
     def close_receiver(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"{api.RECEIVERS}/{quote(name, safe='')}")  # type: ignore[no-any-return]

@@ -38,8 +38,8 @@ from meshd.app.in_link import AHEAD_BYTES, Broken, Cut, InLink
 from meshd.app.lease_in import Rejoin, Reopen, read_lease
 from meshd.app.message import Message
 from meshd.channel.reliable import ReceiverConfig
-from meshd.errors import LocalError, ProtocolError
-from meshd.local.handover import MessageReader, decode_in_grant, encode_state, pack
+from meshd.errors import LocalError
+from meshd.local.handover import MessageReader, encode_state, pack
 
 log = logging.getLogger("meshd.app.streams")
 
@@ -64,7 +64,7 @@ class InLinks:
         :mod:`.lease_in`); None: the channels end when their connections break after the
         daemon went away."""
         self.channel = channel
-        self._config = config
+        self.config = config
         try:
             self.lease: socket.socket | None = dial_lease(path, {"t": "receive", "port": token})
         except OSError as exc:
@@ -148,6 +148,7 @@ class InLinks:
                 self._retired.append(ln.sock)
             self.draining = [d for d in self.draining if d.cid != cid]
             self.deferred.pop(cid, None)
+            self.rejoin.given.pop(cid, None)
             self._poke()
 
     def close(self) -> None:
@@ -207,6 +208,7 @@ class InLinks:
         if self.lease is None:  # kept for a daemon that comes back, or ended here
             ln.cut_after = self.rejoin.orphan(ln, why)
         else:
+            self.rejoin.gave(ln)
             self.send_when_taken(ln.cid, {"t": "lost", "why": why[:200],
                                           **encode_state(ln.core.give_back())})
 
@@ -302,22 +304,11 @@ class InLinks:
                 self.give_back(ln, why)
         return bool(stalled)
 
-    def granted(self, msg: dict[str, Any], fd: int) -> None:
-        """The daemon handed a channel over (``grant-in`` with its descriptor ``fd``)."""
-        cid = msg.get("cid")
-        ln = _link_of(msg, fd, self.channel, self._config,
-                      self.left.pop(cid, b"") if isinstance(cid, bytes) else b"")
-        if ln is not None:
-            with self.lock:
-                if (old := self.links.pop(ln.cid, None)) is not None:
-                    old.sock.close()
-                ln.wait_for = _wait_for(ln, self.draining)
-                self.links[ln.cid] = ln
-
     def cut_here(self, cid: bytes, cut: Cut) -> None:
         """(Under the lock.)  Channel ``cid`` ended: what is held of it is dropped (the daemon
         cut it and its end notice follows on ipc), or, with ``cut.tell`` (no daemon tells this
         end), handed out first and the end told after it."""
+        self.rejoin.given.pop(cid, None)
         if (ln := self.links.pop(cid, None)) is not None:
             self._retired.append(ln.sock)
             self._poke()
@@ -351,13 +342,6 @@ class InLinks:
             self._poke_w.send(b"\0")
         except OSError:
             pass
-
-
-def _wait_for(ln: InLink, draining: Iterable[InLink]) -> int:
-    """The number of the message before which ``ln`` (just granted) waits: what this
-    receiver's earlier links of the channel still hold goes out first, and what the daemon sent
-    over its ipc socket; what an earlier receiver (closed since) took is never waited for."""
-    return max([ln.wait_for, *(d.core.messages for d in draining if d.cid == ln.cid)])
 
 
 def _ahead_of(links: Iterable[InLink], cid: bytes) -> int:
@@ -398,23 +382,6 @@ def _report(links: InLinks) -> None:
         ln.reported = core.messages
         links.send({"t": "count", "id": ln.cid.hex(), "m": core.messages, "b": core.bytes,
                      "dup": core.rx.duplicates})
-
-
-def _link_of(msg: dict[str, Any], fd: int, channel: str, config: ReceiverConfig,
-             left: bytes) -> InLink | None:
-    """The link a ``grant-in`` message and its descriptor make (``left``: the leftover that
-    came ahead of it in ``left`` messages); None (logged, the descriptor closed) if this end
-    cannot take it."""
-    sock = socket.socket(fileno=fd)
-    try:
-        info = decode_in_grant(msg)
-        if info.window is not None:  # the site's window: the sender's credit was made by it
-            config = ReceiverConfig(window_messages=info.window[0], window_bytes=info.window[1])
-        return InLink(info._replace(leftover=left + info.leftover), sock, channel, config)
-    except (ProtocolError, LocalError) as exc:
-        log.warning("receiver %r: a grant this end cannot take: %s", channel, exc)
-        sock.close()
-        return None
 
 
 def _drain(sock: socket.socket) -> None:

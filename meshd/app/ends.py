@@ -6,6 +6,7 @@ event loop."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import deque
 from types import TracebackType
 from typing import Any
@@ -70,15 +71,18 @@ def open_receiver(client: Client, name: str, allow: list[str] | None, ring_bytes
     one if the daemon's ring cannot be mapped.  ``handover``: ask to take the channels' data
     connections; a receiver whose daemon grants that has no ring (the daemon carries only what
     arrives before a hand-over)."""
-    info = client.open_receiver(name, allow, 0 if handover else ring_bytes, handover)
+    claim = secrets.token_hex(16)  # names this receiver when it opens itself again
+    info = client.open_receiver(name, allow, 0 if handover else ring_bytes, handover,
+                                claim=claim)
     if handover and not info.get("handover") and ring_bytes:  # refused: the daemon carries all
-        info = client.open_receiver(name, allow, ring_bytes, False)
+        info = client.open_receiver(name, allow, ring_bytes, False, claim=claim)
+    info["claim"] = claim
     if not info.get("ring"):
         return info, None
     try:
         ring = Ring.attach(info["ring"])
     except LocalError:  # cannot map the daemon's ring: ask for a receiver without one
-        return client.open_receiver(name, allow, 0), None
+        return {**client.open_receiver(name, allow, 0, claim=claim), "claim": claim}, None
     ring.unlink()
     return info, ReleaseTracker(ring)
 
@@ -223,10 +227,10 @@ class ReceiverEnd:
         self._ready: deque[Message | ChannelEnd] = deque()
         self.ended: list[ChannelClosed] = []
         """The channels to this receiver that ended, oldest first (see :meth:`_next`)."""
-        home = mesh.client.home.root
+        home, claim = mesh.client.home.root, info.get("claim")
         self._links = (InLinks(info["handover"], info["port"], self.name,
                                reopen=lambda: Client(home, REOPEN_TIMEOUT).open_receiver(
-                                   self.name, allow, 0, True, rejoin=True))
+                                   self.name, allow, 0, True, rejoin=True, claim=claim))
                        if info.get("handover") and info.get("port") else None)
         """The channels whose data connections this process holds (:mod:`.direct_in`)."""
 

@@ -378,15 +378,14 @@ class ControlServer:
     async def open_receiver(self, request: web.Request) -> web.Response:
         data = await _body(request)
         allow = _field(data, "allow", list, None)
-        keys = None
-        if allow is not None:
-            if not all(isinstance(a, str) for a in allow):
-                raise LocalError("allow must be a list of site names or ids", reason="usage")
-            keys = [self.admin.find_site(a) for a in allow]
+        if allow is not None and not all(isinstance(a, str) for a in allow):
+            raise LocalError("allow must be a list of site names or ids", reason="usage")
+        keys = None if allow is None else [self.admin.find_site(a) for a in allow]
         name = check_name(_field(data, "name", str))  # before any ring is made for it
         ring = await self.channels.make_ring(_field(data, "ring_bytes", int, 0), name)
         port = self.channels.open_receiver(name, keys, ring,
-                                           replace=not _field(data, "rejoin", bool, False))
+                                           replace=not _field(data, "rejoin", bool, False),
+                                           claim=_field(data, "claim", str, None))
         handover = self.channels.handover_path(_field(data, "handover", bool, False))
         return _json({"name": port.name, "endpoint": port.endpoint, "handover": handover,
                       "ring": None if port.ring is None else str(port.ring.path),

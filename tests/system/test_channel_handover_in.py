@@ -122,6 +122,8 @@ def test_a_receiver_comes_back_to_its_restarted_daemon_which_then_resumes_and_en
     with streaming(sites) as (a, b, mb, ma, rx, tx):
         n = _send(tx, 0, 30)
         tx.flush(timeout=60)
+        # (A channel the daemon still carries, not yet handed over, dies with it.)
+        wait_until(lambda: rx._links.links, 30, "the receiving application to hold the channel")
         b.kill() if how == "kill" else b.stop()
         n = _send(tx, n, 30)  # the application's connection goes on without its daemon
         b.start()
@@ -153,6 +155,7 @@ def test_a_connection_that_breaks_while_the_receiving_daemon_is_away_resumes_onc
         n = _send(tx, 0, 20)
         tx.flush(timeout=60)
         got = _drain(rx, 20)
+        wait_until(lambda: rx._links.links, 30, "the receiver to hold the channel")
         b.kill()
         _cut_at_receiver(rx)  # nobody to give the channel back to: the receiver keeps it
         wait_until(lambda: not rx._links.links, 30, "the receiver to see its connection cut")
@@ -168,13 +171,79 @@ def test_a_connection_that_breaks_while_the_receiving_daemon_is_away_resumes_onc
 
 def test_a_rejoining_receiver_never_takes_the_name_from_a_newer_one(sites: Any) -> None:
     _, b = mesh_of(sites, "aps", "alcf")
-    b.client.open_receiver("frames", handover=True)
-    try:
-        b.client.open_receiver("frames", handover=True, rejoin=True)
-        raise AssertionError("a rejoining receiver replaced an open one")
-    except meshd.LocalError as exc:
-        assert exc.reason == "conflict" and "open at this site already" in str(exc)
+    b.client.open_receiver("frames", handover=True, claim="theirs")
+    for claim in (None, "mine"):
+        try:
+            b.client.open_receiver("frames", handover=True, rejoin=True, claim=claim)
+            raise AssertionError("a rejoining receiver replaced an open one")
+        except meshd.LocalError as exc:
+            assert exc.reason == "conflict" and "open at this site already" in str(exc)
+    # Its own earlier try (whose answer it never got) is no conflict: the same claim.
+    first = b.client.open_receiver("frames", handover=True, rejoin=True, claim="theirs")
+    again = b.client.open_receiver("frames", handover=True, rejoin=True, claim="theirs")
+    assert first["port"] != again["port"]
     assert b.client.open_receiver("frames", handover=True)["port"]  # a plain open replaces it
+
+
+def test_a_receiver_replaced_after_its_daemon_restarted_ends_what_it_held(sites: Any) -> None:
+    """The new daemon took the channel on; a newer receiver of the name replaces the old one.
+    The daemon cuts the old receiver's connection (it kept a copy of the socket offered with
+    the channel) and the old receiver, finding the name taken, ends its channels: it goes on
+    with nothing that no daemon could cut (a revoked sender's, say)."""
+    with streaming(sites) as (a, b, mb, ma, rx, tx):
+        _send(tx, 0, 10)
+        tx.flush(timeout=60)
+        assert _drain(rx, 10) == list(range(10))
+        wait_until(lambda: rx._links.links, 30, "the receiver to hold the channel")
+        b.kill()
+        b.start()
+        _adopted(b, mb)
+        with meshd.connect(b.home) as mb2:
+            mb2.receiver("frames")  # a plain open: the newest receiver takes over
+            try:
+                while True:
+                    rx.recv(timeout=30)
+            except meshd.ChannelClosed as exc:
+                assert exc.reason == "failed"
+            assert b.client.status()["counters"]["channel_in_ended_failed"] == 1
+        ma._open.clear()  # its channel ended at b: closing it would wait for a path
+    assert "Traceback" not in b.log()
+
+
+def test_a_channel_whose_sender_gave_up_while_the_receiving_daemon_was_away_ends(
+        sites: Any) -> None:
+    """The receiver keeps a broken connection's channel for its daemon; the sender gives up
+    meanwhile.  The daemon that comes back takes the channel on as waiting, and ends it once
+    its sender did not resume it within twice ``channel_give_up``: the receiver hears why."""
+    give_up = {"aps": "channel_give_up = 2", "alcf": "channel_give_up = 2"}
+    a, b = mesh_of(sites, "aps", "alcf", configs=give_up)
+    with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
+        rx = mb.receiver("frames")
+        tx = ma.sender("frames", to="alcf")
+        _send(tx, 0, 10)
+        tx.flush(timeout=60)
+        assert _drain(rx, 10) == list(range(10))
+        wait_until(lambda: rx._links.links, 30, "the receiver to hold the channel")
+        b.kill()
+        _cut_at_receiver(rx)
+        wait_until(lambda: rx._links.rejoin.orphans, 30, "the link to wait for its daemon")
+        try:
+            _send(tx, 10, 5)
+            tx.flush(timeout=30)
+            raise AssertionError("the sender flushed to a site that was down")
+        except meshd.ChannelClosed as exc:
+            assert exc.reason == "no-path"
+        b.start()
+        _adopted_waiting = lambda: any(r["state"] == "waiting" for r in _rows(mb, "in"))  # noqa: E731
+        wait_until(_adopted_waiting, 30, "the daemon to take the channel on, waiting")
+        try:
+            rx.recv(timeout=60)
+            raise AssertionError("a message of a channel whose sender gave up")
+        except meshd.ChannelClosed as exc:
+            assert exc.reason == "failed" and "did not resume" in str(exc)
+        assert not _rows(mb, "in")
+        ma._open.clear()
+    assert "Traceback" not in a.log() + b.log()
 
 
 RECEIVER_APP = textwrap.dedent("""
@@ -285,6 +354,7 @@ def test_an_asyncio_receiver_comes_back_to_its_restarted_daemon(sites: Any) -> N
                 tx = ma.sender("frames", to="alcf")
                 n = _send(tx, 0, 20)
                 got = [int((await rx.recv(timeout=60)).meta["i"]) for _ in range(n)]
+                wait_until(lambda: rx._links.links, 30, "the receiver to hold the channel")
                 b.kill()
                 b.start()
                 await asyncio.to_thread(_adopted, b, b.client)

@@ -173,24 +173,42 @@ def test_hostile_adoptions_are_refused_with_their_reason_and_the_daemon_goes_on(
         tx = ma.sender("frames", to="alcf")
         _send(tx, 0, 3)
         grant = lease.next("grant-in")
-        offer = {**grant, "t": "adopt-in", "ce": grant["cs"] + 1, "live": True}
+        offer = {**grant, "t": "adopt-in", "ce": grant["cs"] + 1, "live": False}
         for label, make, why in ADOPTIONS:
             msg = make(offer)
             lease.send(msg)
             cut = lease.next("cut")
             assert cut["id"] == msg["id"] and cut["tell"] is True, label
             assert cut["reason"] == "failed" and why in cut["message"], (label, cut)
-        assert b.client.status()["counters"]["channel_adopt_in_refused"] == len(ADOPTIONS)
-        taken = _fresh(offer)
-        lease.send(taken)
+        # A live channel must come with its socket (the daemon keeps it to cut it), and it must
+        # be a stream socket.
+        naked = _fresh(offer, live=True)
+        lease.send(naked)
+        assert "without its socket" in lease.next("cut")["message"]
+        r, w = os.pipe()
+        not_a_socket = _fresh(offer, live=True)
+        socket.send_fds(lease.sock, [pack(not_a_socket)], [r])
+        assert "not a socket" in lease.next("cut")["message"]
+        os.close(r)
+        os.close(w)
+        assert b.client.status()["counters"]["channel_adopt_in_refused"] == len(ADOPTIONS) + 2
+        mine, theirs = socket.socketpair()
+        taken = _fresh(offer, live=True)
+        socket.send_fds(lease.sock, [pack(taken)], [theirs.fileno()])
+        theirs.close()
         wait_until(lambda: any(r["id"] == taken["id"] and r["handed_over"] for r in _rows(b)),
                    30, "the daemon to take the offered channel on")
-        lease.close()
-        wait_until(lambda: not _rows(b), 30, "the channels of the closed lease to end")
+        lease.close()  # the application goes away: the daemon ends it and cuts its socket
+        wait_until(lambda: not any(r["id"] == taken["id"] for r in _rows(b)), 30,
+                   "the channel of the closed lease to end")
+        mine.settimeout(30)
+        assert mine.recv(1) == b""  # shut down by the daemon's copy
+        mine.close()
         tx.close(flush=False)
     channel_works(a, b, "after")
     log = b.log()
-    assert "Traceback" not in log and log.count("refused to take on channel") == len(ADOPTIONS)
+    assert "Traceback" not in log
+    assert log.count("refused to take on channel") == len(ADOPTIONS) + 2
 
 
 LIES: list[tuple[str, Any]] = [

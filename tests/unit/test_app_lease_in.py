@@ -4,6 +4,7 @@ links reduced to what it reads of them."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
@@ -26,8 +27,10 @@ def _link(n: int) -> Any:
     cid = bytes([n]) * 16
     g = InGrant(cid, AES256GCM, b"s" * 32, b"r" * 32, DIR_R2I, DIR_I2R, 10, 3, (4, 4, 400, 20, 500), 4,
                 400, False, "frames", b"k" * 32)
+    a, b = socket.socketpair()
+    b.close()
     return SimpleNamespace(cid=cid, core=ReceivingEnd.for_application(g, ReceiverConfig()),
-                           sender_name="aps", path="direct")
+                           sender_name="aps", path="direct", sock=a)
 
 
 class Links:
@@ -38,6 +41,7 @@ class Links:
         self.lock = threading.Lock()
         self.links = {ln.cid: ln for ln in map(_link, range(1, live + 1))}
         self.lease: socket.socket | None = None
+        self.deferred: dict[bytes, dict[str, Any]] = {}
         self.sent: list[dict[str, Any]] = []
         self.cuts: list[Cut] = []
 
@@ -72,17 +76,28 @@ class Daemon:
         self.listener.bind(self.path)
         self.listener.listen(1)
 
-    def first_message(self) -> dict[str, Any]:
+    def messages(self, n: int) -> tuple[list[dict[str, Any]], list[int]]:
+        """The first ``n`` messages on the next connection, and the descriptors with them."""
         assert self.listener is not None
         conn, _ = self.listener.accept()
+        reader, msgs, fds = MessageReader(), [], []
         with conn:
-            return MessageReader().feed(conn.recv(1 << 16))[0]
+            conn.settimeout(10)
+            while len(msgs) < n:
+                data, got, _, _ = socket.recv_fds(conn, 1 << 16, 4)
+                assert data, "the lease closed"
+                fds += got
+                msgs += reader.feed(data)
+        return msgs, fds
+
+    def first_message(self) -> dict[str, Any]:
+        return self.messages(1)[0][0]
 
 
 def test_it_offers_every_channel_to_the_daemon_that_comes_back(tmp_path: Path) -> None:
     links, daemon = Links(live=2), Daemon(tmp_path)
     rejoin = Rejoin(daemon.reopen, "frames")
-    rejoin.lost(100.0)
+    rejoin.lost(links, 100.0)
     orphan = _link(9)
     assert rejoin.orphan(orphan, "reset") is None  # kept for the daemon
     assert rejoin.wait(100.0) == 0.0
@@ -92,10 +107,14 @@ def test_it_offers_every_channel_to_the_daemon_that_comes_back(tmp_path: Path) -
     daemon.answer = None
     daemon.listen()
     assert rejoin.step(links, 100.0 + REJOIN_EVERY)
-    assert daemon.first_message() == {"t": "receive", "port": "t0"}
+    (first, *live_offers), fds = daemon.messages(3)
+    assert first == {"t": "receive", "port": "t0"}
+    assert len(fds) == 2  # each live channel's socket goes with its offer: the daemon cuts it
+    for fd in fds:
+        os.close(fd)
     assert rejoin.gone_since is None and rejoin.wait(200.0) is None
     assert rejoin.endpoint == "ipc:///new" and links.lease is not None
-    offers = {bytes.fromhex(m["id"]): decode_adopt_in(m) for m in links.sent}
+    offers = {bytes.fromhex(m["id"]): decode_adopt_in(m) for m in [*live_offers, *links.sent]}
     assert set(offers) == {bytes([1]) * 16, bytes([2]) * 16, orphan.cid}
     for cid, (info, ctl_end, live) in offers.items():
         assert live is (cid != orphan.cid) and ctl_end == 10 + (1 << 32)
@@ -111,25 +130,31 @@ def test_a_lease_that_cannot_be_dialed_is_dialed_again_without_opening_again(
     links, daemon = Links(live=1), Daemon(tmp_path)
     daemon.answer = None  # the control API answers, the hand-over socket is not there yet
     rejoin = Rejoin(daemon.reopen, "frames")
-    rejoin.lost(0.0)
+    rejoin.lost(links, 0.0)
     assert not rejoin.step(links, 0.0) and daemon.opened == 1
     daemon.listen()
     assert rejoin.step(links, REJOIN_EVERY) and daemon.opened == 1
-    assert daemon.first_message()["port"] == "t0" and len(links.sent) == 1
+    (first, offer), fds = daemon.messages(2)
+    assert first["port"] == "t0" and offer["t"] == "adopt-in" and len(fds) == 1
+    os.close(fds[0])
     assert links.lease is not None
     links.lease.close()
 
 
-def test_a_newer_receiver_of_the_name_ends_the_orphans_and_the_tries(tmp_path: Path) -> None:
+def test_another_receiver_of_the_name_ends_every_channel_held_and_the_tries(
+        tmp_path: Path) -> None:
+    """Replaced, or the name opened while the daemon was away: no daemon would cut what this
+    receiver holds (its sender revoked), so all of it ends, live links too."""
     links, daemon = Links(live=1), Daemon(tmp_path)
     daemon.answer = LocalError("open already", reason="conflict")
     rejoin = Rejoin(daemon.reopen, "frames")
-    rejoin.lost(0.0)
+    rejoin.lost(links, 0.0)
     rejoin.orphan(_link(7), "reset")
     assert rejoin.step(links, 0.0)
     assert rejoin.gone_since is None and rejoin.wait(1.0) is None and links.lease is None
-    (cut,) = links.cuts
-    assert cut.cid == bytes([7]) * 16 and cut.tell and cut.reason == "failed"
+    assert {c.cid for c in links.cuts} == {bytes([7]) * 16, bytes([1]) * 16}
+    assert all(c.tell and c.reason == "failed" and "another receiver" in c.message
+               for c in links.cuts)
     assert rejoin.orphan(_link(8), "reset") == Cut(bytes([8]) * 16, "aps", "failed",
                                                    "the connection broke (reset) while the"
                                                    " daemon was away", True)
@@ -138,7 +163,7 @@ def test_a_newer_receiver_of_the_name_ends_the_orphans_and_the_tries(tmp_path: P
 def test_orphans_end_when_no_daemon_is_back_in_time_and_the_tries_go_on(tmp_path: Path) -> None:
     links, daemon = Links(live=1), Daemon(tmp_path)
     rejoin = Rejoin(daemon.reopen, "frames")
-    rejoin.lost(0.0)
+    rejoin.lost(links, 0.0)
     rejoin.orphan(_link(7), "reset")
     assert not rejoin.step(links, REJOIN_FOR - 1) and not links.cuts
     assert rejoin.step(links, REJOIN_FOR + 1)
@@ -146,8 +171,32 @@ def test_orphans_end_when_no_daemon_is_back_in_time_and_the_tries_go_on(tmp_path
     assert rejoin.wait(REJOIN_FOR + 1) is not None  # the live link still waits for a daemon
 
 
+def test_a_channel_the_daemon_had_back_ends_and_one_still_to_give_back_is_offered(
+        tmp_path: Path) -> None:
+    """Given back (``lost`` sent), the daemon may have gone on with the channel before it
+    went away: an offer of the older state would stall it, so it ends.  A ``lost`` still
+    queued here (the receiving call was behind) never reached it: that channel is offered."""
+    links, daemon = Links(live=0), Daemon(tmp_path)
+    rejoin = Rejoin(daemon.reopen, "frames")
+    had, queued = _link(1), _link(2)
+    rejoin.gave(had)
+    rejoin.gave(queued)
+    links.deferred[queued.cid] = {"t": "lost"}
+    rejoin.lost(links, 0.0)
+    (cut,) = links.cuts
+    assert cut.cid == had.cid and cut.tell and "went away while it held" in cut.message
+    assert set(rejoin.orphans) == {queued.cid} and not links.deferred and not rejoin.given
+    daemon.answer = None
+    daemon.listen()
+    assert rejoin.step(links, 0.0)
+    ((info, _, live),) = [decode_adopt_in(m) for m in links.sent]
+    assert info.grant.cid == queued.cid and live is False
+    assert links.lease is not None
+    links.lease.close()
+
+
 def test_without_a_way_back_nothing_is_tried_and_a_broken_link_ends() -> None:
     rejoin = Rejoin(None, "frames")
-    rejoin.lost(0.0)
+    rejoin.lost(Links(live=0), 0.0)
     assert rejoin.wait(0.0) is None and not rejoin.step(Links(live=1), 0.0)
     assert rejoin.orphan(_link(3), "reset") is not None

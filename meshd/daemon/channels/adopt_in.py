@@ -11,30 +11,38 @@ control seqs start a whole lease beyond the application's
 (:meth:`~meshd.channel.inbound.ReceivingEnd.adopted`).  A refusal goes back to the application
 with its reason, and the application ends that channel.
 
-The daemon holds no duplicate of an adopted channel's socket (a descriptor would have to come
-back from the application): cutting it relies on the application's library (``cut`` on the
-lease), and when the application dies the kernel closes the connection anyway.
+A live channel's offer carries a descriptor of its socket, which the daemon keeps (never read)
+to cut the connection when the channel ends from outside, as for a channel it handed over.
+A channel taken on as waiting ends if its sender does not resume it in time
+(:meth:`.inbound.Receiving.expire`), as any channel waiting for its sender.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from meshd.channel.inbound import ReceivingEnd
-from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.handover_in import InLease
-from meshd.daemon.channels.in_channel import InChannel, RSide
+from meshd.daemon.channels.in_channel import InChannel, RSide, window_of
 from meshd.daemon.counters import Counters
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import decode_adopt_in
+from meshd.state.config import Config
 from meshd.state.view import MeshView
 
 log = logging.getLogger("meshd.daemon.channels.inbound")
 
 MAX_ADOPTED = 1024
 """Most channels of one receiver a restarted daemon takes on from its application."""
+MAX_WAITING = 1024
+"""Most channels of the site waiting for their senders to resume, beyond which no waiting
+channel is taken on (nothing proves an offered sender will come: they expire, see
+:meth:`.inbound.Receiving.expire`)."""
+PATHS = ("direct", "reversed", "relay")
 
 
 class Receiving(Protocol):
@@ -42,46 +50,71 @@ class Receiving(Protocol):
 
     counters: Counters
     view: MeshView
+    config: Config
 
     @property
     def inc(self) -> Mapping[bytes, InChannel]: ...
-
-    def window(self) -> ReceiverConfig: ...
 
 
 def take_on(receiving: Receiving, lease: InLease, cid: bytes,
             msg: dict[str, Any]) -> InChannel | None:
     """The channel ``cid`` that the application holding ``lease`` offers (``msg``), taken on;
-    None if refused (the application is told why)."""
+    None if refused (the application is told why).  A live channel takes the next descriptor
+    the application sent (its connection's socket, kept to cut it)."""
     port = lease.port
+    dup: socket.socket | None = None
     try:
+        if msg.get("live") is True:
+            dup = _descriptor(lease)
         info, ctl_end, live = decode_adopt_in(msg)
         g = info.grant
-        why = refusal(receiving, lease, cid, g.cid, g.name, g.sender)
-        core = None if why is not None else ReceivingEnd.adopted(g, ctl_end, receiving.window())
+        why = refusal(receiving, lease, cid, g.cid, g.name, g.sender, info.path, live)
+        core = None if why is not None else ReceivingEnd.adopted(g, ctl_end, window_of(receiving.config))
     except (ProtocolError, LocalError) as exc:
         why, core = str(exc), None
     if why is not None or core is None:
+        if dup is not None:
+            dup.close()
         receiving.counters.count("adopt_in_refused")
         log.warning("receiver %r: refused to take on channel %s from its application: %s",
                     port.name, cid.hex()[:12], why)
         lease.refuse_adoption(cid, f"the daemon restarted and refused the channel: {why}")
         return None
     inc = InChannel(core, RSide(cid, g.sender, info.path, None))
-    inc.lease, inc.handed = lease, live
+    inc.lease, inc.handed, inc.dup = lease, live, dup
     receiving.counters.count("adopted_in")
     log.info("channel %r from %s: taken on from its application (%s)", g.name,
              receiving.view.name_of(g.sender), "live" if live else "waiting for its sender")
     return inc
 
 
+def _descriptor(lease: InLease) -> socket.socket:
+    """The next descriptor the application sent, as a stream socket; LocalError if there is
+    none or it is not one (it is closed)."""
+    if not lease.fds:
+        raise LocalError("a live channel came without its socket", reason="usage")
+    fd = lease.fds.pop(0)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise LocalError("what came with it is not a socket", reason="usage") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise LocalError("what came with it is not a stream socket", reason="usage")
+    return sock
+
+
 def refusal(receiving: Receiving, lease: InLease, cid: bytes, state_cid: bytes, name: str,
-            sender: bytes) -> str | None:
+            sender: bytes, path: str, live: bool) -> str | None:
     """Why the channel offered as ``cid`` (its state says ``state_cid``, ``name``, from
-    ``sender``) cannot be taken on through ``lease``; None if it can."""
+    ``sender``, over ``path``; ``live`` or waiting) cannot be taken on through ``lease``; None
+    if it can."""
     port = lease.port
     if name != port.name or state_cid != cid:
         return f"it is channel {name!r} {state_cid.hex()[:12]}, not one of this receiver"
+    if path not in PATHS:
+        return f"a path that is not one of {', '.join(PATHS)}"
     if cid in receiving.inc:
         return "this site has that channel open"
     if not receiving.view.is_member(sender):
@@ -90,4 +123,7 @@ def refusal(receiving: Receiving, lease: InLease, cid: bytes, state_cid: bytes, 
         return "the receiver does not take messages from the sender"
     if sum(1 for c in receiving.inc.values() if c.name == port.name) >= MAX_ADOPTED:
         return f"the receiver holds {MAX_ADOPTED} channels"
+    if not live and sum(1 for c in receiving.inc.values()
+                        if c.conn is None and not (c.handed or c.giving)) >= MAX_WAITING:
+        return f"this site has {MAX_WAITING} channels waiting for their senders"
     return None

@@ -28,7 +28,7 @@ from meshd.channel.paths import Path, PathKind
 from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
 from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socket, refuse,
-                                               serve_messages)
+                                               keep, recv_with_fds, serve_messages)
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import MessageReader, as_bytes, encode_grant, pack, send_message
@@ -242,11 +242,14 @@ class Handovers:
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         reader = MessageReader()
+        fds: list[int] = []  # a receiver's adopt-in right behind its first message brings one
         try:
             msgs: list[dict[str, Any]] = []
             while not msgs:
-                data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10.0)
+                data, got = await asyncio.wait_for(recv_with_fds(loop, sock), 10.0)
+                keep(fds, got)
                 if not data:
+                    keep(None, fds)
                     sock.close()
                     return
                 msgs = reader.feed(data)
@@ -255,11 +258,13 @@ class Handovers:
                                                                                 "receive")
                    else b"")
         except (OSError, ProtocolError, ValueError, asyncio.TimeoutError):
-            forget_socket(sock)  # a timed-out sock_recv may still have its reader registered
+            keep(None, fds)
+            forget_socket(sock)  # a timed-out read may still have its reader registered
             return
         if first["t"] == "receive":
-            await self._serve_receiver(sock, str(first.get("port", "")), reader, msgs[1:])
+            await self._serve_receiver(sock, str(first.get("port", "")), reader, msgs[1:], fds)
             return
+        keep(None, fds)
         if first["t"] == "adopt":
             try:
                 ch = self._adopt(first)
@@ -280,16 +285,18 @@ class Handovers:
         await lease.run(reader, msgs[1:])
 
     async def _serve_receiver(self, sock: socket.socket, token: str, reader: MessageReader,
-                              early: list[dict[str, Any]]) -> None:
+                              early: list[dict[str, Any]], fds: list[int]) -> None:
         """A receiving application takes its receiver's channels (:mod:`.handover_in`)."""
         given = token.encode("utf-8", "replace")  # compare_digest takes no non-ASCII str
         port = next((p for p in self.receiving.ports.values()
                      if secrets.compare_digest(p.token.encode(), given)), None)
         why = "not-found" if port is None else "taken" if port.lease is not None else None
         if why is not None or port is None:
+            keep(None, fds)
             refuse(sock, str(why))
             return
         lease = port.lease = InLease(self.receiving, port, sock)
+        lease.fds += fds
         self.receiving.offer_all(port)
         await lease.run(reader, early)
 

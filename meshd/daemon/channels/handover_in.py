@@ -131,6 +131,8 @@ class InLease:
         self._writer = receiving.tasks.spawn(self._write(), f"handover-in-write-{port.name}")
         self.said_bye = False
         """The application closed its receiver (``bye``), rather than died."""
+        self.fds: list[int] = []
+        """Descriptors the application sent (each ``adopt-in`` of a live channel takes one)."""
 
     # -- the daemon's side -----------------------------------------------------------------------
 
@@ -242,7 +244,7 @@ class InLease:
         self.task = asyncio.current_task()
         try:
             await serve_messages(self, self._on_message, f"receiver {self.port.name!r}", reader,
-                                 early)
+                                 early, self.fds)
         finally:
             self.task = None
             self.close()
@@ -287,6 +289,8 @@ class InLease:
         if self.port.lease is self:
             self.port.lease = None
         forget_socket(self.sock)
+        keep(None, self.fds)
+        self.fds.clear()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         if self._writer is not asyncio.current_task():
@@ -324,24 +328,65 @@ class _Served(Protocol):
 
 
 async def serve_messages(lease: _Served, on_message: Callable[[dict[str, Any]], None],
-                         label: str, reader: MessageReader,
-                         early: list[dict[str, Any]]) -> None:
+                         label: str, reader: MessageReader, early: list[dict[str, Any]],
+                         fds: list[int] | None = None) -> None:
     """Act on ``early`` (messages read with the application's first), then read its messages
     on ``lease.sock`` with ``reader`` (which may hold the start of one) and act on each, until
-    it closes, sends something malformed, or ``lease`` is closed."""
+    it closes, sends something malformed, or ``lease`` is closed.  Descriptors that come with
+    them go to ``fds`` (at most :data:`MAX_HELD_FDS` held; None: none expected), else are
+    closed."""
     loop = asyncio.get_running_loop()
     try:
         for msg in early:
             if not lease.closed:
                 on_message(msg)
         while not lease.closed:
-            data = await loop.sock_recv(lease.sock, 1 << 16)
+            data, got = await recv_with_fds(loop, lease.sock)
+            keep(fds, got)
             if not data:
                 break
             for msg in reader.feed(data):
                 on_message(msg)
     except (OSError, ProtocolError) as exc:
         log.info("%s: hand-over socket: %s", label, exc)
+
+
+MAX_HELD_FDS = 16
+"""Descriptors an application's lease may have sent ahead of the messages that use them."""
+
+
+async def recv_with_fds(loop: asyncio.AbstractEventLoop,
+                        sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One read of the non-blocking ``sock`` (once it is readable), with the descriptors that
+    came with it.  A read without room for them would have the kernel close them: an
+    application's ``adopt-in`` carries its connection's."""
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+            return data, fds
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, sock)
+
+
+def keep(held: list[int] | None, got: list[int]) -> None:
+    """Append ``got`` to ``held`` up to :data:`MAX_HELD_FDS` (None: keep none); close the
+    rest."""
+    for fd in got:
+        if held is not None and len(held) < MAX_HELD_FDS:
+            held.append(fd)
+        else:
+            os.close(fd)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _settle, ready)
+    try:
+        await ready
+    finally:
+        if sock.fileno() == fd:  # else closed, and :func:`forget_socket` removed the reader
+            loop.remove_reader(fd)
 
 
 def refuse(sock: socket.socket, why: str) -> None:

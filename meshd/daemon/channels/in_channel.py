@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from meshd.channel import link
 from meshd.channel.frames import Block
 from meshd.channel.handshake import ChannelKeys
 from meshd.channel.inbound import ReceivingEnd
+from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.handover_in import cut_socket
+from meshd.state.config import Config
 from meshd.state.view import MeshView
 from meshd.trust.identity import site_id_of
 
@@ -60,6 +63,8 @@ class InChannel:
         """The application holds the channel's connection and receiving end."""
         self.dup: socket.socket | None = None
         """The daemon's duplicate of the handed-over socket (to cut it)."""
+        self.waiting_since: float | None = None
+        """When :func:`overdue` first saw it without a connection (monotonic)."""
         self.waiting: tuple[DataConnection, RSide, Block] | None = None
         """A new connection the sender resumed on while the application held the channel,
         with its first frame, held until the application gives the channel back."""
@@ -115,3 +120,25 @@ class InChannel:
             "messages": core.messages, "rate_Bps": round(core.bytes / elapsed),
             "retransmits": None, **core.counters(), "handed_over": self.handed,
         }
+
+
+def overdue(channels: Iterable[InChannel], now: float, limit: float) -> list[InChannel]:
+    """The channels that waited more than ``limit`` seconds (0: no limit) for their senders to
+    resume them: no connection, none handed to the application, not closed by the sender
+    (which then waits for the receiving application, not the sender).  Each call notes when a
+    channel started waiting, so calls a few seconds apart measure it to within that."""
+    out = []
+    for inc in channels:
+        if inc.conn is not None or inc.handed or inc.giving or inc.core.closed_by_sender:
+            inc.waiting_since = None
+        elif inc.waiting_since is None:
+            inc.waiting_since = now
+        elif limit and now - inc.waiting_since > limit:
+            out.append(inc)
+    return out
+
+
+def window_of(config: Config) -> ReceiverConfig:
+    """The receiving window of this site's channels (its config)."""
+    return ReceiverConfig(window_messages=config.channel_window_messages,
+                          window_bytes=config.channel_window_bytes)

@@ -29,11 +29,10 @@ from meshd.channel.control import CTRL_TUNNEL, DialRequest, RelayNotice
 from meshd.channel.frames import Block, Opener
 from meshd.channel.handshake import ChannelKeys, Responder
 from meshd.channel.inbound import InGrant, ReceivingEnd, open_first
-from meshd.channel.reliable import ReceiverConfig
 from meshd.daemon.channels.adopt_in import take_on
 from meshd.daemon.channels.connection import DataConnection, unhold
 from meshd.daemon.channels.handover_in import InLease, cut_socket
-from meshd.daemon.channels.in_channel import InChannel, RSide
+from meshd.daemon.channels.in_channel import InChannel, RSide, overdue, window_of
 from meshd.daemon.channels.ipc import IpcEndpoints, close_watched, until_app_leaves
 from meshd.local.ipc import ChannelEnd, delivery_frames, pack_end, pack_meta
 from meshd.daemon.channels.reach import DIAL_TIMEOUT, Reachability, now_ms
@@ -52,6 +51,8 @@ TunnelAcceptor = Callable[[DataConnection, ChannelKeys, Opener, str, str, "bytes
 
 _BIG_PAYLOAD = 64 << 10
 """Payloads at least this big are handed to ZeroMQ without a copy."""
+EXPIRE_EVERY = 5.0
+"""Seconds between two looks for channels whose senders did not come back."""
 
 
 
@@ -80,6 +81,8 @@ class ReceiverPort:
         """The application's hold on the channels it was handed (:mod:`.handover_in`)."""
         self.pushed: dict[bytes, int] = {}
         """By channel, the number after the last message sent over this port's socket."""
+        self.claim: str | None = None
+        """The receiver's own token: opening it again with the same one is no conflict."""
         self.task = owner.tasks.spawn(self._run(), f"rx-{name}")
         self._watcher = owner.tasks.spawn(self._watch_app(), f"rx-watch-{name}")
 
@@ -231,7 +234,7 @@ class Receiving:
             self.counters.count("refused_policy")
             conn.refuse(f"not-allowed: channel {name!r} does not take messages from you")
             return
-        core = ReceivingEnd(keys, opener, name, self.window())
+        core = ReceivingEnd(keys, opener, name, window_of(self.config))
         inc = InChannel(core, side)
         self.inc[side.cid] = inc
         inc.adopt(conn, side)
@@ -239,12 +242,6 @@ class Receiving:
         log.info("channel %r from %s open (%s%s)", name, self.view.name_of(side.sender),
                  side.path, f" via {self.view.name_of(side.relay)}" if side.relay else "")
         self.wake_port(name)
-
-    def window(self) -> ReceiverConfig:
-        """The receiving window of this site's channels (its config)."""
-        cfg = self.config
-        return ReceiverConfig(window_messages=cfg.channel_window_messages,
-                              window_bytes=cfg.channel_window_bytes)
 
     async def dial_back(self, sender: bytes, req: DialRequest) -> None:
         """A sender asked us to dial it (a reversed path), maybe with its Hello inside.
@@ -361,6 +358,17 @@ class Receiving:
         if port is not None:
             port.wake.set()
 
+    def start(self) -> None:
+        self.tasks.spawn(self._expire(), "channels-in-expire")
+
+    async def _expire(self) -> None:
+        """End the channels whose senders did not resume them in twice ``channel_give_up``."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY)
+            limit = 2 * self.config.channel_give_up
+            for inc in overdue(self.inc.values(), time.monotonic(), limit):
+                self.end(inc, "failed", f"the sender did not resume it within {limit:.0f} s")
+
     def gc(self) -> None:
         """Forget the channels their senders closed once everything is delivered."""
         for inc in list(self.inc.values()):
@@ -395,14 +403,16 @@ class Receiving:
             port.wake.set()
 
     def open_receiver(self, name: str, allow: frozenset[bytes] | None,
-                      ring: Ring | None, replace: bool = True) -> ReceiverPort:
-        if not replace and name in self.ports:
+                      ring: Ring | None, replace: bool = True,
+                      claim: str | None = None) -> ReceiverPort:
+        if not replace and name in self.ports and not _same(self.ports[name].claim, claim):
             raise LocalError(f"a receiver of {name!r} is open at this site already",
                              reason="conflict")
         old = self.ports.pop(name, None)
         if old is not None:  # the newest receiver takes over (the old app may have died)
             old.close()
         port = ReceiverPort(self, name, allow, ring)
+        port.claim = claim
         self.ports[name] = port
         return port
 
@@ -421,3 +431,8 @@ class Receiving:
 
     def describe(self) -> list[dict[str, Any]]:
         return [c.describe(self.view) for c in self.inc.values()]
+
+
+def _same(claim: str | None, other: str | None) -> bool:
+    return claim is not None and other is not None and secrets.compare_digest(
+        claim.encode(), other.encode())

@@ -102,6 +102,7 @@ class ChannelService:
 
     def start(self) -> None:
         self.reach.start()
+        self.receiving.start()
         self.handovers.start()
 
     async def stop(self) -> None:
@@ -294,14 +295,18 @@ class ChannelService:
                              reason="busy")
 
     def open_receiver(self, name: str, allow: list[bytes] | None,
-                      ring: Ring | None = None, replace: bool = True) -> ReceiverPort:
+                      ring: Ring | None = None, replace: bool = True,
+                      claim: str | None = None) -> ReceiverPort:
         """``ring``: shared memory the application maps (see :meth:`make_ring`); ``replace``:
-        a receiver of ``name`` open already is closed (else LocalError ``conflict``)."""
+        a receiver of ``name`` open already is closed (else LocalError ``conflict``, unless it
+        was opened with the same ``claim``)."""
         check_name(name)
         try:
+            if claim is not None and not 0 < len(claim) <= 64:
+                raise LocalError("claim must be 1 to 64 characters", reason="usage")
             self._check_receiver_room(name)
             return self.receiving.open_receiver(name, frozenset(allow) if allow else None, ring,
-                                                replace)
+                                                replace, claim)
         except LocalError:
             if ring is not None:
                 ring.unlink()
