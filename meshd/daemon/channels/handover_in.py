@@ -223,7 +223,7 @@ class InLease:
                             view = view[socket.send_fds(self.sock, [view], [fd]):]
                             break
                         except BlockingIOError:
-                            await _writable(loop, self.sock)
+                            await _ready(loop, self.sock, True)
                 finally:
                     if fd is not None:
                         os.close(fd)
@@ -305,16 +305,16 @@ class InLease:
                 self.receiving.end(inc, "failed", "the receiving application went away")
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait until ``sock`` takes more bytes."""
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, writing: bool) -> None:
+    """Wait until ``sock`` takes more bytes (``writing``) or has some to read."""
     ready: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
-    loop.add_writer(fd, _settle, ready)
+    (loop.add_writer if writing else loop.add_reader)(fd, _settle, ready)
     try:
         await ready
     finally:
-        if sock.fileno() == fd:  # else closed, and :func:`forget_socket` removed the writer
-            loop.remove_writer(fd)
+        if sock.fileno() == fd:  # else closed, and :func:`forget_socket` removed it
+            (loop.remove_writer if writing else loop.remove_reader)(fd)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
@@ -365,7 +365,7 @@ async def recv_with_fds(loop: asyncio.AbstractEventLoop,
             data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
             return data, fds
         except (BlockingIOError, InterruptedError):
-            await _readable(loop, sock)
+            await _ready(loop, sock, False)
 
 
 def keep(held: list[int] | None, got: list[int]) -> None:
@@ -376,17 +376,6 @@ def keep(held: list[int] | None, got: list[int]) -> None:
             held.append(fd)
         else:
             os.close(fd)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, _settle, ready)
-    try:
-        await ready
-    finally:
-        if sock.fileno() == fd:  # else closed, and :func:`forget_socket` removed the reader
-            loop.remove_reader(fd)
 
 
 def refuse(sock: socket.socket, why: str) -> None:
