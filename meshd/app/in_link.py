@@ -150,6 +150,7 @@ class InLink:
         self.sender_name = info.sender_name
         self.sender_id = site_id_of(g.sender)
         self.path = info.path
+        self.relay = info.relay
         self.wait_for = info.ipc_until
         """The receiving call hands this link's messages out once those before this number
         are out (what the daemon delivered over ipc, and this receiver's earlier links)."""

@@ -182,7 +182,7 @@ class Rejoin:
                 self.senders[ln.cid] = ln.sender_name
                 try:  # with a descriptor of its socket: the daemon keeps it to cut it
                     send_message(lease, encode_adopt_in(ln.core.give_back(), ln.core.ctl_end or 0,
-                                                        ln.sender_name, ln.path, True),
+                                                        ln.sender_name, ln.path, True, ln.relay),
                                  ln.sock.fileno())
                 except OSError:
                     break  # the daemon went away again: the reader thread sees the end of file
@@ -190,7 +190,8 @@ class Rejoin:
                 self.senders[ln.cid] = ln.sender_name
                 links.deferred.pop(ln.cid, None)
                 links.send_when_taken(ln.cid, encode_adopt_in(
-                    ln.core.give_back(), ln.core.ctl_end or 0, ln.sender_name, ln.path, False))
+                    ln.core.give_back(), ln.core.ctl_end or 0, ln.sender_name, ln.path, False,
+                    ln.relay))
             log.info("receiver %r: back with its daemon; offered it %d channel(s), %d of them"
                      " to resume", self._channel, len(self.senders), len(self.orphans))
             self.orphans.clear()

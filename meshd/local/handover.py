@@ -167,14 +167,18 @@ class InGrantInfo(NamedTuple):
     """The number after the last message of the channel that the daemon delivered over this
     receiver's ipc socket (0: none).  The application hands out the link's messages after
     those; what went to an earlier receiver (closed since) it never waits for."""
+    relay: bytes | None = None
+    """The relay's site key on a relayed path (a daemon that restarts is told it again)."""
 
 
 def encode_in_grant(g: InGrant, sender_name: str, path: str, left: bytes,
-                    window: tuple[int, int], ipc_until: int = 0) -> dict[str, Any]:
+                    window: tuple[int, int], ipc_until: int = 0,
+                    relay: bytes | None = None) -> dict[str, Any]:
     return {"t": "grant-in", **encode_state(g), "cid": g.cid, "cipher": g.cipher,
             "sk": g.send_key, "rk": g.recv_key, "sd": g.send_direction,
             "rd": g.recv_direction, "name": g.name, "sender": g.sender, "sname": sender_name,
-            "path": path, "left": left, "wm": window[0], "wb": window[1], "iu": ipc_until}
+            "path": path, "left": left, "wm": window[0], "wb": window[1], "iu": ipc_until,
+            "relay": relay}
 
 
 def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
@@ -191,20 +195,21 @@ def decode_in_grant(m: dict[str, Any]) -> InGrantInfo:
         if (not isinstance(ipc_until, int) or isinstance(ipc_until, bool)
                 or not 0 <= ipc_until <= state.messages):
             raise ValueError("ipc_until")
+        relay = m.get("relay")
         return InGrantInfo(state, str(m["sname"]), str(m["path"]), as_bytes(m["left"]), window,
-                           ipc_until)
+                           ipc_until, None if relay is None else as_bytes(relay))
     except (KeyError, TypeError, ValueError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 
 
 def encode_adopt_in(g: InGrant, ctl_end: int, sender_name: str, path: str,
-                    live: bool) -> dict[str, Any]:
+                    live: bool, relay: bytes | None = None) -> dict[str, Any]:
     """``adopt-in``: a receiving application offers a channel it holds (state ``g``, its lease
-    of control seqs ending at ``ctl_end``) to a daemon that does not know it (restarted);
-    ``live``: it still holds a working connection (else the daemon waits for the sender to
-    resume the channel)."""
-    return {**encode_in_grant(g, sender_name, path, b"", (0, 0)), "t": "adopt-in",
-            "ce": ctl_end, "live": live}
+    of control seqs ending at ``ctl_end``, its path and relay) to a daemon that does not know
+    it (restarted); ``live``: it still holds a working connection (else the daemon waits for
+    the sender to resume the channel)."""
+    return {**encode_in_grant(g, sender_name, path, b"", (0, 0), relay=relay),
+            "t": "adopt-in", "ce": ctl_end, "live": live}
 
 
 def decode_adopt_in(m: dict[str, Any]) -> tuple[InGrantInfo, int, bool]:

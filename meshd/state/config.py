@@ -83,6 +83,12 @@ class Config:
     application's next send, flush or close raises ChannelClosed (reason ``no-path``); what the
     receiver has not acknowledged is then dropped. 0: retry for ever."""
 
+    channel_wait_limit: float = 600.0
+    """Seconds a receiving channel waits without a connection for its sender to resume it
+    before it ends and its receiver gets ChannelClosed (reason ``failed``): the sender gave up
+    (its own channel_give_up) or never existed. 0: wait for ever. Keep it longer than the
+    channel_give_up of the sites that send to this one."""
+
     channel_handover: bool = True
     """Hand each outgoing channel's data connection and keys to the sending application, which
     then seals and sends the data itself (the daemon keeps choosing and resuming the path).
@@ -120,6 +126,9 @@ class Config:
         if not (math.isfinite(self.channel_give_up) and self.channel_give_up >= 0):
             raise LocalError("config: channel_give_up must be 0 (never) or a positive number of"
                              " seconds", reason="config")
+        if not (math.isfinite(self.channel_wait_limit) and self.channel_wait_limit >= 0):
+            raise LocalError("config: channel_wait_limit must be 0 (never) or a positive number"
+                             " of seconds", reason="config")
         if not (math.isfinite(self.reach_interval) and self.reach_interval > 0):
             raise LocalError("config: reach_interval must be a positive number", reason="config")
         if self.listen:

@@ -214,8 +214,8 @@ def test_a_channel_whose_sender_gave_up_while_the_receiving_daemon_was_away_ends
         sites: Any) -> None:
     """The receiver keeps a broken connection's channel for its daemon; the sender gives up
     meanwhile.  The daemon that comes back takes the channel on as waiting, and ends it once
-    its sender did not resume it within twice ``channel_give_up``: the receiver hears why."""
-    give_up = {"aps": "channel_give_up = 2", "alcf": "channel_give_up = 2"}
+    its sender did not resume it within ``channel_wait_limit``: the receiver hears why."""
+    give_up = {"aps": "channel_give_up = 2", "alcf": "channel_wait_limit = 4"}
     a, b = mesh_of(sites, "aps", "alcf", configs=give_up)
     with meshd.connect(b.home) as mb, meshd.connect(a.home) as ma:
         rx = mb.receiver("frames")

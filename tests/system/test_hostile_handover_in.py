@@ -140,6 +140,9 @@ ADOPTIONS: list[tuple[str, Any, str]] = [
      "malformed"),
     ("no state", lambda m: {"t": "adopt-in", "id": os.urandom(16).hex()}, "malformed"),
     ("a key that is a huge number", lambda m: _fresh(m, sk=10 ** 11), "malformed"),
+    ("a relay on a direct path", lambda m: _fresh(m, relay=m["sender"]), "relay"),
+    ("a relay that is no member", lambda m: _fresh(m, path="relay", relay=os.urandom(32)),
+     "relay"),
 ]
 
 
@@ -192,7 +195,15 @@ def test_hostile_adoptions_are_refused_with_their_reason_and_the_daemon_goes_on(
         os.close(r)
         os.close(w)
         assert b.client.status()["counters"]["channel_adopt_in_refused"] == len(ADOPTIONS) + 2
-        mine, theirs = socket.socketpair()
+        pair = socket.socketpair()  # a stream socket, but not a connection to a sender
+        socket.send_fds(lease.sock, [pack(_fresh(offer, live=True))], [pair[1].fileno()])
+        assert "not a connected TCP socket" in lease.next("cut")["message"]
+        for s in pair:
+            s.close()
+        server = socket.create_server(("127.0.0.1", 0))
+        mine = socket.create_connection(server.getsockname())
+        theirs, _ = server.accept()
+        server.close()
         taken = _fresh(offer, live=True)
         socket.send_fds(lease.sock, [pack(taken)], [theirs.fileno()])
         theirs.close()
@@ -208,7 +219,7 @@ def test_hostile_adoptions_are_refused_with_their_reason_and_the_daemon_goes_on(
     channel_works(a, b, "after")
     log = b.log()
     assert "Traceback" not in log
-    assert log.count("refused to take on channel") == len(ADOPTIONS) + 2
+    assert log.count("refused to take on channel") == len(ADOPTIONS) + 3
 
 
 LIES: list[tuple[str, Any]] = [

@@ -30,7 +30,7 @@ def _link(n: int) -> Any:
     a, b = socket.socketpair()
     b.close()
     return SimpleNamespace(cid=cid, core=ReceivingEnd.for_application(g, ReceiverConfig()),
-                           sender_name="aps", path="direct", sock=a)
+                           sender_name="aps", path="direct", sock=a, relay=None)
 
 
 class Links:

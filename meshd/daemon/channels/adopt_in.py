@@ -13,8 +13,8 @@ with its reason, and the application ends that channel.
 
 A live channel's offer carries a descriptor of its socket, which the daemon keeps (never read)
 to cut the connection when the channel ends from outside, as for a channel it handed over.
-A channel taken on as waiting ends if its sender does not resume it in time
-(:meth:`.inbound.Receiving.expire`), as any channel waiting for its sender.
+A channel taken on as waiting ends if its sender does not resume it within
+``channel_wait_limit``, as any channel waiting for its sender.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ MAX_ADOPTED = 1024
 """Most channels of one receiver a restarted daemon takes on from its application."""
 MAX_WAITING = 1024
 """Most channels of the site waiting for their senders to resume, beyond which no waiting
-channel is taken on (nothing proves an offered sender will come: they expire, see
-:meth:`.inbound.Receiving.expire`)."""
+channel is taken on (nothing proves an offered sender will come: they end after
+``channel_wait_limit``)."""
 PATHS = ("direct", "reversed", "relay")
 
 
@@ -68,7 +68,10 @@ def take_on(receiving: Receiving, lease: InLease, cid: bytes,
             dup = _descriptor(lease)
         info, ctl_end, live = decode_adopt_in(msg)
         g = info.grant
-        why = refusal(receiving, lease, cid, g.cid, g.name, g.sender, info.path, live)
+        why = refusal(receiving, lease, cid, g.cid, g.name, g.sender, info.path, live) or (
+            None if (info.relay is not None) == (info.path == "relay") and (
+                info.relay is None or receiving.view.is_member(info.relay))
+            else "a relay that is not a member, or a relay without a relayed path")
         core = None if why is not None else ReceivingEnd.adopted(g, ctl_end, window_of(receiving.config))
     except (ProtocolError, LocalError) as exc:
         why, core = str(exc), None
@@ -80,7 +83,7 @@ def take_on(receiving: Receiving, lease: InLease, cid: bytes,
                     port.name, cid.hex()[:12], why)
         lease.refuse_adoption(cid, f"the daemon restarted and refused the channel: {why}")
         return None
-    inc = InChannel(core, RSide(cid, g.sender, info.path, None))
+    inc = InChannel(core, RSide(cid, g.sender, info.path, info.relay))
     inc.lease, inc.handed, inc.dup = lease, live, dup
     receiving.counters.count("adopted_in")
     log.info("channel %r from %s: taken on from its application (%s)", g.name,
@@ -99,9 +102,14 @@ def _descriptor(lease: InLease) -> socket.socket:
     except OSError:
         os.close(fd)
         raise LocalError("what came with it is not a socket", reason="usage") from None
-    if sock.type != socket.SOCK_STREAM:
+    try:
+        connected = sock.type == socket.SOCK_STREAM and sock.family in (
+            socket.AF_INET, socket.AF_INET6) and bool(sock.getpeername())
+    except OSError:
+        connected = False
+    if not connected:
         sock.close()
-        raise LocalError("what came with it is not a stream socket", reason="usage")
+        raise LocalError("what came with it is not a connected TCP socket", reason="usage")
     return sock
 
 

@@ -42,6 +42,7 @@ class InChannel(Protocol):
     name: str
     sender: bytes
     path: str
+    relay: bytes | None
     core: ReceivingEnd
     conn: DataConnection | None
     lease: InLease | None
@@ -177,7 +178,7 @@ class InLease:
             left = left[LEFT_PIECE:]
         window = (inc.core.rx.config.window_messages, inc.core.rx.config.window_bytes)
         self._send(encode_in_grant(grant, rx.view.name_of(inc.sender), inc.path, left, window,
-                                   self.port.pushed.get(inc.cid, 0)), sock)
+                                   self.port.pushed.get(inc.cid, 0), inc.relay), sock)
         rx.counters.count("handovers_in")
         inc.dup = sock  # kept open: it is also the descriptor the writer sends
         inc.handed = True

@@ -362,10 +362,10 @@ class Receiving:
         self.tasks.spawn(self._expire(), "channels-in-expire")
 
     async def _expire(self) -> None:
-        """End the channels whose senders did not resume them in twice ``channel_give_up``."""
+        """End the channels whose senders did not resume them in ``channel_wait_limit``."""
         while True:
             await asyncio.sleep(EXPIRE_EVERY)
-            limit = 2 * self.config.channel_give_up
+            limit = self.config.channel_wait_limit
             for inc in overdue(self.inc.values(), time.monotonic(), limit):
                 self.end(inc, "failed", f"the sender did not resume it within {limit:.0f} s")
 
