@@ -123,12 +123,11 @@ def expected_digest(data: bytes, size: int) -> str:
 
 
 def bulk(port: int, data: bytes, size: int, digest: str,
-         roles: dict[str, int] | None = None) -> float:
-    """MB/s of ``size`` bytes to the sink at ``port``, digest checked.  ``roles`` (name: pid,
-    each with the processes under it): their CPU seconds per GB during the stream are put in
-    :data:`CPU` under the column being measured (set :data:`COLUMN` first)."""
+         roles: dict[str, int]) -> tuple[float, dict[str, float | None]]:
+    """MB/s of ``size`` bytes to the sink at ``port``, digest checked, and the CPU seconds
+    per GB of each of ``roles`` (name: pid) during the stream."""
     view = memoryview(data)
-    ticks = {r: _ticks(r, p) for r, p in (roles or {}).items()}
+    ticks = {r: _ticks(r, p) for r, p in roles.items()}
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as c:
         for _ in range(size // BLOCK):
@@ -140,13 +139,12 @@ def bulk(port: int, data: bytes, size: int, digest: str,
     dt = time.perf_counter() - t0
     if got.decode() != digest:
         raise RuntimeError("the sha256 of what arrived differs from what was sent")
-    if roles:
-        tick = os.sysconf("SC_CLK_TCK")
-        after = {r: _ticks(r, p) for r, p in roles.items()}
-        CPU[COLUMN[0]] = {r: None if ticks[r] is None or after[r] is None
-                          else round((after[r] - ticks[r]) / tick / (size / 1e9), 3)  # type: ignore[operator]
-                          for r in roles}
-    return size / dt / 1e6
+    tick = os.sysconf("SC_CLK_TCK")
+    after = {r: _ticks(r, p) for r, p in roles.items()}
+    cpu = {r: None if ticks[r] is None or after[r] is None
+           else round((after[r] - ticks[r]) / tick / (size / 1e9), 3)  # type: ignore[operator]
+           for r in roles}
+    return round(size / dt / 1e6, 1), cpu
 
 
 def _ticks(role: str, pid: int) -> int | None:
@@ -155,10 +153,6 @@ def _ticks(role: str, pid: int) -> int | None:
     alone (every app is a child of the bench)."""
     return tree_cpu_ticks(pid) if role in ("entry", "exit") else cpu_ticks(pid)
 
-
-CPU: dict[str, dict[str, float | None]] = {}
-"""CPU seconds per GB of each process role, by bulk column (see :func:`bulk`)."""
-COLUMN = ["raw_tcp"]
 
 
 # --- the mesh ---------------------------------------------------------------------------------
@@ -287,20 +281,19 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
     try:
         bulk_mbps: dict[str, Any] = {"raw_tcp": None, "tunnel": None, "stunnel": None, "ssh": None}
         ends = {"sender": os.getpid(), "sink": sink.pid}
-        COLUMN[0] = "raw_tcp"
-        bulk_mbps["raw_tcp"] = round(bulk(sink_port, data, size, digest, ends), 1)
+        cpu: dict[str, dict[str, float | None]] = {}
+        bulk_mbps["raw_tcp"], cpu["raw_tcp"] = bulk(sink_port, data, size, digest, ends)
         say(f"bulk raw_tcp {bulk_mbps['raw_tcp']} MB/s")
         if "stunnel" not in unavailable:
             pids: dict[str, int] = {}
             with stunnel_pair(sink_port, pids) as p1:
-                COLUMN[0] = "stunnel"
-                bulk_mbps["stunnel"] = round(bulk(p1, data, size, digest, {**ends, **pids}), 1)
+                bulk_mbps["stunnel"], cpu["stunnel"] = bulk(p1, data, size, digest,
+                                                            {**ends, **pids})
             say(f"bulk stunnel {bulk_mbps['stunnel']} MB/s")
         if "ssh" not in unavailable:
             pids = {}
             with ssh_forward(sink_port, pids) as p1:
-                COLUMN[0] = "ssh"
-                bulk_mbps["ssh"] = round(bulk(p1, data, size, digest, {**ends, **pids}), 1)
+                bulk_mbps["ssh"], cpu["ssh"] = bulk(p1, data, size, digest, {**ends, **pids})
             say(f"bulk ssh -L {bulk_mbps['ssh']} MB/s")
         zmq_mbps: dict[str, Any] = {"raw": round(pyzmq(_Same, seconds), 1), "tunnel": None,
                                     "stunnel": None}
@@ -310,9 +303,8 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
             say(f"pyzmq stunnel {zmq_mbps['stunnel']} MB/s")
         mesh.start()
         sink_tunnel = mesh.tunnel("sink", sink_port)
-        COLUMN[0] = "tunnel"
-        bulk_mbps["tunnel"] = round(bulk(sink_tunnel, data, size, digest, {
-            **ends, "entry": mesh.procs[1].pid, "exit": mesh.procs[0].pid}), 1)
+        bulk_mbps["tunnel"], cpu["tunnel"] = bulk(sink_tunnel, data, size, digest, {
+            **ends, "entry": mesh.procs[1].pid, "exit": mesh.procs[0].pid})
         say(f"bulk tunnel {bulk_mbps['tunnel']} MB/s")
 
         class _Tunnelled(_Same):
@@ -327,7 +319,7 @@ def run(size: int, seconds: float, runs: int, conns: int, say: Any) -> dict[str,
         out["concurrent"] = {**concurrent(echo_tunnel, conns), "peak_rss": mesh.peak_rss()}
         say(f"concurrent {out['concurrent']}")
         out["bulk_MBps"] = bulk_mbps
-        out["bulk_cpu_s_per_GB"] = dict(CPU)
+        out["bulk_cpu_s_per_GB"] = cpu
         out["pyzmq_1MiB_MBps"] = zmq_mbps
         out["raw_tcp"], out["tunnel"] = bulk_mbps["raw_tcp"], bulk_mbps["tunnel"]
         out["stunnel"], out["ssh"] = bulk_mbps["stunnel"], bulk_mbps["ssh"]

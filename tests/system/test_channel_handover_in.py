@@ -108,6 +108,16 @@ def test_the_receiving_daemon_killed_mid_stream_loses_and_repeats_nothing(sites:
         assert _drain(rx, n2 - n) == list(range(n, n2))
 
 
+def _ends_without_path(tx: Any, first: int, n: int, timeout: float) -> None:
+    """Sending ``n`` more messages and flushing them ends the channel: no path (``no-path``)."""
+    try:
+        _send(tx, first, n)
+        tx.flush(timeout=timeout)
+        raise AssertionError("the channel went on without a receiver")
+    except meshd.ChannelClosed as exc:
+        assert exc.reason == "no-path"
+
+
 def _adopted(site: Any, client: Any, n: int = 1) -> None:
     """Wait until ``site``'s daemon (restarted) took on ``n`` channels from the receiving
     application and lists one held by it."""
@@ -227,15 +237,10 @@ def test_a_channel_whose_sender_gave_up_while_the_receiving_daemon_was_away_ends
         b.kill()
         _cut_at_receiver(rx)
         wait_until(lambda: rx._links.rejoin.orphans, 30, "the link to wait for its daemon")
-        try:
-            _send(tx, 10, 5)
-            tx.flush(timeout=30)
-            raise AssertionError("the sender flushed to a site that was down")
-        except meshd.ChannelClosed as exc:
-            assert exc.reason == "no-path"
+        _ends_without_path(tx, 10, 5, 30)
         b.start()
-        _adopted_waiting = lambda: any(r["state"] == "waiting" for r in _rows(mb, "in"))  # noqa: E731
-        wait_until(_adopted_waiting, 30, "the daemon to take the channel on, waiting")
+        wait_until(lambda: any(r["state"] == "waiting" for r in _rows(mb, "in")), 30,
+                   "the daemon to take the channel on, waiting")
         try:
             rx.recv(timeout=60)
             raise AssertionError("a message of a channel whose sender gave up")
@@ -276,12 +281,7 @@ def test_a_receiving_application_that_dies_leaves_no_channel_open(sites: Any) ->
             wait_until(lambda: not _rows(b.client, "in"), 30,
                        "the receiving daemon to end the dead application's channel")
             assert b.client.status()["counters"]["channel_in_ended_failed"] == 1
-            try:
-                _send(tx, 20, 5)
-                tx.flush(timeout=60)
-                raise AssertionError("the channel of a dead receiver went on")
-            except meshd.ChannelClosed as exc:
-                assert exc.reason == "no-path"
+            _ends_without_path(tx, 20, 5, 60)
             tx.close(flush=False)
     finally:
         if app.poll() is None:

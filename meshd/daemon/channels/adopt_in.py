@@ -68,10 +68,8 @@ def take_on(receiving: Receiving, lease: InLease, cid: bytes,
             dup = _descriptor(lease)
         info, ctl_end, live = decode_adopt_in(msg)
         g = info.grant
-        why = refusal(receiving, lease, cid, g.cid, g.name, g.sender, info.path, live) or (
-            None if (info.relay is not None) == (info.path == "relay") and (
-                info.relay is None or receiving.view.is_member(info.relay))
-            else "a relay that is not a member, or a relay without a relayed path")
+        why = refusal(receiving, lease, cid, g.cid, g.name, g.sender, info.path, info.relay,
+                      live)
         core = None if why is not None else ReceivingEnd.adopted(g, ctl_end, window_of(receiving.config))
     except (ProtocolError, LocalError) as exc:
         why, core = str(exc), None
@@ -114,15 +112,18 @@ def _descriptor(lease: InLease) -> socket.socket:
 
 
 def refusal(receiving: Receiving, lease: InLease, cid: bytes, state_cid: bytes, name: str,
-            sender: bytes, path: str, live: bool) -> str | None:
+            sender: bytes, path: str, relay: bytes | None, live: bool) -> str | None:
     """Why the channel offered as ``cid`` (its state says ``state_cid``, ``name``, from
-    ``sender``, over ``path``; ``live`` or waiting) cannot be taken on through ``lease``; None
-    if it can."""
+    ``sender``, over ``path`` and ``relay``; ``live`` or waiting) cannot be taken on through
+    ``lease``; None if it can."""
     port = lease.port
     if name != port.name or state_cid != cid:
         return f"it is channel {name!r} {state_cid.hex()[:12]}, not one of this receiver"
     if path not in PATHS:
         return f"a path that is not one of {', '.join(PATHS)}"
+    if (relay is not None) != (path == "relay") or (
+            relay is not None and not receiving.view.is_member(relay)):
+        return "a relay that is not a member, or a relay without a relayed path"
     if cid in receiving.inc:
         return "this site has that channel open"
     if not receiving.view.is_member(sender):
