@@ -184,6 +184,7 @@ class Daemon:
             await self.stop()
 
     async def stop(self) -> None:
+        self.control.stopping = True
         await self.membership.leave(LEAVE_TIMEOUT)
         await self.membership.close()
         await self.tunnels.stop()

@@ -154,11 +154,18 @@ class ControlServer:
         self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._requests: dict[Any, web.Request] = {}  # connection (its protocol) -> request
         self._internal_seen: set[str] = set()
+        self.stopping = False
+        """Set when the daemon begins to stop: from then on every call but the status is
+        answered 503 ``stopping``.  (A receiving application whose hand-over lease ended would
+        otherwise open its receiver again at the daemon that is going away, find no hand-over
+        socket, and never come back to the next daemon.)"""
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """meshd errors become ``{"error"}`` answers; anything else (a bug) a 500, its traceback
         logged once per kind, not once per request."""
+        if self.stopping and request.path not in (api.STATUS, api.METRICS):
+            return _json(api.error_body("stopping", "the daemon is stopping"), 503)
         self._requests[request.protocol] = request
         try:
             return await handler(request)
@@ -396,13 +403,17 @@ class ControlServer:
         return _json({"closed": request.match_info["name"]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        status = self.reports.status()
-        lines = ["# TYPE meshd_members gauge", f"meshd_members {status['members']}"]
-        for name, value in sorted(status["counters"].items()):
-            lines += [f"# TYPE meshd_{name} counter", f"meshd_{name} {value}"]
-        for name, value in sorted(status["peer_port"].items()):
-            lines += [f"# TYPE meshd_peer_port_{name} gauge", f"meshd_peer_port_{name} {value}"]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return web.Response(text=_prometheus(self.reports.status()), content_type="text/plain")
+
+
+def _prometheus(status: dict[str, Any]) -> str:
+    """The status's counters and gauges in Prometheus' text format."""
+    lines = ["# TYPE meshd_members gauge", f"meshd_members {status['members']}"]
+    for name, value in sorted(status["counters"].items()):
+        lines += [f"# TYPE meshd_{name} counter", f"meshd_{name} {value}"]
+    for name, value in sorted(status["peer_port"].items()):
+        lines += [f"# TYPE meshd_peer_port_{name} gauge", f"meshd_peer_port_{name} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 def _pending(p: PendingJoin) -> dict[str, Any]:

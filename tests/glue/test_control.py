@@ -176,6 +176,20 @@ async def test_a_call_on_a_channel_that_ended_on_its_own_is_answered_gone_with_w
     assert code == 400 and body["error"]["reason"] == "not-found"
 
 
+async def test_a_stopping_daemon_answers_only_its_status(control) -> None:
+    """Once the daemon begins to stop, a receiving application that lost its hand-over lease
+    must not open its receiver again there (it would find no hand-over socket and not come back
+    to the next daemon): every call but status and metrics is answered 503 ``stopping``."""
+    c, session = control
+    c.server.stopping = True
+    code, body = await call(session, "POST", api.RECEIVERS, {"name": "frames", "handover": True})
+    assert code == 503 and body == api.error_body("stopping", "the daemon is stopping")
+    code, body = await call(session, "POST", api.INVITES, {"name": "bob"})
+    assert code == 503 and c.node.view.mesh_id is None  # nothing done
+    code, status = await call(session, "GET", api.STATUS)
+    assert code == 200 and status["name"] == "ctl"
+
+
 async def test_rotate_goes_to_the_rotation(control) -> None:
     c, session = control
     code, body = await call(session, "POST", api.ROTATE, {})
