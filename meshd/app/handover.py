@@ -155,9 +155,11 @@ class HandoverEnd:
             return
         self._next_rejoin = now + REJOIN_EVERY
         try:
+            # A live channel's socket goes with it: the daemon keeps it to cut it.
             lease = dial_lease(self._path, {"t": "adopt", "id": self.channel_id,
                                             "name": self.name, "live": self.sock is not None,
-                                            **core.adoption()})
+                                            **core.adoption()},
+                               None if self.sock is None else self.sock.fileno())
         except OSError:
             return
         self._set_lease(lease)
@@ -179,13 +181,14 @@ class HandoverEnd:
             pass
 
 
-def dial_lease(path: str, first: dict[str, Any]) -> socket.socket:
+def dial_lease(path: str, first: dict[str, Any], fd: int | None = None) -> socket.socket:
     """A new connection to the daemon's hand-over socket at ``path``, ``first`` sent on it
-    (``take`` or ``adopt``); OSError if the daemon is not there."""
+    (``take`` or ``adopt``; with the descriptor ``fd``, if any); OSError if the daemon is not
+    there."""
     lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         lease.connect(path)
-        send_message(lease, first)
+        send_message(lease, first, fd)
     except OSError:
         lease.close()
         raise

@@ -72,6 +72,9 @@ class Grant:
     """The receiving site's key (to give the channel to a restarted daemon)."""
     leftover: bytes = b""
     """Bytes the daemon read from the socket after the last whole record it took."""
+    relay: bytes | None = None
+    """The relay's site key on a relayed path (a daemon that restarts is told it again, so
+    that revoking the relay still cuts the channel's connection)."""
 
 
 class StreamSender:
@@ -168,7 +171,7 @@ class StreamSender:
         return {"cipher": self._grant.cipher, "sk": self._grant.send_key,
                 "rk": self._grant.recv_key, "sd": s.direction, "rd": o.direction,
                 "ce": self._ctl_end, "co": o.next_control_seq, "path": self.path,
-                "peer": self._grant.peer}
+                "peer": self._grant.peer, "relay": self._grant.relay}
 
     def lost(self) -> tuple[int, int]:
         """The connection broke: ``(ctl_seal, ctl_open)``, the next control seq this end would

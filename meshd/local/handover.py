@@ -113,7 +113,7 @@ def encode_grant(g: Grant) -> dict[str, Any]:
     return {"t": "grant", "cid": g.cid, "cipher": g.cipher, "sk": g.send_key, "rk": g.recv_key,
             "sd": g.send_direction, "rd": g.recv_direction, "cs": g.ctl_seal, "co": g.ctl_open,
             "ms": g.max_seq, "mb": g.max_bytes, "fb": fb, "path": g.path, "peer": g.peer,
-            "left": g.leftover}
+            "left": g.leftover, "relay": g.relay}
 
 
 def decode_grant(m: dict[str, Any]) -> Grant:
@@ -125,7 +125,8 @@ def decode_grant(m: dict[str, Any]) -> Grant:
                      int(m["mb"]),
                      None if fb is None else Feedback(int(fb[0]), int(fb[1]), int(fb[2]),
                                                       bool(fb[3])),
-                     str(m["path"]), as_bytes(m["peer"]), as_bytes(m["left"]))
+                     str(m["path"]), as_bytes(m["peer"]), as_bytes(m["left"]),
+                     None if m.get("relay") is None else as_bytes(m["relay"]))
     except (KeyError, TypeError, ValueError, IndexError):
         raise ProtocolError("malformed grant", reason="malformed") from None
 

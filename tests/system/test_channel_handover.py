@@ -130,6 +130,51 @@ def test_the_sending_daemon_killed_and_restarted_mid_stream_loses_and_repeats_no
                    "the receiving daemon to forget the closed channel")
 
 
+_ESTABLISHED = 1  # TCP_ESTABLISHED in linux/tcp_states.h
+
+
+def test_a_relayed_channel_taken_on_after_a_restart_is_cut_when_its_relay_is_revoked(
+        sites: Any) -> None:
+    """Bug: a sending daemon that took on a relayed channel from its application after a
+    restart forgot the relay (and held no copy of the socket), so revoking the relay left the
+    application streaming through it.  The relay is frozen here, so only alcf's own daemon can
+    cut the application's connection."""
+    aps, alcf, dcs = mesh_of(sites, "aps", "alcf", "dcs")
+    with meshd.connect(aps.home) as ma, meshd.connect(alcf.home) as ml:
+        rx = ma.receiver("relayed")
+        tx = ml.sender("relayed", to="aps", paths=["relay"])  # through dcs
+        n = _send(tx, 0, 20)
+        tx.flush(timeout=60)
+        assert tx._link is not None and tx._link.sock is not None  # handed over
+        alcf.kill()
+        alcf.start()
+
+        def taken_on() -> bool:  # the application offers the channel back while it sends
+            nonlocal n
+            n = _send(tx, n, 1)
+            return any(c["direction"] == "out" and c["handed_over"] and c["relay"] == "dcs"
+                       for c in alcf.client.channels())
+
+        wait_until(taken_on, 30, "the restarted daemon to take on the relayed channel")
+        assert alcf.client.status()["counters"]["channel_adopted"] == 1
+        held = tx._link.sock
+        os.kill(dcs.proc.pid, signal.SIGSTOP)
+        try:
+            aps.client.revoke("dcs", "stolen key")  # the founder; alcf hears it by gossip
+
+            # The daemon's copy of the socket is shut: the application's socket leaves
+            # ESTABLISHED (tcp_info's first byte) without the application doing anything.
+            # (Sending here would block against the frozen relay until the socket's own 15 s
+            # send timeout broke it, which would hide a daemon that cannot cut.)
+            wait_until(lambda: held.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                       != _ESTABLISHED, 10,
+                       "alcf's daemon to cut the connection through the revoked relay")
+        finally:
+            os.kill(dcs.proc.pid, signal.SIGCONT)
+        assert [int(rx.recv(timeout=60).meta["i"]) for _ in range(20)] == list(range(20))
+        ml.close(flush=False)
+
+
 APP = textwrap.dedent("""
     import sys, numpy as np, meshd
     mesh = meshd.connect(sys.argv[1])

@@ -1,5 +1,6 @@
-"""The ``grant-in`` message: what a receiving daemon hands its application with a socket; and
-``adopt-in``, what the application offers back to a daemon that restarted under it."""
+"""The ``grant-in`` message: what a receiving daemon hands its application with a socket;
+``adopt-in``, what the application offers back to a daemon that restarted under it; and the
+sending side's ``grant``."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from meshd.channel.events import Feedback
 from meshd.channel.inbound import InGrant
+from meshd.channel.stream import Grant
 from meshd.errors import ProtocolError
-from meshd.local.handover import (decode_adopt_in, decode_in_grant, encode_adopt_in,
-                                  encode_in_grant)
+from meshd.local.handover import (decode_adopt_in, decode_grant, decode_in_grant,
+                                  encode_adopt_in, encode_grant, encode_in_grant)
 
 
 def _grant(messages: int = 9) -> InGrant:
@@ -60,4 +63,24 @@ def test_a_malformed_adoption_is_refused(field: str, bad: Any) -> None:
     m[field] = bad
     with pytest.raises(ProtocolError) as err:
         decode_adopt_in(m)
+    assert err.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("relay", [None, b"v" * 32])
+def test_a_sending_grant_comes_back_with_its_relay(relay: bytes | None) -> None:
+    """``grant`` (to a sending application) carries the relay, which the application gives a
+    daemon that restarted under it, so that revoking the relay still cuts the channel."""
+    g = Grant(b"c" * 16, 1, b"s" * 32, b"r" * 32, 1, 2, 5, 3, 64, 1 << 20,
+              Feedback(1, 2, 3, False), "relay" if relay else "direct", b"k" * 32, b"left",
+              relay)
+    assert decode_grant(encode_grant(g)) == g
+
+
+@pytest.mark.parametrize("bad", [10 ** 11, "v" * 32, [1]])
+def test_a_sending_grant_whose_relay_is_not_bytes_is_refused(bad: Any) -> None:
+    m = encode_grant(Grant(b"c" * 16, 1, b"s" * 32, b"r" * 32, 1, 2, 5, 3, 64, 1 << 20, None,
+                           "relay", b"k" * 32))
+    m["relay"] = bad
+    with pytest.raises(ProtocolError) as err:
+        decode_grant(m)
     assert err.value.reason == "malformed"

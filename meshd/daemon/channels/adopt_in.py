@@ -20,13 +20,12 @@ A channel taken on as waiting ends if its sender does not resume it within
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from meshd.channel.inbound import ReceivingEnd
-from meshd.daemon.channels.handover_in import InLease
+from meshd.daemon.channels.handover_in import InLease, tcp_socket
 from meshd.daemon.channels.in_channel import InChannel, RSide, window_of
 from meshd.daemon.counters import Counters
 from meshd.errors import LocalError, ProtocolError
@@ -65,7 +64,7 @@ def take_on(receiving: Receiving, lease: InLease, cid: bytes,
     dup: socket.socket | None = None
     try:
         if msg.get("live") is True:
-            dup = _descriptor(lease)
+            dup = tcp_socket(lease.fds)
         info, ctl_end, live = decode_adopt_in(msg)
         g = info.grant
         why = refusal(receiving, lease, cid, g.cid, g.name, g.sender, info.path, info.relay,
@@ -87,28 +86,6 @@ def take_on(receiving: Receiving, lease: InLease, cid: bytes,
     log.info("channel %r from %s: taken on from its application (%s)", g.name,
              receiving.view.name_of(g.sender), "live" if live else "waiting for its sender")
     return inc
-
-
-def _descriptor(lease: InLease) -> socket.socket:
-    """The next descriptor the application sent, as a stream socket; LocalError if there is
-    none or it is not one (it is closed)."""
-    if not lease.fds:
-        raise LocalError("a live channel came without its socket", reason="usage")
-    fd = lease.fds.pop(0)
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        raise LocalError("what came with it is not a socket", reason="usage") from None
-    try:
-        connected = sock.type == socket.SOCK_STREAM and sock.family in (
-            socket.AF_INET, socket.AF_INET6) and bool(sock.getpeername())
-    except OSError:
-        connected = False
-    if not connected:
-        sock.close()
-        raise LocalError("what came with it is not a connected TCP socket", reason="usage")
-    return sock
 
 
 def refusal(receiving: Receiving, lease: InLease, cid: bytes, state_cid: bytes, name: str,

@@ -27,8 +27,9 @@ from meshd.channel.outbound import SendingEnd
 from meshd.channel.paths import Path, PathKind
 from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
-from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socket, refuse,
-                                               keep, recv_with_fds, serve_messages)
+from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socket, keep,
+                                               recv_with_fds, refuse, serve_messages,
+                                               tcp_socket)
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import MessageReader, as_bytes, encode_grant, pack, send_message
@@ -96,7 +97,7 @@ class Lease:
         max_seq, max_bytes = core.sender.credit
         grant = Grant(keys.channel_id, keys.cipher, keys.send_key, keys.recv_key,
                       keys.send_direction, keys.recv_direction, ctl_seal, ctl_open, max_seq,
-                      max_bytes, feedback, core.path.kind.value, ch.peer, left)
+                      max_bytes, feedback, core.path.kind.value, ch.peer, left, core.path.relay)
         if self.dup is not None:
             self.dup.close()
         self.dup = sock  # kept unread, to cut the connection (see cut_socket)
@@ -264,21 +265,27 @@ class Handovers:
         if first["t"] == "receive":
             await self._serve_receiver(sock, str(first.get("port", "")), reader, msgs[1:], fds)
             return
-        keep(None, fds)
+        dup = None  # a live adopted channel's socket: kept to cut it (revocations)
+        refused = None
         if first["t"] == "adopt":
             try:
+                dup = tcp_socket(fds) if first.get("live") else None
                 ch = self._adopt(first)
             except (KeyError, TypeError, ValueError, LocalError) as exc:
                 log.info("refused to adopt a channel: %s", exc)
-                ch = None
+                ch, refused = None, exc.reason if isinstance(exc, LocalError) else "malformed"
             cid = ch.cid if ch is not None else b""
+        keep(None, fds)
         ch = self.sending.out.get(cid)
-        why = ("not-found" if ch is None else "not-handover" if not ch.handover
+        why = (refused or "not-found" if ch is None else "not-handover" if not ch.handover
                else "taken" if ch.lease is not None else None)
         if why is not None or ch is None:
+            if dup is not None:
+                dup.close()
             refuse(sock, str(why))
             return
         lease = ch.lease = Lease(self, sock, ch)
+        lease.dup = dup
         if first["t"] == "adopt" and not first.get("live"):
             taken_back(ch, int(first["co"]))
         offer(ch)
@@ -311,12 +318,17 @@ class Handovers:
         check_name(name)
         keys = ChannelKeys(cid, True, peer, int(m["cipher"]), int(m["sd"]), int(m["rd"]), b"",
                            as_bytes(m["sk"]), as_bytes(m["rk"]))
-        path = str(m["path"])
+        path, relay = str(m["path"]), m.get("relay")
+        relay = None if relay is None else as_bytes(relay)
+        if path not in ("direct", "reversed", "relay") or (relay is not None) != (
+                path == "relay") or (relay is not None and not self.sending.view.is_member(relay)):
+            raise LocalError("a path that is not direct, reversed, or relayed through a member",
+                             reason="bad-path")
         self.counters.count("adopted")
         log.info("channel %r to %s: taken on from its application", name,
                  self.sending.name(peer))
         return self.sending.adopt(name, peer, cid, keys, int(m["ce"]) + LEASE, int(m["co"]),
-                                  Path(PathKind(path)) if path != "relay" else None)
+                                  Path(PathKind(path), relay))
 
     def close(self) -> None:
         if self._listener is not None:

@@ -369,6 +369,29 @@ async def recv_with_fds(loop: asyncio.AbstractEventLoop,
             await _ready(loop, sock, False)
 
 
+def tcp_socket(fds: list[int]) -> socket.socket:
+    """The next descriptor in ``fds`` (taken from it), which an application sent with a live
+    channel, as a connected TCP socket; LocalError if there is none or it is not one (it is
+    closed)."""
+    if not fds:
+        raise LocalError("a live channel came without its socket", reason="usage")
+    fd = fds.pop(0)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise LocalError("what came with it is not a socket", reason="usage") from None
+    try:
+        connected = sock.type == socket.SOCK_STREAM and sock.family in (
+            socket.AF_INET, socket.AF_INET6) and bool(sock.getpeername())
+    except OSError:
+        connected = False
+    if not connected:
+        sock.close()
+        raise LocalError("what came with it is not a connected TCP socket", reason="usage")
+    return sock
+
+
 def keep(held: list[int] | None, got: list[int]) -> None:
     """Append ``got`` to ``held`` up to :data:`MAX_HELD_FDS` (None: keep none); close the
     rest."""
