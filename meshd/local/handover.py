@@ -83,7 +83,7 @@ from meshd.channel.inbound import InGrant
 from meshd.channel.stream import Grant
 from meshd.errors import LocalError, ProtocolError
 
-__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "InGrantInfo", "MessageReader", "as_bytes",
+__all__ = ["MAX_MESSAGE", "SOCKET_NAME", "InGrantInfo", "MessageReader", "as_bytes", "as_count",
            "decode_adopt_in",
            "decode_grant", "decode_in_grant", "decode_state", "encode_adopt_in", "encode_grant",
            "encode_in_grant", "encode_state", "pack", "recv_messages", "send_message"]
@@ -96,6 +96,14 @@ _LEN = struct.Struct(">I")
 def pack(msg: dict[str, Any]) -> bytes:
     body: bytes = msgpack.packb(msg, use_bin_type=True)
     return _LEN.pack(len(body)) + body
+
+
+def as_count(value: Any) -> int:
+    """``value``, a number field of a message: an integer from 0 to 2**64 - 1; ValueError if it
+    is anything else (a float, ``inf``, a bool, a string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise ValueError(f"a number field is {type(value).__name__} {str(value)[:20]}")
+    return value
 
 
 def as_bytes(value: Any) -> bytes:

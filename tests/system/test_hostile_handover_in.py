@@ -17,7 +17,6 @@ from meshd.app import in_link
 from meshd.channel import link
 from meshd.local.handover import MessageReader, pack
 from meshd.testing.processes import wait_until
-from meshd.trust.identity import SiteKey
 from tests.helpers import Site, channel_works, closed_by_peer, mesh_of
 from tests.system.test_channel_handover import _drain, _send
 from tests.system.test_channel_handover_in import streaming
@@ -144,71 +143,8 @@ ADOPTIONS: list[tuple[str, Any, str]] = [
     ("a relay on a direct path", lambda m: _fresh(m, relay=m["sender"]), "relay"),
     ("a relay that is no member", lambda m: _fresh(m, path="relay", relay=os.urandom(32)),
      "relay"),
+    ("its sender as its relay", lambda m: _fresh(m, path="relay", relay=m["sender"]), "relay"),
 ]
-
-
-def test_a_sender_adoption_with_numbers_for_keys_is_refused_without_allocating_them(
-        sites: Any) -> None:
-    """``adopt`` (a sending application offering its channel): binary fields given as huge
-    integers were once turned into that many zero bytes by ``bytes(n)``."""
-    a, b = mesh_of(sites, "aps", "alcf")
-    path = b.client.open_receiver("probe", handover=True)["handover"]
-    base = {"t": "adopt", "id": os.urandom(16).hex(), "name": "frames", "live": False,
-            "peer": _key(a), "cipher": 1,  # a member: the keys are read too
-            "sd": 1, "rd": 2, "sk": b"s" * 32, "rk": b"r" * 32, "ce": 0, "co": 0,
-            "path": "direct"}
-    for field in ("peer", "sk", "rk"):
-        answer = _refused(path, pack({**base, field: 10 ** 11}))
-        assert answer is not None and answer["reason"] == "malformed", (field, answer)
-    channel_works(a, b, "after")
-    log = b.log()
-    assert "Traceback" not in log and log.count("refused to adopt a channel") == 3
-
-
-def _key(site: Site) -> bytes:
-    return SiteKey.load(site.home / "site.key").public
-
-
-def _refused_with(path: str, msg: dict[str, Any], fd: int | None) -> dict[str, Any] | None:
-    """``msg`` sent on a new hand-over connection with ``fd``: the daemon's answer."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(path)
-        socket.send_fds(s, [pack(msg)], [] if fd is None else [fd])
-        msgs = MessageReader().feed(s.recv(65536))
-    return msgs[0] if msgs else None
-
-
-def test_a_sender_adoption_that_lies_about_its_path_or_socket_is_refused(sites: Any) -> None:
-    """``adopt`` of a live channel must bring the channel's connected TCP socket (the daemon
-    keeps it to cut it when the receiver or the relay is revoked), and a relay only on a
-    relayed path, and only a member."""
-    a, b, r = mesh_of(sites, "aps", "alcf", "relay")
-    path = b.client.open_receiver("probe", handover=True)["handover"]
-    base = {"t": "adopt", "name": "frames", "live": False, "peer": _key(a), "cipher": 1,
-            "sd": 1, "rd": 2, "sk": b"s" * 32, "rk": b"r" * 32, "ce": 0, "co": 0,
-            "path": "direct", "relay": None}
-    with socket.socket(socket.AF_UNIX) as unix, socket.socket() as unconnected:
-        cases = [
-            ({"live": True}, None, "usage"),  # no socket
-            ({"live": True}, unix.fileno(), "usage"),  # not TCP
-            ({"live": True}, unconnected.fileno(), "usage"),  # not connected
-            ({"path": "relay"}, None, "bad-path"),  # a relay path without its relay
-            ({"relay": _key(r)}, None, "bad-path"),  # a relay on a direct path
-            ({"path": "relay", "relay": os.urandom(32)}, None, "bad-path"),  # no member
-            ({"path": "sideways"}, None, "bad-path"),
-        ]
-        for change, fd, reason in cases:
-            msg = {**base, "id": os.urandom(16).hex(), **change}
-            answer = _refused_with(path, msg, fd)
-            assert answer is not None and answer["reason"] == reason, (change, answer)
-    assert "channel_adopted" not in b.client.status()["counters"]
-    with socket.socket(socket.AF_UNIX) as s:  # the same, relayed through a member: taken on
-        s.connect(path)
-        s.sendall(pack({**base, "id": os.urandom(16).hex(), "path": "relay", "relay": _key(r)}))
-        wait_until(lambda: b.client.status()["counters"].get("channel_adopted") == 1, 30,
-                   "the daemon to take on the relayed channel")
-    assert "Traceback" not in b.log()
 
 
 def test_hostile_adoptions_are_refused_with_their_reason_and_the_daemon_goes_on(

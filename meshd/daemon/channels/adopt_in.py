@@ -28,6 +28,7 @@ from meshd.channel.inbound import ReceivingEnd
 from meshd.daemon.channels.handover_in import InLease, tcp_socket
 from meshd.daemon.channels.in_channel import InChannel, RSide, window_of
 from meshd.daemon.counters import Counters
+from meshd.daemon.site import LocalSite
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import decode_adopt_in
 from meshd.state.config import Config
@@ -50,6 +51,7 @@ class Receiving(Protocol):
     counters: Counters
     view: MeshView
     config: Config
+    site: LocalSite
 
     @property
     def inc(self) -> Mapping[bytes, InChannel]: ...
@@ -98,9 +100,9 @@ def refusal(receiving: Receiving, lease: InLease, cid: bytes, state_cid: bytes, 
         return f"it is channel {name!r} {state_cid.hex()[:12]}, not one of this receiver"
     if path not in PATHS:
         return f"a path that is not one of {', '.join(PATHS)}"
-    if (relay is not None) != (path == "relay") or (
-            relay is not None and not receiving.view.is_member(relay)):
-        return "a relay that is not a member, or a relay without a relayed path"
+    if (relay is not None) != (path == "relay") or (relay is not None and (
+            relay in (sender, receiving.site.public) or not receiving.view.is_member(relay))):
+        return "a relay that is not another member, or a relay without a relayed path"
     if cid in receiving.inc:
         return "this site has that channel open"
     if not receiving.view.is_member(sender):

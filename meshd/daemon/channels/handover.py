@@ -32,7 +32,8 @@ from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socke
                                                tcp_socket)
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
-from meshd.local.handover import MessageReader, as_bytes, encode_grant, pack, send_message
+from meshd.local.handover import (MessageReader, as_bytes, as_count, encode_grant, pack,
+                                  send_message)
 
 log = logging.getLogger("meshd.daemon.channels.handover")
 
@@ -125,8 +126,9 @@ class Lease:
     def _on_message(self, msg: dict[str, Any]) -> None:
         t, ch = msg["t"], self.ch
         if t == "lost":
+            co = as_count(msg.get("co", 0))  # first (a malformed one ends the lease)
             self.cut()
-            taken_back(ch, int(msg.get("co", 0)))
+            taken_back(ch, co)
         elif t == "count":
             ch.reported = {k: int(msg[k]) for k in ("messages", "bytes", "acked", "retransmits",
                                                     "buffered") if isinstance(msg.get(k), int)}
@@ -271,9 +273,11 @@ class Handovers:
             try:
                 dup = tcp_socket(fds) if first.get("live") else None
                 ch = self._adopt(first)
-            except (KeyError, TypeError, ValueError, LocalError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError, LocalError) as exc:
                 log.info("refused to adopt a channel: %s", exc)
                 ch, refused = None, exc.reason if isinstance(exc, LocalError) else "malformed"
+            finally:
+                keep(None, fds)  # whatever else came with it
             cid = ch.cid if ch is not None else b""
         keep(None, fds)
         ch = self.sending.out.get(cid)
@@ -316,19 +320,24 @@ class Handovers:
         if not self.sending.view.is_member(peer):
             raise LocalError("the receiver is no member", reason="not-member")
         check_name(name)
-        keys = ChannelKeys(cid, True, peer, int(m["cipher"]), int(m["sd"]), int(m["rd"]), b"",
-                           as_bytes(m["sk"]), as_bytes(m["rk"]))
+        keys = ChannelKeys(cid, True, peer, as_count(m["cipher"]), as_count(m["sd"]),
+                           as_count(m["rd"]), b"", as_bytes(m["sk"]), as_bytes(m["rk"]))
+        ce, co = as_count(m["ce"]), as_count(m["co"])
+        if ce + LEASE >= 1 << 64:
+            raise LocalError("a control-seq lease that ends beyond 2**64", reason="usage")
         path, relay = str(m["path"]), m.get("relay")
         relay = None if relay is None else as_bytes(relay)
         if path not in ("direct", "reversed", "relay") or (relay is not None) != (
-                path == "relay") or (relay is not None and not self.sending.view.is_member(relay)):
-            raise LocalError("a path that is not direct, reversed, or relayed through a member",
-                             reason="bad-path")
+                path == "relay") or (relay is not None and (
+                    relay in (peer, self.sending.site.public)
+                    or not self.sending.view.is_member(relay))):
+            raise LocalError("a path that is not direct, reversed, or relayed through another"
+                             " member", reason="bad-path")
+        ch = self.sending.adopt(name, peer, cid, keys, ce + LEASE, co, Path(PathKind(path), relay))
         self.counters.count("adopted")
         log.info("channel %r to %s: taken on from its application", name,
                  self.sending.name(peer))
-        return self.sending.adopt(name, peer, cid, keys, int(m["ce"]) + LEASE, int(m["co"]),
-                                  Path(PathKind(path), relay))
+        return ch
 
     def close(self) -> None:
         if self._listener is not None:

@@ -350,6 +350,11 @@ async def serve_messages(lease: _Served, on_message: Callable[[dict[str, Any]], 
                 on_message(msg)
     except (OSError, ProtocolError) as exc:
         log.info("%s: hand-over socket: %s", label, exc)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        # A message of the right shape with a field that is not what it must be ("co": "abc",
+        # "co": inf): the lease ends as for any malformed message, in one line.
+        log.info("%s: hand-over socket: a malformed message (%s: %s)", label,
+                 type(exc).__name__, exc)
 
 
 MAX_HELD_FDS = 16
@@ -393,13 +398,14 @@ def tcp_socket(fds: list[int]) -> socket.socket:
 
 
 def keep(held: list[int] | None, got: list[int]) -> None:
-    """Append ``got`` to ``held`` up to :data:`MAX_HELD_FDS` (None: keep none); close the
-    rest."""
+    """Move ``got`` to ``held`` up to :data:`MAX_HELD_FDS` (None: keep none) and close the
+    rest; ``got`` is left empty (so that no descriptor is closed twice)."""
     for fd in got:
         if held is not None and len(held) < MAX_HELD_FDS:
             held.append(fd)
         else:
             os.close(fd)
+    got.clear()
 
 
 def refuse(sock: socket.socket, why: str) -> None:

@@ -45,6 +45,10 @@ from meshd.state.view import MeshView
 
 log = logging.getLogger("meshd.daemon.channels.outbound")
 
+MAX_SENDERS = 256
+"""Sending ends open at once, opened or taken on from an application after a restart (each
+costs 3 ZeroMQ sockets, about 4 descriptors and its resend buffer of up to
+``channel_window_bytes``); beyond, ``busy``."""
 MAX_GONE = 1024
 """Ended channels remembered for their applications (see :attr:`Sending.gone`)."""
 
@@ -395,9 +399,16 @@ class Sending:
     def adopt(self, name: str, peer: bytes, cid: bytes, keys: ChannelKeys, ctl_seal: int,
               ctl_open: int, path: Path | None) -> OutChannel:
         """A handed-over channel whose application outlived this daemon's predecessor
-        (:meth:`~meshd.channel.outbound.SendingEnd.adopt`)."""
+        (:meth:`~meshd.channel.outbound.SendingEnd.adopt`); ``busy`` at :data:`MAX_SENDERS`."""
+        if len(self.out) >= MAX_SENDERS:
+            self.counters.count("refused_senders")
+            raise LocalError(f"this site has {MAX_SENDERS} channels open already", reason="busy")
         ch = OutChannel(self, name, peer, [PathKind(p) for p in self.config.paths], True, cid)
-        ch.core.adopt(keys, ctl_seal, ctl_open, path)
+        try:
+            ch.core.adopt(keys, ctl_seal, ctl_open, path)
+        except BaseException:  # keys it cannot use: nothing of the channel stays behind
+            ch._release()
+            raise
         self.out[ch.cid] = ch
         return ch
 

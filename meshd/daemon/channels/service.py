@@ -38,7 +38,7 @@ from meshd.daemon.channels import ipc, listing
 from meshd.daemon.channels.connection import DataConnection
 from meshd.daemon.channels.handover import Handovers
 from meshd.daemon.channels.inbound import ReceiverPort, Receiving
-from meshd.daemon.channels.outbound import OutChannel, Sending
+from meshd.daemon.channels.outbound import MAX_SENDERS, OutChannel, Sending
 from meshd.daemon.channels.reach import Reachability
 from meshd.daemon.channels.relay import Relay
 from meshd.daemon.counters import Counters
@@ -59,9 +59,6 @@ AUTH_TIMEOUT = 10.0
 """Seconds an accepted data connection has to prove itself (see :meth:`ChannelService.accept`)."""
 MAX_UNTRUSTED = 256
 MAX_UNTRUSTED_PER_SOURCE = 32
-MAX_SENDERS = 256
-"""Sending ends open at once (each costs 3 ZeroMQ sockets, about 4 descriptors and its resend
-buffer of up to ``channel_window_bytes``); beyond, ``busy``."""
 MAX_RECEIVERS = 256
 """Receiver ports open at once (3 ZeroMQ sockets and about 4 descriptors each); beyond, ``busy``."""
 MAX_RING_BYTES = 256 << 20
