@@ -28,7 +28,7 @@ from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import TaskSet
-from meshd.errors import RemoteError
+from meshd.errors import RemoteError, StateError
 from meshd.peer.dialer import Unreachable
 from meshd.state.config import Config
 from meshd.peer.wire import MAX_ITEMS
@@ -105,6 +105,7 @@ class MeshSync:
         self.links = links
         self.contacts = contacts
         self.counters = counters
+        self._unstored_logged = -60.0  # when a refused store was last logged (monotonic)
         self.tasks = tasks
         self.on_change = on_change
         self.start_membership = start_membership
@@ -199,7 +200,17 @@ class MeshSync:
                                                            self.view.mesh_id))
 
     def _ingest_verified(self, key: bytes, screened: Screened, verified: Verified) -> IngestResult:
-        result = self.view.apply(screened, verified, int(time.time()))
+        try:
+            result = self.view.apply(screened, verified, int(time.time()))
+        except StateError as exc:  # a full disk: they come again with the next exchange
+            self.counters.count("records_unstored")
+            self.on_change()  # some may have been kept before the store refused
+            now = time.monotonic()
+            if now - self._unstored_logged > 60:
+                self._unstored_logged = now
+                log.warning("cannot keep the signed objects %s sent: %s",
+                            self.view.name_of(key) or site_id_of(key), exc)
+            return IngestResult(0, 0, {})
         if result.stored:
             self.counters.count("records_stored", result.stored)
             self.on_change()

@@ -18,7 +18,7 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
 
-from meshd.errors import ProtocolError, RemoteError
+from meshd.errors import ProtocolError, RemoteError, StateError
 from meshd.peer import wire
 from meshd.peer.dialer import HEARTBEAT_MS
 from meshd.peer.portmux import OnOther, PortMux
@@ -145,6 +145,10 @@ class PeerServer:
         except RemoteError as exc:
             reply = wire.error(msg["id"], exc.reason, exc.message,
                                getattr(exc, "retry_after", None))
+        except StateError as exc:  # this site cannot store now (a full disk): one line
+            log.warning("cannot answer a %s request from %s: %s", msg["t"], info.address, exc)
+            reply = wire.error(msg["id"], "unavailable",
+                               "the peer cannot store anything now; try again later")
         except Exception:
             log.exception("handler failed on a %s request from %s", msg["t"], info.address)
             reply = wire.error(msg["id"], "internal", "the peer failed to handle the request")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from meshd.errors import StateError
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -88,14 +90,31 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction: committed whole, or rolled back whole.  A write the disk refuses (it
+        is full, or read-only) is a :class:`~meshd.errors.StateError` (``disk-full`` or
+        ``store``) that says so; nothing of the change stays, and the store works again once
+        the disk does."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._rollback()
+                raise
             self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._rollback()
+            full = "full" in str(exc)
+            raise StateError(f"cannot write the state store {self.path}: {exc}"
+                             + ("; free some space" if full else ""),
+                             reason="disk-full" if full else "store") from None
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back already
 
     # -- site settings -------------------------------------------------------------------------
 

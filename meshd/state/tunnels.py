@@ -14,9 +14,12 @@ naming the file: the daemon does not start on a registry it would silently lose.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,13 +82,41 @@ class TunnelBook:
                              reason="tunnels") from None
         return book
 
+    @contextmanager
+    def change(self) -> Iterator[None]:
+        """Change the registry in the block, then save it; if the save fails (a full disk),
+        the registry in memory is put back as it was and the StateError goes on: memory and
+        disk never disagree."""
+        exposed, connected = dict(self.exposed), dict(self.connected)
+        try:
+            yield
+            self.save()
+        except BaseException:
+            self.exposed.clear()
+            self.exposed.update(exposed)
+            self.connected.clear()
+            self.connected.update(connected)
+            raise
+
     def save(self) -> None:
+        """Write the registry (StateError ``disk-full`` or ``state-write`` if the disk refuses:
+        the file on disk stays as it was)."""
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            self._write(tmp)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StateError(f"cannot write the tunnel registry {self.path}:"
+                             f" {exc.strerror or exc}" + ("; free some space" if full else ""),
+                             reason="disk-full" if full else "state-write") from None
+
+    def _write(self, tmp: Path) -> None:
         data = {"v": 1,
                 "exposed": [{"name": e.name, "host": e.host, "port": e.port,
                              "allow": list(e.allow)} for e in self.exposed.values()],
                 "connected": [{"site": c.site, "name": c.name, "host": c.host, "port": c.port}
                               for c in self.connected.values()]}
-        tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1)

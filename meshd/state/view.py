@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from meshd.trust import records
 from meshd.trust import rules as trust
-from meshd.errors import RecordError
+from meshd.errors import RecordError, StateError
 from meshd.trust.identity import SiteKey, curve_public_of
 from meshd.trust.records import Genesis, Revocation, Rotation, Signed, SiteRecord, Vouch
 from meshd.state.site import SiteKeys
@@ -135,6 +135,34 @@ def _held(view: MeshView) -> Iterable[Signed]:
     if view.genesis is not None:
         yield view.genesis
 
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A verified batch by kind (see :func:`_by_kind`)."""
+
+    duplicate: int = 0
+    other_mesh: int = 0
+    vouches: list[Signed] = field(default_factory=list)
+    revocations: list[Signed] = field(default_factory=list)
+    rotations: list[Signed] = field(default_factory=list)
+    records: list[Signed] = field(default_factory=list)
+
+
+def _by_kind(signed: Iterable[Signed], genesis: bytes, held: Callable[[bytes], bool]) -> _Pending:
+    """``signed`` sorted by kind; our own genesis and objects ``held`` (by digest) counted as
+    duplicates, another mesh's genesis counted apart."""
+    out = _Pending()
+    for s in signed:
+        if s.kind == "genesis":
+            out.duplicate += s.raw == genesis
+            out.other_mesh += s.raw != genesis
+        elif held(s.digest):
+            out.duplicate += 1
+        else:
+            {"rotation": out.rotations, "vouch": out.vouches, "revocation": out.revocations,
+             "record": out.records}.get(s.kind, out.records).append(s)
+    return out
 
 class MeshView:
     """The verified state of one mesh, backed by the store."""
@@ -333,30 +361,29 @@ class MeshView:
         return self._screen.screen(items, lambda: _held(self))
 
     def apply(self, screened: Screened, verified: Verified, now: int) -> IngestResult:
-        """Keep what :func:`verify` passed and is new and authorised (on the owner's thread)."""
+        """Keep what :func:`verify` passed and is new and authorised (on the owner's thread).
+        Each object is stored, then kept in memory; if the store refuses one (StateError: a
+        full disk), what came before it is kept in both, the rest in neither, and the error
+        goes on."""
+        try:
+            return self._apply(screened, verified, now)
+        except StateError:
+            self._recompute(now)
+            self._screen.invalidate()
+            raise
+
+    def _apply(self, screened: Screened, verified: Verified, now: int) -> IngestResult:
         if self.genesis is None:
             return IngestResult(0, 0, {})
         refused = screened.refused + self._screen.remember_all(verified.rejects)
-        stored, duplicate = 0, screened.duplicate
-        pending_vouches: list[Signed] = []
-        pending_revocations: list[Signed] = []
-        pending_rotations: list[Signed] = []
-        pending_records: list[Signed] = []
-        for s in verified.signed:
-            if s.kind == "genesis":
-                duplicate += s.raw == self.genesis.raw
-                refused["mesh"] += s.raw != self.genesis.raw
-            elif s.digest in self.vouches or s.digest in self.revocations \
-                    or s.digest in self.rotations:
-                duplicate += 1
-            elif s.kind == "rotation":
-                pending_rotations.append(s)
-            elif s.kind == "vouch":
-                pending_vouches.append(s)
-            elif s.kind == "revocation":
-                pending_revocations.append(s)
-            else:
-                pending_records.append(s)
+        stored = 0
+        pending = _by_kind(verified.signed, self.genesis.raw,
+                           lambda d: d in self.vouches or d in self.revocations
+                           or d in self.rotations)
+        duplicate = screened.duplicate + pending.duplicate
+        refused["mesh"] += pending.other_mesh
+        pending_vouches, pending_revocations = pending.vouches, pending.revocations
+        pending_rotations, pending_records = pending.rotations, pending.records
         # Vouches in one batch may depend on each other (B vouched by A, C by B): admit them in
         # rounds until no more have an authorised voucher.
         progress = True

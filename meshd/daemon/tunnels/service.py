@@ -23,7 +23,7 @@ from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import TaskSet
 from meshd.daemon.tunnels.consumer import ConsumerTunnel, Dialing
 from meshd.daemon.tunnels.owner import Owning
-from meshd.errors import LocalError, ProtocolError
+from meshd.errors import LocalError, ProtocolError, StateError
 from meshd.state.config import Config
 from meshd.state.home import Home
 from meshd.state.tunnels import EVERYONE, Consumed, Exposure, TunnelBook
@@ -105,8 +105,8 @@ class TunnelService:
         old = self.book.exposed.get(name)
         exp = Exposure(name, host, port,
                        (EVERYONE,) if allow is None else tuple(sorted({k.hex() for k in allow})))
-        self.book.exposed[name] = exp
-        self.book.save()
+        with self.book.change():
+            self.book.exposed[name] = exp
         if old is not None:
             self.owning.cut(service=name, keep=lambda c: exp.allows(c.peer),
                             why="no longer allowed")
@@ -114,10 +114,11 @@ class TunnelService:
         return self._service_view(exp)
 
     def unexpose(self, name: str) -> dict[str, Any]:
-        exp = self.book.exposed.pop(name, None)
+        exp = self.book.exposed.get(name)
         if exp is None:
             raise LocalError(f"no service {name!r} is exposed here", reason="not-found")
-        self.book.save()
+        with self.book.change():
+            del self.book.exposed[name]
         cut = self.owning.cut(service=name, why="unexposed")
         log.info("unexposed %r (%d data connections cut)", name, cut)
         return self._service_view(exp)
@@ -181,18 +182,25 @@ class TunnelService:
             del self.consumed[(peer, name)]
             raise LocalError(f"cannot listen on {format_address(host, port)}:"
                              f" {exc.strerror or exc}", reason="in-use") from None
-        self.book.connected[(peer.hex(), name)] = Consumed(peer.hex(), name, host, tun.port)
-        self.book.save()
+        try:
+            with self.book.change():
+                self.book.connected[(peer.hex(), name)] = Consumed(peer.hex(), name, host,
+                                                                   tun.port)
+        except StateError:
+            del self.consumed[(peer, name)]
+            tun.close()
+            raise
         log.info("tunnel %s listening on %s", tun.name, tun.listen_address)
         return {**tun.describe(), "checked": offered is not None}
 
     def disconnect(self, peer: bytes, name: str) -> dict[str, Any]:
-        tun = self.consumed.pop((peer, name), None)
+        tun = self.consumed.get((peer, name))
         if tun is None:
             raise LocalError("no such tunnel at this site", reason="not-found")
+        with self.book.change():  # first: a registry that cannot be written keeps the tunnel
+            self.book.connected.pop((peer.hex(), name), None)
+        del self.consumed[(peer, name)]
         tun.close()
-        self.book.connected.pop((peer.hex(), name), None)
-        self.book.save()
         return tun.describe()
 
     def tunnels(self) -> list[dict[str, Any]]:
@@ -251,8 +259,11 @@ class TunnelService:
                 self.book.connected[(new.hex(), name)] = dataclasses.replace(old, site=new.hex())
             changed = True
         if changed:
-            self.book.save()
             log.info("tunnels: followed a key rotation")
+            try:
+                self.book.save()
+            except StateError as exc:  # memory has it; the next change that saves writes it
+                log.warning("tunnels: %s", exc)
 
     # -- what members expose to us ---------------------------------------------------------
 
