@@ -42,7 +42,7 @@ from meshd.errors import StateError
 from meshd.state import config as config_mod
 from meshd.state.admission import Admissions
 from meshd.state.home import Home
-from meshd.state.site import SiteKeys
+from meshd.state.site import SiteKeys, finish_rotation
 from meshd.state.store import Store
 from meshd.state.view import MeshView
 from meshd.trust.identity import SiteKey
@@ -63,8 +63,13 @@ class Daemon:
         home.require()
         self.home = home
         config = self.config = config_mod.load(home.config_path)
-        keys = SiteKeys(SiteKey.load(home.key_path))
         store = self.store = Store(home.db_path)
+        half_done = finish_rotation(home, store)  # a rotation that stopped half-way, if any
+        if half_done is not None:
+            log.warning("a key rotation had stopped half-way; %s", {
+                "finished": "the mesh knew of it: the new key replaces the old one",
+                "discarded": "it was never announced: the old key stays"}[half_done])
+        keys = SiteKeys(SiteKey.load(home.key_path))
         name = store.get_meta("name")
         if not isinstance(name, str):
             raise StateError(f"{home.db_path} has no site name; was `meshd init` interrupted?",

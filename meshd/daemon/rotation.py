@@ -14,7 +14,8 @@ from meshd.daemon.own_record import OwnRecord
 from meshd.daemon.roster import Roster
 from meshd.daemon.site import LocalSite
 from meshd.daemon.sync import MeshSync
-from meshd.errors import LocalError, StateError
+from meshd.errors import KeyFileError, LocalError, StateError
+from meshd.state.site import new_key_path
 from meshd.state.view import MeshView
 from meshd.trust import records
 from meshd.trust.identity import SiteKey
@@ -55,14 +56,27 @@ class Rotation:
         now = int(time.time())
         rotation = records.sign_rotation(mesh_id, old, new, now)
         others = [k for k in self.view.members if k != old.public]
-        result = self.view.ingest([rotation.raw], now)
+        # The new key is on disk before anyone hears of it: a rotation the mesh takes must
+        # never outlive the only copy of its new key (a full disk, a crash; see
+        # state.site.finish_rotation for a crash before the rename below).
+        tmp = new_key_path(self.key_path)
+        tmp.unlink(missing_ok=True)
+        try:
+            new.save(tmp)
+        except KeyFileError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StateError(f"{exc.message}; the key did not change",
+                             reason=exc.reason) from None
+        try:
+            result = self.view.ingest([rotation.raw], now)
+        except StateError:
+            tmp.unlink()
+            raise
         if result.stored != 1:
+            tmp.unlink()
             raise LocalError(f"the rotation was refused: {result.refused}", reason="unauthorized")
         told = await asyncio.gather(*(self.sync.sync_with(k) for k in others))
         log.info("key rotation announced to %d of %d members", sum(told), len(others))
-        tmp = self.key_path.with_name("site.key.new")
-        tmp.unlink(missing_ok=True)
-        new.save(tmp)
         tmp.replace(self.key_path)
         keys.rotate_to(new)
         await self._restart()

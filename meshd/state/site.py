@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
-from meshd.errors import LocalError, StateError
+import time
+from pathlib import Path
+
+from meshd.errors import LocalError, RecordError, StateError
 from meshd.state import config as config_mod
 from meshd.state.config import Config
 from meshd.state.home import Home
@@ -39,6 +42,33 @@ class SiteKeys:
         old, self._key = self._key, new
         self.rotations += 1
         return old
+
+
+def new_key_path(key_path: Path) -> Path:
+    """Where ``meshd rotate`` writes the new key before it announces the rotation."""
+    return key_path.with_name(key_path.name + ".new")
+
+
+def finish_rotation(home: Home, store: Store) -> str | None:
+    """At start: a ``site.key.new`` left by a rotation that stopped half-way.  If the store
+    holds the rotation from the current key to it, the mesh may know the new key only: it
+    replaces the old one ("finished").  Otherwise the rotation was never announced and the old
+    key is still this site's: the new one is removed ("discarded").  None if there is none."""
+    new_path = new_key_path(home.key_path)
+    if not new_path.exists():
+        return None
+    current, new = SiteKey.load(home.key_path).public, SiteKey.load(new_path).public
+    for raw in store.rotations():
+        try:  # verified when stored; read again with no clock limit
+            body = records.decode(raw, now=int(time.time()), kinds=("rotation",),
+                                  max_skew=1 << 62).body
+        except RecordError:
+            continue
+        if isinstance(body, records.Rotation) and (body.old, body.new) == (current, new):
+            new_path.replace(home.key_path)
+            return "finished"
+    new_path.unlink()
+    return "discarded"
 
 
 def init_site(home: Home, name: str, listen: str | None) -> SiteKey:

@@ -183,10 +183,15 @@ class SiteKey:
             _install_no_clobber(tmp, path)
             _fsync_dir(directory)
         except KeyFileError:
+            tmp.unlink(missing_ok=True)
             raise
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise KeyFileError(
-                f"cannot write site key {path}: {exc.strerror or exc}", reason="unwritable"
+                f"cannot write site key {path}: {exc.strerror or exc}"
+                + ("; free some space" if full else ""),
+                reason="disk-full" if full else "unwritable",
             ) from None
         finally:
             try:

@@ -72,6 +72,11 @@ def test_a_full_disk_refuses_changes_clearly_and_loses_nothing(small_disk: Path,
     _refused_in_one_line(alcf.cli("expose", "svc", "127.0.0.1:9", "--allow", "aps"),
                          "cannot write the tunnel registry")
     assert alcf.json("services") == []  # not in memory either
+    # A rotation whose new key cannot be written is not announced: the key stays.
+    key_before = (small_disk / "site.key").read_bytes()
+    _refused_in_one_line(alcf.cli("rotate"), "cannot write site key")
+    assert (small_disk / "site.key").read_bytes() == key_before
+    assert sorted(p.name for p in small_disk.iterdir() if "key" in p.name) == ["site.key"]
     assert not list(small_disk.glob("*.tmp"))
     # A change that comes from the mesh: a new site, whose record alcf cannot store yet.
     dcs = sites("dcs")
@@ -91,4 +96,8 @@ def test_a_full_disk_refuses_changes_clearly_and_loses_nothing(small_disk: Path,
     assert [s["name"] for s in alcf.json("services")] == ["svc"]
     wait_until(lambda: verified_names(alcf) == {"aps", "alcf", "dcs"}, 60,
                "alcf to know every site after its restart")
+    assert alcf.cli("rotate").returncode == 0  # with room, the rotation goes through
+    wait_until(lambda: verified_names(aps) == {"aps", "alcf", "dcs"}
+               and (small_disk / "site.key").read_bytes() != key_before, 60,
+               "the mesh to follow alcf's new key")
     assert "Traceback" not in alcf.log(), alcf.log()
