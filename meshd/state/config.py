@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import LocalError
+from meshd.state.files import write_atomic
 
 DEFAULT_PORT = 4750
 
@@ -222,16 +223,9 @@ def load(path: Path) -> Config:
 
 
 def save(path: Path, config: Config) -> None:
-    """Write ``config`` as commented TOML (atomically, mode 0600)."""
-    import os
-
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(render(config))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``config`` as commented TOML (atomically, mode 0600; StateError if the disk
+    refuses)."""
+    write_atomic(path, render(config).encode(), "the config")
 
 
 def replace(config: Config, **changes: Any) -> Config:

@@ -14,9 +14,7 @@ naming the file: the daemon does not start on a registry it would silently lose.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import StateError
+from meshd.state.files import write_atomic
 
 EVERYONE = "*"
 
@@ -101,33 +100,12 @@ class TunnelBook:
     def save(self) -> None:
         """Write the registry (StateError ``disk-full`` or ``state-write`` if the disk refuses:
         the file on disk stays as it was)."""
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            self._write(tmp)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StateError(f"cannot write the tunnel registry {self.path}:"
-                             f" {exc.strerror or exc}" + ("; free some space" if full else ""),
-                             reason="disk-full" if full else "state-write") from None
-
-    def _write(self, tmp: Path) -> None:
         data = {"v": 1,
                 "exposed": [{"name": e.name, "host": e.host, "port": e.port,
                              "allow": list(e.allow)} for e in self.exposed.values()],
                 "connected": [{"site": c.site, "name": c.name, "host": c.host, "port": c.port}
                               for c in self.connected.values()]}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.path, json.dumps(data, indent=1).encode(), "the tunnel registry")
 
 
 def _s(d: Any, k: str) -> str:

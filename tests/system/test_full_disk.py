@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from meshd.testing.processes import wait_until
-from tests.helpers import invite, state_dump, verified_names
+from tests.helpers import invite, meshd, state_dump, verified_names
 
 pytestmark = pytest.mark.system
 
@@ -101,3 +101,15 @@ def test_a_full_disk_refuses_changes_clearly_and_loses_nothing(small_disk: Path,
                and (small_disk / "site.key").read_bytes() != key_before, 60,
                "the mesh to follow alcf's new key")
     assert "Traceback" not in alcf.log(), alcf.log()
+
+
+def test_init_on_a_full_disk_says_so_and_can_be_run_again(small_disk: Path) -> None:
+    home = small_disk / "site"
+    filler = _fill(small_disk)
+    r = meshd("init", "--name", "aps", home=home)
+    _refused_in_one_line(r, "cannot write the config")
+    assert not list(home.glob("*.tmp")) and not (home / "site.key").exists()
+    filler.unlink()
+    r = meshd("init", "--name", "aps", home=home)
+    assert r.returncode == 0, r.stderr
+    assert (home / "site.key").exists() and (home / "config.toml").exists()

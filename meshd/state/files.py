@@ -1,0 +1,34 @@
+"""Writing a state file whole or not at all (the config, the tunnel registry)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from meshd.errors import StateError
+
+
+def write_atomic(path: Path, data: bytes, what: str) -> None:
+    """Write ``data`` to ``path`` (mode 0600) through a temporary file: fsync, rename, fsync of
+    the directory.  If the disk refuses (full, read-only), StateError ``disk-full`` or
+    ``state-write`` naming ``what``; ``path`` is then as it was and no temporary file stays."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise StateError(f"cannot write {what} {path}: {exc.strerror or exc}"
+                         + ("; free some space" if full else ""),
+                         reason="disk-full" if full else "state-write") from None
