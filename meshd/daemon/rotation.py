@@ -69,12 +69,12 @@ class Rotation:
                              reason=exc.reason) from None
         try:
             result = self.view.ingest([rotation.raw], now)
-        except StateError:
+            if result.stored != 1:
+                raise LocalError(f"the rotation was refused: {result.refused}",
+                                 reason="unauthorized")
+        except BaseException:  # not announced: the new key goes
             tmp.unlink()
             raise
-        if result.stored != 1:
-            tmp.unlink()
-            raise LocalError(f"the rotation was refused: {result.refused}", reason="unauthorized")
         told = await asyncio.gather(*(self.sync.sync_with(k) for k in others))
         log.info("key rotation announced to %d of %d members", sum(told), len(others))
         tmp.replace(self.key_path)

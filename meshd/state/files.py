@@ -28,7 +28,14 @@ def write_atomic(path: Path, data: bytes, what: str) -> None:
             os.close(dfd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise StateError(f"cannot write {what} {path}: {exc.strerror or exc}"
-                         + ("; free some space" if full else ""),
-                         reason="disk-full" if full else "state-write") from None
+        raise write_refused(what, path, str(exc.strerror or exc),
+                            full=exc.errno in (errno.ENOSPC, errno.EDQUOT)) from None
+
+
+def write_refused(what: str, path: Path, detail: str, *, full: bool,
+                  reason: str = "state-write") -> StateError:
+    """The error for a state file the disk would not take (``full``: ``disk-full``, and the
+    message says to free some space)."""
+    return StateError(f"cannot write {what} {path}: {detail}"
+                      + ("; free some space" if full else ""),
+                      reason="disk-full" if full else reason)

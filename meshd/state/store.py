@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from meshd.errors import StateError
+from meshd.state.files import write_refused
 
 SCHEMA_VERSION = 1
 
@@ -104,10 +104,8 @@ class Store:
             self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._rollback()
-            full = "full" in str(exc)
-            raise StateError(f"cannot write the state store {self.path}: {exc}"
-                             + ("; free some space" if full else ""),
-                             reason="disk-full" if full else "store") from None
+            raise write_refused("the state store", self.path, str(exc), full="full" in str(exc),
+                                reason="store") from None
 
     def _rollback(self) -> None:
         if self._db.in_transaction:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from meshd.channel.inbound import ReceivingEnd
-from meshd.daemon.channels.handover_in import InLease, tcp_socket
+from meshd.daemon.channels.handover_in import InLease, path_refusal, tcp_socket
 from meshd.daemon.channels.in_channel import InChannel, RSide, window_of
 from meshd.daemon.counters import Counters
 from meshd.daemon.site import LocalSite
@@ -42,7 +42,6 @@ MAX_WAITING = 1024
 """Most channels of the site waiting for their senders to resume, beyond which no waiting
 channel is taken on (nothing proves an offered sender will come: they end after
 ``channel_wait_limit``)."""
-PATHS = ("direct", "reversed", "relay")
 
 
 class Receiving(Protocol):
@@ -98,11 +97,9 @@ def refusal(receiving: Receiving, lease: InLease, cid: bytes, state_cid: bytes, 
     port = lease.port
     if name != port.name or state_cid != cid:
         return f"it is channel {name!r} {state_cid.hex()[:12]}, not one of this receiver"
-    if path not in PATHS:
-        return f"a path that is not one of {', '.join(PATHS)}"
-    if (relay is not None) != (path == "relay") or (relay is not None and (
-            relay in (sender, receiving.site.public) or not receiving.view.is_member(relay))):
-        return "a relay that is not another member, or a relay without a relayed path"
+    bad_path = path_refusal(receiving.view, (sender, receiving.site.public), path, relay)
+    if bad_path is not None:
+        return bad_path
     if cid in receiving.inc:
         return "this site has that channel open"
     if not receiving.view.is_member(sender):

@@ -28,8 +28,8 @@ from meshd.channel.paths import Path, PathKind
 from meshd.channel.stream import LEASE, Grant
 from meshd.daemon.channels.connection import DataConnection, detach
 from meshd.daemon.channels.handover_in import (InLease, cut_socket, forget_socket, keep,
-                                               recv_with_fds, refuse, serve_messages,
-                                               tcp_socket)
+                                               path_refusal, recv_with_fds, refuse,
+                                               serve_messages, tcp_socket)
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import LocalError, ProtocolError
 from meshd.local.handover import (MessageReader, as_bytes, as_count, encode_grant, pack,
@@ -269,17 +269,17 @@ class Handovers:
             return
         dup = None  # a live adopted channel's socket: kept to cut it (revocations)
         refused = None
-        if first["t"] == "adopt":
-            try:
-                dup = tcp_socket(fds) if first.get("live") else None
-                ch = self._adopt(first)
-            except (KeyError, TypeError, ValueError, OverflowError, LocalError) as exc:
-                log.info("refused to adopt a channel: %s", exc)
-                ch, refused = None, exc.reason if isinstance(exc, LocalError) else "malformed"
-            finally:
-                keep(None, fds)  # whatever else came with it
-            cid = ch.cid if ch is not None else b""
-        keep(None, fds)
+        try:
+            if first["t"] == "adopt":
+                try:
+                    dup = tcp_socket(fds) if first.get("live") else None
+                    ch = self._adopt(first)
+                except (KeyError, TypeError, ValueError, OverflowError, LocalError) as exc:
+                    log.info("refused to adopt a channel: %s", exc)
+                    ch, refused = None, exc.reason if isinstance(exc, LocalError) else "malformed"
+                cid = ch.cid if ch is not None else b""
+        finally:
+            keep(None, fds)  # whatever else came with the first message
         ch = self.sending.out.get(cid)
         why = (refused or "not-found" if ch is None else "not-handover" if not ch.handover
                else "taken" if ch.lease is not None else None)
@@ -327,12 +327,9 @@ class Handovers:
             raise LocalError("a control-seq lease that ends beyond 2**64", reason="usage")
         path, relay = str(m["path"]), m.get("relay")
         relay = None if relay is None else as_bytes(relay)
-        if path not in ("direct", "reversed", "relay") or (relay is not None) != (
-                path == "relay") or (relay is not None and (
-                    relay in (peer, self.sending.site.public)
-                    or not self.sending.view.is_member(relay))):
-            raise LocalError("a path that is not direct, reversed, or relayed through another"
-                             " member", reason="bad-path")
+        bad_path = path_refusal(self.sending.view, (peer, self.sending.site.public), path, relay)
+        if bad_path is not None:
+            raise LocalError(bad_path, reason="bad-path")
         ch = self.sending.adopt(name, peer, cid, keys, ce + LEASE, co, Path(PathKind(path), relay))
         self.counters.count("adopted")
         log.info("channel %r to %s: taken on from its application", name,

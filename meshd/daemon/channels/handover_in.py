@@ -374,6 +374,22 @@ async def recv_with_fds(loop: asyncio.AbstractEventLoop,
             await _ready(loop, sock, False)
 
 
+PATHS = ("direct", "reversed", "relay")
+
+
+def path_refusal(view: MeshView, ends: tuple[bytes, bytes], path: str,
+                 relay: bytes | None) -> str | None:
+    """Why an application's ``path`` and ``relay`` for a channel between ``ends`` (the two
+    sites' keys) cannot be believed; None if they can: a relayed path names a relay, only a
+    relayed one does, and the relay is a member other than the two ends."""
+    if path not in PATHS:
+        return f"a path that is not one of {', '.join(PATHS)}"
+    if (relay is not None) != (path == "relay") or (relay is not None and (
+            relay in ends or not view.is_member(relay))):
+        return "a relay that is not another member, or a relay without a relayed path"
+    return None
+
+
 def tcp_socket(fds: list[int]) -> socket.socket:
     """The next descriptor in ``fds`` (taken from it), which an application sent with a live
     channel, as a connected TCP socket; LocalError if there is none or it is not one (it is
