@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import socket
+import time
 from typing import Any, Iterator
 from urllib.parse import quote
 
@@ -23,14 +24,29 @@ class _UnixConnection(http.client.HTTPConnection):
         self._path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+        """Connects within the timeout.  A unix socket with a timeout is non-blocking, and its
+        ``connect`` fails at once with EAGAIN while the daemon's accept backlog is full (a burst
+        of clients, or a daemon busy for a moment): that is waited out, not reported."""
+        deadline = time.monotonic() + (self.timeout or 30.0)
+        pause = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self._path)
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() + pause > deadline:
+                    raise socket.timeout(f"the daemon's control socket {self._path} accepted"
+                                         " no connection in time (its backlog is full)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+            return
 
 
 class Client:
