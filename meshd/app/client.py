@@ -161,6 +161,11 @@ class Client:
         """Retire this site's key and hand its membership to a new one."""
         return self._call("POST", api.ROTATE, {})  # type: ignore[no-any-return]
 
+    def stop(self) -> dict[str, Any]:
+        """Ask the daemon to stop gracefully (as SIGTERM does); it answers before it stops.
+        Raises MeshdError with reason ``stopping`` if it is stopping already."""
+        return self._call("POST", api.STOP, {})  # type: ignore[no-any-return]
+
     def metrics(self) -> str:
         return self._call("GET", api.METRICS)  # type: ignore[no-any-return]
 

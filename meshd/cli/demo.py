@@ -107,6 +107,7 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
             extra = Path(tempfile.mkdtemp(prefix="meshd-demo-late-", dir=root))
             init_site(Home(extra), "latecomer", "127.0.0.1:0")
             procs.append(start_daemon(extra, extra / "daemon.log"))
+            homes.append(extra)
             late = Client(extra)
             wait_until(late.status, 30, "the latecomer's daemon")
             j = late.join(used_token)
@@ -118,7 +119,8 @@ def run_demo(*, sites: int = 3, keep: bool = False, home: str | None = None,
             print(json.dumps(result, indent=2))
         elif keep:
             print(f"\nThe daemons keep running. Try: meshd peers --home {homes[0]}\n"
-                  f"Stop them with: kill {' '.join(str(p.pid) for p in procs)}")
+                  f"Stop them with: for h in {' '.join(str(h) for h in homes)};"
+                  f" do meshd stop --home $h; done")
         return 0
     except (MeshdError, TimeoutError) as exc:
         print(f"meshd demo: {exc}; daemon logs are in {root}", file=sys.stderr)

@@ -257,6 +257,49 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _running(pid: int, pid_path: Any) -> bool:
+    """Whether daemon ``pid`` is still there: its pid file (removed near the end of a clean
+    stop) names it, or the process is still a meshd or on its way out.  Gone: no such process,
+    a zombie (dead, not yet reaped by its parent), or another program (the pid reused)."""
+    try:
+        if pid_path.read_text().strip() == str(pid):
+            return True
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, IndexError):
+        return False
+    return not cmdline or b"meshd" in cmdline  # empty: exiting, its memory already let go
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    client = Client(args.home)
+    pid = int(client.status()["pid"])
+    try:
+        client.stop()
+    except MeshdError as exc:
+        if exc.reason != "stopping":  # already on its way out: wait for it like the first caller
+            raise
+    if not args.json:
+        _say(f"stopping meshd (pid {pid}) for {client.home.root} ...")
+    start = time.monotonic()
+    while _running(pid, client.home.pid_path):
+        if time.monotonic() - start > args.timeout:
+            raise LocalError(f"the daemon (pid {pid}) did not stop within {args.timeout:.0f} s;"
+                             f" it is still running (kill -KILL {pid} ends it at once)",
+                             reason="timeout")
+        time.sleep(0.05)
+    took = time.monotonic() - start
+    _out(args, {"stopped": True, "pid": pid, "seconds": round(took, 3)},
+         f"stopped meshd (pid {pid}) in {took:.1f} s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshd.cli.demo import run_demo
 
@@ -289,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-listen", action="store_true", help="open no port: this site only dials out")
     sp = add("run", cmd_run, "run the daemon in the foreground until SIGTERM or SIGINT")
     sp.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sp = add("stop", cmd_stop, "stop the running daemon gracefully and wait until it is gone")
+    sp.add_argument("--timeout", type=duration, default=30.0,
+                    help="how long to wait for it (default 30s)")
     add("status", cmd_status, "show this site's identity and mesh")
     sp = add("invite", cmd_invite, "print an invitation token to send by email")
     sp.add_argument("--name", help="name hint for the invited site")

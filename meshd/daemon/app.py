@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from aiohttp import web
 
 from meshd.daemon.admin import Admin
 from meshd.daemon.channels.service import ChannelService
@@ -39,6 +40,7 @@ from meshd.daemon.transport import Transport
 from meshd.daemon.tunnels.service import TunnelService
 from meshd.peer.limits import quiet_accept_errors, raise_fd_limit
 from meshd.errors import StateError
+from meshd.local import api
 from meshd.state import config as config_mod
 from meshd.state.admission import Admissions
 from meshd.state.home import Home
@@ -131,6 +133,7 @@ class Daemon:
         self.control = ControlServer(view=view, reports=reports, admin=admin, joins=joins,
                                      membership=membership, channels=channels,
                                      rotate=rotation.rotate, tunnels=tunnels)
+        self.control.app.router.add_post(api.STOP, self._stop_asked)
         membership.subscribe(self._on_member_event)
         membership.on_back = channels.reach.member_back
         self._stopping = asyncio.Event()
@@ -150,6 +153,12 @@ class Daemon:
     def _on_member_event(self, event: dict[str, Any]) -> None:
         if event["type"] in ("joined", "alive"):  # a member to check reachability with now
             self.channels.on_members_changed()
+
+    async def _stop_asked(self, request: web.Request) -> web.Response:
+        """``POST /v1/stop`` (``meshd stop``): the graceful stop SIGTERM starts, answered first."""
+        log.info("a stop was asked on the control socket")
+        self._stopping.set()
+        return web.json_response({"pid": os.getpid(), "stopping": True})
 
     # -- life cycle --------------------------------------------------------------------------------
 

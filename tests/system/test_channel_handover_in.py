@@ -239,7 +239,8 @@ def test_a_channel_whose_sender_gave_up_while_the_receiving_daemon_was_away_ends
         wait_until(lambda: rx._links.rejoin.orphans, 30, "the link to wait for its daemon")
         _ends_without_path(tx, 10, 5, 30)
         b.start()
-        wait_until(lambda: any(r["state"] == "waiting" for r in _rows(mb, "in")), 30,
+        # Taken on (its "waiting" row lasts only channel_wait_limit: the counter stays).
+        wait_until(lambda: b.client.status()["counters"].get("channel_adopted_in", 0) == 1, 30,
                    "the daemon to take the channel on, waiting")
         try:
             rx.recv(timeout=60)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 from meshd.trust import tokens
 from meshd.testing.processes import wait_until
 
-from tests.helpers import as_email, invite, meshd, ROOT, Site, state_dump, verified_names
+from tests.helpers import (
+    ROOT, Site, as_email, invite, meshd, mesh_of, state_dump, verified_names)
 
 
 def test_three_sites_join_by_email_and_approval(sites: Any) -> None:
@@ -170,3 +172,31 @@ def test_two_daemons_find_each_other_on_the_lan_without_addresses(sites: Any) ->
     assert r.returncode == 0 and any(s["name"] == "alcf" for s in json.loads(r.stdout))
     # A stranger on the LAN is listed, never trusted: it is not among the members.
     assert "alcf" not in {p["name"] for p in a.client.peers()}
+
+
+def test_meshd_stop_leaves_gracefully_waits_until_gone_and_the_port_is_free_again(
+        sites: Any) -> None:
+    """``meshd stop`` asks for the graceful stop (the others see the site *left*, not dead),
+    returns once the process is gone, and a new daemon can start on the same port at once."""
+    with socket.socket() as probe:  # a free port, named in the config so the restart reuses it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    a, b = mesh_of(sites, "aps", "alcf", listen={"alcf": f"127.0.0.1:{port}"})
+    assert b.proc is not None
+    pid = b.proc.pid
+    r = b.cli("stop", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["stopped"] is True and out["pid"] == pid
+    assert b.proc.poll() == 0, "meshd stop returned before the daemon had exited cleanly"
+    b.proc = None
+    assert not (b.home / "daemon.pid").exists()
+    r = b.cli("stop")
+    assert r.returncode == 3 and "no meshd daemon is running" in r.stderr
+    wait_until(lambda: {p["name"]: p["state"] for p in a.client.peers()}["alcf"] == "left", 30,
+               "aps to see alcf leave")
+    b.start()
+    assert b.client.status()["listen"].endswith(f":{port}")
+    wait_until(lambda: {p["name"]: p["state"] for p in a.client.peers()}["alcf"] == "alive", 60,
+               "aps to see alcf back")
+    assert "Traceback" not in b.log()

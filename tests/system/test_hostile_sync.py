@@ -108,8 +108,11 @@ def test_a_member_flooding_sync_with_valid_records_is_told_busy(sites: Any, kind
     print(f"status p95: baseline {base_p95 * 1000:.1f} ms, under the flood "
           f"{flood_p95 * 1000:.1f} ms (max {max(during) * 1000:.1f} ms); replies "
           f"{[r.get('reason', r['t']) for r in replies]}")
-    # The control socket keeps answering: the flood may not add more than 100 ms to its p95.
-    assert flood_p95 < base_p95 + 0.1
+    # The control socket keeps answering: the flood adds at most 100 ms to the median round trip
+    # and 500 ms to its p95 (a loop blocked on the flood's signatures would add seconds; a
+    # loaded shared machine alone moves a p95 by a hundred milliseconds).
+    assert statistics.median(during) < statistics.median(baseline) + 0.1
+    assert flood_p95 < base_p95 + 0.5
     busy = [r for r in replies if r["t"] == "error" and r["reason"] == "busy"]
     assert busy and all(r.get("retry_after", 0) > 0 for r in busy)
     counters = a.json("status")["counters"]

@@ -56,16 +56,20 @@ class EventLog:
 
 def test_a_crashed_site_is_declared_dead_by_every_live_site(sites: Any) -> None:
     a, b, c, d, e = five_sites(sites)
+    logs = [EventLog(s) for s in (a, b, c, d)]
+    wait_until(lambda: all(lg.events for lg in logs), 30, "the event streams to start")
     started = time.monotonic()
     e.kill()
     for s in (a, b, c, d):
         wait_until(lambda s=s: _states(s)["ornl"] == "dead", 60, f"{s.name} to declare ornl dead")
     elapsed = time.monotonic() - started
-    # Nobody else was declared anything but alive.
-    for s in (a, b, c, d):
+    # Nobody else was declared dead (a loaded machine may make one briefly suspect).
+    for s, lg in zip((a, b, c, d), logs):
+        assert [ev for ev in lg.events if ev["type"] == "dead" and ev["name"] != "ornl"] == []
         states = _states(s)
         assert {n: st for n, st in states.items() if n != "ornl"} == {
-            "aps-8id": "alive", "alcf": "alive", "nersc": "alive", "slac": "alive"}
+            n: states[n] for n in ("aps-8id", "alcf", "nersc", "slac")}
+        assert all(states[n] in ("alive", "suspect") for n in ("aps-8id", "alcf", "nersc", "slac"))
         peers = {p["name"]: p for p in s.client.peers()}
         assert peers["alcf"]["incarnation"] >= 0 and peers["ornl"]["incarnation"] >= 0
     assert elapsed < 60
