@@ -19,7 +19,7 @@ from typing import Any, Callable
 from meshd import __version__
 from meshd.app.client import Client
 from meshd.errors import DaemonNotRunning, LocalError, MeshdError
-from meshd.state.home import Home, resolve_home
+from meshd.state.home import Home, HomeLock, resolve_home
 from meshd.trust import tokens
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -82,8 +82,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     keep_freed_memory()
-    asyncio.run(Daemon(home).serve_forever())
+    lock = HomeLock(home)
+    if not lock.try_acquire():
+        _wait_for_stopping_daemon(home, lock)
+    asyncio.run(Daemon(home, lock=lock).serve_forever())
     return 0
+
+
+def _wait_for_stopping_daemon(home: Home, lock: HomeLock, timeout: float = 30.0) -> None:
+    """Another daemon holds the home: wait for it if it is stopping (a restart right after a
+    stop), refuse at once if it runs on."""
+    try:
+        stopping = bool(Client(home.root, timeout=5).status().get("stopping"))
+    except DaemonNotRunning:  # its control socket is already closed: the last steps of a stop
+        stopping = True
+    except MeshdError:
+        stopping = False
+    if not stopping:
+        raise lock.refusal()
+    pid = home.running_pid()
+    _say(f"waiting for the daemon that is stopping{f' (pid {pid})' if pid else ''} ...")
+    deadline = time.monotonic() + timeout
+    while not lock.try_acquire():
+        if time.monotonic() > deadline:
+            raise LocalError(f"the daemon that was stopping still holds {home.root} after"
+                             f" {timeout:.0f} s", reason="running")
+        time.sleep(0.05)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from meshd.errors import StateError
 from meshd.local import api
 from meshd.state import config as config_mod
 from meshd.state.admission import Admissions
-from meshd.state.home import Home
+from meshd.state.home import Home, HomeLock
 from meshd.state.site import SiteKeys, finish_rotation
 from meshd.state.store import Store
 from meshd.state.view import MeshView
@@ -61,9 +61,13 @@ LEAVE_TIMEOUT = 1.0
 class Daemon:
     """One site's running daemon (see the module docstring)."""
 
-    def __init__(self, home: Home, *, now: float | None = None) -> None:
+    def __init__(self, home: Home, *, now: float | None = None,
+                 lock: HomeLock | None = None) -> None:
         home.require()
         self.home = home
+        self.lock = lock or HomeLock(home)
+        if not self.lock.try_acquire():  # before anything is read or changed (a rotation's end)
+            raise self.lock.refusal()
         config = self.config = config_mod.load(home.config_path)
         store = self.store = Store(home.db_path)
         half_done = finish_rotation(home, store)  # a rotation that stopped half-way, if any
@@ -210,4 +214,5 @@ class Daemon:
         self.zctx.destroy(linger=0)
         self.store.close()
         self.home.pid_path.unlink(missing_ok=True)
+        self.lock.release()
         log.info("stopped; state flushed")

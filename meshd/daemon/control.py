@@ -155,10 +155,10 @@ class ControlServer:
         self._requests: dict[Any, web.Request] = {}  # connection (its protocol) -> request
         self._internal_seen: set[str] = set()
         self.stopping = False
-        """Set when the daemon begins to stop: from then on every call but the status is
-        answered 503 ``stopping``.  (A receiving application whose hand-over lease ended would
-        otherwise open its receiver again at the daemon that is going away, find no hand-over
-        socket, and never come back to the next daemon.)"""
+        """Set when the daemon begins to stop: from then on every call but the status (which
+        says ``stopping``) is answered 503 ``stopping``.  (A receiving application whose lease
+        ended would otherwise open its receiver again at the daemon going away and never come
+        back to the next one.)"""
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -243,7 +243,7 @@ class ControlServer:
             self._path.unlink(missing_ok=True)
 
     async def status(self, request: web.Request) -> web.Response:
-        status = self.reports.status()
+        status = {**self.reports.status(), "stopping": self.stopping}
         if self.tunnels is not None:
             status.update(self.tunnels.status())
         return _json(status)

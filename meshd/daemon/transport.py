@@ -18,6 +18,7 @@ from meshd.daemon.host import advertised_addresses
 from meshd.daemon.links import MemberLinks
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import TaskSet
+from meshd.errors import LocalError
 from meshd.peer.dialer import Dialer, OneWay
 from meshd.peer.portmux import OnOther
 from meshd.peer.server import Handler, PeerServer
@@ -73,7 +74,12 @@ class Transport:
         self.dialer = Dialer(self.zctx, curve, on_message=self.on_link_message)
         if self.config.listen:
             self.server = PeerServer(self.zctx, curve, self.on_request, on_other=self.on_other)
-            self.site.bound = await self._bind(self.server, self.config.listen)
+            try:
+                self.site.bound = await self._bind(self.server, self.config.listen)
+            except OSError as exc:  # one line, not a traceback; nothing else was started
+                raise LocalError(f"{exc}; if another program holds that port, choose another"
+                                 " with listen = \"HOST:PORT\" in config.toml",
+                                 reason="port-in-use") from None
         self.site.addrs = advertised_addresses(self.config, self.site.bound)
         self.links.server, self.links.dialer = self.server, self.dialer
         if self.config.discovery:

@@ -49,6 +49,7 @@ class Status(TypedDict):
     members: int
     version: str
     pid: int
+    stopping: bool             # a graceful stop has begun (SIGTERM or POST /v1/stop)
     counters: dict[str, int]
 
 

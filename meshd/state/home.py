@@ -10,12 +10,14 @@ Support/meshd`` on macOS).  It is created with mode 0700 and holds:
 ``state.db``       the trust store (SQLite, WAL): records, vouches, invitations
 ``control.sock``   the local control socket (HTTP+JSON), mode 0600, while the daemon runs
 ``daemon.pid``     the running daemon's process id
+``daemon.lock``    held (``flock``) by the running daemon: one daemon per home
 ``tunnels.json``   the services this site exposes and the tunnels it consumes, mode 0600
 =================  ====================================================================
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import sys
@@ -70,6 +72,17 @@ class Home:
     def pid_path(self) -> Path:
         return self.root / "daemon.pid"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "daemon.lock"
+
+    def running_pid(self) -> int | None:
+        """The pid the running daemon wrote (None if there is no pid file or it is unreadable)."""
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def exists(self) -> bool:
         return self.key_path.exists()
 
@@ -93,3 +106,47 @@ class Home:
                 f" run: chmod 700 {self.root}",
                 reason="permissions",
             )
+
+
+class HomeLock:
+    """One daemon per home: an exclusive ``flock`` on ``daemon.lock``, taken before the daemon
+    reads or changes any state and held until it has stopped.  The kernel lets it go when the
+    process ends, however it ends, so a crash leaves nothing to clean up."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process holds it; False if one does."""
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.home.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open {self.home.lock_path}: {exc.strerror}",
+                             reason="lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def refusal(self) -> StateError:
+        """The error for a daemon that finds the lock held."""
+        pid = self.home.running_pid()
+        return StateError(
+            f"another meshd daemon{f' (pid {pid})' if pid else ''} is already running for"
+            f" {self.home.root}; stop it with: meshd stop --home {self.home.root}",
+            reason="running")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshd.state.home import Home, HomeLock
 from meshd.trust import tokens
 from meshd.testing.processes import wait_until
 
@@ -200,3 +201,61 @@ def test_meshd_stop_leaves_gracefully_waits_until_gone_and_the_port_is_free_agai
     wait_until(lambda: {p["name"]: p["state"] for p in a.client.peers()}["alcf"] == "alive", 60,
                "aps to see alcf back")
     assert "Traceback" not in b.log()
+
+
+def test_a_second_daemon_for_a_running_home_is_refused_in_one_line_and_changes_nothing(
+        sites: Any) -> None:
+    """Before: the second ``meshd run`` bound a port (rewriting the running daemon's
+    ``last_port``) and ended in a traceback on a fixed port.  Now the home's lock refuses it
+    before it reads or changes anything."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for listen in ("127.0.0.1:0", f"127.0.0.1:{port}"):
+        a = sites(f"aps-{listen.rpartition(':')[2]}", listen=listen)
+        assert a.proc is not None
+        before = state_dump(a)
+        r = a.cli("run", "--json")
+        assert r.returncode == 1, r.stderr
+        assert f"another meshd daemon (pid {a.proc.pid}) is already running" in r.stderr
+        assert "meshd stop --home" in r.stderr and "Traceback" not in r.stderr
+        assert json.loads(r.stdout)["error"]["reason"] == "running"
+        assert state_dump(a) == before
+        assert a.client.status()["pid"] == a.proc.pid and a.proc.poll() is None
+
+
+def test_a_peer_port_held_by_another_program_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        home = tmp_path / "site"
+        assert meshd("init", "--name", "aps", "--listen", f"127.0.0.1:{port}",
+                     home=home).returncode == 0
+        r = meshd("run", home=home, timeout=30)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "config.toml" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (home / "control.sock").exists() and not (home / "daemon.pid").exists()
+
+
+def test_a_new_daemon_waits_for_the_one_still_holding_the_home_then_starts(
+        tmp_path: Path) -> None:
+    """A restart right after a stop: the old daemon still holds the home (here the test holds
+    its lock, as a daemon in its last steps of stopping does, with no control socket), so the
+    new one says it waits, and starts as soon as the lock is let go."""
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "aps", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    lock = HomeLock(Home(home))
+    assert lock.try_acquire()
+    site = Site("aps", home).launch()
+    try:
+        wait_until(lambda: "waiting for the daemon" in site.log(), 30, "the new daemon to wait")
+        assert not (home / "control.sock").exists()
+        lock.release()
+        site.wait_up()
+        assert site.client.status()["stopping"] is False
+    finally:
+        lock.release()
+        assert site.stop() == 0
+    assert "Traceback" not in site.log()
