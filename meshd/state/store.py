@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from meshd.errors import StateError
 from meshd.state.files import write_refused
 
 SCHEMA_VERSION = 1
@@ -73,8 +74,27 @@ class Store:
     """One SQLite database per site; every public method is its own transaction."""
 
     def __init__(self, path: Path) -> None:
+        """Opens (or creates) the store; a StateError in one line if the file is damaged or
+        not a database (``store-damaged``, the file left as it is) or cannot be opened."""
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise write_refused("the state store", path, str(exc), full=False,
+                                reason="store") from None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, full, read-only, no access
+                raise write_refused("the state store", path, str(exc), full="full" in str(exc),
+                                    reason="store") from None
+            raise StateError(f"the state store {path} is damaged ({exc}); it was left as it is:"
+                             " restore it from a backup (site.key and config.toml are separate"
+                             " files)", reason="store-damaged") from None
+        path.chmod(0o600)
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -83,7 +103,6 @@ class Store:
                 self._db.execute(statement)
         if self.get_meta("schema") is None:
             self.set_meta("schema", SCHEMA_VERSION)
-        path.chmod(0o600)
 
     def close(self) -> None:
         self._db.close()

@@ -259,3 +259,20 @@ def test_a_new_daemon_waits_for_the_one_still_holding_the_home_then_starts(
         lock.release()
         assert site.stop() == 0
     assert "Traceback" not in site.log()
+
+
+def test_a_damaged_state_store_is_refused_in_one_line_and_left_as_it_is(tmp_path: Path) -> None:
+    """Before: a traceback (``sqlite3.DatabaseError``).  The file is the operator's evidence
+    and maybe their only copy: it is neither repaired nor replaced."""
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "aps", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    db = home / "state.db"
+    good = db.read_bytes()
+    for damaged in (b"this is not a database" * 200, good[:100]):
+        db.write_bytes(damaged)
+        r = meshd("run", "--json", home=home, timeout=30)
+        assert r.returncode == 1
+        assert f"the state store {db} is damaged" in r.stderr and "Traceback" not in r.stderr
+        assert json.loads(r.stdout)["error"]["reason"] == "store-damaged"
+        assert db.read_bytes() == damaged
+        assert not (home / "control.sock").exists() and not (home / "daemon.pid").exists()
