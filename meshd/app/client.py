@@ -54,6 +54,7 @@ class Client:
 
     def __init__(self, home: str | os.PathLike[str] | None = None, timeout: float = 30.0) -> None:
         self.home = Home(resolve_home(home))
+        self.home.check_socket_room()  # else every call fails with "AF_UNIX path too long"
         self.timeout = timeout
 
     def __enter__(self) -> "Client":
@@ -80,7 +81,7 @@ class Client:
                 conn.request(method, path, body=payload, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
                 raise self._not_running() from None
             except socket.timeout:
                 raise LocalError(f"the daemon did not answer {path} within"
@@ -147,7 +148,7 @@ class Client:
             try:
                 conn.request("GET", api.EVENTS + ("" if history else "?history=0"))
                 resp = conn.getresponse()
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
                 raise self._not_running() from None
             while True:
                 line = resp.readline()

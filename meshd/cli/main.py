@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
+import stat
 import sys
 import time
 from typing import Any, Callable
@@ -135,18 +137,31 @@ def cmd_invite(args: argparse.Namespace) -> int:
     return 0
 
 
+_COUNT_LIMIT = 64 << 20
+"""An oversized invitation read from a stream is counted (for the refusal) up to this much; a
+stream without end (``/dev/zero``, ``yes |``) is then refused as "more than" it."""
+
+
 def _read_invitation(path: str | None) -> bytes:
     """The raw bytes of FILE or stdin, at most ``tokens.MAX_INPUT``; the size of anything
-    larger is counted (not kept) so the refusal can state it."""
+    larger is taken from the file, or counted (not kept, up to :data:`_COUNT_LIMIT`) from a
+    stream, so the refusal can state it."""
+    more = False
     try:
         with open(path, "rb") if path else contextlib.nullcontext(sys.stdin.buffer) as f:
             data = f.read(tokens.MAX_INPUT + 1)
             size = len(data)
-            while size > tokens.MAX_INPUT and (chunk := f.read(1 << 20)):
-                size += len(chunk)
+            if size > tokens.MAX_INPUT:
+                st = os.fstat(f.fileno())
+                if stat.S_ISREG(st.st_mode):
+                    size = max(size, st.st_size)
+                else:
+                    while (chunk := f.read(1 << 20)) and not more:
+                        size += len(chunk)
+                        more = size >= _COUNT_LIMIT
     except OSError as exc:
         raise LocalError(f"cannot read {path or 'stdin'}: {exc.strerror or exc}", reason="usage") from None
-    tokens.check_size(size)
+    tokens.check_size(size, more=more)
     return data
 
 
@@ -302,7 +317,7 @@ def _running(pid: int, pid_path: Any) -> bool:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    client = Client(args.home)
+    client = Client(args.home, timeout=max(min(args.timeout, 30.0), 0.5))
     pid = int(client.status()["pid"])
     try:
         client.stop()
@@ -405,14 +420,22 @@ def main(argv: list[str] | None = None) -> int:
     args.home = getattr(args, "home", None)
     args.json = getattr(args, "json", False)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `meshd peers | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MeshdError as exc:
         if args.json:
             print(json.dumps({"error": {"reason": exc.reason, "message": exc.message}}))
         print(f"meshd: error: {exc.message}", file=sys.stderr)
         return 3 if isinstance(exc, DaemonNotRunning) else 1
+    except OSError as exc:  # the machine refused something (a file, a socket): one line
+        print(f"meshd: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -192,7 +192,9 @@ class Daemon:
         fds = raise_fd_limit()
         log.debug("open-file limit %d", fds)
         quiet_accept_errors(loop)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: the terminal of a `meshd run &` closing ends it gracefully (members see
+        # it leave), not by the signal's default action (no leave, sockets left behind).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.start()
         try:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -215,11 +216,7 @@ class ControlServer:
                 excess -= 1
 
     async def start(self, path: Path) -> None:
-        if path.exists():
-            if await _socket_answers(path):
-                raise LocalError(f"another meshd daemon is already running on {path}",
-                                 reason="running")
-            path.unlink()
+        await _make_way(path)
         self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=30.0,
                                      logger=self._http_log, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -424,6 +421,19 @@ def _pending(p: PendingJoin) -> dict[str, Any]:
 def _decided(r: Redemption) -> dict[str, Any]:
     return {"name": r.name, "site_id": site_id_of(r.joiner), "fingerprint": fingerprint_of(r.joiner),
             "state": r.state}
+
+
+async def _make_way(path: Path) -> None:
+    """Remove a stale control socket at ``path``; LocalError if a daemon answers on it, or if
+    what is there is not a socket (a file that is not ours to delete)."""
+    if not (path.is_symlink() or path.exists()):
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise LocalError(f"{path} is there and is not a socket; move it away (the daemon makes"
+                         " its control socket there)", reason="state")
+    if await _socket_answers(path):
+        raise LocalError(f"another meshd daemon is already running on {path}", reason="running")
+    path.unlink()
 
 
 async def _socket_answers(path: Path) -> bool:

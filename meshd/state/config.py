@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -115,6 +116,18 @@ class Config:
                      "join_failure_cap"):
             if getattr(self, name) <= 0:
                 raise LocalError(f"config: {name} must be positive", reason="config")
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if not (low <= value <= high or (value == 0 and name in ZERO_MEANS_NEVER)):
+                raise LocalError(f"config: {name} must be from {low:g} to {high:g}"
+                                 + (" (or 0: never)" if name in ZERO_MEANS_NEVER else "")
+                                 + f", not {value:g}", reason="config")
+        for address in self.discovery_interfaces:
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                raise LocalError(f"config: discovery_interfaces holds {address[:60]!r}, not an"
+                                 " IPv4 address", reason="config") from None
         bad = [p for p in self.paths if p not in ("direct", "reversed", "relay")]
         if bad or not self.paths:
             raise LocalError(f"config: paths must name some of direct, reversed, relay, not"
@@ -138,6 +151,25 @@ class Config:
             check_listen(address, allow_port_zero=False)
         if self.vouch_lifetime < 0:
             raise LocalError("config: vouch_lifetime must be >= 0", reason="config")
+
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    "sync_interval": (0.1, 1e6),
+    "request_timeout": (0.1, 3600.0),
+    "invite_expiry": (1.0, 1e9),
+    "join_failure_base": (0.001, 86400.0),
+    "join_failure_cap": (0.001, 1e7),
+    "vouch_lifetime": (1.0, 1e10),
+    "reach_interval": (0.1, 1e6),
+    "channel_give_up": (0.1, 1e9),
+    "channel_wait_limit": (0.1, 1e9),
+    "channel_window_bytes": (17 << 20, 1 << 40),
+    "channel_window_messages": (1, 1 << 20),
+}
+"""The range of each number setting.  Below it a timer fires all the time (an interval of
+1e-9 s kept a core busy); above it a number no longer fits the timers or the 64-bit fields of
+the channel protocol."""
+ZERO_MEANS_NEVER = frozenset({"vouch_lifetime", "channel_give_up", "channel_wait_limit"})
 
 
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]|\*")
@@ -204,6 +236,9 @@ def load(path: Path) -> Config:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise LocalError(f"config: {path} is not valid TOML: {exc}", reason="config") from None
+    except OSError as exc:
+        raise LocalError(f"config: cannot read {path}: {exc.strerror or exc}",
+                         reason="config") from None
     known = {f.name: f for f in fields(Config)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -215,7 +250,11 @@ def load(path: Path) -> Config:
             raise LocalError(f"config: {key} in {path} must be a {type(default).__name__}",
                              reason="config")
         if isinstance(default, float):
-            value = float(value)  # type: ignore[arg-type]
+            try:
+                value = float(value)  # type: ignore[arg-type]
+            except OverflowError:
+                raise LocalError(f"config: {key} in {path} must be a finite number",
+                                 reason="config") from None
         if isinstance(default, list) and not all(isinstance(v, str) for v in value):
             raise LocalError(f"config: {key} in {path} must be a list of strings", reason="config")
         kwargs[key] = value

@@ -36,8 +36,18 @@ def default_home() -> Path:
     return base / "meshd"
 
 
+MAX_SOCKET_PATH = 107
+"""Bytes of a unix socket's path (Linux: 108 with the terminating NUL)."""
+_LONGEST_SOCKET = "handover.sock"
+"""The longest name of a socket the daemon binds in its home (the other: ``control.sock``)."""
+
+
 def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
-    """``home`` if given, else ``$MESHD_HOME``, else :func:`default_home`; made absolute."""
+    """``home`` if given, else ``$MESHD_HOME`` (if set and not empty), else
+    :func:`default_home`; made absolute.  An empty ``home`` is refused: it would be the current
+    directory, whatever that happens to be."""
+    if home is not None and not os.fspath(home):
+        raise StateError("--home is empty; name the state directory", reason="usage")
     chosen = home if home is not None else os.environ.get("MESHD_HOME") or default_home()
     return Path(chosen).expanduser().absolute()
 
@@ -87,12 +97,33 @@ class Home:
         return self.key_path.exists()
 
     def create(self) -> None:
-        """Create the directory with mode 0700 (tightening an existing empty one)."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        """Create the directory with mode 0700, or tighten an existing empty one.  A directory
+        with anything in it is refused: its mode is not ours to change, nor its files to mix
+        with a site's."""
+        self.check_socket_room()
+        try:
+            if self.root.is_dir() and any(self.root.iterdir()):
+                raise StateError(f"{self.root} is not empty; a site needs a directory of its own"
+                                 " (a new or an empty one)", reason="exists")
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+        except OSError as exc:
+            raise StateError(f"cannot make the state directory {self.root}:"
+                             f" {exc.strerror or exc}", reason="state-write") from None
+
+    def check_socket_room(self) -> None:
+        """A StateError if the daemon's sockets in this directory would have paths longer than
+        a unix socket's (``bind`` and ``connect`` would fail)."""
+        longest = len(os.fsencode(self.root / _LONGEST_SOCKET))
+        if longest > MAX_SOCKET_PATH:
+            room = MAX_SOCKET_PATH - len(_LONGEST_SOCKET) - 1
+            raise StateError(f"the state directory path {self.root} is too long for the daemon's"
+                             f" unix sockets ({len(os.fsencode(self.root))} bytes; at most {room}):"
+                             " choose a shorter --home", reason="usage")
 
     def require(self) -> None:
         """Raise a StateError that says what to run when the site is not initialised."""
+        self.check_socket_room()
         if not self.key_path.exists():
             raise StateError(
                 f"no meshd site in {self.root}; create one with: meshd init --name NAME"
@@ -126,7 +157,8 @@ class HomeLock:
         if self._fd is not None:
             return True
         try:
-            fd = os.open(self.home.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.home.lock_path,
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise StateError(f"cannot open {self.home.lock_path}: {exc.strerror}",
                              reason="lock") from None

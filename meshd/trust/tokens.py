@@ -437,12 +437,13 @@ def _unpack_v1(body: bytes) -> Invitation:
     )
 
 
-def check_size(size: int) -> None:
+def check_size(size: int, *, more: bool = False) -> None:
     """Raise TokenError(reason="too-large"), naming both sizes, if ``size`` bytes are more than
-    ``parse`` reads."""
+    ``parse`` reads (``more``: the input was longer still, and not read to its end)."""
     if size > MAX_INPUT:
         raise TokenError(
-            f"the input of {size} bytes exceeds the limit of {MAX_INPUT} bytes; an invitation mail"
+            f"the input of {'more than ' if more else ''}{size} bytes exceeds the limit of"
+            f" {MAX_INPUT} bytes; an invitation mail"
             " is far smaller: pass only the mail with the token, or the token itself",
             reason="too-large",
         )

@@ -322,6 +322,36 @@ def test_out_of_range_values_are_refused_with_the_field_named(tmp_path: Path, li
     assert exc.value.reason == "config"
 
 
+@pytest.mark.parametrize("line, says", [
+    ("sync_interval = 1e-9", "sync_interval must be from 0.1 to"),  # a timer always due: a core busy
+    ("reach_interval = 1e-300", "reach_interval must be from 0.1 to"),
+    ("request_timeout = 1e300", "request_timeout must be from 0.1 to 3600"),
+    ("channel_window_bytes = 100000000000000000000000", "channel_window_bytes must be from"),
+    ("channel_give_up = 1e20", "channel_give_up must be from 0.1 to 1e+09 (or 0: never)"),
+    ("sync_interval = 1" + "0" * 400, "sync_interval in"),  # too large for a float
+    ('discovery_interfaces = ["garbage"]', "'garbage', not an IPv4 address"),
+])
+def test_numbers_out_of_range_and_odd_interfaces_are_refused_in_one_line(
+        tmp_path: Path, line: str, says: str) -> None:
+    with pytest.raises(LocalError) as caught:
+        config.load(write(tmp_path, line + "\n"))
+    assert says in caught.value.message and caught.value.reason == "config"
+    assert "\n" not in caught.value.message
+
+
+def test_zero_still_means_never_where_it_did(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, "channel_give_up = 0\nchannel_wait_limit = 0\n"
+                                      "vouch_lifetime = 0\n"))
+    assert (cfg.channel_give_up, cfg.channel_wait_limit, cfg.vouch_lifetime) == (0, 0, 0)
+
+
+def test_a_config_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").mkdir()
+    with pytest.raises(LocalError, match="cannot read") as caught:
+        config.load(tmp_path / "config.toml")
+    assert caught.value.reason == "config"
+
+
 def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(LocalError) as exc:
         config.load(write(tmp_path, "listen = \n"))
@@ -349,7 +379,7 @@ def test_defaults_render_and_load_back(tmp_path: Path) -> None:
 
 def test_non_default_values_render_and_load_back(tmp_path: Path) -> None:
     cfg = Config(listen="", advertise=["[::1]:4750", "host.example:1"],
-                 discovery_interfaces=['we"ird\\if\n'], sync_interval=0.25,
+                 discovery_interfaces=["10.0.0.7"], sync_interval=0.25,
                  request_timeout=7, invite_expiry=60.0, vouch_lifetime=0.0,
                  join_failure_base=0.5, join_failure_cap=1e6, log_level="debug")
     config.save(tmp_path / "c.toml", cfg)
@@ -361,13 +391,14 @@ def test_bad_advertised_address_is_refused_with_its_value() -> None:
         Config(advertise=['we"ird\\host:1'])
 
 
-finite = st.floats(min_value=1e-3, max_value=1e12, allow_nan=False)
+intervals = st.floats(min_value=0.1, max_value=1e6, allow_nan=False)
+lifetimes = st.floats(min_value=1.0, max_value=1e10, allow_nan=False)
 
 
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.text(max_size=30), max_size=4), st.text(min_size=1, max_size=20),
-       st.integers(0, 65535), finite, finite, st.sampled_from(["debug", "info", "error"]))
+       st.integers(0, 65535), intervals, lifetimes, st.sampled_from(["debug", "info", "error"]))
 def test_render_then_load_round_trips(tmp_path: Path, advertise: list[str], host: str,
                                       port: int, interval: float, lifetime: float,
                                       level: str) -> None:

@@ -1,0 +1,129 @@
+"""What an operator does by mistake, against the real CLI and real daemons: each is one line on
+stderr and exit 1 (3: no daemon), nothing changed, no traceback.  Found by attacking the
+operational surface (state directories, signals, pipes, endless input)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import ROOT, Site, meshd
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def one_line(r: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+def test_init_refuses_a_directory_with_things_in_it_and_leaves_its_mode(tmp_path: Path) -> None:
+    """Before: ``init --home /tmp`` (or ``~``) made it 0700, shutting other users out."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "theirs").write_text("data")
+    err = one_line(meshd("init", "--name", "x", "--listen", "127.0.0.1:0", home=shared))
+    assert "is not empty" in err
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert sorted(p.name for p in shared.iterdir()) == ["theirs"]
+
+
+def test_an_empty_home_is_refused_not_taken_as_the_current_directory(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "meshd", "init", "--name", "y", "--home", ""],
+                       cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=60)
+    assert "--home is empty" in one_line(r)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_home_too_long_for_a_unix_socket_is_refused_by_init_and_the_client(
+        tmp_path: Path) -> None:
+    """Before: init took it, then run, status and stop each died on ``AF_UNIX path too long``."""
+    long_home = tmp_path / ("x" * (110 - len(str(tmp_path))))
+    err = one_line(meshd("init", "--name", "l", "--listen", "127.0.0.1:0", home=long_home))
+    assert "too long for the daemon's unix sockets" in err and not long_home.exists()
+    assert "too long" in one_line(meshd("status", home=long_home))
+
+
+def test_join_refuses_an_endless_stream_quickly(tmp_path: Path) -> None:
+    """Before: ``meshd join /dev/zero`` (or ``yes | meshd join``) read for ever to count it."""
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "j", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    err = one_line(meshd("join", "/dev/zero", home=home, timeout=60))
+    assert "the input of more than" in err and "exceeds the limit" in err
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        r = subprocess.run([sys.executable, "-m", "meshd", "join", "--home", str(home)],
+                           stdin=yes.stdout, capture_output=True, text=True, env=ENV, timeout=60)
+    finally:
+        yes.kill()
+        yes.wait()
+    assert "the input of more than" in one_line(r)
+
+
+def test_a_reader_that_left_the_pipe_is_no_traceback(sites: Any) -> None:
+    """``meshd peers | head -1``: the reader may be gone before the output is written."""
+    a = sites("aps")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left already: every write fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "meshd", "status", "--home", str(a.home)],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, env=ENV,
+                           timeout=60)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+def test_sighup_stops_the_daemon_gracefully(sites: Any) -> None:
+    """Before: the terminal of a ``meshd run &`` closing killed it (signal -1): no leave
+    notice, the control socket and the pid file left behind."""
+    a = sites("aps")
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGHUP)
+    assert a.proc.wait(30) == 0
+    a.proc = None
+    assert "stopped; state flushed" in a.log()
+    assert not (a.home / "control.sock").exists() and not (a.home / "daemon.pid").exists()
+
+
+def test_a_file_where_the_control_socket_goes_is_left_alone(tmp_path: Path) -> None:
+    """Before: a regular file there was deleted without a word; a directory, a traceback."""
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "c", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    sock = home / "control.sock"
+    sock.write_text("precious")
+    assert "is not a socket" in one_line(meshd("run", home=home, timeout=60))
+    assert sock.read_text() == "precious"
+    sock.unlink()
+    sock.mkdir()
+    assert "is not a socket" in one_line(meshd("run", home=home, timeout=60))
+    assert sock.is_dir()
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "s", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    target = tmp_path / "elsewhere"
+    (home / "daemon.lock").symlink_to(target)
+    assert "daemon.lock" in one_line(meshd("run", home=home, timeout=60))
+    assert not target.exists()
+
+
+def test_stop_of_a_frozen_daemon_gives_up_within_its_timeout(sites: Any) -> None:
+    """Before: ``--timeout 2`` waited the client's own 30 s for the status."""
+    a = sites("aps")
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        err = one_line(meshd("stop", "--timeout", "2", home=a.home, timeout=60))
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    assert "did not answer /v1/status within 2 s" in err
+    assert Site("aps", a.home).client.status()["pid"] == a.proc.pid
