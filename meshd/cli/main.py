@@ -16,6 +16,7 @@ import re
 import stat
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from meshd import __version__
@@ -296,7 +297,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _running(pid: int, pid_path: Any) -> bool:
+def _running(pid: int, pid_path: Path) -> bool:
     """Whether daemon ``pid`` is still there: its pid file (removed near the end of a clean
     stop) names it, or the process is still a meshd or on its way out.  Gone: no such process,
     a zombie (dead, not yet reaped by its parent), or another program (the pid reused)."""
