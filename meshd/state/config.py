@@ -223,6 +223,10 @@ def render(config: Config) -> str:
     for f in fields(config):
         for line in textwrap.wrap(docs.get(f.name, ""), 96):
             out.append(f"# {line}")
+        if f.name in BOUNDS:
+            low, high = BOUNDS[f.name]
+            out.append(f"# Range: {low:g} to {high:g}"
+                       + (" (or 0)." if f.name in ZERO_MEANS_NEVER else "."))
         out.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
         out.append("")
     return "\n".join(out)

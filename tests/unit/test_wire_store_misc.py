@@ -368,6 +368,8 @@ def test_every_field_is_documented_in_the_rendered_text() -> None:
     for f in fields(Config):
         (at,) = [i for i, line in enumerate(lines) if line.startswith(f"{f.name} = ")]
         assert lines[at - 1].startswith("# ") and len(lines[at - 1]) > 10, f.name
+        if f.name in config.BOUNDS:  # where the operator edits it, the range it must keep to
+            assert lines[at - 1].startswith("# Range: "), f.name
 
 
 def test_defaults_render_and_load_back(tmp_path: Path) -> None:
