@@ -86,6 +86,10 @@ class Client:
             except socket.timeout:
                 raise LocalError(f"the daemon did not answer {path} within"
                                  f" {timeout or self.timeout:.0f} s", reason="timeout") from None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                raise LocalError(f"the daemon closed the connection before it answered {path}"
+                                 " (it stopped or restarted?); if it runs again, run the command"
+                                 " again", reason="disconnected") from None
         finally:
             conn.close()
         if resp.headers.get_content_type() != "application/json":

@@ -16,7 +16,6 @@ import re
 import stat
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from meshd import __version__
@@ -97,7 +96,7 @@ def _wait_for_stopping_daemon(home: Home, lock: HomeLock, timeout: float = 30.0)
     stop), refuse at once if it runs on."""
     try:
         stopping = bool(Client(home.root, timeout=5).status().get("stopping"))
-    except DaemonNotRunning:  # its control socket is already closed: the last steps of a stop
+    except DaemonNotRunning:  # no control socket: the last steps of a stop (or the first of a start)
         stopping = True
     except MeshdError:
         stopping = False
@@ -107,9 +106,8 @@ def _wait_for_stopping_daemon(home: Home, lock: HomeLock, timeout: float = 30.0)
     _say(f"waiting for the daemon that is stopping{f' (pid {pid})' if pid else ''} ...")
     deadline = time.monotonic() + timeout
     while not lock.try_acquire():
-        if time.monotonic() > deadline:
-            raise LocalError(f"the daemon that was stopping still holds {home.root} after"
-                             f" {timeout:.0f} s", reason="running")
+        if time.monotonic() > deadline:  # it was starting, not stopping, or it hangs
+            raise lock.refusal()
         time.sleep(0.05)
 
 
@@ -297,15 +295,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _running(pid: int, pid_path: Path) -> bool:
-    """Whether daemon ``pid`` is still there: its pid file (removed near the end of a clean
-    stop) names it, or the process is still a meshd or on its way out.  Gone: no such process,
-    a zombie (dead, not yet reaped by its parent), or another program (the pid reused)."""
-    try:
-        if pid_path.read_text().strip() == str(pid):
-            return True
-    except OSError:
-        pass
+def _running(pid: int) -> bool:
+    """Whether daemon ``pid`` is still there: the process is a meshd or on its way out.  Gone:
+    no such process, a zombie (dead, not yet reaped by its parent), or another program (the
+    pid reused).  (Not the pid file: a home renamed under the daemon keeps a stale one.)"""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
@@ -328,7 +321,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if not args.json:
         _say(f"stopping meshd (pid {pid}) for {client.home.root} ...")
     start = time.monotonic()
-    while _running(pid, client.home.pid_path):
+    while _running(pid):
         if time.monotonic() - start > args.timeout:
             raise LocalError(f"the daemon (pid {pid}) did not stop within {args.timeout:.0f} s;"
                              f" it is still running (kill -KILL {pid} ends it at once)",

@@ -43,6 +43,7 @@ from meshd.errors import StateError
 from meshd.local import api
 from meshd.state import config as config_mod
 from meshd.state.admission import Admissions
+from meshd.state.files import file_id, unlink_if_same
 from meshd.state.home import Home, HomeLock
 from meshd.state.site import SiteKeys, finish_rotation
 from meshd.state.store import Store
@@ -141,6 +142,7 @@ class Daemon:
         membership.subscribe(self._on_member_event)
         membership.on_back = channels.reach.member_back
         self._stopping = asyncio.Event()
+        self._pid_file: tuple[int, int] | None = None
 
     # Late bindings: these services are built after the ones that call them.
 
@@ -173,6 +175,7 @@ class Daemon:
         self.own_record.refresh()
         await self.control.start(self.home.socket_path)
         self.home.pid_path.write_text(f"{os.getpid()}\n")
+        self._pid_file = file_id(self.home.pid_path)
         self.roster.reset()
         self.membership.start()
         self.channels.start()
@@ -215,6 +218,6 @@ class Daemon:
         await self.transport.close()
         self.zctx.destroy(linger=0)
         self.store.close()
-        self.home.pid_path.unlink(missing_ok=True)
+        unlink_if_same(self.home.pid_path, self._pid_file)
         self.lock.release()
         log.info("stopped; state flushed")

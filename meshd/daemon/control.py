@@ -26,6 +26,7 @@ from meshd.daemon.reports import Reports
 from meshd.daemon.tunnels.routes import add_routes as add_tunnel_routes
 from meshd.daemon.tunnels.service import TunnelService
 from meshd.errors import ChannelClosed, LocalError, MeshdError, RemoteError
+from meshd.state.files import file_id, unlink_if_same
 from meshd.local import api
 from meshd.state.admission import PendingJoin
 from meshd.state.store import Redemption
@@ -152,6 +153,7 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._path: Path | None = None
+        self._path_id: tuple[int, int] | None = None
         self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._requests: dict[Any, web.Request] = {}  # connection (its protocol) -> request
         self._internal_seen: set[str] = set()
@@ -227,7 +229,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        self._path = path
+        self._path, self._path_id = path, file_id(path)
 
     async def stop(self) -> None:
         for queue in list(self._streams):
@@ -237,7 +239,7 @@ class ControlServer:
         if self._runner is not None:
             await self._runner.cleanup()
         if self._path is not None:
-            self._path.unlink(missing_ok=True)
+            unlink_if_same(self._path, self._path_id)
 
     async def status(self, request: web.Request) -> web.Response:
         status = {**self.reports.status(), "stopping": self.stopping}

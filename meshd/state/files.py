@@ -39,3 +39,24 @@ def write_refused(what: str, path: Path, detail: str, *, full: bool,
     return StateError(f"cannot write {what} {path}: {detail}"
                       + ("; free some space" if full else ""),
                       reason="disk-full" if full else reason)
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    """The identity (device, inode) of what is at ``path`` now, not following a symlink; None
+    if nothing is there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def unlink_if_same(path: Path, ident: tuple[int, int] | None) -> None:
+    """Remove ``path`` only if it is still the file ``ident`` names (made by this process): a
+    home renamed under a running daemon must not lose another daemon's socket or pid file that
+    now has the same name."""
+    if ident is not None and file_id(path) == ident:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -127,3 +127,22 @@ def test_stop_of_a_frozen_daemon_gives_up_within_its_timeout(sites: Any) -> None
         os.kill(a.proc.pid, signal.SIGCONT)
     assert "did not answer /v1/status within 2 s" in err
     assert Site("aps", a.home).client.status()["pid"] == a.proc.pid
+
+
+def test_a_home_renamed_under_its_daemon_costs_the_new_site_there_nothing(sites: Any) -> None:
+    """Before: the old daemon's stop unlinked control.sock, handover.sock and daemon.pid by
+    name, at the old path, which now belonged to a new site: that daemon ran on unreachable.
+    And ``meshd stop`` trusted the moved, stale pid file and waited its whole timeout."""
+    old = sites("aps")
+    assert old.proc is not None
+    moved = old.home.with_name("aps-moved")
+    old.home.rename(moved)
+    new = sites("aps")  # a new site where the old one was
+    assert new.proc is not None and new.home == old.home
+    r = meshd("stop", "--json", home=moved, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert old.proc.wait(10) == 0
+    old.proc = None
+    assert new.client.status()["pid"] == new.proc.pid
+    for name in ("control.sock", "handover.sock", "daemon.pid"):
+        assert (new.home / name).exists(), name

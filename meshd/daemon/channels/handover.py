@@ -21,6 +21,7 @@ import time
 from pathlib import Path as FsPath
 from typing import Any, Protocol
 
+from meshd.state.files import file_id, unlink_if_same
 from meshd.channel.control import check_name
 from meshd.channel.handshake import ChannelKeys
 from meshd.channel.outbound import SendingEnd
@@ -209,6 +210,7 @@ class Handovers:
         self.tasks = tasks
         self.counters = counters
         self._listener: socket.socket | None = None
+        self._path_id: tuple[int, int] | None = None
 
     @property
     def available(self) -> bool:
@@ -225,6 +227,7 @@ class Handovers:
             finally:
                 os.umask(old)
             os.chmod(self.path, 0o600)
+            self._path_id = file_id(self.path)
             lsock.listen(64)
             lsock.setblocking(False)
         except OSError as exc:
@@ -341,6 +344,6 @@ class Handovers:
             self._listener.close()
             self._listener = None
             try:
-                self.path.unlink()
+                unlink_if_same(self.path, self._path_id)
             except OSError:
                 pass
