@@ -74,7 +74,8 @@ class Daemon:
         half_done = finish_rotation(home, store)  # a rotation that stopped half-way, if any
         if half_done is not None:
             log.warning("a key rotation had stopped half-way; %s", {
-                "finished": "the mesh knew of it: the new key replaces the old one",
+                "finished": "it was stored, so it may have been announced: the new key replaces"
+                            " the old one",
                 "discarded": "it was never announced: the old key stays"}[half_done])
         keys = SiteKeys(SiteKey.load(home.key_path))
         name = store.get_meta("name")

@@ -149,6 +149,25 @@ class _Pending:
     records: list[Signed] = field(default_factory=list)
 
 
+def _in_rounds(pending: list[Signed], admit: Callable[[Signed], bool],
+               recompute: Callable[[], None]) -> int:
+    """Admit ``pending`` objects in rounds until a round admits none (one may depend on another
+    admitted before it: ``recompute`` after each round that admitted some); ``pending`` keeps
+    the ones never admitted.  Returns how many were."""
+    admitted = 0
+    progress = True
+    while pending and progress:
+        progress = False
+        for s in list(pending):
+            if admit(s):
+                pending.remove(s)
+                admitted += 1
+                progress = True
+        if progress:
+            recompute()
+    return admitted
+
+
 def _by_kind(signed: Iterable[Signed], genesis: bytes, held: Callable[[bytes], bool]) -> _Pending:
     """``signed`` sorted by kind; our own genesis and objects ``held`` (by digest) counted as
     duplicates, another mesh's genesis counted apart."""
@@ -372,6 +391,27 @@ class MeshView:
             self._screen.invalidate()
             raise
 
+    def _admit_vouch(self, s: Signed) -> bool:
+        body = s.body
+        assert isinstance(body, Vouch)
+        voucher = self.members.get(self.retired.get(body.voucher, body.voucher))
+        if voucher is None or voucher.role != "introducer":
+            return False
+        self.store.put_vouch(s.digest, body.subject, s.raw)
+        self.vouches[s.digest] = s
+        return True
+
+    def _admit_rotation(self, s: Signed) -> bool:
+        body = s.body
+        assert isinstance(body, Rotation)
+        # The old key hands over what it holds: it must be a member, or already retired (a
+        # second, conflicting rotation is kept: it shuts the identity out, see trust).
+        if body.old not in self.members and body.old not in self.retired:
+            return False
+        self.store.put_rotation(s.digest, body.old, s.raw)
+        self.rotations[s.digest] = s
+        return True
+
     def _apply(self, screened: Screened, verified: Verified, now: int) -> IngestResult:
         if self.genesis is None:
             return IngestResult(0, 0, {})
@@ -384,37 +424,14 @@ class MeshView:
         refused["mesh"] += pending.other_mesh
         pending_vouches, pending_revocations = pending.vouches, pending.revocations
         pending_rotations, pending_records = pending.rotations, pending.records
-        # Vouches in one batch may depend on each other (B vouched by A, C by B): admit them in
-        # rounds until no more have an authorised voucher.
-        progress = True
-        while pending_vouches and progress:
-            progress = False
-            for s in list(pending_vouches):
-                body = s.body
-                assert isinstance(body, Vouch)
-                voucher = self.members.get(self.retired.get(body.voucher, body.voucher))
-                if voucher is not None and voucher.role == "introducer":
-                    self.store.put_vouch(s.digest, body.subject, s.raw)
-                    self.vouches[s.digest] = s
-                    pending_vouches.remove(s)
-                    stored += 1
-                    progress = True
-            if progress:
-                self._recompute(now)
+        # Vouches in one batch may depend on each other (B vouched by A, C by B), and so may
+        # rotations (k0 -> k1, then k1 -> k2: a member that missed two rotations hears both at
+        # once): each kind is admitted in rounds, each round's outcome counted by the next.
+        stored += _in_rounds(pending_vouches, self._admit_vouch, lambda: self._recompute(now))
         refused["unauthorized"] += len(pending_vouches)
-        for s in pending_rotations:
-            body = s.body
-            assert isinstance(body, Rotation)
-            # The old key hands over what it holds: it must be a member, or already retired
-            # (a second, conflicting rotation is kept: it shuts the identity out, see trust).
-            if body.old in self.members or body.old in self.retired:
-                self.store.put_rotation(s.digest, body.old, s.raw)
-                self.rotations[s.digest] = s
-                stored += 1
-            else:
-                refused["unauthorized"] += 1
-        if pending_rotations:
-            self._recompute(now)
+        stored += _in_rounds(pending_rotations, self._admit_rotation,
+                             lambda: self._recompute(now))
+        refused["unauthorized"] += len(pending_rotations)
         for s in pending_revocations:
             body = s.body
             assert isinstance(body, Revocation)

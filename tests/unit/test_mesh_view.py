@@ -418,6 +418,25 @@ def test_rotation_by_a_member_hands_over_and_survives_reload(founded, tmp_path: 
     again.store.close()
 
 
+@pytest.mark.parametrize("order", ["in-order", "reversed"])
+def test_two_rotations_heard_in_one_batch_are_both_followed(founded, order: str) -> None:
+    """A member that missed two rotations of a site (it was away) hears both in one exchange.
+    Bug: the second (A2 -> A3) was refused because A2 became a member only after the batch,
+    so the site's newest key stayed unknown for good."""
+    path, _, view = founded
+    mesh = mesh_of(view)
+    A2, A3 = key(24), key(25)
+    view.ingest([vouch(F, A, mesh, "introducer").raw], NOW)
+    batch = [records.sign_rotation(mesh, A, A2, NOW).raw,
+             records.sign_rotation(mesh, A2, A3, NOW + 1).raw]
+    result = view.ingest(batch if order == "in-order" else batch[::-1], NOW + 2)
+    assert result.stored == 2 and not result.refused
+    assert A3.public in view.members and A.public not in view.members
+    assert A2.public not in view.members
+    assert view.retired == {A.public: A3.public, A2.public: A3.public}
+    assert len(rows(path, "rotations")) == 2
+
+
 def test_rotation_by_a_non_member_is_refused_and_not_stored(founded) -> None:
     path, _, view = founded
     rotation = records.sign_rotation(mesh_of(view), X, key(22), NOW)
