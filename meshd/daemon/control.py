@@ -113,7 +113,7 @@ class ControlServer:
 
     def __init__(self, *, view: MeshView, reports: Reports, admin: Admin, joins: Joins,
                  membership: MembershipService, channels: ChannelService,
-                 rotate: Callable[[], Awaitable[tuple[bytes, bytes]]],
+                 rotate: Callable[[], Awaitable[tuple[bytes, bytes, tuple[int, int]]]],
                  tunnels: TunnelService | None = None) -> None:
         self.view = view
         self.reports = reports
@@ -337,9 +337,9 @@ class ControlServer:
                       "fingerprint": fingerprint_of(subject)})
 
     async def rotate(self, request: web.Request) -> web.Response:
-        old, new = await self.rotate_key()
+        old, new, (told, others) = await self.rotate_key()
         return _json({"old_site_id": site_id_of(old), "site_id": site_id_of(new),
-                      "fingerprint": fingerprint_of(new)})
+                      "fingerprint": fingerprint_of(new), "told": told, "members": others})
 
     # -- channels ---------------------------------------------------------------------------------
 

@@ -41,8 +41,10 @@ class Rotation:
         self.membership = membership
         self.restart_transport = restart_transport
 
-    async def rotate(self) -> tuple[bytes, bytes]:
+    async def rotate(self) -> tuple[bytes, bytes, tuple[int, int]]:
         """Retire this site's key and hand its membership to a new one (signed by both).
+        Returns the old and the new public key, and how many of how many other members were
+        told while the old key still opened their doors.
 
         The rotation is pushed to every member we can dial while the old key still opens their
         doors; then the new key replaces the old one on disk (the old is deleted), and the peer
@@ -84,7 +86,7 @@ class Rotation:
         log.info("rotated the site key: %s -> %s (fingerprint %s)", old.site_id, new.site_id,
                  new.fingerprint)
         self.sync.announce()
-        return old.public, new.public
+        return old.public, new.public, (sum(told), len(others))
 
     async def _restart(self) -> None:
         """Peer port, links, membership core and LAN advertisement under the current key."""

@@ -19,7 +19,7 @@ APPROVE = "/v1/pending/approve"  # POST {"fingerprint"} -> Pending (decided)
 DENY = "/v1/pending/deny"      # POST {"fingerprint"} -> Pending (decided)
 PEERS = "/v1/peers"            # GET  -> [Peer];  ?discovered=1 -> [Discovered]
 REVOKE = "/v1/revoke"          # POST {"site", "reason"} -> {"revoked": site_id, "name": …}
-ROTATE = "/v1/rotate"          # POST {} -> {"old_site_id", "site_id", "fingerprint"}
+ROTATE = "/v1/rotate"          # POST {} -> {"old_site_id", "site_id", "fingerprint", "told", "members"}
 STOP = "/v1/stop"              # POST {} -> {"pid", "stopping": true}: a graceful stop begins
 METRICS = "/v1/metrics"        # GET  -> Prometheus text exposition
 EVENTS = "/v1/events"          # GET  -> JSON lines: membership events, history then live

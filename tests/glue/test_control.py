@@ -89,9 +89,9 @@ class Control:
     def _announce(self) -> None:
         self.announced += 1
 
-    async def _rotate(self) -> tuple[bytes, bytes]:
+    async def _rotate(self) -> tuple[bytes, bytes, tuple[int, int]]:
         self.rotations += 1
-        return b"\x01" * 32, self.node.key
+        return b"\x01" * 32, self.node.key, (1, 2)
 
 
 @pytest.fixture
@@ -196,6 +196,7 @@ async def test_rotate_goes_to_the_rotation(control) -> None:
     assert code == 200 and c.rotations == 1
     assert body["site_id"] == site_id_of(c.node.key) and body["old_site_id"] == site_id_of(
         b"\x01" * 32)
+    assert (body["told"], body["members"]) == (1, 2)
 
 
 async def test_events_stream_history_then_live_until_the_server_stops(control) -> None:

@@ -71,10 +71,11 @@ async def test_rotation_makes_the_new_key_visible_to_every_reader(tmp_path: Path
     old = f.key
     contacts.ok(a.key)
 
-    old_pub, new = await rotation.rotate()
+    old_pub, new, told = await rotation.rotate()
 
     assert old_pub == old and new != old and f.site.keys.public == new
     assert told_under[0] == old  # members learn of it while the old key opens their doors
+    assert told == (1, 1)
     assert a.view.is_member(new) and not a.view.is_member(old)
     assert restarts == [new]
     assert SiteKey.load(f.home.key_path).public == new
