@@ -8,6 +8,7 @@ them back decodes and verifies them again, so a tampered file cannot smuggle a r
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +71,17 @@ class Redemption:
     decided: int | None
 
 
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (through a symlink); None if there is none.  A
+    store whose file was deleted or replaced under it would take writes that no restart finds
+    (an invitation's secret, a vouch): they are refused instead."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
 class Store:
     """One SQLite database per site; every public method is its own transaction."""
 
@@ -82,6 +94,7 @@ class Store:
         except sqlite3.Error as exc:
             raise write_refused("the state store", path, str(exc), full=False,
                                 reason="store") from None
+        self._ident = _identity(path)  # sqlite3 made the file, if there was none
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
@@ -113,6 +126,10 @@ class Store:
         is full, or read-only) is a :class:`~meshd.errors.StateError` (``disk-full`` or
         ``store``) that says so; nothing of the change stays, and the store works again once
         the disk does."""
+        if _identity(self.path) != self._ident:
+            raise StateError(f"the state store {self.path} was removed or replaced while the"
+                             " daemon ran; nothing more is written: stop the daemon and put"
+                             " the store back from a backup", reason="store-gone")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:

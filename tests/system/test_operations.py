@@ -164,3 +164,16 @@ def test_rotate_warns_when_a_member_did_not_hear_of_it(sites: Any) -> None:
     assert (out["told"], out["members"]) == (0, 1)
     assert "warning: only 0 of 1 members heard of the rotation" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_store_deleted_under_the_running_daemon_takes_no_more_writes(sites: Any) -> None:
+    """Before: ``invite`` still answered after ``rm state.db*``, with a secret only the deleted
+    file held (the invitation could never be redeemed after a restart)."""
+    a = sites("aps")
+    a.cli("invite")  # founds the mesh: the store has something to lose
+    for f in a.home.glob("state.db*"):
+        f.unlink()
+    err = one_line(a.cli("invite"))
+    assert "was removed or replaced while the daemon ran" in err
+    assert a.proc is not None and a.client.status()["pid"] == a.proc.pid  # and it runs on
+    assert "Traceback" not in a.log()
