@@ -22,6 +22,7 @@ from meshd import __version__
 from meshd.app.client import Client
 from meshd.errors import DaemonNotRunning, LocalError, MeshdError
 from meshd.state.home import Home, HomeLock, resolve_home
+from meshd.testing.processes import wait_until
 from meshd.trust import tokens
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -104,11 +105,10 @@ def _wait_for_stopping_daemon(home: Home, lock: HomeLock, timeout: float = 30.0)
         raise lock.refusal()
     pid = home.running_pid()
     _say(f"waiting for the daemon that is stopping{f' (pid {pid})' if pid else ''} ...")
-    deadline = time.monotonic() + timeout
-    while not lock.try_acquire():
-        if time.monotonic() > deadline:  # it was starting, not stopping, or it hangs
-            raise lock.refusal()
-        time.sleep(0.05)
+    try:
+        wait_until(lock.try_acquire, timeout, "the home's lock")
+    except TimeoutError:  # it was starting, not stopping, or it hangs
+        raise lock.refusal() from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -325,12 +325,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if not args.json:
         _say(f"stopping meshd (pid {pid}) for {client.home.root} ...")
     start = time.monotonic()
-    while _running(pid):
-        if time.monotonic() - start > args.timeout:
-            raise LocalError(f"the daemon (pid {pid}) did not stop within {args.timeout:.0f} s;"
-                             f" it is still running (kill -KILL {pid} ends it at once)",
-                             reason="timeout")
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: not _running(pid), args.timeout, "the daemon to stop")
+    except TimeoutError:
+        raise LocalError(f"the daemon (pid {pid}) did not stop within {args.timeout:.0f} s;"
+                         f" it is still running (kill -KILL {pid} ends it at once)",
+                         reason="timeout") from None
     took = time.monotonic() - start
     _out(args, {"stopped": True, "pid": pid, "seconds": round(took, 3)},
          f"stopped meshd (pid {pid}) in {took:.1f} s")

@@ -41,11 +41,11 @@ def write_refused(what: str, path: Path, detail: str, *, full: bool,
                       reason="disk-full" if full else reason)
 
 
-def file_id(path: Path) -> tuple[int, int] | None:
-    """The identity (device, inode) of what is at ``path`` now, not following a symlink; None
-    if nothing is there."""
+def file_id(path: Path, *, follow: bool = False) -> tuple[int, int] | None:
+    """The identity (device, inode) of what is at ``path`` now (through a symlink if
+    ``follow``); None if nothing is there."""
     try:
-        st = os.lstat(path)
+        st = os.stat(path, follow_symlinks=follow)
     except OSError:
         return None
     return st.st_dev, st.st_ino

@@ -8,7 +8,6 @@ them back decodes and verifies them again, so a tampered file cannot smuggle a r
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from meshd.errors import StateError
-from meshd.state.files import write_refused
+from meshd.state.files import file_id, write_refused
 
 SCHEMA_VERSION = 1
 
@@ -71,17 +70,6 @@ class Redemption:
     decided: int | None
 
 
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at ``path`` (through a symlink); None if there is none.  A
-    store whose file was deleted or replaced under it would take writes that no restart finds
-    (an invitation's secret, a vouch): they are refused instead."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
 class Store:
     """One SQLite database per site; every public method is its own transaction."""
 
@@ -94,7 +82,7 @@ class Store:
         except sqlite3.Error as exc:
             raise write_refused("the state store", path, str(exc), full=False,
                                 reason="store") from None
-        self._ident = _identity(path)  # sqlite3 made the file, if there was none
+        self._ident = file_id(path, follow=True)  # sqlite3 made the file, if there was none
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
@@ -126,7 +114,9 @@ class Store:
         is full, or read-only) is a :class:`~meshd.errors.StateError` (``disk-full`` or
         ``store``) that says so; nothing of the change stays, and the store works again once
         the disk does."""
-        if _identity(self.path) != self._ident:
+        # A store deleted or replaced under us would take writes no restart finds (an
+        # invitation's secret, a vouch): they are refused instead.
+        if file_id(self.path, follow=True) != self._ident:
             raise StateError(f"the state store {self.path} was removed or replaced while the"
                              " daemon ran; nothing more is written: stop the daemon and put"
                              " the store back from a backup", reason="store-gone")
