@@ -294,8 +294,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                   f" {r['old_site_id']} is retired. Invitations issued before no longer work.")
     if r.get("told", 0) < r.get("members", 0):
         _say(f"warning: only {r['told']} of {r['members']} members heard of the rotation. A"
-             " member that missed it learns it from another member; with none to tell it, it"
-             " will not accept this site's new key (see docs/architecture.md, key rotation)")
+             " member that missed it learns it from another member, or from this site when it"
+             " next reaches that member (see docs/architecture.md, key rotation)")
     return 0
 
 

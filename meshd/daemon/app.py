@@ -29,6 +29,7 @@ from meshd.daemon.joins import Joins
 from meshd.daemon.links import MemberLinks
 from meshd.daemon.membership import MembershipService
 from meshd.daemon.own_record import OwnRecord
+from meshd.daemon.rekeys import Rekeys
 from meshd.daemon.reports import Reports
 from meshd.daemon.roster import Roster
 from meshd.daemon.rotation import Rotation
@@ -118,7 +119,9 @@ class Daemon:
                                    own_record=own_record, announce=sync.announce,
                                    advertise_mesh=self._advertise_mesh)
         router = self.router = PeerRouter(
-            view=view, links=links, contacts=contacts, counters=counters, join=joins.answer,
+            view=view, links=links, contacts=contacts, counters=counters,
+            strangers={"join": joins.answer,
+                       "rekey": Rekeys(view=view, ingest=sync.ingest, counters=counters).answer},
             members={"swim": lambda key, msg: membership.deliver(msg["m"], key),
                      "chan": lambda key, msg: channels.on_control(key, msg["op"], msg["b"]),
                      "tunl": lambda key, msg: tunnels.on_control(key, msg["op"], msg["b"]),

@@ -2,8 +2,9 @@
 
 A message comes either to our peer port (a request, or a one-way ``id`` 0 message, through
 :meth:`PeerRouter.on_request`) or back on a link we dialed (always one-way, through
-:meth:`PeerRouter.on_link_message`).  Either way only a member of the mesh gets through: a
-``join`` is the one message a stranger may send, and only as a request to our peer port.
+:meth:`PeerRouter.on_link_message`).  Either way only a member of the mesh gets through, but
+for two requests a stranger may send to our peer port: a ``join``, and a ``rekey`` (a member
+whose new key we missed, see :mod:`meshd.daemon.rekeys`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ MemberHandler = Callable[[bytes, dict[str, Any]],
 or None, or an awaitable of it (work done off the loop).  Raises ``RemoteError`` to refuse it
 (the sender of a request is told why)."""
 
-JoinHandler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any]]]
+StrangerHandler = Callable[[dict[str, Any], PeerInfo], Awaitable[dict[str, Any]]]
+"""Answers one request that a key not in the mesh may send (``join``, ``rekey``)."""
 
 
 class PeerRouter:
@@ -36,13 +38,13 @@ class PeerRouter:
 
     def __init__(self, *, view: MeshView, links: MemberLinks, contacts: Contacts,
                  counters: Counters, members: Mapping[str, MemberHandler],
-                 join: JoinHandler) -> None:
+                 strangers: Mapping[str, StrangerHandler]) -> None:
         self.view = view
         self.links = links
         self.contacts = contacts
         self.counters = counters
         self.members = dict(members)
-        self.join = join
+        self.strangers = dict(strangers)
 
     def _member(self, curve_key: bytes) -> bytes | None:
         """The site key of a sender that is a member, and note the exchange; None otherwise."""
@@ -57,8 +59,9 @@ class PeerRouter:
         """The peer port's handler: the answer to a request, or None for a one-way message."""
         kind = msg["t"]
         self.counters.count(f"peer_requests_{kind}")
-        if kind == "join":
-            return await self.join(msg, info)
+        stranger = self.strangers.get(kind)
+        if stranger is not None:
+            return await stranger(msg, info)
         key = self._member(info.curve_key)
         if key is None:
             raise RemoteError("this site does not know you as a member of its mesh",

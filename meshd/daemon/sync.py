@@ -26,6 +26,7 @@ from typing import Any
 from meshd.daemon.contacts import Contacts
 from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
+from meshd.daemon.rekeys import rotation_chain
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import TaskSet
 from meshd.errors import RemoteError, StateError
@@ -117,7 +118,7 @@ class MeshSync:
     def _push(self) -> dict[str, Any]:
         return {"t": "sync", "mesh": self.view.mesh_id, "items": self.view.snapshot()}
 
-    async def sync_with(self, key: bytes) -> bool:
+    async def sync_with(self, key: bytes, *, rekeyed: bool = False) -> bool:
         """One push-pull exchange with a member; True if it answered."""
         if not self.links.dial_addresses(key) or self.view.mesh_id is None:
             return False
@@ -126,6 +127,9 @@ class MeshSync:
         except Unreachable as exc:
             self.contacts.failed(key, str(exc))
             return False
+        if reply["t"] == "error" and reply["reason"] == "not-member" and not rekeyed:
+            if await self._rekey(key):
+                return await self.sync_with(key, rekeyed=True)
         if reply["t"] == "error":
             self.contacts.failed(key, reply["message"])
             log.warning("%s refused sync: %s", self.view.name_of(key), reply["message"])
@@ -137,6 +141,27 @@ class MeshSync:
         except SyncBusy:
             return True  # it answered; what it sent waits for a later exchange
         await self._verify_and_ingest(key, self.view.screen(items))
+        return True
+
+    async def _rekey(self, key: bytes) -> bool:
+        """``key`` does not know our key (it missed our rotation): present the rotations that
+        lead to it (see :mod:`meshd.daemon.rekeys`).  True if it took them."""
+        chain = rotation_chain(self.view.rotations.values(), self.site.keys.public)
+        if not chain:
+            return False
+        try:
+            reply = await self.links.request(
+                key, {"t": "rekey", "mesh": self.view.mesh_id, "items": chain},
+                self.config.request_timeout)
+        except Unreachable:
+            return False
+        name = self.view.name_of(key) or site_id_of(key)
+        if reply["t"] == "error":
+            log.warning("%s refused the rotations that lead to our key: %s", name,
+                        reply["message"])
+            return False
+        self.counters.count("rekeys_sent")
+        log.info("%s had missed our key rotation: it took the rotations from us", name)
         return True
 
     def on_sync(self, key: bytes, msg: dict[str, Any]

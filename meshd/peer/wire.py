@@ -12,6 +12,10 @@ looks at the message; a message that fails raises :class:`~meshd.errors.Protocol
               signed site record)
 ``sync``      push-pull of signed objects between members: ``mesh``, ``items`` (list of
               signed envelopes); answered with the other side's ``items``
+``rekey``     a site whose key a member does not know presents the rotations that lead to it
+              from a key the member holds: ``mesh``, ``items`` (signed rotations, oldest
+              first; checked by :mod:`meshd.daemon.rekeys`); the one request besides ``join``
+              that a key not in the mesh may send
 ``swim``      one membership-protocol message (``m``: ``meshd.swim.to_bytes``), one way: the
               membership core matches its own acks, so it is never answered
 ``chan``      a channel control message (``op``: ``dial``, ``relay``, ``reach?``, ``reach``;
@@ -35,12 +39,16 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_ITEMS = 4096
 """Most signed objects one sync message may carry."""
 
+MAX_REKEY_ITEMS = 16
+"""Most rotations one ``rekey`` message may carry."""
+
 # field name -> (type, (min length, max length) or None)
 _BIN = bytes
 _FIELDS: dict[str, dict[str, tuple[type, tuple[int, int] | None]]] = {
     "join": {"mesh": (_BIN, (16, 16)), "invite": (_BIN, (8, 8)), "proof": (_BIN, (32, 32)),
              "inviter": (_BIN, (32, 32)), "record": (_BIN, (1, 4096))},
     "sync": {"mesh": (_BIN, (16, 16)), "items": (list, (0, MAX_ITEMS))},
+    "rekey": {"mesh": (_BIN, (16, 16)), "items": (list, (1, MAX_REKEY_ITEMS))},
     "swim": {"m": (_BIN, (1, MAX_MESSAGE_BYTES))},
     "chan": {"op": (str, (1, 16)), "b": (_BIN, (0, 65536))},
     "tunl": {"op": (str, (1, 16)), "b": (_BIN, (0, 65536))},

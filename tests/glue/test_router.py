@@ -41,7 +41,7 @@ class Setup:
                                  members={"swim": self._record("swim"),
                                           "sync": self._record("sync", {"t": "ok", "items": []}),
                                           "bad": self._refuse},
-                                 join=self._join)
+                                 strangers={"join": self._join})
 
     def _record(self, kind: str, reply: dict[str, Any] | None = None) -> Any:
         def handler(key: bytes, msg: dict[str, Any]) -> dict[str, Any] | None:

@@ -9,12 +9,14 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from meshd.app.client import Client
 from meshd.testing.processes import wait_until
 from meshd.swim import SwimConfig
 from meshd.swim.util import suspicion_timeout
 
-from tests.helpers import invite, Site
+from tests.helpers import invite, mesh_of, Site
 
 
 def five_sites(sites: Any) -> list[Site]:
@@ -176,3 +178,39 @@ def test_key_rotation_hands_membership_to_the_new_key_and_the_mesh_follows(sites
     e = sites("eve")
     r = e.cli("join", input=stale_token)
     assert r.returncode == 1
+
+
+@pytest.mark.parametrize("listens", [True, False], ids=["listening", "dial-out-only"])
+def test_a_member_that_missed_a_rotation_learns_it_from_the_rotated_site_itself(
+        sites: Any, listens: bool) -> None:
+    """Before: with no third member to relay the rotation, the member that missed it refused
+    the rotated site's new key for good (and the old key was gone), so each saw the other dead
+    forever.  Here aps is frozen through two rotations of alcf; alcf then presents the chain of
+    rotations from the key aps knows, which aps checks and takes."""
+    a, b = mesh_of(sites, "aps", "alcf", listen={"alcf": "127.0.0.1:0" if listens else None})
+    first = b.json("status")["site_id"]
+    assert a.proc is not None
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(2):
+            r = b.cli("rotate", "--json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["told"] == 0
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    now = b.json("status")["site_id"]
+    assert now != first
+
+    def follows() -> bool:
+        peers = {p["name"]: p for p in a.client.peers()}
+        alcf = peers.get("alcf")
+        if alcf is None:
+            return False
+        return bool(alcf["site_id"] == now and alcf["verified"] and alcf["state"] == "alive")
+
+    wait_until(follows, 60, "aps to take alcf's new key from alcf")
+    wait_until(lambda: _states(b) == {"aps": "alive", "alcf": "alive"}, 60,
+               "alcf to see aps alive again")
+    assert first not in {p["site_id"] for p in a.client.peers()}
+    assert a.client.status()["counters"]["rekeys_taken"] == 1
+    assert "Traceback" not in a.log() + b.log()

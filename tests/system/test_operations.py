@@ -150,8 +150,8 @@ def test_a_home_renamed_under_its_daemon_costs_the_new_site_there_nothing(sites:
 
 
 def test_rotate_warns_when_a_member_did_not_hear_of_it(sites: Any) -> None:
-    """With no third member to relay it, a member that missed the rotation will not accept the
-    new key (a known gap, architecture.md): the operator is told how many heard of it."""
+    """The operator is told how many members heard of the rotation while the old key still
+    opened their doors (one that missed it learns it later: see the membership tests)."""
     a, b = mesh_of(sites, "aps", "alcf")
     assert a.proc is not None
     os.kill(a.proc.pid, signal.SIGSTOP)

@@ -1,0 +1,163 @@
+"""The ``rekey`` request: a member that missed a site's rotations takes them from that site.
+
+A real MeshView over a real SQLite file, real keys and signatures; the request is the decoded
+peer message as the peer port hands it over.  What is refused must leave the store untouched,
+and a refused address is throttled before any signature is checked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from meshd.daemon.counters import Counters
+from meshd.daemon.rekeys import MAX_CHAIN, Rekeys, rotation_chain
+from meshd.errors import JoinRefused, ProtocolError
+from meshd.peer import wire
+from meshd.peer.server import PeerInfo
+from meshd.state.site import SiteKeys
+from meshd.state.store import Store
+from meshd.state.throttle import Throttle
+from meshd.state.view import MeshView
+from meshd.trust import records
+from meshd.trust.identity import SiteKey, curve_public_of
+from meshd.trust.records import Revocation, SiteRecord, Vouch
+
+
+def key(n: int) -> SiteKey:
+    return SiteKey(bytes([n]) * 32)
+
+
+F, A, A1, A2, A3, X = (key(i) for i in range(1, 7))  # F founds the mesh; A rotates; X outsider
+
+
+class Mesh:
+    """F's view, with A vouched in; ``rekeys`` answers as F's daemon would."""
+
+    def __init__(self, path: Path) -> None:
+        self.now = int(time.time())
+        self.path = path
+        self.store = Store(path)
+        self.view = MeshView(self.store, SiteKeys(F))
+        self.view.found("testmesh", b"\x01" * 16, self.now)
+        assert self.view.mesh_id is not None
+        self.mesh = self.view.mesh_id
+        self.view.ingest([records.sign(Vouch(self.mesh, F.public, A.public, "alcf", "member",
+                                             self.now, 0), F).raw], self.now)
+        self.counters = Counters()
+        self.rekeys = Rekeys(view=self.view, counters=self.counters,
+                             ingest=lambda items, k: self.view.ingest(items, self.now),
+                             throttle=Throttle(base=5.0, cap=60.0))
+
+    def rotation(self, old: SiteKey, new: SiteKey, dt: int = 0) -> bytes:
+        return records.sign_rotation(self.mesh, old, new, self.now + dt).raw
+
+    def ask(self, items: list[Any], sender: SiteKey, *, mesh: bytes | None = None,
+            address: str = "192.0.2.7") -> dict[str, Any]:
+        msg = {"t": "rekey", "id": 1, "mesh": self.mesh if mesh is None else mesh,
+               "items": items}
+        info = PeerInfo(curve_public_of(sender.public), address)
+        return asyncio.run(self.rekeys.answer(msg, info))
+
+    def refused(self, items: list[Any], sender: SiteKey, **kw: Any) -> JoinRefused:
+        before = self.store_bytes()
+        with pytest.raises(JoinRefused) as caught:
+            self.ask(items, sender, **kw)
+        assert self.store_bytes() == before  # nothing kept
+        return caught.value
+
+    def store_bytes(self) -> list[bytes]:
+        return sorted(self.view.snapshot())
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(tmp_path / "f.db")
+    yield m
+    m.store.close()
+
+
+def test_two_missed_rotations_are_taken_from_the_site_that_made_them(mesh: Mesh) -> None:
+    assert mesh.ask([mesh.rotation(A, A1), mesh.rotation(A1, A2, 1)], A2) == {"t": "ok"}
+    assert mesh.view.by_curve[curve_public_of(A2.public)] == A2.public
+    assert A.public not in mesh.view.members and mesh.view.members[A2.public].role == "member"
+    assert mesh.view.retired == {A.public: A2.public, A1.public: A2.public}
+    assert mesh.counters.snapshot()["rekeys_taken"] == 1
+
+
+def test_a_member_asking_again_costs_no_signature_check(mesh: Mesh) -> None:
+    """A member's key is known: answered at once, even with garbage that would not decode."""
+    assert mesh.ask([b"not a record"], A) == {"t": "ok"}
+    assert "rekeys_refused" not in mesh.counters.snapshot()
+
+
+def test_rotations_that_end_at_another_key_are_refused(mesh: Mesh) -> None:
+    """X replays A's genuine rotation: it must not make X's connection count as A1."""
+    err = mesh.refused([mesh.rotation(A, A1)], X)
+    assert err.reason == "unauthorized" and "the key that sent them" in err.message
+    assert A1.public not in mesh.view.members
+
+
+def test_a_rotation_of_a_key_that_never_was_a_member_is_refused(mesh: Mesh) -> None:
+    err = mesh.refused([mesh.rotation(X, A3)], A3)
+    assert err.reason == "not-member"
+    assert A3.public not in mesh.view.members
+
+
+def test_a_rotation_of_a_revoked_member_is_refused(mesh: Mesh) -> None:
+    mesh.view.ingest([records.sign(Revocation(mesh.mesh, F.public, A.public, mesh.now, "lost"),
+                                   F).raw], mesh.now)
+    err = mesh.refused([mesh.rotation(A, A1)], A1)
+    assert err.reason == "not-member"
+
+
+@pytest.mark.parametrize("what", ["vouch", "record"])
+def test_only_rotations_pass_this_door(mesh: Mesh, what: str) -> None:
+    """A stranger must not slip any other signed object into the view this way."""
+    other = {"vouch": lambda: records.sign(Vouch(mesh.mesh, A.public, X.public, "x", "member",
+                                                 mesh.now, 0), A),
+             "record": lambda: records.sign(SiteRecord(X.public, mesh.mesh, "x", ("1.2.3.4:5",),
+                                                       True, 1, mesh.now), X)}[what]()
+    err = mesh.refused([mesh.rotation(A, A1), other.raw], A1)
+    assert err.reason == "type"
+    assert A1.public not in mesh.view.members and X.public not in mesh.view.members
+
+
+def test_rotations_that_do_not_hand_over_one_to_the_next_are_refused(mesh: Mesh) -> None:
+    err = mesh.refused([mesh.rotation(A, A1), mesh.rotation(A2, A3)], A3)
+    assert err.reason == "malformed"
+
+
+def test_a_forged_signature_and_another_mesh_are_refused(mesh: Mesh) -> None:
+    raw = mesh.rotation(A, A1)
+    assert mesh.refused([raw[:-1] + bytes([raw[-1] ^ 1])], A1).reason == "signature"
+    assert mesh.refused([raw], A1, mesh=b"\x02" * 16, address="192.0.2.9").reason == "not-member"
+
+
+def test_a_refused_address_is_throttled_before_any_check(mesh: Mesh) -> None:
+    mesh.refused([mesh.rotation(X, A3)], A3)
+    err = mesh.refused([mesh.rotation(A, A1)], A1)  # genuine, but from the same address
+    assert err.reason == "throttled" and err.retry_after is not None and err.retry_after > 0
+    assert mesh.counters.snapshot()["rekeys_throttled"] == 1
+    assert mesh.ask([mesh.rotation(A, A1)], A1, address="192.0.2.8") == {"t": "ok"}
+
+
+def test_the_wire_bounds_the_chain() -> None:
+    for n in (0, wire.MAX_REKEY_ITEMS + 1):
+        data = wire.encode({"t": "rekey", "id": 1, "mesh": b"\x01" * 16, "items": [b"x"] * n})
+        with pytest.raises(ProtocolError):
+            wire.decode(data)
+    assert MAX_CHAIN == wire.MAX_REKEY_ITEMS
+
+
+def test_the_chain_is_oldest_first_and_keeps_the_newest(mesh: Mesh) -> None:
+    keys = [A] + [key(40 + i) for i in range(MAX_CHAIN + 3)]
+    signed = [records.decode(mesh.rotation(o, n, i), now=mesh.now + 100)
+              for i, (o, n) in enumerate(zip(keys, keys[1:]))]
+    chain = rotation_chain(reversed(signed), keys[-1].public)
+    assert chain == [s.raw for s in signed[-MAX_CHAIN:]]
+    assert rotation_chain(signed, keys[3].public, limit=2) == [signed[1].raw, signed[2].raw]
+    assert rotation_chain(signed, A.public) == [] and rotation_chain([], keys[-1].public) == []
