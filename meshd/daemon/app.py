@@ -44,7 +44,7 @@ from meshd.errors import StateError
 from meshd.local import api
 from meshd.state import config as config_mod
 from meshd.state.admission import Admissions
-from meshd.state.files import file_id, unlink_if_same
+from meshd.state.files import file_id, stale_socket, unlink_if_same
 from meshd.state.home import Home, HomeLock
 from meshd.state.site import SiteKeys, finish_rotation
 from meshd.state.store import Store
@@ -174,6 +174,9 @@ class Daemon:
 
     async def start(self) -> None:
         site, view = self.site, self.view
+        # Before anything binds: what is not a socket where one goes is refused and left alone.
+        stale_socket(self.home.socket_path, "control socket")
+        stale_socket(self.channels.handovers.path, "hand-over socket")
         await self.transport.start()
         self.admissions.recover(int(time.time()))
         self.own_record.refresh()

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -26,7 +25,7 @@ from meshd.daemon.reports import Reports
 from meshd.daemon.tunnels.routes import add_routes as add_tunnel_routes
 from meshd.daemon.tunnels.service import TunnelService
 from meshd.errors import ChannelClosed, LocalError, MeshdError, RemoteError
-from meshd.state.files import file_id, unlink_if_same
+from meshd.state.files import file_id, stale_socket, unlink_if_same
 from meshd.local import api
 from meshd.state.admission import PendingJoin
 from meshd.state.store import Redemption
@@ -428,11 +427,8 @@ def _decided(r: Redemption) -> dict[str, Any]:
 async def _make_way(path: Path) -> None:
     """Remove a stale control socket at ``path``; LocalError if a daemon answers on it, or if
     what is there is not a socket (a file that is not ours to delete)."""
-    if not (path.is_symlink() or path.exists()):
+    if not stale_socket(path, "control socket"):
         return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise LocalError(f"{path} is there and is not a socket; move it away (the daemon makes"
-                         " its control socket there)", reason="state")
     if await _socket_answers(path):
         raise LocalError(f"another meshd daemon is already running on {path}", reason="running")
     path.unlink()

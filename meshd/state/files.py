@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from meshd.errors import StateError
@@ -39,6 +40,22 @@ def write_refused(what: str, path: Path, detail: str, *, full: bool,
     return StateError(f"cannot write {what} {path}: {detail}"
                       + ("; free some space" if full else ""),
                       reason="disk-full" if full else reason)
+
+
+def stale_socket(path: Path, what: str) -> bool:
+    """Whether a socket is at ``path`` (one a daemon of this home left, for the caller to
+    remove before it binds its own); False if nothing is.  StateError ``state`` if something
+    else is there (a file, a directory, a symlink): not ours to delete, so it stays."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StateError(f"cannot look at {path}: {exc.strerror or exc}", reason="state") from None
+    if not stat.S_ISSOCK(mode):
+        raise StateError(f"{path} is there and is not a socket; move it away (the daemon makes"
+                         f" its {what} there)", reason="state")
+    return True
 
 
 def file_id(path: Path, *, follow: bool = False) -> tuple[int, int] | None:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import ROOT, Site, meshd, mesh_of
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -94,11 +96,14 @@ def test_sighup_stops_the_daemon_gracefully(sites: Any) -> None:
     assert not (a.home / "control.sock").exists() and not (a.home / "daemon.pid").exists()
 
 
-def test_a_file_where_the_control_socket_goes_is_left_alone(tmp_path: Path) -> None:
-    """Before: a regular file there was deleted without a word; a directory, a traceback."""
+@pytest.mark.parametrize("name", ["control.sock", "handover.sock"])
+def test_a_file_where_a_socket_goes_is_left_alone(tmp_path: Path, name: str) -> None:
+    """Before: a regular file at control.sock was deleted without a word, a directory there was
+    a traceback; at handover.sock a file was deleted too.  Nothing is bound before the check:
+    no pid file, and the other socket is not made."""
     home = tmp_path / "site"
     assert meshd("init", "--name", "c", "--listen", "127.0.0.1:0", home=home).returncode == 0
-    sock = home / "control.sock"
+    sock = home / name
     sock.write_text("precious")
     assert "is not a socket" in one_line(meshd("run", home=home, timeout=60))
     assert sock.read_text() == "precious"
@@ -106,6 +111,12 @@ def test_a_file_where_the_control_socket_goes_is_left_alone(tmp_path: Path) -> N
     sock.mkdir()
     assert "is not a socket" in one_line(meshd("run", home=home, timeout=60))
     assert sock.is_dir()
+    sock.rmdir()
+    sock.symlink_to(tmp_path / "elsewhere")
+    assert "is not a socket" in one_line(meshd("run", home=home, timeout=60))
+    assert sock.is_symlink() and not (tmp_path / "elsewhere").exists()
+    assert not (home / "daemon.pid").exists()
+    assert {p.name for p in home.iterdir()} & {"control.sock", "handover.sock"} == {name}
 
 
 def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:

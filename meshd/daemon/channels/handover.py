@@ -21,7 +21,7 @@ import time
 from pathlib import Path as FsPath
 from typing import Any, Protocol
 
-from meshd.state.files import file_id, unlink_if_same
+from meshd.state.files import file_id, stale_socket, unlink_if_same
 from meshd.channel.control import check_name
 from meshd.channel.handshake import ChannelKeys
 from meshd.channel.outbound import SendingEnd
@@ -217,9 +217,11 @@ class Handovers:
         return self._listener is not None
 
     def start(self) -> None:
+        """Serve the hand-over socket (a stale one is replaced); StateError if something that
+        is not a socket is at its path (it stays), a warning if the socket cannot be made."""
+        if stale_socket(self.path, "hand-over socket"):
+            self.path.unlink()
         try:
-            if self.path.exists():
-                self.path.unlink()
             lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old = os.umask(0o177)
             try:
