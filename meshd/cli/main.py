@@ -316,12 +316,21 @@ def _running(pid: int) -> bool:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     client = Client(args.home, timeout=max(min(args.timeout, 30.0), 0.5))
-    pid = int(client.status()["pid"])
     try:
-        client.stop()
+        pid = int(client.status()["pid"])
     except MeshdError as exc:
-        if exc.reason != "stopping":  # already on its way out: wait for it like the first caller
+        # Its control socket may be closed already, late in a stop another caller (or a
+        # signal) began: then the pid file names a meshd still on its way out; wait for it.
+        late = client.home.running_pid()
+        if exc.reason not in ("not-running", "disconnected") or late is None or not _running(late):
             raise
+        pid = late
+    else:
+        try:
+            client.stop()
+        except MeshdError as exc:
+            if exc.reason != "stopping":  # already on its way out: wait like the first caller
+                raise
     if not args.json:
         _say(f"stopping meshd (pid {pid}) for {client.home.root} ...")
     start = time.monotonic()

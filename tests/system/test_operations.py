@@ -84,6 +84,33 @@ def test_a_reader_that_left_the_pipe_is_no_traceback(sites: Any) -> None:
     assert r.returncode == 141 and r.stderr == "", r.stderr
 
 
+def test_stop_waits_for_a_daemon_whose_control_socket_closed_already(tmp_path: Path) -> None:
+    """Before: a second ``meshd stop`` that came after the first had closed the daemon's control
+    socket said no daemon runs (exit 3) while it was still on its way out.  Here the pid file
+    names a live meshd process with no control socket, as late in a stop."""
+    home = tmp_path / "site"
+    assert meshd("init", "--name", "s", "--listen", "127.0.0.1:0", home=home).returncode == 0
+    late = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "meshd"],
+                            stdin=subprocess.PIPE)
+    try:
+        (home / "daemon.pid").write_text(f"{late.pid}\n")
+        stop = subprocess.Popen([sys.executable, "-m", "meshd", "stop", "--home", str(home)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ENV)
+        assert stop.stderr is not None and stop.stdout is not None
+        assert stop.stderr.readline() == f"stopping meshd (pid {late.pid}) for {home} ...\n"
+        assert stop.poll() is None  # it waits for the process
+        assert late.stdin is not None
+        late.stdin.close()  # the process ends
+        assert stop.wait(30) == 0
+        assert stop.stdout.read().startswith(f"stopped meshd (pid {late.pid}) in ")
+    finally:
+        late.kill()
+        late.wait()
+    (home / "daemon.pid").write_text(f"{late.pid}\n")  # a stale pid file: no daemon at all
+    assert "no meshd daemon is running" in one_line(meshd("stop", home=home), code=3)
+
+
 def test_sighup_stops_the_daemon_gracefully(sites: Any) -> None:
     """Before: the terminal of a ``meshd run &`` closing killed it (signal -1): no leave
     notice, the control socket and the pid file left behind."""
