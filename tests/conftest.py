@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from hypothesis import settings
 
 from meshd.testing.processes import stop_daemons
 from tests.helpers import Site, meshd
 
 LAYERS = ("unit", "glue", "system", "lab")
+
+# Property tests check what holds, never how fast: no per-example deadline, which a loaded
+# machine's scheduling would break (hypothesis's default is 200 ms).
+settings.register_profile("meshd", deadline=None)
+settings.load_profile("meshd")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

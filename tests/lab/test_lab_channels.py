@@ -614,10 +614,11 @@ def test_killing_the_relay_mid_stream_loses_and_duplicates_nothing(with_a2: Lab)
     b, c = the.b, the.c
     relays = {s.name: s for s in (the.a, the.a2)}
     name = "relay-kill"
-    for end in (b, c):  # both ends know both relays, with addresses
-        for r in relays:
-            p = end.peer(r)
-            assert p["state"] == "alive" and p["reachable"] and p["addrs"], (end.name, p)
+    def relays_known() -> bool:  # both ends know both relays alive, with addresses
+        return all(p["state"] == "alive" and p["reachable"] and p["addrs"]
+                   for end in (b, c) for p in (end.peer(r) for r in relays))
+
+    wait_until(relays_known, MESH_TIMEOUT, "both ends to see both relays alive")
 
     def kill_relay(res: Stream) -> None:
         (out,) = [ch for ch in b.client.channels() if ch["name"] == name

@@ -67,10 +67,12 @@ def _send(tx: Any, first: int, n: int, size: int = 200_000) -> int:
 
 
 def _break(tx: Any) -> None:
-    """Cut the application's data connection (as a failing network would, from its side)."""
-    link = tx._link
-    assert link is not None and link.sock is not None
-    link.sock.shutdown(socket.SHUT_RDWR)
+    """Cut the application's data connection (as a failing network would, from its side).
+    Under the sender's lock: its thread closes a broken socket under it."""
+    with tx._lock:
+        link = tx._link
+        assert link is not None and link.sock is not None
+        link.sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_a_broken_connection_resumes_through_the_daemon_with_nothing_lost(sites: Any) -> None:

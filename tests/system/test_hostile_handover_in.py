@@ -246,7 +246,8 @@ def test_a_lying_lost_ends_only_that_channel_and_repeats_nothing(sites: Any,
             tx.flush(timeout=60)
             wait_until(lambda: rx._links.links, 30, "the resumed connection to be handed over")
             got += _drain(rx, 10)
-            (cid,) = rx._links.links
+            with rx._links.lock:
+                (cid,) = rx._links.links
             target.append(cid)
             _cut_at_receiver(rx)  # the lie
             try:

@@ -76,8 +76,9 @@ def test_a_site_whose_daemon_never_ran_is_shown_unseen_not_alive(sites: Any) -> 
         assert peers["ghost"]["state"] == "unseen" and peers["ghost"]["incarnation"] == 0
         assert peers["ghost"]["last_seen"] is None
         assert peers[site.name]["state"] == "alive"
-        other = "alcf" if site is a else "aps-8id"
-        assert peers[other]["state"] == "alive" and peers[other]["incarnation"] >= 1
+        other = "alcf" if site is a else "aps-8id"  # ghost answers no indirect probe, so one
+        # ack missed under load makes the other briefly suspect: seen, not unseen, is the point
+        assert peers[other]["state"] in ("alive", "suspect") and peers[other]["incarnation"] >= 1
     assert "unseen" in a.cli("peers").stdout
 
 
