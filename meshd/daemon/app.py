@@ -121,7 +121,8 @@ class Daemon:
         router = self.router = PeerRouter(
             view=view, links=links, contacts=contacts, counters=counters,
             strangers={"join": joins.answer,
-                       "rekey": Rekeys(view=view, ingest=sync.ingest, counters=counters).answer},
+                       "rekey": Rekeys(view=view, keep=sync.keep_verified,
+                                       counters=counters).answer},
             members={"swim": lambda key, msg: membership.deliver(msg["m"], key),
                      "chan": lambda key, msg: channels.on_control(key, msg["op"], msg["b"]),
                      "tunl": lambda key, msg: tunnels.on_control(key, msg["op"], msg["b"]),

@@ -5,37 +5,50 @@ opens their doors (:mod:`meshd.daemon.rotation`), and later through any member t
 member that heard of it from nobody (it was down, and no third member relays it) would refuse the
 new key as a stranger for good, and the old key is gone.  So a site whose exchange is refused
 with ``not-member`` presents the chain of its own rotations (:func:`rotation_chain`), and the
-peer port takes from a key it does not know this one narrow request besides ``join``:
+peer port takes from a key it does not know this one narrow request besides ``join``.  The
+checks, cheapest first, and nothing is stored unless all pass:
 
-- rotations only, at most :data:`MAX_CHAIN`, each signed by both its keys, for this mesh;
-- each handing over to the next, and the last to the very key that sent the request (the
-  connection is authenticated by it), so nobody presents another site's rotations;
-- kept by the view's own rules (the first must hand over a membership this site holds), after
-  which the sender's key must be a member, or the request is refused.
+1. rotations only, at most :data:`MAX_CHAIN`, for this mesh, each handing over to the next and
+   the last to the very key that sent the request (the connection is authenticated by it), so
+   nobody presents another site's rotations;
+2. the rotations this site does not hold yet come last, and the first of them hands over a key
+   that is a member here *now*: not a retired key (a thief of a retired key must not add a
+   second, conflicting rotation through this door), not a revoked one, not a stranger's;
+3. only then the signatures of those rotations, one after the other (the first bad one ends the
+   check), within a budget of signature checks per second for the whole port.
 
-Refusals are counted (``rekeys_refused``) and throttled by source address, as failed joins are.
+Refusals are counted (``rekeys_refused``), throttled per address and key (a stranger sharing a
+site's address cannot shut the site out), and logged at most once a minute.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from meshd.daemon.counters import Counters
 from meshd.errors import JoinRefused, RecordError, RemoteError
 from meshd.peer.server import PeerInfo
-from meshd.state.throttle import Throttle
-from meshd.state.view import IngestResult, MeshView
+from meshd.peer.wire import MAX_REKEY_ITEMS
+from meshd.state.throttle import Budgets, Throttle
+from meshd.state.view import IngestResult, MeshView, Screened, Verified
 from meshd.trust import records
 from meshd.trust.identity import curve_public_of, site_id_of
 from meshd.trust.records import Rotation, Signed
 
 log = logging.getLogger("meshd")
 
-MAX_CHAIN = 16
-"""Most rotations one ``rekey`` carries: a member that missed more learns them by sync."""
+MAX_CHAIN = MAX_REKEY_ITEMS
+"""Most rotations one ``rekey`` carries (a member that missed more cannot be told this way)."""
+CHECKS_PER_SECOND = 64.0
+"""Signature checks per second that ``rekey`` requests may cost, from every address together."""
+CHECKS_BURST = 4.0 * MAX_CHAIN
+"""Signature checks they may cost at once (two per rotation: the old key's, the new key's)."""
+LOG_EVERY = 60.0
+"""Seconds between two warnings about refused rotation chains (the rest are counted)."""
 
 
 def rotation_chain(rotations: Iterable[Signed], key: bytes,
@@ -56,57 +69,61 @@ def rotation_chain(rotations: Iterable[Signed], key: bytes,
 
 
 class Rekeys:
-    """Answers ``rekey`` requests (:meth:`answer`): see the module docstring.  ``ingest``
-    verifies and keeps signed objects as an exchange's are (``MeshSync.ingest``)."""
+    """Answers ``rekey`` requests (:meth:`answer`): see the module docstring.  ``keep`` keeps
+    verified objects as an exchange's are (``MeshSync.keep_verified``)."""
 
-    def __init__(self, *, view: MeshView, ingest: Callable[[list[bytes], bytes], IngestResult],
-                 counters: Counters, throttle: Throttle | None = None) -> None:
+    def __init__(self, *, view: MeshView,
+                 keep: Callable[[bytes, Screened, Verified], IngestResult],
+                 counters: Counters, throttle: Throttle | None = None,
+                 checks: Budgets | None = None) -> None:
         self.view = view
-        self.ingest = ingest
+        self.keep = keep
         self.counters = counters
         self.throttle = throttle or Throttle(base=1.0, cap=60.0)
+        self.checks = checks or Budgets(CHECKS_BURST, CHECKS_PER_SECOND)
+        self._logged = -LOG_EVERY
+        self._unlogged = 0
 
     async def answer(self, msg: dict[str, Any], info: PeerInfo) -> dict[str, Any]:
         """Take the rotations that lead to the sender's key, or refuse them with why."""
         if info.curve_key in self.view.by_curve:
             return {"t": "ok"}  # nothing to learn: no signature checked
         now = time.monotonic()
-        wait = self.throttle.retry_after(info.address, now)
+        source = f"{info.address} {info.curve_key.hex()}"
+        wait = self.throttle.retry_after(source, now)
         if wait > 0:
             self.counters.count("rekeys_throttled")
             raise JoinRefused(f"too many refused rotation chains from {info.address}; try"
                               f" again in {wait:.0f} s", reason="throttled", retry_after=wait)
         try:
-            new = self._take(msg, info)
+            new = self._take(msg, info, now)
+        except JoinRefused:
+            self.counters.count("rekeys_busy")
+            raise
         except RemoteError as exc:
             self.counters.count("rekeys_refused")
-            wait = self.throttle.failure(info.address, now)
-            log.warning("refused a rotation chain from %s: %s", info.address, exc.message)
+            wait = self.throttle.failure(source, now)
+            self._warn(info.address, exc.message, now)
             raise JoinRefused(exc.message, reason=exc.reason, retry_after=wait) from None
         self.counters.count("rekeys_taken")
-        log.info("took the new key of %s from the site itself (%d rotation(s) this site had"
-                 " missed): %s", self.view.name_of(new) or site_id_of(new), len(msg["items"]),
-                 site_id_of(new))
+        log.info("took the new key of %s from the site itself (rotations this site had missed):"
+                 " %s", self.view.name_of(new) or "a member", site_id_of(new))
         return {"t": "ok"}
 
-    def _take(self, msg: dict[str, Any], info: PeerInfo) -> bytes:
+    def _warn(self, address: str, why: str, now: float) -> None:
+        if now - self._logged < LOG_EVERY:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last warning)" if self._unlogged else ""
+        log.warning("refused a rotation chain from %s: %s%s", address, why, more)
+        self._logged, self._unlogged = now, 0
+
+    def _take(self, msg: dict[str, Any], info: PeerInfo, now: float) -> bytes:
         mesh_id = self.view.mesh_id
         if mesh_id is None or msg["mesh"] != mesh_id:
             raise RemoteError("this site is not in that mesh", reason="not-member")
-        items = msg["items"]
-        if not 1 <= len(items) <= MAX_CHAIN:
-            raise RemoteError(f"a rotation chain has 1 to {MAX_CHAIN} rotations, not"
-                              f" {len(items)}", reason="malformed")
-        bodies: list[Rotation] = []
-        for raw in items:
-            try:
-                s = records.decode(raw, now=int(time.time()), mesh_id=mesh_id,
-                                   kinds=("rotation",))
-            except RecordError as exc:
-                raise RemoteError(f"a rotation does not check out: {exc}",
-                                  reason=exc.reason or "bad-record") from None
-            assert isinstance(s.body, Rotation)
-            bodies.append(s.body)
+        items: list[Any] = msg["items"]
+        bodies = [self._peek(raw, mesh_id) for raw in items]
         if any(a.new != b.old for a, b in zip(bodies, bodies[1:])):
             raise RemoteError("the rotations do not hand over one to the next",
                               reason="malformed")
@@ -114,8 +131,45 @@ class Rekeys:
         if curve_public_of(new) != info.curve_key:
             raise RemoteError("the rotations do not end at the key that sent them",
                               reason="unauthorized")
-        self.ingest(list(items), new)
-        if self.view.by_curve.get(info.curve_key) != new:
-            raise RemoteError("none of these rotations hands over a membership this site holds",
+        held = [records.digest_of(raw) in self.view.rotations for raw in items]
+        first = held.index(False) if False in held else len(held)
+        if not all(held[:first]) or any(held[first:]):
+            raise RemoteError("the rotations this site holds do not all come first",
+                              reason="malformed")
+        if first == len(items):
+            raise RemoteError("this site holds every one of these rotations, and the key they"
+                              " lead to is no member here", reason="not-member")
+        if not self.view.is_member(bodies[first].old):
+            raise RemoteError("the first rotation this site does not hold hands over a key that"
+                              " is no member here (retired, revoked or never admitted)",
                               reason="not-member")
+        fresh = items[first:]
+        wait = self.checks.take(b"", 2 * len(fresh), now)
+        if wait > 0:
+            raise JoinRefused("too many rotation chains to check now; try again later",
+                              reason="busy", retry_after=wait)
+        signed: list[Signed] = []
+        for raw in fresh:
+            try:
+                signed.append(records.decode(raw, now=int(time.time()), mesh_id=mesh_id,
+                                             kinds=("rotation",)))
+            except RecordError as exc:
+                raise RemoteError(f"a rotation does not check out: {exc}",
+                                  reason=exc.reason or "bad-record") from None
+        self.keep(new, Screened(list(fresh), len(items) - len(fresh), Counter()),
+                  Verified(signed, []))
+        if self.view.by_curve.get(info.curve_key) != new:
+            raise RemoteError("the rotations did not hand a membership to the key that sent"
+                              " them", reason="not-member")
         return new
+
+    @staticmethod
+    def _peek(raw: Any, mesh_id: bytes) -> Rotation:
+        try:
+            body = records.peek(raw, kinds=("rotation",))
+        except RecordError as exc:
+            raise RemoteError(f"not a rotation: {exc}", reason=exc.reason or "malformed") from None
+        assert isinstance(body, Rotation)
+        if body.mesh_id != mesh_id:
+            raise RemoteError("a rotation of another mesh", reason="mesh")
+        return body

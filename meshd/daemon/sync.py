@@ -20,7 +20,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from meshd.daemon.contacts import Contacts
@@ -32,6 +31,7 @@ from meshd.daemon.tasks import TaskSet
 from meshd.errors import RemoteError, StateError
 from meshd.peer.dialer import Unreachable
 from meshd.state.config import Config
+from meshd.state.throttle import Budgets
 from meshd.peer.wire import MAX_ITEMS
 from meshd.state.view import IngestResult, MeshView, Screened, Verified, verify
 from meshd.trust.identity import site_id_of
@@ -58,38 +58,6 @@ class SyncBusy(RemoteError):
         self.retry_after = retry_after
 
 
-@dataclass(slots=True)
-class _Budget:
-    tokens: float
-    at: float
-
-
-class SyncBudgets:
-    """A token bucket of objects per member (pure: ``now`` is passed in)."""
-
-    def __init__(self, capacity: float = SYNC_BUDGET, rate: float = SYNC_REFILL) -> None:
-        self.capacity = capacity
-        self.rate = rate
-        self._buckets: dict[bytes, _Budget] = {}
-
-    def take(self, key: bytes, n: int, now: float) -> float:
-        """Spend ``n`` objects of ``key``'s budget: 0.0 if it had them, else the seconds until it
-        will (and nothing is spent)."""
-        b = self._buckets.get(key)
-        if b is None:
-            if len(self._buckets) >= MAX_BUDGETS:
-                fullest = max(self._buckets, key=lambda k: self._buckets[k].tokens)
-                del self._buckets[fullest]
-            b = self._buckets[key] = _Budget(self.capacity, now)
-        b.tokens = min(self.capacity, b.tokens + (now - b.at) * self.rate)
-        b.at = now
-        cost = min(float(n), self.capacity)  # a batch bigger than the burst passes on a full budget
-        if cost <= b.tokens:
-            b.tokens -= cost
-            return 0.0
-        return max(0.001, (cost - b.tokens) / self.rate)
-
-
 class MeshSync:
     """Exchanges of signed objects with members.
 
@@ -111,7 +79,7 @@ class MeshSync:
         self.on_change = on_change
         self.start_membership = start_membership
         self.rng = rng or random.Random()
-        self.budgets = SyncBudgets()
+        self.budgets = Budgets(SYNC_BUDGET, SYNC_REFILL, MAX_BUDGETS)
         self._verifying: set[bytes] = set()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -175,7 +143,7 @@ class MeshSync:
         self._admit(key, msg["items"])
         screened = self.view.screen(msg["items"])
         if len(screened.fresh) <= VERIFY_INLINE:
-            self._ingest_verified(key, screened, verify(screened.fresh, int(time.time()),
+            self.keep_verified(key, screened, verify(screened.fresh, int(time.time()),
                                                         self.view.mesh_id))
             return {"t": "ok", "items": self.view.snapshot()}
         return self.tasks.spawn(self._answer_later(key, screened), "sync-verify")
@@ -200,7 +168,7 @@ class MeshSync:
         """Verify ``screened.fresh`` in the worker thread when it is big, then keep what passed."""
         now, mesh_id = int(time.time()), self.view.mesh_id
         if len(screened.fresh) <= VERIFY_INLINE:
-            return self._ingest_verified(key, screened, verify(screened.fresh, now, mesh_id))
+            return self.keep_verified(key, screened, verify(screened.fresh, now, mesh_id))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshd-verify")
         self._verifying.add(key)
@@ -210,7 +178,7 @@ class MeshSync:
                 self._pool, verify, screened.fresh, now, mesh_id)
         finally:
             self._verifying.discard(key)
-        return self._ingest_verified(key, screened, verified)
+        return self.keep_verified(key, screened, verified)
 
     def close(self) -> None:
         """Let the worker thread go (a batch it is verifying is finished and dropped)."""
@@ -221,10 +189,12 @@ class MeshSync:
     def ingest(self, items: list[bytes], key: bytes) -> IngestResult:
         """Verify and keep the signed objects a member sent; count and log what was refused."""
         screened = self.view.screen(items)
-        return self._ingest_verified(key, screened, verify(screened.fresh, int(time.time()),
+        return self.keep_verified(key, screened, verify(screened.fresh, int(time.time()),
                                                            self.view.mesh_id))
 
-    def _ingest_verified(self, key: bytes, screened: Screened, verified: Verified) -> IngestResult:
+    def keep_verified(self, key: bytes, screened: Screened, verified: Verified) -> IngestResult:
+        """Keep what passed :func:`verify` and is new and authorised (``key`` sent it); count
+        and log what was refused."""
         try:
             result = self.view.apply(screened, verified, int(time.time()))
         except StateError as exc:  # a full disk: they come again with the next exchange

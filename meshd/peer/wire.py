@@ -39,7 +39,7 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_ITEMS = 4096
 """Most signed objects one sync message may carry."""
 
-MAX_REKEY_ITEMS = 16
+MAX_REKEY_ITEMS = 64
 """Most rotations one ``rekey`` message may carry."""
 
 # field name -> (type, (min length, max length) or None)

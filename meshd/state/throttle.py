@@ -1,10 +1,15 @@
-"""Slowing down repeated failures from one source (pure: ``now`` is passed in).
+"""Slowing down repeated failures from one source, and budgets of work per key (pure: ``now``
+is passed in).
 
-After the n-th failure from a source it must wait ``base * 2**(n-1)`` seconds (at most ``cap``)
-before its next attempt is even looked at.  A success does not reset the count: a source that
-guesses wrong secrets gains nothing from one right answer for another invitation.  Entries that
-have been quiet for ``cap`` seconds after their last wait ended are forgotten, so memory stays bounded by the number of
-sources active in the last ``cap`` seconds (and by ``max_sources``).
+:class:`Throttle`: after the n-th failure from a source it must wait ``base * 2**(n-1)``
+seconds (at most ``cap``) before its next attempt is even looked at.  A success does not reset
+the count: a source that guesses wrong secrets gains nothing from one right answer for another
+invitation.  Entries that have been quiet for ``cap`` seconds after their last wait ended are
+forgotten, so memory stays bounded by the number of sources active in the last ``cap`` seconds
+(and by ``max_sources``).
+
+:class:`Budgets`: a token bucket per key (objects a member may send to be verified, signature
+checks that rotation chains may cost).
 """
 
 from __future__ import annotations
@@ -56,3 +61,37 @@ class Throttle:
         stale = [k for k, e in self._entries.items() if now - e.blocked_until > self.cap]
         for k in stale:
             del self._entries[k]
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class Budgets:
+    """A token bucket per key (pure: ``now`` is passed in): ``capacity`` at most, refilled at
+    ``rate`` per second; at most ``max_keys`` buckets (the fullest forgotten first)."""
+
+    def __init__(self, capacity: float, rate: float, max_keys: int = 10_000) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.max_keys = max_keys
+        self._buckets: dict[bytes, _Bucket] = {}
+
+    def take(self, key: bytes, n: int, now: float) -> float:
+        """Spend ``n`` of ``key``'s budget: 0.0 if it had them, else the seconds until it will
+        (and nothing is spent).  More than ``capacity`` passes on a full budget."""
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self.max_keys:
+                fullest = max(self._buckets, key=lambda k: self._buckets[k].tokens)
+                del self._buckets[fullest]
+            b = self._buckets[key] = _Bucket(self.capacity, now)
+        b.tokens = min(self.capacity, b.tokens + (now - b.at) * self.rate)
+        b.at = now
+        cost = min(float(n), self.capacity)
+        if cost <= b.tokens:
+            b.tokens -= cost
+            return 0.0
+        return max(0.001, (cost - b.tokens) / self.rate)

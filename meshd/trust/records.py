@@ -66,6 +66,7 @@ __all__ = [
     "decode",
     "digest_of",
     "is_valid_name",
+    "peek",
     "sign",
     "sign_rotation",
 ]
@@ -444,6 +445,22 @@ def _parse(raw: bytes) -> tuple[str, Body, bytes, bytes]:
     if canonical != raw or _pack_body(body) != payload:
         raise _Invalid(f"{kind} is not in canonical msgpack form")
     return kind, body, payload, signature
+
+
+def peek(raw: bytes, *, kinds: tuple[str, ...]) -> Body:
+    """The body of a canonical envelope of one of ``kinds``, **signatures not checked**: only to
+    refuse cheaply what could never be kept before :func:`decode` spends signature checks on
+    it.  Never trust, keep or act on what it returns.  Raises ``RecordError`` as decode does."""
+    if not isinstance(raw, bytes) or len(raw) > MAX_SIGNED_BYTES:
+        raise RecordError(f"a record is bytes, at most {MAX_SIGNED_BYTES}", reason="malformed")
+    try:
+        kind, body, _, _ = _parse(raw)
+    except _Invalid as exc:
+        raise RecordError(f"malformed record: {exc}", reason="malformed") from None
+    if kind not in kinds:
+        raise RecordError(f"expected a record of kind {' or '.join(kinds)}, got {kind}",
+                          reason="type")
+    return body
 
 
 def decode(

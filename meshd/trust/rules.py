@@ -29,7 +29,9 @@ checks no signatures.  The rules, applied in this order:
    are read with the old key replaced by its successor (chains followed), so the site keeps its
    role and the sites it admitted stay admitted; the retired key is no member.  A key rotated to
    two different keys, or in a cycle, is taken as compromised: its rotations are void and it is
-   shut out (a thief of a retired key can at worst do what the site itself could: leave).
+   shut out (a thief of a retired key can at worst make the site leave; but a conflicted
+   *founder* key keeps the founder's place, so a thief of the founder's retired key who gets a
+   second rotation of it to a member takes that place: see docs/security.md, key rotation).
 
 The result depends only on the sets of inputs, never on their order.
 """

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 import pytest
 
 from meshd.daemon.counters import Counters
-from meshd.daemon.rekeys import MAX_CHAIN, Rekeys, rotation_chain
+from meshd.daemon.rekeys import (CHECKS_BURST, CHECKS_PER_SECOND, MAX_CHAIN, Rekeys,
+                                  rotation_chain)
 from meshd.errors import JoinRefused, ProtocolError
 from meshd.peer import wire
 from meshd.peer.server import PeerInfo
@@ -49,7 +50,8 @@ class Mesh:
                                              self.now, 0), F).raw], self.now)
         self.counters = Counters()
         self.rekeys = Rekeys(view=self.view, counters=self.counters,
-                             ingest=lambda items, k: self.view.ingest(items, self.now),
+                             keep=lambda k, screened, verified: self.view.apply(
+                                 screened, verified, self.now),
                              throttle=Throttle(base=5.0, cap=60.0))
 
     def rotation(self, old: SiteKey, new: SiteKey, dt: int = 0) -> bytes:
@@ -137,12 +139,94 @@ def test_a_forged_signature_and_another_mesh_are_refused(mesh: Mesh) -> None:
     assert mesh.refused([raw], A1, mesh=b"\x02" * 16, address="192.0.2.9").reason == "not-member"
 
 
-def test_a_refused_address_is_throttled_before_any_check(mesh: Mesh) -> None:
+def test_a_refused_address_and_key_is_throttled_before_any_check(mesh: Mesh) -> None:
     mesh.refused([mesh.rotation(X, A3)], A3)
-    err = mesh.refused([mesh.rotation(A, A1)], A1)  # genuine, but from the same address
+    err = mesh.refused([mesh.rotation(A, A1)], A3)  # the same key again, from the same address
     assert err.reason == "throttled" and err.retry_after is not None and err.retry_after > 0
     assert mesh.counters.snapshot()["rekeys_throttled"] == 1
-    assert mesh.ask([mesh.rotation(A, A1)], A1, address="192.0.2.8") == {"t": "ok"}
+    # A stranger sharing the site's address (a NAT) does not shut the site out.
+    assert mesh.ask([mesh.rotation(A, A1)], A1) == {"t": "ok"}
+
+
+@pytest.mark.parametrize("whose", ["a member's", "the founder's"])
+def test_a_thief_of_a_retired_key_cannot_add_a_second_rotation_through_this_door(
+        mesh: Mesh, whose: str) -> None:
+    """Found by attack: the chain was stored before the last check refused it, and a second
+    rotation of a retired key shuts its identity out (a member's: the site lost its place in
+    the whole mesh) or, for the founder's key, gave the founder's place back to the old key,
+    which the thief holds.  A chain must start at a key that is a member now."""
+    old, new = (A, A1) if whose == "a member's" else (F, key(30))
+    mesh.view.ingest([mesh.rotation(old, new)], mesh.now)  # every member heard of it
+    thief = key(31)
+    err = mesh.refused([mesh.rotation(old, thief, 5)], thief)
+    assert err.reason == "not-member"
+    assert mesh.view.is_member(new.public) and not mesh.view.is_member(old.public)
+    assert not mesh.view.is_member(thief.public) and len(mesh.view.rotations) == 1
+
+
+def test_a_chain_with_the_held_rotations_first_adds_only_the_new_ones(mesh: Mesh) -> None:
+    mesh.view.ingest([mesh.rotation(A, A1)], mesh.now)  # heard of the first one only
+    assert mesh.ask([mesh.rotation(A, A1), mesh.rotation(A1, A2, 1)], A2) == {"t": "ok"}
+    assert mesh.view.is_member(A2.public) and len(mesh.view.rotations) == 2
+    # A held rotation after one this site does not hold: not a chain it can follow.
+    err = mesh.refused([mesh.rotation(A2, A3, 2), mesh.rotation(A, A1)], A1, address="192.0.2.9")
+    assert err.reason == "malformed"
+
+
+def test_a_forged_chain_costs_at_most_two_signature_checks(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full chain whose first rotation forges a member's signature: the check stops there.
+    (Before, every rotation was checked before the cheap checks, 2 per rotation.)"""
+    calls = []
+    real = records.verify_signature
+
+    def counting(*args: Any) -> bool:
+        calls.append(1)
+        return bool(real(*args))
+
+    monkeypatch.setattr(records, "verify_signature", counting)
+    keys = [key(60 + i) for i in range(MAX_CHAIN)]  # the thief's own keys: signed genuinely
+    first = mesh.rotation(A, keys[0])
+    chain = [first[:-1] + bytes([first[-1] ^ 1])]  # but the member's signature is forged
+    chain += [records.sign_rotation(mesh.mesh, o, n, mesh.now).raw
+              for o, n in zip(keys, keys[1:])]
+    assert len(chain) == MAX_CHAIN
+    assert mesh.refused(chain, keys[-1]).reason == "signature"
+    assert len(calls) <= 2
+    # Genuinely signed, from a key that is no member: refused before any signature check.
+    calls.clear()
+    own = [records.sign_rotation(mesh.mesh, X, keys[0], mesh.now).raw] + chain[1:]
+    assert mesh.refused(own, keys[-1], address="192.0.2.99").reason == "not-member"
+    assert calls == []
+
+
+def test_chains_from_many_addresses_share_one_budget_of_signature_checks(mesh: Mesh) -> None:
+    """A burst from many addresses must not keep the event loop checking signatures: past the
+    budget the answer is busy, with a time to come back, and no address is held against it."""
+    busy = 0
+    start = time.monotonic()
+    for i in range(300):
+        thief = key(100 + i % 100)
+        raw = mesh.rotation(A, thief)
+        raw = raw[:-1] + bytes([raw[-1] ^ 1])  # forged, so each costs a check and is refused
+        try:
+            mesh.ask([raw], thief, address=f"198.51.{i // 100}.{i % 100}")
+        except JoinRefused as exc:
+            busy += exc.reason == "busy"
+    took = time.monotonic() - start
+    counters = mesh.counters.snapshot()
+    assert busy > 0 and counters["rekeys_busy"] == busy
+    assert counters["rekeys_refused"] + busy == 300
+    # Two checks budgeted per request: the burst, and what refilled while the loop ran.
+    assert counters["rekeys_refused"] <= (CHECKS_BURST + CHECKS_PER_SECOND * took) / 2 + 1
+
+
+def test_refusals_are_logged_at_most_once_a_minute(mesh: Mesh,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(5):
+        mesh.refused([mesh.rotation(X, A3)], A3, address=f"203.0.113.{i}")
+    warnings = [r for r in caplog.records if "refused a rotation chain" in r.getMessage()]
+    assert len(warnings) == 1 and mesh.counters.snapshot()["rekeys_refused"] == 5
 
 
 def test_the_wire_bounds_the_chain() -> None:

@@ -138,9 +138,9 @@ async def test_a_round_picks_a_dialable_member(mesh) -> None:
 
 
 def test_sync_budget_refuses_past_the_burst_and_refills_with_time() -> None:
-    from meshd.daemon.sync import SyncBudgets
+    from meshd.state.throttle import Budgets
 
-    b = SyncBudgets(capacity=100, rate=10)
+    b = Budgets(capacity=100, rate=10)
     assert b.take(b"m", 60, 0.0) == 0.0 and b.take(b"m", 40, 0.0) == 0.0
     wait = b.take(b"m", 50, 1.0)  # 10 refilled: 40 short at 10/s
     assert wait == pytest.approx(4.0)
