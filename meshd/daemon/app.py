@@ -123,6 +123,7 @@ class Daemon:
             strangers={"join": joins.answer,
                        "rekey": Rekeys(view=view, keep=sync.keep_verified,
                                        counters=counters).answer},
+            refused_us=sync.on_refused,
             members={"swim": lambda key, msg: membership.deliver(msg["m"], key),
                      "chan": lambda key, msg: channels.on_control(key, msg["op"], msg["b"]),
                      "tunl": lambda key, msg: tunnels.on_control(key, msg["op"], msg["b"]),

@@ -96,7 +96,7 @@ class Rekeys:
             raise JoinRefused(f"too many refused rotation chains from {info.address}; try"
                               f" again in {wait:.0f} s", reason="throttled", retry_after=wait)
         try:
-            new = self._take(msg, info, now)
+            new, name = self._take(msg, info, now)
         except JoinRefused:
             self.counters.count("rekeys_busy")
             raise
@@ -107,7 +107,7 @@ class Rekeys:
             raise JoinRefused(exc.message, reason=exc.reason, retry_after=wait) from None
         self.counters.count("rekeys_taken")
         log.info("took the new key of %s from the site itself (rotations this site had missed):"
-                 " %s", self.view.name_of(new) or "a member", site_id_of(new))
+                 " %s", name or "a member", site_id_of(new))
         return {"t": "ok"}
 
     def _warn(self, address: str, why: str, now: float) -> None:
@@ -118,7 +118,8 @@ class Rekeys:
         log.warning("refused a rotation chain from %s: %s%s", address, why, more)
         self._logged, self._unlogged = now, 0
 
-    def _take(self, msg: dict[str, Any], info: PeerInfo, now: float) -> bytes:
+    def _take(self, msg: dict[str, Any], info: PeerInfo, now: float) -> tuple[bytes, str]:
+        """The sender's new key and its site's name, once its rotations are kept."""
         mesh_id = self.view.mesh_id
         if mesh_id is None or msg["mesh"] != mesh_id:
             raise RemoteError("this site is not in that mesh", reason="not-member")
@@ -161,7 +162,7 @@ class Rekeys:
         if self.view.by_curve.get(info.curve_key) != new:
             raise RemoteError("the rotations did not hand a membership to the key that sent"
                               " them", reason="not-member")
-        return new
+        return new, self.view.name_of(new)
 
     @staticmethod
     def _peek(raw: Any, mesh_id: bytes) -> Rotation:

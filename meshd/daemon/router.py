@@ -38,13 +38,17 @@ class PeerRouter:
 
     def __init__(self, *, view: MeshView, links: MemberLinks, contacts: Contacts,
                  counters: Counters, members: Mapping[str, MemberHandler],
-                 strangers: Mapping[str, StrangerHandler]) -> None:
+                 strangers: Mapping[str, StrangerHandler],
+                 refused_us: Callable[[bytes], None] | None = None) -> None:
         self.view = view
         self.links = links
         self.contacts = contacts
         self.counters = counters
         self.members = dict(members)
         self.strangers = dict(strangers)
+        self.refused_us = refused_us
+        """Called with a member's key when it refused a one-way message of ours as from a
+        stranger (``MeshSync.on_refused``)."""
 
     def _member(self, curve_key: bytes) -> bytes | None:
         """The site key of a sender that is a member, and note the exchange; None otherwise."""
@@ -76,7 +80,13 @@ class PeerRouter:
         return answer
 
     def on_link_message(self, msg: dict[str, Any], server_curve: bytes) -> None:
-        """The dialer's handler: a one-way message that came back on a link we dialed."""
+        """The dialer's handler: a one-way message that came back on a link we dialed, or the
+        peer's refusal of a one-way message of ours."""
+        if msg["t"] == "error":
+            key = self.view.by_curve.get(server_curve)
+            if key is not None and msg["reason"] == "not-member" and self.refused_us is not None:
+                self.refused_us(key)  # a member that does not know our key (a missed rotation)
+            return
         handler = self.members.get(msg["t"])
         if handler is None:
             unknown = server_curve not in self.view.by_curve

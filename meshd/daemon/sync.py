@@ -44,6 +44,8 @@ SYNC_REFILL = MAX_ITEMS / 10.0
 """Objects per second by which a member's budget refills (one full exchange per 10 s)."""
 VERIFY_INLINE = 64
 """Batches with more objects than this left to verify are verified off the event loop."""
+REFUSED_SYNC_GAP = 10.0
+"""Seconds between two exchanges started because a member refused our messages."""
 MAX_BUDGETS = 10_000
 """Members whose budget is tracked at once (the fullest are forgotten first)."""
 
@@ -81,6 +83,7 @@ class MeshSync:
         self.rng = rng or random.Random()
         self.budgets = Budgets(SYNC_BUDGET, SYNC_REFILL, MAX_BUDGETS)
         self._verifying: set[bytes] = set()
+        self._refused_sync: dict[bytes, float] = {}  # member -> when on_refused last synced
         self._pool: ThreadPoolExecutor | None = None
 
     def _push(self) -> dict[str, Any]:
@@ -230,6 +233,21 @@ class MeshSync:
                 if push is None:
                     push = self._push()
                 self.tasks.spawn(self.links.send(key, push), "announce-push")
+
+    def on_refused(self, key: bytes) -> None:
+        """Member ``key`` refused one of our one-way messages as a stranger's (it missed our
+        key rotation, or revoked us): if our key came from a rotation, an exchange now, which
+        presents the rotations (:meth:`_rekey`), at most once per :data:`REFUSED_SYNC_GAP` per
+        member; else nothing (the regular rounds go on)."""
+        now = time.monotonic()
+        if now - self._refused_sync.get(key, -REFUSED_SYNC_GAP) < REFUSED_SYNC_GAP:
+            return
+        if not rotation_chain(self.view.rotations.values(), self.site.keys.public):
+            return  # nothing an exchange could tell it (revoked, say): the rounds go on
+        if len(self._refused_sync) >= MAX_BUDGETS:
+            self._refused_sync.clear()
+        self._refused_sync[key] = now
+        self.tasks.spawn(self.sync_with(key), "sync-refused")
 
     def on_sighting(self, key: bytes) -> None:
         """A daemon seen on the LAN: a member not heard from yet gets an exchange now."""

@@ -80,7 +80,9 @@ class _Link:
             except ProtocolError as exc:
                 log.info("dropped a bad answer from %s: %s", self.address, exc)
                 continue
-            if msg["t"] not in ("ok", "error"):
+            # One-way messages, and the peer's refusal of one of ours (an error for id 0: say,
+            # `not-member` when it missed our key rotation), go to the owner.
+            if msg["t"] not in ("ok", "error") or (msg["t"] == "error" and msg["id"] == 0):
                 if self._on_message is not None:
                     self._on_message(msg, self.server_key)
                 continue

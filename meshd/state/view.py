@@ -286,12 +286,14 @@ class MeshView:
         return s.body if s is not None and isinstance(s.body, SiteRecord) else None
 
     def name_of(self, key: bytes) -> str:
-        rec = self.record_of(key)
-        if rec is not None:
-            return rec.name
-        for v in self.vouches.values():
-            if isinstance(v.body, Vouch) and v.body.subject == key:
-                return v.body.subject_name
+        """The site's name: from its record, else its vouch, else those of a key it retired."""
+        for k in (key, *(old for old, new in self.retired.items() if new == key)):
+            rec = self.record_of(k)
+            if rec is not None:
+                return rec.name
+            for v in self.vouches.values():
+                if isinstance(v.body, Vouch) and v.body.subject == k:
+                    return v.body.subject_name
         return ""
 
     def snapshot(self) -> list[bytes]:

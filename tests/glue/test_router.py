@@ -33,6 +33,7 @@ class Setup:
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes, dict[str, Any]]] = []
         self.joins: list[tuple[dict[str, Any], PeerInfo]] = []
+        self.refused: list[bytes] = []
         self.counters = Counters()
         self.contacts = Contacts()
         self.links = Links()
@@ -41,7 +42,8 @@ class Setup:
                                  members={"swim": self._record("swim"),
                                           "sync": self._record("sync", {"t": "ok", "items": []}),
                                           "bad": self._refuse},
-                                 strangers={"join": self._join})
+                                 strangers={"join": self._join},
+                                 refused_us=self.refused.append)
 
     def _record(self, kind: str, reply: dict[str, Any] | None = None) -> Any:
         def handler(key: bytes, msg: dict[str, Any]) -> dict[str, Any] | None:
@@ -112,3 +114,15 @@ async def test_a_refusal_is_told_to_a_requester_and_dropped_one_way(s: Setup) ->
         await s.router.on_request({"t": "bad"}, info(MEMBER_CURVE))
     assert exc.value.reason == "wrong-mesh"
     s.router.on_link_message({"t": "bad"}, MEMBER_CURVE)  # nobody to tell: no exception
+
+
+async def test_a_member_refusing_our_one_way_message_as_a_strangers_is_told_to_the_owner(
+        s: Setup) -> None:
+    """A member that missed our key rotation answers our swim messages ``not-member`` (an error
+    for id 0): the owner hears it, so that it can present its rotations at once."""
+    refusal = {"t": "error", "id": 0, "reason": "not-member", "message": "who are you"}
+    s.router.on_link_message(refusal, MEMBER_CURVE)
+    assert s.refused == [MEMBER]
+    s.router.on_link_message(refusal, STRANGER_CURVE)  # not a member of ours: nothing to do
+    s.router.on_link_message({**refusal, "reason": "type"}, MEMBER_CURVE)
+    assert s.refused == [MEMBER] and s.calls == []
