@@ -29,9 +29,9 @@ checks no signatures.  The rules, applied in this order:
    are read with the old key replaced by its successor (chains followed), so the site keeps its
    role and the sites it admitted stay admitted; the retired key is no member.  A key rotated to
    two different keys, or in a cycle, is taken as compromised: its rotations are void and it is
-   shut out (a thief of a retired key can at worst make the site leave; but a conflicted
-   *founder* key keeps the founder's place, so a thief of the founder's retired key who gets a
-   second rotation of it to a member takes that place: see docs/security.md, key rotation).
+   shut out (a thief of a retired key can at worst make the site leave).  For the founder's
+   key that ends the mesh: with the root of every chain void there is no member at all (the
+   alternative, the founder's place back to the old key, would hand it to the thief).
 
 The result depends only on the sets of inputs, never on their order.
 """
@@ -78,7 +78,10 @@ def _preference(v: Vouch) -> tuple[int, float, bytes]:
 
 
 def _graph(founder: bytes, vouches: list[Vouch], excluded: frozenset[bytes]) -> dict[bytes, Member]:
-    """Rule 2 over already-valid vouches, with ``excluded`` sites and their vouches removed."""
+    """Rule 2 over already-valid vouches, with ``excluded`` sites and their vouches removed.
+    An excluded founder (its key rotated to two keys: rule 5) leaves no member at all."""
+    if founder in excluded:
+        return {}
     by_voucher: dict[bytes, list[Vouch]] = {}
     for v in vouches:
         if v.voucher not in excluded and v.subject not in excluded:
@@ -177,7 +180,7 @@ def _revoked(w: _Rewritten, valid: list[Vouch]) -> frozenset[bytes]:
         if r.mesh_id == w.mesh_id
         and r.subject != w.founder
         and (r.revoker in authorities or r.revoker == r.subject)
-    ) | (w.conflicted - {w.founder})
+    ) | w.conflicted
 
 
 def revoked(

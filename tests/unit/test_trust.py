@@ -332,6 +332,19 @@ def test_a_key_rotated_twice_is_shut_out() -> None:
     assert a in revoked(GENESIS, vs, [], NOW, [rot(a, a2), rot(a, thief)])
 
 
+def test_a_founder_key_rotated_twice_ends_the_mesh_and_gives_the_thief_nothing() -> None:
+    """Found by attack: the founder was exempt from rule 5's shutting out, so a conflicted
+    founder key stood in the founder's place again, held by the thief of the retired key,
+    who could then admit anyone.  Now no key holds the place and nobody is a member."""
+    f1, thief = k(13), k(66)
+    vs = [intro(F, A), v(A, B), v(F, C)]
+    rots = [rot(F, f1), rot(F, thief)]
+    assert msr(vs, rots) == {}
+    assert msr(vs + [intro(F, k(67))], rots) == {}  # a vouch the thief signs with F: nothing
+    assert F in revoked(GENESIS, vs, [], NOW, rots)
+    assert set(msr(vs, [rot(F, f1)])) == {f1, A, B, C}  # one rotation: the founder moves on
+
+
 def test_a_rotation_cycle_is_void_and_shut_out() -> None:
     a, b = A, B
     got = msr([intro(F, a), v(F, b)], [rot(a, b), rot(b, a)])
