@@ -8,14 +8,16 @@ with ``not-member`` presents the chain of its own rotations (:func:`rotation_cha
 peer port takes from a key it does not know this one narrow request besides ``join``.  The
 checks, cheapest first, and nothing is stored unless all pass:
 
-1. rotations only, at most :data:`MAX_CHAIN`, for this mesh, each handing over to the next and
-   the last to the very key that sent the request (the connection is authenticated by it), so
-   nobody presents another site's rotations;
-2. the rotations this site does not hold yet come last, and the first of them hands over a key
-   that is a member here *now*: not a retired key (a thief of a retired key must not add a
-   second, conflicting rotation through this door), not a revoked one, not a stranger's;
-3. only then the signatures of those rotations, one after the other (the first bad one ends the
-   check), within a budget of signature checks per second for the whole port.
+1. at most :data:`MAX_CHAIN` items; those this site holds already (by digest) come first;
+2. the first it does not hold is parsed (signatures not checked) and must be a rotation of
+   this mesh that hands over a key that is a member here *now*: not a retired key (a thief of
+   a retired key must not add a second, conflicting rotation through this door), not a revoked
+   one, not a stranger's;
+3. past here the work is budgeted, per address and for the whole port: the rest are parsed,
+   each must hand over to the next, none to a key this site knows already (a member, a retired
+   key), and the last to the very key that sent the request (the connection is authenticated
+   by it), so nobody presents another site's rotations;
+4. only then the signatures, one rotation after the other (the first bad one ends the check).
 
 Refusals are counted (``rekeys_refused``), throttled per address and key (a stranger sharing a
 site's address cannot shut the site out), and logged at most once a minute.
@@ -43,10 +45,14 @@ log = logging.getLogger("meshd")
 
 MAX_CHAIN = MAX_REKEY_ITEMS
 """Most rotations one ``rekey`` carries (a member that missed more cannot be told this way)."""
-CHECKS_PER_SECOND = 64.0
-"""Signature checks per second that ``rekey`` requests may cost, from every address together."""
-CHECKS_BURST = 4.0 * MAX_CHAIN
-"""Signature checks they may cost at once (two per rotation: the old key's, the new key's)."""
+CHECKS_PER_SECOND = 96.0
+"""Work per second that ``rekey`` requests may cost, from every address together, counted as
+three per rotation checked: its parse and its two signatures (the old key's, the new key's)."""
+CHECKS_BURST = 6.0 * MAX_CHAIN
+"""Work they may cost at once (two full chains)."""
+ADDRESS_CHECKS_PER_SECOND = 6.0
+"""Work per second that the requests from one address may cost (a full chain passes on a full
+budget whatever its size)."""
 LOG_EVERY = 60.0
 """Seconds between two warnings about refused rotation chains (the rest are counted)."""
 
@@ -81,6 +87,7 @@ class Rekeys:
         self.counters = counters
         self.throttle = throttle or Throttle(base=1.0, cap=60.0)
         self.checks = checks or Budgets(CHECKS_BURST, CHECKS_PER_SECOND)
+        self.per_address = Budgets(3.0 * MAX_CHAIN, ADDRESS_CHECKS_PER_SECOND)
         self._logged = -LOG_EVERY
         self._unlogged = 0
 
@@ -124,42 +131,53 @@ class Rekeys:
         if mesh_id is None or msg["mesh"] != mesh_id:
             raise RemoteError("this site is not in that mesh", reason="not-member")
         items: list[Any] = msg["items"]
-        bodies = [self._peek(raw, mesh_id) for raw in items]
-        if any(a.new != b.old for a, b in zip(bodies, bodies[1:])):
-            raise RemoteError("the rotations do not hand over one to the next",
-                              reason="malformed")
-        new = bodies[-1].new
-        if curve_public_of(new) != info.curve_key:
-            raise RemoteError("the rotations do not end at the key that sent them",
-                              reason="unauthorized")
+        if not all(isinstance(raw, bytes) for raw in items):
+            raise RemoteError("a rotation is bytes", reason="malformed")
         held = [records.digest_of(raw) in self.view.rotations for raw in items]
         first = held.index(False) if False in held else len(held)
-        if not all(held[:first]) or any(held[first:]):
+        if any(held[first:]):
             raise RemoteError("the rotations this site holds do not all come first",
                               reason="malformed")
         if first == len(items):
             raise RemoteError("this site holds every one of these rotations, and the key they"
                               " lead to is no member here", reason="not-member")
-        if not self.view.is_member(bodies[first].old):
+        fresh = items[first:]
+        head = self._peek(fresh[0], mesh_id)  # the one parse before the budget
+        if not self.view.is_member(head.old):
             raise RemoteError("the first rotation this site does not hold hands over a key that"
                               " is no member here (retired, revoked or never admitted)",
                               reason="not-member")
-        fresh = items[first:]
-        wait = self.checks.take(b"", 2 * len(fresh), now)
+        # Past here the work is budgeted, per address and for the whole port: a parse and two
+        # signature checks per rotation, charged up front.
+        cost = 3 * len(fresh)
+        wait = self.per_address.take(info.address.encode(), cost, now) \
+            or self.checks.take(b"", cost, now)
         if wait > 0:
             raise JoinRefused("too many rotation chains to check now; try again later",
                               reason="busy", retry_after=wait)
+        bodies = [head] + [self._peek(raw, mesh_id) for raw in fresh[1:]]
+        if any(a.new != b.old for a, b in zip(bodies, bodies[1:])):
+            raise RemoteError("the rotations do not hand over one to the next",
+                              reason="malformed")
+        known = {*self.view.members, *self.view.retired,
+                 *(r.body.old for r in self.view.rotations.values() if isinstance(r.body, Rotation))}
+        if any(b.new in known for b in bodies):
+            raise RemoteError("a rotation hands over to a key this site knows already",
+                              reason="unauthorized")
+        new = bodies[-1].new
+        if curve_public_of(new) != info.curve_key:
+            raise RemoteError("the rotations do not end at the key that sent them",
+                              reason="unauthorized")
         signed: list[Signed] = []
-        for raw in fresh:
+        for raw in fresh:  # the first bad signature ends the check
             try:
                 signed.append(records.decode(raw, now=int(time.time()), mesh_id=mesh_id,
                                              kinds=("rotation",)))
             except RecordError as exc:
                 raise RemoteError(f"a rotation does not check out: {exc}",
                                   reason=exc.reason or "bad-record") from None
-        self.keep(new, Screened(list(fresh), len(items) - len(fresh), Counter()),
-                  Verified(signed, []))
-        if self.view.by_curve.get(info.curve_key) != new:
+        self.keep(new, Screened(list(fresh), first, Counter()), Verified(signed, []))
+        if self.view.by_curve.get(info.curve_key) != new:  # the checks above make this hold
             raise RemoteError("the rotations did not hand a membership to the key that sent"
                               " them", reason="not-member")
         return new, self.view.name_of(new)

@@ -39,14 +39,16 @@ class Throttle:
         return max(0.0, entry.blocked_until - now)
 
     def failure(self, source: str, now: float) -> float:
-        """Count a failure; returns the wait now imposed on ``source``."""
+        """Count a failure; returns the wait now imposed on ``source``.  Amortised O(1): the
+        entries are kept in the order of their last failure, so the quiet and the oldest are
+        found at the front."""
         self._forget_quiet(now)
-        entry = self._entries.get(source)
+        entry = self._entries.pop(source, None)  # put back at the end: the latest failure
         if entry is None:
             if len(self._entries) >= self.max_sources:
-                oldest = min(self._entries, key=lambda k: self._entries[k].last)
-                del self._entries[oldest]
-            entry = self._entries[source] = _Entry(0, now, now)
+                del self._entries[next(iter(self._entries))]  # the oldest failure
+            entry = _Entry(0, now, now)
+        self._entries[source] = entry
         entry.failures += 1
         entry.last = now
         wait = float(min(self.cap, self.base * 2.0 ** min(entry.failures - 1, 30)))
@@ -58,9 +60,14 @@ class Throttle:
         return 0 if entry is None else entry.failures
 
     def _forget_quiet(self, now: float) -> None:
-        stale = [k for k, e in self._entries.items() if now - e.blocked_until > self.cap]
-        for k in stale:
-            del self._entries[k]
+        """Forget entries quiet for ``cap`` seconds after their wait, from the front (oldest
+        failure first) up to the first that is not: one quiet behind a louder one waits for the
+        next call, which is fine for memory (it stays bounded by ``max_sources``)."""
+        while self._entries:
+            source, entry = next(iter(self._entries.items()))
+            if now - entry.blocked_until <= self.cap:
+                return
+            del self._entries[source]
 
 
 @dataclass(slots=True)

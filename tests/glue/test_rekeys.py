@@ -32,7 +32,7 @@ def key(n: int) -> SiteKey:
     return SiteKey(bytes([n]) * 32)
 
 
-F, A, A1, A2, A3, X = (key(i) for i in range(1, 7))  # F founds the mesh; A rotates; X outsider
+F, A, A1, A2, A3, X, B, B1 = (key(i) for i in range(1, 9))  # F founds; A rotates; X outsider
 
 
 class Mesh:
@@ -217,8 +217,56 @@ def test_chains_from_many_addresses_share_one_budget_of_signature_checks(mesh: M
     counters = mesh.counters.snapshot()
     assert busy > 0 and counters["rekeys_busy"] == busy
     assert counters["rekeys_refused"] + busy == 300
-    # Two checks budgeted per request: the burst, and what refilled while the loop ran.
-    assert counters["rekeys_refused"] <= (CHECKS_BURST + CHECKS_PER_SECOND * took) / 2 + 1
+    # Three budgeted per rotation: the burst, and what refilled while the loop ran.
+    assert counters["rekeys_refused"] <= (CHECKS_BURST + CHECKS_PER_SECOND * took) / 3 + 1
+
+
+def test_one_address_changing_keys_is_held_to_its_own_budget(mesh: Mesh) -> None:
+    """Found by the second attack: refusals are throttled per address and key, so one address
+    with a fresh key each time drained the port's budget and starved a legitimate chain."""
+    busy = 0
+    for i in range(200):
+        thief = key(100 + i % 100)
+        raw = mesh.rotation(A, thief, i)
+        try:
+            mesh.ask([raw[:-1] + bytes([raw[-1] ^ 1])], thief, address="198.51.100.1")
+        except JoinRefused as exc:
+            busy += exc.reason == "busy"
+    assert busy > 0
+    # The site itself, from its own address, still gets through at once.
+    assert mesh.ask([mesh.rotation(A, A1), mesh.rotation(A1, A2, 1)], A2) == {"t": "ok"}
+
+
+def test_a_chain_that_hands_over_to_a_key_the_site_knows_is_refused_and_nothing_kept(
+        mesh: Mesh) -> None:
+    """Found by the second attack: a member holding another site's retired key sent [A -> B,
+    B -> Z] from Z; refused at the last check, but both rotations had been kept (shutting both
+    identities out).  A rotation must hand over to a key this site has never seen."""
+    mesh.view.ingest([records.sign(Vouch(mesh.mesh, F.public, B.public, "b", "member",
+                                         mesh.now, 0), F).raw], mesh.now)
+    mesh.view.ingest([mesh.rotation(B, B1)], mesh.now)  # B is retired
+    z = key(90)
+    err = mesh.refused([mesh.rotation(A, B), mesh.rotation(B, z, 1)], z)
+    assert err.reason == "unauthorized" and "knows already" in err.message
+    assert mesh.view.is_member(A.public) and mesh.view.is_member(B1.public)
+
+
+def test_a_chain_from_a_stranger_costs_one_parse(mesh: Mesh,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the second attack: every rotation was parsed (two key conversions each) before
+    the member check, about 10 ms for 64, unbudgeted."""
+    parses = []
+    real = records.peek
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        parses.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(records, "peek", counting)
+    keys = [key(60 + i) for i in range(MAX_CHAIN + 1)]
+    chain = [records.sign_rotation(mesh.mesh, o, n, mesh.now).raw for o, n in zip(keys, keys[1:])]
+    assert mesh.refused(chain, keys[-1]).reason == "not-member"
+    assert parses == [1]
 
 
 def test_refusals_are_logged_at_most_once_a_minute(mesh: Mesh,
