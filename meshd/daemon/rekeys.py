@@ -150,7 +150,9 @@ class Rekeys:
         # Past here the work is budgeted, per address and for the whole port: a parse and two
         # signature checks per rotation, charged up front.
         cost = 3 * len(fresh)
-        wait = self.per_address.take(info.address.encode(), cost, now) \
+        # Per address and the key handed over: a stranger sharing a site's address (a NAT)
+        # cannot drain the site's own budget without naming the site's previous key.
+        wait = self.per_address.take(info.address.encode() + head.old, cost, now) \
             or self.checks.take(b"", cost, now)
         if wait > 0:
             raise JoinRefused("too many rotation chains to check now; try again later",

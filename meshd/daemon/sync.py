@@ -47,7 +47,7 @@ VERIFY_INLINE = 64
 REFUSED_SYNC_GAP = 10.0
 """Seconds between two exchanges started because a member refused our messages."""
 MAX_BUDGETS = 10_000
-"""Members whose budget is tracked at once (the fullest are forgotten first)."""
+"""Members whose budget is tracked at once (the one used longest ago is forgotten first)."""
 
 
 class SyncBusy(RemoteError):

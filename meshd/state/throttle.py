@@ -78,7 +78,8 @@ class _Bucket:
 
 class Budgets:
     """A token bucket per key (pure: ``now`` is passed in): ``capacity`` at most, refilled at
-    ``rate`` per second; at most ``max_keys`` buckets (the fullest forgotten first)."""
+    ``rate`` per second; at most ``max_keys`` buckets (the one used longest ago forgotten
+    first, in O(1): a forgotten bucket comes back full, as one unused that long would be)."""
 
     def __init__(self, capacity: float, rate: float, max_keys: int = 10_000) -> None:
         self.capacity = capacity
@@ -89,12 +90,12 @@ class Budgets:
     def take(self, key: bytes, n: int, now: float) -> float:
         """Spend ``n`` of ``key``'s budget: 0.0 if it had them, else the seconds until it will
         (and nothing is spent).  More than ``capacity`` passes on a full budget."""
-        b = self._buckets.get(key)
+        b = self._buckets.pop(key, None)  # back at the end: used last
         if b is None:
             if len(self._buckets) >= self.max_keys:
-                fullest = max(self._buckets, key=lambda k: self._buckets[k].tokens)
-                del self._buckets[fullest]
-            b = self._buckets[key] = _Bucket(self.capacity, now)
+                del self._buckets[next(iter(self._buckets))]
+            b = _Bucket(self.capacity, now)
+        self._buckets[key] = b
         b.tokens = min(self.capacity, b.tokens + (now - b.at) * self.rate)
         b.at = now
         cost = min(float(n), self.capacity)

@@ -237,6 +237,23 @@ def test_one_address_changing_keys_is_held_to_its_own_budget(mesh: Mesh) -> None
     assert mesh.ask([mesh.rotation(A, A1), mesh.rotation(A1, A2, 1)], A2) == {"t": "ok"}
 
 
+def test_a_stranger_behind_the_sites_own_address_cannot_drain_the_sites_budget(
+        mesh: Mesh) -> None:
+    """Found by the third attack: forged chains naming the founder's public key as the old
+    key, from the site's own address (a NAT), kept the address's budget empty and the site's
+    own chain out for as long as they came.  The budget is per address and key handed over."""
+    busy = 0
+    for i in range(200):
+        thief = key(100 + i % 100)
+        raw = records.sign_rotation(mesh.mesh, F, thief, mesh.now + i).raw
+        try:
+            mesh.ask([raw[:-1] + bytes([raw[-1] ^ 1])], thief)
+        except JoinRefused as exc:
+            busy += exc.reason == "busy"
+    assert busy > 0  # the stranger is held to its budget...
+    assert mesh.ask([mesh.rotation(A, A1)], A1) == {"t": "ok"}  # ...and the site is not
+
+
 def test_a_chain_that_hands_over_to_a_key_the_site_knows_is_refused_and_nothing_kept(
         mesh: Mesh) -> None:
     """Found by the second attack: a member holding another site's retired key sent [A -> B,

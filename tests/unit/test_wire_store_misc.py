@@ -457,3 +457,26 @@ def test_base32_decode_of_any_text_is_canonical_or_value_error(text: str) -> Non
         return
     assert base32.encode(data) == "".join(base32.canonical(c) for c in text)
 
+
+
+def test_budgets_forget_the_one_used_longest_ago_and_keep_their_bound() -> None:
+    """Found by attack: a full table scanned every bucket for each new key (1.7 ms at 10,000)."""
+    from meshd.state.throttle import Budgets
+    b = Budgets(capacity=10, rate=1, max_keys=3)
+    for k in (b"a", b"b", b"c"):
+        assert b.take(k, 10, 0.0) == 0.0  # each spends its whole budget
+    assert b.take(b"a", 1, 0.0) > 0  # a is used again: now the most recent
+    assert b.take(b"d", 10, 0.0) == 0.0  # the table is full: b goes
+    assert b.take(b"a", 1, 0.0) > 0 and b.take(b"c", 1, 0.0) > 0  # a and c remembered
+    assert b.take(b"b", 10, 0.0) == 0.0  # b forgotten: back full
+
+
+def test_the_throttle_forgets_quiet_sources_and_evicts_the_oldest_failure() -> None:
+    t = Throttle(base=1.0, cap=10.0, max_sources=2)
+    t.failure("x", 0.0)
+    t.failure("y", 1.0)
+    t.failure("x", 2.0)  # x again: now the latest
+    t.failure("z", 3.0)  # full: y, the oldest failure, goes
+    assert t.failures("y") == 0 and t.failures("x") == 2 and t.failures("z") == 1
+    t.failure("w", 100.0)  # x and z have been quiet for longer than cap after their waits
+    assert t.failures("x") == 0 and t.failures("z") == 0 and t.failures("w") == 1
