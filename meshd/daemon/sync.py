@@ -83,7 +83,7 @@ class MeshSync:
         self.rng = rng or random.Random()
         self.budgets = Budgets(SYNC_BUDGET, SYNC_REFILL, MAX_BUDGETS)
         self._verifying: set[bytes] = set()
-        self._refused_sync: dict[bytes, float] = {}  # member -> when on_refused last synced
+        self._refused_syncs = Budgets(1.0, 1.0 / REFUSED_SYNC_GAP, MAX_BUDGETS)  # on_refused
         self._pool: ThreadPoolExecutor | None = None
 
     def _push(self) -> dict[str, Any]:
@@ -239,14 +239,10 @@ class MeshSync:
         key rotation, or revoked us): if our key came from a rotation, an exchange now, which
         presents the rotations (:meth:`_rekey`), at most once per :data:`REFUSED_SYNC_GAP` per
         member; else nothing (the regular rounds go on)."""
-        now = time.monotonic()
-        if now - self._refused_sync.get(key, -REFUSED_SYNC_GAP) < REFUSED_SYNC_GAP:
+        if self._refused_syncs.take(key, 1, time.monotonic()) > 0:
             return
         if not rotation_chain(self.view.rotations.values(), self.site.keys.public):
             return  # nothing an exchange could tell it (revoked, say): the rounds go on
-        if len(self._refused_sync) >= MAX_BUDGETS:
-            self._refused_sync.clear()
-        self._refused_sync[key] = now
         self.tasks.spawn(self.sync_with(key), "sync-refused")
 
     def on_sighting(self, key: bytes) -> None:

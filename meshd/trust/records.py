@@ -447,34 +447,10 @@ def _parse(raw: bytes) -> tuple[str, Body, bytes, bytes]:
     return kind, body, payload, signature
 
 
-def peek(raw: bytes, *, kinds: tuple[str, ...]) -> Body:
-    """The body of a canonical envelope of one of ``kinds``, **signatures not checked**: only to
-    refuse cheaply what could never be kept before :func:`decode` spends signature checks on
-    it.  Never trust, keep or act on what it returns.  Raises ``RecordError`` as decode does."""
-    if not isinstance(raw, bytes) or len(raw) > MAX_SIGNED_BYTES:
-        raise RecordError(f"a record is bytes, at most {MAX_SIGNED_BYTES}", reason="malformed")
-    try:
-        kind, body, _, _ = _parse(raw)
-    except _Invalid as exc:
-        raise RecordError(f"malformed record: {exc}", reason="malformed") from None
-    if kind not in kinds:
-        raise RecordError(f"expected a record of kind {' or '.join(kinds)}, got {kind}",
-                          reason="type")
-    return body
-
-
-def decode(
-    raw: bytes,
-    *,
-    now: int,
-    mesh_id: bytes | None = None,
-    kinds: tuple[str, ...] | None = None,
-    max_skew: int = MAX_CLOCK_SKEW,
-) -> Signed:
-    """Verify and decode one signed record; raises only ``RecordError`` (reasons: module doc).
-
-    ``max_skew`` bounds how far in the future ``issued`` may be; re-reading what was verified
-    when it was stored passes a larger one, so a clock set back does not lock the store."""
+def _checked_parse(raw: object, kinds: tuple[str, ...] | None
+                   ) -> tuple[str, Body, bytes, bytes, bytes]:
+    """(kind, body, body bytes, signature, the bytes) of a canonical envelope within the size
+    limit and of one of ``kinds``, signatures not checked; ``RecordError`` otherwise."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise RecordError(f"a record is bytes, not {type(raw).__name__}", reason="malformed")
     raw = bytes(raw)
@@ -491,6 +467,29 @@ def decode(
             f"expected a record of kind {' or '.join(kinds) or '(none)'}, got {kind}",
             reason="type",
         )
+    return kind, body, payload, signature, raw
+
+
+def peek(raw: bytes, *, kinds: tuple[str, ...]) -> Body:
+    """The body of a canonical envelope of one of ``kinds``, **signatures not checked**: only to
+    refuse cheaply what could never be kept before :func:`decode` spends signature checks on
+    it.  Never trust, keep or act on what it returns.  Raises ``RecordError`` as decode does."""
+    return _checked_parse(raw, kinds)[1]
+
+
+def decode(
+    raw: bytes,
+    *,
+    now: int,
+    mesh_id: bytes | None = None,
+    kinds: tuple[str, ...] | None = None,
+    max_skew: int = MAX_CLOCK_SKEW,
+) -> Signed:
+    """Verify and decode one signed record; raises only ``RecordError`` (reasons: module doc).
+
+    ``max_skew`` bounds how far in the future ``issued`` may be; re-reading what was verified
+    when it was stored passes a larger one, so a clock set back does not lock the store."""
+    kind, body, payload, signature, raw = _checked_parse(raw, kinds)
     if mesh_id is not None:
         ours = body.mesh_id  # a genesis computes its own
         if ours != mesh_id:
