@@ -13,6 +13,9 @@ tells it from ZeroMQ by its first byte).  It carries *records*::
 ``FRAME``     one AEAD frame (:mod:`.frames`): data from sender to receiver, control both ways
 ``REFUSE``    a plain-text reason (hint only, unauthenticated) just before the closing side
               closes
+``ROTATIONS`` the answer to a ``rotations`` preamble: a msgpack array of signed rotations
+              (raw bytes, oldest first), then the answering side closes.  Unauthenticated like
+              the connection; each rotation is signed, and the asker checks them all
 
 Preamble fields (every one required, no other allowed)::
 
@@ -20,6 +23,9 @@ Preamble fields (every one required, no other allowed)::
     mode   "direct"  a connection between the channel's two ends
            "relay"   a leg to a relay, which pairs it with the other end's leg
            "probe"   a reachability dial-back: the dialer closes right after
+           "rotations"  which rotations of this site hand over ``to`` (a key of this site the
+                     dialer knows, from before rotations it missed): answered with one
+                     ``ROTATIONS`` record (see :mod:`meshd.daemon.rekeys`)
     cid    16 B     the channel id (zeros for a probe)
     from   32 B     the dialer's site key
     to     32 B     the site at the far end of the channel (for a probe: the site dialed)
@@ -49,10 +55,12 @@ __all__ = [
     "FRAME",
     "HELLO",
     "MAX_RECORD",
+    "MAX_ROTATIONS",
     "MIN_RECORD_RATE",
     "PREAMBLE",
     "RECORD_HEADER",
     "REFUSE",
+    "ROTATIONS",
     "STALL_TIMEOUT",
     "Preamble",
     "RecordReader",
@@ -66,13 +74,17 @@ HELLO = 2
 ACCEPT = 3
 FRAME = 4
 REFUSE = 5
-TYPES = frozenset({PREAMBLE, HELLO, ACCEPT, FRAME, REFUSE})
+ROTATIONS = 6
+TYPES = frozenset({PREAMBLE, HELLO, ACCEPT, FRAME, REFUSE, ROTATIONS})
 
 RECORD_HEADER = struct.Struct(">BI")
 MAX_RECORD = MAX_PAYLOAD + FRAME_OVERHEAD
 """Largest record body (a frame of the largest payload)."""
 MAX_SMALL = 4096
-"""Largest body of any record but FRAME."""
+"""Largest body of any record but FRAME and ROTATIONS."""
+MAX_ROTATIONS = 65 * 4096 + 1024
+"""Largest body of a ROTATIONS record: 64 rotations and a site record, each of the largest size
+of a signed object, and msgpack's framing."""
 STALL_TIMEOUT = 15.0
 """Seconds a record being received may go without a byte before its connection is closed (by
 the daemon's :class:`~meshd.daemon.channels.connection.DataConnection` and a receiving
@@ -81,7 +93,7 @@ MIN_RECORD_RATE = 1 << 20
 """Bytes per second a record being received must average (after STALL_TIMEOUT of grace)."""
 
 _DOMAIN = b"meshd-link-preamble-v1\x00"
-_MODES = ("direct", "relay", "probe")
+_MODES = ("direct", "relay", "probe", "rotations")
 _MAX_SKEW_MS = 600_000
 
 
@@ -93,7 +105,7 @@ def check_record(kind: int, length: int) -> None:
     """ProtocolError unless a record of this type may have this length."""
     if kind not in TYPES:
         raise ProtocolError(f"unknown record type {kind}", reason="malformed")
-    limit = MAX_RECORD if kind == FRAME else MAX_SMALL
+    limit = MAX_RECORD if kind == FRAME else MAX_ROTATIONS if kind == ROTATIONS else MAX_SMALL
     if length > limit:
         raise ProtocolError(f"record of {length} bytes (type {kind}) exceeds {limit}",
                             reason="oversized")

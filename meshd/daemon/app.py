@@ -147,6 +147,7 @@ class Daemon:
         self.control.app.router.add_post(api.STOP, self._stop_asked)
         membership.subscribe(self._on_member_event)
         membership.on_back = channels.reach.member_back
+        membership.on_suspect = sync.on_suspect
         self._stopping = asyncio.Event()
         self._pid_file: tuple[int, int] | None = None
 

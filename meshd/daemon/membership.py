@@ -66,6 +66,8 @@ class MembershipService:
         self.config = config or swim.SwimConfig(dead_retention=math.inf)
         self.on_back: Callable[[bytes], None] | None = None
         """Called with a member's key when it comes back: alive after it was dead or left."""
+        self.on_suspect: Callable[[bytes], None] | None = None
+        """Called with a member's key when it is suspected (it may have rotated its key)."""
         self._down: set[bytes] = set()
         self.core: swim.Membership | None = None
         self._timer = CoreTimer(self._on_timer)
@@ -258,6 +260,8 @@ class MembershipService:
             return
         if isinstance(event, swim.Refuted):
             self.store.set_meta("incarnation", event.incarnation)
+        if isinstance(event, swim.MemberSuspect) and self.on_suspect is not None:
+            self.on_suspect(event.node)
         if isinstance(event, (swim.MemberDead, swim.MemberLeft)):
             self._down.add(event.node)
         elif isinstance(event, swim.MemberJoined) and event.node in self._down:

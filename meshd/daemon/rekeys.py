@@ -21,6 +21,16 @@ checks, cheapest first, and nothing is stored unless all pass:
 
 Refusals are counted (``rekeys_refused``), throttled per address and key (a stranger sharing a
 site's address cannot shut the site out), and logged at most once a minute.
+
+The other way round: a member that only dials out cannot be told anything by the site that
+rotated (which cannot reach it), and it dials the old key, which the site's peer port no longer
+answers to.  So a member that gets no answer from a site asks the site's peer port on a plain
+data connection (a ``rotations`` preamble, :mod:`meshd.channel.link`) which rotations hand over
+the key it knows (:func:`ask_rotations`; the site answers with :func:`chain_from`); it checks
+that they are one chain from that key (:func:`check_chain`) and keeps them as an exchange's
+objects, every signature verified.  Nothing in the answer is trusted for being on that
+connection: anybody could have answered, but only the holder of the key it knows could have
+signed the first rotation.
 """
 
 from __future__ import annotations
@@ -31,15 +41,19 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgpack
+
+from meshd.channel import link
+from meshd.daemon.channels.dialing import dial_any
 from meshd.daemon.counters import Counters
-from meshd.errors import JoinRefused, RecordError, RemoteError
+from meshd.errors import JoinRefused, ProtocolError, RecordError, RemoteError
 from meshd.peer.server import PeerInfo
 from meshd.peer.wire import MAX_REKEY_ITEMS
 from meshd.state.throttle import Budgets, Throttle
 from meshd.state.view import IngestResult, MeshView, Screened, Verified
 from meshd.trust import records
 from meshd.trust.identity import curve_public_of, site_id_of
-from meshd.trust.records import Rotation, Signed
+from meshd.trust.records import Rotation, Signed, SiteRecord
 
 log = logging.getLogger("meshd")
 
@@ -72,6 +86,76 @@ def rotation_chain(rotations: Iterable[Signed], key: bytes,
         key = s.body.old
     chain.reverse()
     return chain
+
+
+def chain_from(rotations: Iterable[Signed], current: bytes, old: bytes,
+               limit: int = MAX_CHAIN) -> list[bytes] | None:
+    """The signed rotations that lead from this site's past key ``old`` to its key ``current``,
+    oldest first (empty if ``old`` is ``current``); None if ``old`` is not on that chain within
+    ``limit`` rotations (another site's key, or one more than ``limit`` rotations ago)."""
+    by_new = {s.body.new: s for s in rotations if isinstance(s.body, Rotation)}
+    chain: list[bytes] = []
+    key = current
+    while key != old:
+        s = by_new.get(key)
+        if s is None or len(chain) >= limit:
+            return None
+        assert isinstance(s.body, Rotation)
+        chain.append(s.raw)
+        key = s.body.old
+    chain.reverse()
+    return chain
+
+
+def check_chain(items: Any, known: bytes, mesh_id: bytes) -> bytes:
+    """The key that the answer ``items`` to ``rotations`` hands ``known`` over to, once its
+    rotations are seen to be one chain of this mesh from ``known``, followed by at most one
+    site record, of that key (signatures not checked here: the caller keeps them as an
+    exchange's objects, which verifies each).  RemoteError naming what is wrong."""
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_CHAIN + 1 \
+            or not all(isinstance(raw, bytes) for raw in items):
+        raise RemoteError("the answer is not a list of signed objects", reason="malformed")
+    key = known
+    for i, raw in enumerate(items):
+        try:
+            body = records.peek(raw, kinds=("rotation", "site-record"))
+        except RecordError as exc:
+            raise RemoteError(f"not a rotation: {exc}", reason=exc.reason or "malformed") \
+                from None
+        if body.mesh_id != mesh_id:
+            raise RemoteError("a rotation of another mesh", reason="mesh")
+        if isinstance(body, SiteRecord):
+            if i != len(items) - 1 or i == 0 or body.key != key:
+                raise RemoteError("a site record that is not the last key's, after its"
+                                  " rotations", reason="malformed")
+        elif not isinstance(body, Rotation) or body.old != key:
+            raise RemoteError("the rotations do not hand over one to the next from the key"
+                              " this site knows", reason="malformed")
+        else:
+            key = body.new
+    return key
+
+
+async def ask_rotations(addresses: list[str], me: bytes, known: bytes, *,
+                        timeout: float) -> list[Any]:
+    """Ask the peer port at ``addresses`` for the rotations that hand over ``known`` (see the
+    module docstring); the items of the answer, unchecked (empty: it holds no rotation of that
+    key).  ProtocolError or OSError when none answers so."""
+    conn, _, _ = await dial_any(addresses, timeout=timeout)
+    try:
+        conn.send(link.PREAMBLE, link.encode_preamble(
+            link.Preamble("rotations", bytes(16), me, known, "s", b"",
+                          int(time.time() * 1000))))
+        body = await conn.expect(link.ROTATIONS, timeout=timeout)
+    finally:
+        conn.close()
+    try:
+        items: Any = msgpack.unpackb(bytes(body), raw=False, max_array_len=MAX_CHAIN + 1,
+                                     max_bin_len=records.MAX_SIGNED_BYTES, max_map_len=0,
+                                     max_str_len=0)
+    except Exception:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError("the rotations are not msgpack", reason="malformed") from None
+    return items if isinstance(items, list) else [None]
 
 
 class Rekeys:

@@ -25,10 +25,10 @@ from typing import Any
 from meshd.daemon.contacts import Contacts
 from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
-from meshd.daemon.rekeys import rotation_chain
+from meshd.daemon.rekeys import ask_rotations, check_chain, rotation_chain
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import TaskSet
-from meshd.errors import RemoteError, StateError
+from meshd.errors import ProtocolError, RemoteError, StateError
 from meshd.peer.dialer import Unreachable
 from meshd.state.config import Config
 from meshd.state.throttle import Budgets
@@ -46,6 +46,8 @@ VERIFY_INLINE = 64
 """Batches with more objects than this left to verify are verified off the event loop."""
 REFUSED_SYNC_GAP = 10.0
 """Seconds between two exchanges started because a member refused our messages."""
+ASK_ROTATIONS_GAP = 30.0
+"""Seconds between two questions to a silent member's port whether it rotated its key."""
 MAX_BUDGETS = 10_000
 """Members whose budget is tracked at once (the one used longest ago is forgotten first)."""
 
@@ -84,6 +86,7 @@ class MeshSync:
         self.budgets = Budgets(SYNC_BUDGET, SYNC_REFILL, MAX_BUDGETS)
         self._verifying: set[bytes] = set()
         self._refused_syncs = Budgets(1.0, 1.0 / REFUSED_SYNC_GAP, MAX_BUDGETS)  # on_refused
+        self._asked = Budgets(1.0, 1.0 / ASK_ROTATIONS_GAP, MAX_BUDGETS)  # ask_rotated
         self._pool: ThreadPoolExecutor | None = None
 
     def _push(self) -> dict[str, Any]:
@@ -97,6 +100,8 @@ class MeshSync:
             reply = await self.links.request(key, self._push(), self.config.request_timeout)
         except Unreachable as exc:
             self.contacts.failed(key, str(exc))
+            if not rekeyed:
+                self.on_suspect(key)
             return False
         if reply["t"] == "error" and reply["reason"] == "not-member" and not rekeyed:
             if await self._rekey(key):
@@ -133,6 +138,48 @@ class MeshSync:
             return False
         self.counters.count("rekeys_sent")
         log.info("%s had missed our key rotation: it took the rotations from us", name)
+        return True
+
+    def on_suspect(self, key: bytes) -> None:
+        """Member ``key`` is suspected: it may be down, or have rotated its key while we were
+        away (:meth:`ask_rotated`)."""
+        if self.links.dial_addresses(key):
+            self.tasks.spawn(self.ask_rotated(key), "ask-rotations")
+
+    async def ask_rotated(self, key: bytes) -> bool:
+        """Member ``key`` does not answer (its key may have been rotated while we were away,
+        and its port no longer answers to the key we know): ask its port for the rotations
+        (see :mod:`meshd.daemon.rekeys`), at most once per :data:`ASK_ROTATIONS_GAP` per
+        member; if we take them, an exchange with the new key.  True if we took them."""
+        mesh_id, addresses = self.view.mesh_id, self.links.dial_addresses(key)
+        if mesh_id is None or not addresses or not self.view.is_member(key) \
+                or self._asked.take(key, 1, time.monotonic()) > 0:
+            return False
+        name = self.view.name_of(key) or site_id_of(key)
+        try:
+            items = await ask_rotations(addresses, self.site.keys.public, key,
+                                        timeout=self.config.request_timeout)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+            log.debug("could not ask %s whether it rotated its key: %s", name, exc)
+            return False
+        if not items:
+            return False  # it did not rotate: down, or busy
+        try:
+            new = check_chain(items, key, mesh_id)
+        except RemoteError as exc:
+            self.counters.count("rotations_refused")
+            log.warning("refused the rotations the port of %s answered: %s", name, exc.message)
+            return False
+        self.ingest(items, key)
+        if self.view.is_member(key) or not self.view.is_member(new):
+            self.counters.count("rotations_refused")
+            log.warning("the rotations the port of %s answered did not hand its membership to"
+                        " a new key", name)
+            return False
+        self.counters.count("rotations_taken")
+        log.info("took the new key of %s from its port (rotations this site had missed): %s",
+                 name, site_id_of(new))
+        await self.sync_with(new)
         return True
 
     def on_sync(self, key: bytes, msg: dict[str, Any]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,9 @@ from typing import Any
 import pytest
 
 from meshd.app.client import Client
+from meshd.daemon.rekeys import ask_rotations
+from meshd.errors import ProtocolError
+from meshd.trust.identity import SiteKey
 from meshd.testing.processes import wait_until
 from meshd.swim import SwimConfig
 from meshd.swim.util import suspicion_timeout
@@ -30,6 +34,11 @@ def five_sites(sites: Any) -> list[Site]:
         wait_until(lambda s=s: _states(s) == {n: "alive" for n in names}, 60,
                    f"{s.name} to see all five alive")
     return all_sites
+
+
+def key_of(site: Site) -> bytes:
+    """The site's public key now (from its key file)."""
+    return SiteKey.load(site.home / "site.key").public
 
 
 def _states(site: Site) -> dict[str, str]:
@@ -222,4 +231,45 @@ def test_a_member_that_missed_a_rotation_learns_it_from_the_rotated_site_itself(
     assert a.client.status()["counters"]["rekeys_taken"] == 1
     assert b.client.status()["counters"]["rekeys_sent"] >= 1  # one per exchange refused
     assert "took the new key of alcf from the site itself" in a.log()
+    assert "Traceback" not in a.log() + b.log()
+
+
+def test_a_member_that_only_dials_out_asks_the_rotated_site_for_its_new_key(
+        sites: Any) -> None:
+    """Before: aps, which only dials out, was stopped while alcf rotated its key; alcf could
+    not reach it, and once back aps dialed the old key, which alcf's port no longer answers:
+    each saw the other dead for good.  Now aps, finding alcf silent, asks alcf's port on a
+    plain data connection for the rotations of the key it knows, checks and keeps them, and
+    dials the new key.  Sync rounds are off (once a day), so only this path can do it."""
+    rare = "sync_interval = 86400"
+    b, a = mesh_of(sites, "alcf", "aps", listen={"aps": None},
+                   configs={"aps": rare, "alcf": rare})
+    first, first_key, aps_key = b.json("status")["site_id"], key_of(b), key_of(a)
+    assert a.stop() == 0
+    for _ in range(2):
+        r = b.cli("rotate", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["told"] == 0
+    now = b.json("status")["site_id"]
+    assert now != first
+    a.launch().wait_up()
+
+    def follows() -> bool:
+        alcf = {p["name"]: p for p in a.client.peers()}.get("alcf")
+        return bool(alcf is not None and alcf["site_id"] == now and alcf["verified"]
+                    and alcf["state"] == "alive")
+
+    wait_until(follows, 60, "aps to take alcf's new key from alcf's port")
+    wait_until(lambda: _states(b) == {"aps": "alive", "alcf": "alive"}, 60,
+               "alcf to see aps alive again")
+    assert first not in {p["site_id"] for p in a.client.peers()}
+    assert a.client.status()["counters"]["rotations_taken"] == 1
+    assert b.client.status()["counters"]["channel_rotations_answered"] >= 1
+    assert "took the new key of alcf from its port" in a.log()
+    # Anybody may ask; the port answers only about its own past keys.
+    port = b.json("status")["addrs"]
+    chain = asyncio.run(ask_rotations(port, bytes(32), first_key, timeout=10))
+    assert len(chain) == 3  # two rotations, then alcf's record
+    with pytest.raises(ProtocolError, match="unknown-key"):
+        asyncio.run(ask_rotations(port, bytes(32), aps_key, timeout=10))
     assert "Traceback" not in a.log() + b.log()

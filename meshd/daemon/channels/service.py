@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import zmq.asyncio
 
 from meshd.channel import control, link
@@ -43,6 +44,7 @@ from meshd.daemon.channels.reach import Reachability
 from meshd.daemon.channels.relay import Relay
 from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
+from meshd.daemon.rekeys import chain_from
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import CoreTimer, TaskSet
 from meshd.errors import LocalError, ProtocolError
@@ -219,6 +221,9 @@ class ChannelService:
             conn.handler = None
             conn.close()
             return
+        if pre.mode == "rotations":
+            self._answer_rotations(conn, pre.to)
+            return
         if not self.view.is_member(pre.sender):
             self.counters.count("refused_not_member")
             conn.refuse("not-member: this site does not know you as a member")
@@ -233,6 +238,24 @@ class ChannelService:
             self.receiving.start_end(conn, pre.cid, pre.sender, "direct", None)
             return
         self.sending.take_reversed(conn, pre)
+
+    def _answer_rotations(self, conn: DataConnection, old: bytes) -> None:
+        """A ``rotations`` preamble: the signed rotations that hand this site's past key
+        ``old`` over to its key now, for a member that missed them and cannot reach us under
+        the key it knows (see :mod:`meshd.daemon.rekeys`).  Asked by anybody: the rotations
+        are signed public statements, and the answer is as cheap as the question."""
+        conn.handler = None
+        chain = chain_from(self.view.rotations.values(), self.site.public, old)
+        if chain is None:
+            self.counters.count("rotations_unknown")
+            conn.refuse("unknown-key: no rotation of this site hands over that key")
+            return
+        self.counters.count("rotations_answered")
+        own = self.view.site_records.get(self.site.public)
+        if chain and own is not None:  # where to dial the new key
+            chain.append(own.raw)
+        conn.send(link.ROTATIONS, msgpack.packb(chain, use_bin_type=True))
+        conn.close()
 
     # -- the application API -----------------------------------------------------------------
 
