@@ -273,3 +273,32 @@ def test_a_member_that_only_dials_out_asks_the_rotated_site_for_its_new_key(
     with pytest.raises(ProtocolError, match="unknown-key"):
         asyncio.run(ask_rotations(port, bytes(32), aps_key, timeout=10))
     assert "Traceback" not in a.log() + b.log()
+
+
+def test_two_sites_that_each_rotated_while_the_other_was_away_find_each_other(
+        sites: Any) -> None:
+    """aps (dial-out only) rotates while alcf is down, then alcf rotates while aps is down:
+    neither knows the other's key.  aps asks alcf's port for alcf's rotations, and when alcf
+    then refuses aps's new key as a stranger's, aps presents its own (``rekey``)."""
+    rare = "sync_interval = 86400"
+    b, a = mesh_of(sites, "alcf", "aps", listen={"aps": None},
+                   configs={"aps": rare, "alcf": rare})
+    assert b.stop() == 0
+    r = a.cli("rotate", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["told"] == 0, r.stderr
+    assert a.stop() == 0
+    b.launch().wait_up()
+    r = b.cli("rotate", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["told"] == 0, r.stderr
+    a.launch().wait_up()
+    ids = {s.name: s.json("status")["site_id"] for s in (a, b)}
+
+    def knows(s: Site, other: str) -> bool:
+        p = {p["name"]: p for p in s.client.peers()}.get(other)
+        return bool(p is not None and p["site_id"] == ids[other] and p["state"] == "alive")
+
+    wait_until(lambda: knows(a, "alcf"), 60, "aps to take alcf's new key")
+    wait_until(lambda: knows(b, "aps"), 60, "alcf to take aps's new key")
+    assert a.client.status()["counters"]["rotations_taken"] == 1
+    assert b.client.status()["counters"]["rekeys_taken"] == 1
+    assert "Traceback" not in a.log() + b.log()
