@@ -7,8 +7,8 @@ the error hierarchy (every error meshd raises on purpose is a :class:`MeshdError
 
 __version__ = "0.1.0"
 
-from meshd.app.client import Client
-from meshd.app.streams import AsyncMesh, Mesh, Message, aconnect, connect
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ChannelClosed,
     DaemonNotRunning,
@@ -43,3 +43,24 @@ __all__ = [
     "TokenError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from meshd.app.client import Client
+    from meshd.app.streams import AsyncMesh, Mesh, Message, aconnect, connect
+
+_LAZY = {"Client": "meshd.app.client", "AsyncMesh": "meshd.app.streams",
+         "Mesh": "meshd.app.streams", "Message": "meshd.app.streams",
+         "aconnect": "meshd.app.streams", "connect": "meshd.app.streams"}
+"""The API imported on first use: ``import meshd`` (and so every ``meshd`` command, which
+needs neither numpy nor the data path) stays cheap."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshd' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
