@@ -97,6 +97,11 @@ class Config:
     False: every channel's data goes through this daemon. An application can also ask for the
     daemon path per channel (``mesh.sender(..., via_daemon=True)``)."""
 
+    tunnel_streams_per_site: int = 4096
+    """Most TCP connections one member may hold open at once to the services this site
+    exposes to it (all of them together); a new one beyond is reset (``busy``), so that one
+    member cannot take every open file of the daemon from the others."""
+
     reach_interval: float = 60.0
     """Seconds between checks of which members can dial this site (each member is asked to
     dial us back at our advertised addresses; re-checked sooner when members change)."""
@@ -165,6 +170,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "channel_wait_limit": (0.1, 1e9),
     "channel_window_bytes": (17 << 20, 1 << 40),
     "channel_window_messages": (1, 1 << 20),
+    "tunnel_streams_per_site": (1, 1 << 20),
 }
 """The range of each number setting.  Below it a timer fires all the time (an interval of
 1e-9 s kept a core busy); above it a number no longer fits the timers or the 64-bit fields of
@@ -180,7 +186,7 @@ def check_listen(text: str, *, allow_port_zero: bool = True) -> str:
     or raises LocalError naming what is wrong."""
     host, sep, port = text.rpartition(":")
     low = 0 if allow_port_zero else 1
-    if not sep or not _HOST_RE.fullmatch(host) or not port.isdigit() \
+    if not sep or not _HOST_RE.fullmatch(host) or not (port.isascii() and port.isdigit()) \
             or not low <= int(port) <= 65535:
         raise LocalError(f"address {text!r} must be HOST:PORT with a port {low}..65535",
                          reason="usage")

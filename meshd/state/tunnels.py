@@ -66,17 +66,21 @@ class TunnelBook:
             if not isinstance(data, dict) or data.get("v") != 1:
                 raise ValueError("not a version 1 registry")
             for e in _list(data, "exposed"):
-                x = Exposure(_name(e), _s(e, "host"), _i(e, "port"),
+                x = Exposure(_name(e), _host(e), _i(e, "port"),
                              tuple(a if a == EVERYONE else _key({"allow": a}, "allow")
                                    for a in _list(e, "allow", required=True)))
+                if x.name in book.exposed:
+                    raise ValueError(f"{x.name!r} is exposed twice")
                 book.exposed[x.name] = x
             for c in _list(data, "connected"):
-                y = Consumed(_key(c, "site"), _name(c), _s(c, "host"), _i(c, "port"))
+                y = Consumed(_key(c, "site"), _name(c), _host(c), _i(c, "port"))
+                if (y.site, y.name) in book.connected:
+                    raise ValueError(f"a tunnel to {y.name!r} is listed twice")
                 book.connected[(y.site, y.name)] = y
         except OSError as exc:  # a directory, no permission...
             raise StateError(f"cannot read the tunnel registry {path}:"
                              f" {exc.strerror or exc}", reason="tunnels") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise StateError(f"{path} is not a valid tunnel registry ({exc}); fix or remove it",
                              reason="tunnels") from None
         return book
@@ -106,6 +110,15 @@ class TunnelBook:
                 "connected": [{"site": c.site, "name": c.name, "host": c.host, "port": c.port}
                               for c in self.connected.values()]}
         write_atomic(self.path, json.dumps(data, indent=1).encode(), "the tunnel registry")
+
+
+def _host(d: Any) -> str:
+    """A host as ``meshd expose`` and ``meshd connect`` store it: printable ASCII, no spaces
+    (they check the rest)."""
+    v = _s(d, "host")
+    if len(v) > 253 or not v.isascii() or not v.isprintable() or " " in v:
+        raise ValueError(f"host {v!r} is not a host name or address")
+    return v
 
 
 def _s(d: Any, k: str) -> str:

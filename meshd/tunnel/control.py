@@ -78,12 +78,31 @@ def decode(op: str, body: bytes) -> TunnelMessage:
 
 # -- text forms --------------------------------------------------------------------------------
 
+def _host_error(host: str) -> str | None:
+    """Why ``host`` is not an IP address or an ASCII DNS name (labels of 1-63 letters, digits,
+    ``-`` or ``_``; 253 characters in all), or None.  Non-ASCII names are refused rather than
+    IDNA-encoded: the resolver would turn ``１２７.0.0.1`` into ``127.0.0.1``, so the target
+    shown would not be the one dialed."""
+    if ":" in host:
+        return "is not an IPv4 address or a host name (an IPv6 address goes in [brackets])"
+    if not host.isascii() or len(host) > 253 or not all(
+            0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
+            for label in host.split(".")):
+        return ("is not a host name (ASCII letters, digits, '-' and '_' in labels of 1-63,"
+                " separated by single dots) or an address")
+    return None
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
 def parse_address(text: str, *, default_host: str | None = None,
                   allow_port_zero: bool = False) -> tuple[str, int]:
     """``HOST:PORT`` (IPv4, ``[IPv6]`` or a DNS name; with ``default_host``, ``PORT`` alone)
     as ``(host, port)``; LocalError ``bad-address`` naming the problem."""
     text = text.strip()
-    if default_host is not None and text.isdigit():
+    if default_host is not None and _is_port(text):
         host, port_text = default_host, text
     else:
         host, sep, port_text = text.rpartition(":")
@@ -96,10 +115,9 @@ def parse_address(text: str, *, default_host: str | None = None,
         except ValueError:
             raise LocalError(f"{text!r}: {host!r} is not an IPv6 address",
                              reason="bad-address") from None
-    elif ":" in host or not all(c.isalnum() or c in "-._" for c in host) or len(host) > 253:
-        raise LocalError(f"{text!r}: {host!r} is not a host name or address",
-                         reason="bad-address")
-    if not port_text.isdigit() or not (0 if allow_port_zero else 1) <= int(port_text) <= 65535:
+    elif (why := _host_error(host)) is not None:
+        raise LocalError(f"{text!r}: {host!r} {why}", reason="bad-address")
+    if not _is_port(port_text) or not (0 if allow_port_zero else 1) <= int(port_text) <= 65535:
         raise LocalError(f"{text!r}: the port must be a number from"
                          f" {0 if allow_port_zero else 1} to 65535", reason="bad-address")
     return host, int(port_text)

@@ -23,7 +23,7 @@ from meshd.channel.handshake import Initiator
 from meshd.testing.processes import wait_until
 from meshd.trust.identity import SiteKey
 from meshd.tunnel import TunnelEnd, codec
-from tests.helpers import Site, closed_by_peer, meshd, mesh_of, open_fds, rss
+from tests.helpers import Site, closed_by_peer, meshd, mesh_of, open_fds, rss, set_config
 from tests.system.test_hostile_member_data import read_record
 from tests.system.test_tunnels_daemons import connect, expose
 
@@ -181,13 +181,23 @@ def test_a_consumer_that_opens_streams_and_never_reads_is_cut(pair: list[Site]) 
     {"exposed": [{"name": "x", "host": "127.0.0.1", "port": 5, "allow": ["not-a-key"]}]},
     {"exposed": [{"name": "a/b", "host": "127.0.0.1", "port": 5, "allow": ["*"]}]},
     {"exposed": {"x": 1}},
-], ids=["site-not-hex", "site-short", "allow-not-a-key", "bad-name", "not-a-list"])
+    {"connected": [{"site": "ab" * 32, "name": "x", "host": "a\x00b", "port": 0}]},
+    {"exposed": [{"name": "x", "host": "caf\u00e9", "port": 5, "allow": ["*"]}]},
+    {"exposed": [{"name": "x", "host": "127.0.0.1", "port": 5, "allow": ["*"]},
+                 {"name": "x", "host": "127.0.0.1", "port": 6, "allow": ["*"]}]},
+    "[" * 100_000 + "]" * 100_000,
+], ids=["site-not-hex", "site-short", "allow-not-a-key", "bad-name", "not-a-list", "host-nul",
+        "host-not-ascii", "exposed-twice", "nested-deep"])
 def test_a_tampered_registry_stops_the_daemon_with_one_clear_line(
-        tmp_path: Path, edit: dict[str, Any]) -> None:
+        tmp_path: Path, edit: dict[str, Any] | str) -> None:
+    """The last four were found by attacking live daemons: a host with a NUL stopped the
+    daemon with a traceback, a name exposed twice was silently merged, deep nesting raised
+    RecursionError."""
     home = tmp_path / "h"
     assert meshd("init", "--name", "lone", "--no-listen", home=home).returncode == 0
     registry = home / "tunnels.json"
-    text = json.dumps({"v": 1, "exposed": [], "connected": [], **edit})
+    text = edit if isinstance(edit, str) else json.dumps(
+        {"v": 1, "exposed": [], "connected": [], **edit})
     registry.write_text(text)
     r = meshd("run", home=home, timeout=30)
     assert r.returncode == 1, r.stderr
@@ -229,3 +239,61 @@ def test_an_unreadable_registry_stops_the_daemon_with_one_clear_line(tmp_path: P
     r = meshd("run", home=home, timeout=30)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "cannot read the tunnel registry" in r.stderr, r.stderr
+
+
+# These two restart aps with changed settings: they come last in the module.
+
+def test_one_member_cannot_hold_more_target_connections_than_its_share(pair: list[Site]) -> None:
+    """Found by attacking live daemons: streams were bounded per data connection only, and a
+    member holds one per service exposed to it, so 5 services x 4096 streams to targets that
+    never accept took all 20,000 open files of the owner (its control socket stopped
+    answering, other members' tunnels were reset).  Now one member's streams, over all the
+    services, are bounded (``tunnel_streams_per_site``, here 8); beyond, each is reset
+    ``busy``, and the daemon serves everyone else."""
+    aps, alcf = pair
+    srv, fill = hanging_target()
+    port = srv.getsockname()[1]
+    try:
+        assert aps.stop() == 0
+        set_config(aps, "tunnel_streams_per_site = 8")
+        aps.launch().wait_up()
+        wait_until(lambda: {p["name"]: p["state"] for p in alcf.client.peers()}.get("aps")
+                   == "alive", 30, "alcf to see aps again")
+        for name in ("share-a", "share-b"):
+            expose(aps, "--update", name, f"127.0.0.1:{port}", "--allow", "alcf")
+        first, second = RawConsumer(alcf, aps, "share-a"), RawConsumer(alcf, aps, "share-b")
+        busy, opened = counter(aps, "tunnel_refused_busy"), counter(aps, "tunnel_streams")
+        first.send(*(codec.Open(sid, "share-a") for sid in range(1, 6)))
+        second.send(*(codec.Open(sid, "share-b") for sid in range(1, 7)))
+        wait_until(lambda: counter(aps, "tunnel_refused_busy") - busy == 3, 10,
+                   "three streams past the share to be refused")
+        assert counter(aps, "tunnel_streams") - opened == 8
+        assert aps.client.status()["name"] == "aps"  # the control socket answers
+    finally:
+        srv.close()
+        for c in fill:
+            c.close()
+
+
+def test_a_target_the_resolver_refuses_resets_its_stream(pair: list[Site]) -> None:
+    """Found by attacking live daemons: a target host the resolver refuses (``a..b``, from a
+    registry edited by hand; ``meshd expose`` refuses it now) raised UnicodeError where only
+    OSError was caught, so each stream stayed open for ever, with a traceback in the log."""
+    aps, alcf = pair
+    assert aps.stop() == 0
+    registry = aps.home / "tunnels.json"
+    data = json.loads(registry.read_text()) if registry.exists() else {
+        "v": 1, "exposed": [], "connected": []}
+    data["exposed"].append({"name": "dots", "host": "a..b", "port": 80, "allow": ["*"]})
+    registry.write_text(json.dumps(data))
+    aps.launch().wait_up()
+    wait_until(lambda: {p["name"]: p["state"] for p in alcf.client.peers()}.get("aps")
+               == "alive", 30, "alcf to see aps again")
+    refused = counter(aps, "tunnel_target_refused")
+    raw = RawConsumer(alcf, aps, "dots")
+    raw.send(*(codec.Open(sid, "dots") for sid in range(1, 4)))
+    wait_until(lambda: counter(aps, "tunnel_target_refused") - refused == 3, 10,
+               "the three streams to be refused")
+    wait_until(lambda: {s["name"]: s["connections"] for s in aps.json("services")}["dots"] == 0,
+               10, "no stream to stay open")
+    assert "Traceback" not in aps.log()

@@ -373,8 +373,14 @@ def test_addresses_parse(text: str, out: tuple[str, int]) -> None:
     assert parse_address(text) == out
 
 
-@pytest.mark.parametrize("text", ["10.0.0.5", "10.0.0.5:0", "10.0.0.5:70000", ":80", "a b:1",
-                                  "[nope]:1", "::1:22", "host:port"])
+@pytest.mark.parametrize("text", [
+    "10.0.0.5", "10.0.0.5:0", "10.0.0.5:70000", ":80", "a b:1", "[nope]:1", "::1:22",
+    "host:port",
+    # Found by attacking live daemons: names the resolver refuses (a reset stream that never
+    # came, and a traceback per stream), and digits int() reads but a person would not.
+    "a..b:80", ".:80", "x.:80", "a" * 64 + ".org:80", "a\x00b:80", "\uff11\uff12\uff17.0.0.1:80",
+    "127.0.0.1:\u00b2", "127.0.0.1:\u0668\u0660", "caf\u00e9.org:80", "10.0.0.5:000080",
+])
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(LocalError) as exc:
         parse_address(text)
@@ -384,6 +390,8 @@ def test_bad_addresses_are_refused(text: str) -> None:
 def test_listen_forms_and_site_name_refs() -> None:
     assert parse_address("6000", default_host="127.0.0.1") == ("127.0.0.1", 6000)
     assert parse_address("127.0.0.1:0", allow_port_zero=True) == ("127.0.0.1", 0)
+    with pytest.raises(LocalError):
+        parse_address("\u00b2", default_host="127.0.0.1")  # isdigit(), but not int()
     assert split_ref("alcf/detector") == ("alcf", "detector")
     for bad in ("alcf", "/x", "alcf/"):
         with pytest.raises(LocalError):

@@ -24,12 +24,14 @@ from meshd.daemon.tasks import TaskSet
 from meshd.daemon.tunnels.carrier import Carrier
 from meshd.daemon.tunnels.local import LocalStream
 from meshd.channel import link
-from meshd.peer.limits import RateLimitedLog
+from meshd.peer.limits import RateLimitedLog, fd_budget
 from meshd.state.tunnels import Exposure
 from meshd.tunnel import TunnelEnd, check_service
 
 log = logging.getLogger("meshd.daemon.tunnels")
 
+TARGETS_CAP = 1 << 16
+"""Most target connections the owner holds at once, whatever the open-file limit."""
 CONNECT_TIMEOUT = 10.0
 """Seconds the owner waits for its target to accept a connection; then the stream is reset
 (``refused``)."""
@@ -40,8 +42,14 @@ class Owning:
 
     def __init__(self, *, exposed: dict[str, Exposure], name_of: Callable[[bytes], str],
                  is_member: Callable[[bytes], bool], counters: Counters,
-                 tasks: TaskSet) -> None:
+                 tasks: TaskSet, per_site: int = 4096, total: int | None = None) -> None:
         self.exposed = exposed
+        self.per_site = per_site
+        """Most target connections one member's streams may hold (``tunnel_streams_per_site``)."""
+        self.total = total if total is not None else fd_budget(2, TARGETS_CAP)
+        """Most target connections of all members together: half the open files left under
+        the limit (each also costs the consumer's side one), so the control socket, the peer
+        port and the channels keep theirs."""
         self.name_of = name_of
         self.is_member = is_member
         self.counters = counters
@@ -107,6 +115,11 @@ class Owning:
             self._refused(service, carrier.peer, why, stream=True)
             carrier.reset(sid, why)
             return
+        held = sum(len(c.streams) for c in self.carriers if c.peer == carrier.peer)
+        if held >= self.per_site or sum(len(c.streams) for c in self.carriers) >= self.total:
+            self._refused(service, carrier.peer, "busy", stream=True)
+            carrier.reset(sid, "busy")
+            return
         exp = self.exposed[service]
         local = LocalStream(carrier, sid)
         carrier.add_target(sid, local)
@@ -121,7 +134,7 @@ class Owning:
             await asyncio.wait_for(loop.create_connection(lambda: local, exp.host, exp.port),
                                    CONNECT_TIMEOUT)
             return
-        except (OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - refused, timed out, a name the resolver refuses
             error: BaseException = exc
         finally:
             local.connecting = None  # (a reset from now on does not cancel this task)

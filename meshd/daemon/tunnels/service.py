@@ -59,7 +59,8 @@ class TunnelService:
         self.book = TunnelBook.load(home.tunnels_path)
         self.tasks = TaskSet("tunnels")
         self.owning = Owning(exposed=self.book.exposed, name_of=view.name_of,
-                             is_member=view.is_member, counters=counters, tasks=self.tasks)
+                             is_member=view.is_member, counters=counters, tasks=self.tasks,
+                             per_site=config.tunnel_streams_per_site)
         kinds = tuple(PathKind(p) for p in config.paths)
         self.dialing = Dialing(site, view, channels.sending, channels.reach, kinds, self.tasks,
                                counters)
@@ -73,9 +74,10 @@ class TunnelService:
             tun = self._make(bytes.fromhex(c.site), c.name, c.host, c.port)
             try:
                 await tun.listen()
-            except OSError as exc:
-                log.warning("tunnel %s: cannot listen on %s: %s", tun.name,
-                            format_address(c.host, c.port), exc.strerror or exc)
+            except (OSError, ValueError) as exc:  # ValueError: a host the registry should
+                log.warning("tunnel %s: cannot listen on %s: %s", tun.name,  # not hold
+                            format_address(c.host, c.port), getattr(exc, "strerror", None)
+                            or exc)
         if self.book.exposed or self.book.connected:
             log.info("tunnels: %d services exposed, %d tunnels listening", len(self.book.exposed),
                      sum(1 for t in self.consumed.values() if t.server is not None))
