@@ -67,7 +67,9 @@ class MembershipService:
         self.on_back: Callable[[bytes], None] | None = None
         """Called with a member's key when it comes back: alive after it was dead or left."""
         self.on_suspect: Callable[[bytes], None] | None = None
-        """Called with a member's key when it is suspected (it may have rotated its key)."""
+        """Called with a member's key when this site suspects it (its own probe failed): it may
+        have rotated its key.  Not on others' suspicions: a site suspected across the mesh
+        would be asked by every member at once."""
         self._down: set[bytes] = set()
         self.core: swim.Membership | None = None
         self._timer = CoreTimer(self._on_timer)
@@ -260,7 +262,8 @@ class MembershipService:
             return
         if isinstance(event, swim.Refuted):
             self.store.set_meta("incarnation", event.incarnation)
-        if isinstance(event, swim.MemberSuspect) and self.on_suspect is not None:
+        if isinstance(event, swim.MemberSuspect) and self.on_suspect is not None \
+                and event.source == self.site.keys.public:  # our own probe failed
             self.on_suspect(event.node)
         if isinstance(event, (swim.MemberDead, swim.MemberLeft)):
             self._down.add(event.node)
