@@ -188,10 +188,15 @@ class ChannelService:
             self.counters.count("refused_busy" if why == "total" else "refused_busy_source")
             return None
         conn = DataConnection(self._conn_lost, trusted=False)
-        conn.release_slot = lambda: self.untrusted.release(source)
+        deadline = CoreTimer(lambda now: self._auth_deadline(conn))
+
+        def release() -> None:  # trusted, or gone: the deadline must not keep it 10 s more
+            deadline.cancel()
+            self.untrusted.release(source)
+
+        conn.release_slot = release
         conn.handler = self._on_preamble
         self._pending_conns.add(conn)
-        deadline = CoreTimer(lambda now: self._auth_deadline(conn))
         deadline.arm(CoreTimer.now() + AUTH_TIMEOUT)
         self.counters.count("accepted")
         return conn
