@@ -44,7 +44,7 @@ from typing import Any
 import msgpack
 
 from meshd.channel import link
-from meshd.daemon.channels.dialing import dial_any
+from meshd.daemon.channels.dialing import dial
 from meshd.daemon.counters import Counters
 from meshd.errors import JoinRefused, ProtocolError, RecordError, RemoteError
 from meshd.peer.server import PeerInfo
@@ -136,12 +136,12 @@ def check_chain(items: Any, known: bytes, mesh_id: bytes) -> bytes:
     return key
 
 
-async def ask_rotations(addresses: list[str], me: bytes, known: bytes, *,
+async def ask_rotations(address: str, me: bytes, known: bytes, *,
                         timeout: float) -> list[Any]:
-    """Ask the peer port at ``addresses`` for the rotations that hand over ``known`` (see the
+    """Ask the peer port at ``address`` for the rotations that hand over ``known`` (see the
     module docstring); the items of the answer, unchecked (empty: it holds no rotation of that
-    key).  ProtocolError or OSError when none answers so."""
-    conn, _, _ = await dial_any(addresses, timeout=timeout)
+    key).  ProtocolError or OSError when it does not answer so."""
+    conn = await dial(address, timeout=timeout)
     try:
         conn.send(link.PREAMBLE, link.encode_preamble(
             link.Preamble("rotations", bytes(16), me, known, "s", b"",

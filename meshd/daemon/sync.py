@@ -48,6 +48,8 @@ REFUSED_SYNC_GAP = 10.0
 """Seconds between two exchanges started because a member refused our messages."""
 ASK_ROTATIONS_GAP = 30.0
 """Seconds between two questions to a silent member's port whether it rotated its key."""
+MAX_ASKED_ADDRESSES = 8
+"""Addresses of a silent member asked in turn, at most (a site record holds at most 8)."""
 MAX_BUDGETS = 10_000
 """Members whose budget is tracked at once (the one used longest ago is forgotten first)."""
 
@@ -150,37 +152,52 @@ class MeshSync:
         """Member ``key`` does not answer (its key may have been rotated while we were away,
         and its port no longer answers to the key we know): ask its port for the rotations
         (see :mod:`meshd.daemon.rekeys`), at most once per :data:`ASK_ROTATIONS_GAP` per
-        member; if we take them, an exchange with the new key.  True if we took them."""
+        member, at each of its addresses in turn until one answers with rotations we take (a
+        stale address, or anyone on the LAN announcing its key, may answer first); then an
+        exchange with the new key.  True if we took them."""
         mesh_id, addresses = self.view.mesh_id, self.links.dial_addresses(key)
         if mesh_id is None or not addresses or not self.view.is_member(key) \
                 or self._asked.take(key, 1, time.monotonic()) > 0:
             return False
         name = self.view.name_of(key) or site_id_of(key)
+        for address in addresses[:MAX_ASKED_ADDRESSES]:
+            new = await self._ask_rotations_at(address, key, name, mesh_id)
+            if new is not None:
+                self.counters.count("rotations_taken")
+                log.info("took the new key of %s from its port at %s (rotations this site had"
+                         " missed): %s", name, address, site_id_of(new))
+                await self.sync_with(new)
+                return True
+            if not self.view.is_member(key):  # learnt meanwhile, some other way
+                return False
+        return False
+
+    async def _ask_rotations_at(self, address: str, key: bytes, name: str,
+                                mesh_id: bytes) -> bytes | None:
+        """One address of :meth:`ask_rotated`: the new key, if we took its answer."""
         try:
-            items = await ask_rotations(addresses, self.site.keys.public, key,
+            items = await ask_rotations(address, self.site.keys.public, key,
                                         timeout=self.config.request_timeout)
         except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
-            log.debug("could not ask %s whether it rotated its key: %s", name, exc)
-            return False
+            log.debug("could not ask %s at %s whether it rotated its key: %s", name, address,
+                      exc)
+            return None
         if not items:
-            return False  # it did not rotate: down, or busy
+            return None  # it did not rotate (or who answered there is not it)
+        source = f"the port of {name} at {address}"
         try:
             new = check_chain(items, key, mesh_id)
         except RemoteError as exc:
             self.counters.count("rotations_refused")
-            log.warning("refused the rotations the port of %s answered: %s", name, exc.message)
-            return False
-        self.ingest(items, key)
+            log.warning("refused the rotations %s answered: %s", source, exc.message)
+            return None
+        self.ingest(items, key, source=source)
         if self.view.is_member(key) or not self.view.is_member(new):
             self.counters.count("rotations_refused")
-            log.warning("the rotations the port of %s answered did not hand its membership to"
-                        " a new key", name)
-            return False
-        self.counters.count("rotations_taken")
-        log.info("took the new key of %s from its port (rotations this site had missed): %s",
-                 name, site_id_of(new))
-        await self.sync_with(new)
-        return True
+            log.warning("the rotations %s answered did not hand its membership to a new key",
+                        source)
+            return None
+        return new
 
     def on_sync(self, key: bytes, msg: dict[str, Any]
                 ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
@@ -236,15 +253,18 @@ class MeshSync:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def ingest(self, items: list[bytes], key: bytes) -> IngestResult:
+    def ingest(self, items: list[bytes], key: bytes, *, source: str | None = None
+               ) -> IngestResult:
         """Verify and keep the signed objects a member sent; count and log what was refused."""
         screened = self.view.screen(items)
         return self.keep_verified(key, screened, verify(screened.fresh, int(time.time()),
-                                                           self.view.mesh_id))
+                                                           self.view.mesh_id), source=source)
 
-    def keep_verified(self, key: bytes, screened: Screened, verified: Verified) -> IngestResult:
-        """Keep what passed :func:`verify` and is new and authorised (``key`` sent it); count
-        and log what was refused."""
+    def keep_verified(self, key: bytes, screened: Screened, verified: Verified, *,
+                      source: str | None = None) -> IngestResult:
+        """Keep what passed :func:`verify` and is new and authorised (``key`` sent it, or
+        ``source`` says who did, for the log); count and log what was refused."""
+        label = source or self.view.name_of(key) or site_id_of(key)
         try:
             result = self.view.apply(screened, verified, int(time.time()))
         except StateError as exc:  # a full disk: they come again with the next exchange
@@ -254,7 +274,7 @@ class MeshSync:
             if now - self._unstored_logged > 60:
                 self._unstored_logged = now
                 log.warning("cannot keep the signed objects %s sent: %s",
-                            self.view.name_of(key) or site_id_of(key), exc)
+                            label, exc)
             return IngestResult(0, 0, {})
         if result.stored:
             self.counters.count("records_stored", result.stored)
@@ -262,7 +282,7 @@ class MeshSync:
         for reason, n in result.refused.items():
             self.counters.count(f"records_refused_{reason.replace('-', '_')}", n)
             log.warning("refused %d signed object(s) from %s: %s", n,
-                        self.view.name_of(key) or site_id_of(key), reason)
+                        label, reason)
         return result
 
     def announce(self) -> None:

@@ -176,7 +176,7 @@ def ask_port(answer: Answer, timeout: float = 5.0) -> Any:
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            return await ask_rotations([f"127.0.0.1:{port}"], F.public, A.public,
+            return await ask_rotations(f"127.0.0.1:{port}", F.public, A.public,
                                        timeout=timeout)
         finally:
             server.close()
@@ -229,7 +229,7 @@ def test_a_port_nobody_listens_on_is_an_os_error() -> None:
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
-        await ask_rotations([f"127.0.0.1:{port}"], F.public, A.public, timeout=1)
+        await ask_rotations(f"127.0.0.1:{port}", F.public, A.public, timeout=1)
 
     with pytest.raises(OSError):
         asyncio.run(main())

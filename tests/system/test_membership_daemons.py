@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import os
 import signal
 import threading
 import time
 from typing import Any
 
+import msgpack
 import pytest
 
 from meshd.app.client import Client
+from meshd.channel import link
 from meshd.daemon.rekeys import ask_rotations
 from meshd.errors import ProtocolError
 from meshd.trust.identity import SiteKey
@@ -34,6 +37,43 @@ def five_sites(sites: Any) -> list[Site]:
         wait_until(lambda s=s: _states(s) == {n: "alive" for n in names}, 60,
                    f"{s.name} to see all five alive")
     return all_sites
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Decoy:
+    """A port that answers every ``rotations`` question with "none" (a stale address of a
+    site, or someone on the LAN announcing its key), and drops anything else."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.asked = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        none = msgpack.packb([])
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    first = conn.recv(4096)
+                    if first[:1] == bytes([link.PREAMBLE]) and b"rotations" in first:
+                        self.asked += 1
+                        conn.sendall(link.record_header(link.ROTATIONS, len(none)) + none)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def key_of(site: Site) -> bytes:
@@ -242,8 +282,11 @@ def test_a_member_that_only_dials_out_asks_the_rotated_site_for_its_new_key(
     plain data connection for the rotations of the key it knows, checks and keeps them, and
     dials the new key.  Sync rounds are off (once a day), so only this path can do it."""
     rare = "sync_interval = 86400"
-    b, a = mesh_of(sites, "alcf", "aps", listen={"aps": None},
-                   configs={"aps": rare, "alcf": rare})
+    decoy = Decoy()  # alcf's first address: something else answers there, "no rotations"
+    port = free_port()
+    b, a = mesh_of(sites, "alcf", "aps", listen={"aps": None, "alcf": f"127.0.0.1:{port}"},
+                   configs={"aps": rare, "alcf": rare + "\nadvertise = [\"127.0.0.1:"
+                            f"{decoy.port}\", \"127.0.0.1:{port}\"]"})
     first, first_key, aps_key = b.json("status")["site_id"], key_of(b), key_of(a)
     assert a.stop() == 0
     for _ in range(2):
@@ -265,13 +308,15 @@ def test_a_member_that_only_dials_out_asks_the_rotated_site_for_its_new_key(
     assert first not in {p["site_id"] for p in a.client.peers()}
     assert a.client.status()["counters"]["rotations_taken"] == 1
     assert b.client.status()["counters"]["channel_rotations_answered"] >= 1
-    assert "took the new key of alcf from its port" in a.log()
+    assert f"took the new key of alcf from its port at 127.0.0.1:{port}" in a.log()
+    assert decoy.asked >= 1  # asked first, and its answer did not end the search
+    decoy.close()
     # Anybody may ask; the port answers only about its own past keys.
-    port = b.json("status")["addrs"]
-    chain = asyncio.run(ask_rotations(port, bytes(32), first_key, timeout=10))
+    real = f"127.0.0.1:{port}"
+    chain = asyncio.run(ask_rotations(real, bytes(32), first_key, timeout=10))
     assert len(chain) == 3  # two rotations, then alcf's record
     with pytest.raises(ProtocolError, match="unknown-key"):
-        asyncio.run(ask_rotations(port, bytes(32), aps_key, timeout=10))
+        asyncio.run(ask_rotations(real, bytes(32), aps_key, timeout=10))
     assert "Traceback" not in a.log() + b.log()
 
 
