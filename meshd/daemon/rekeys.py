@@ -88,6 +88,22 @@ def rotation_chain(rotations: Iterable[Signed], key: bytes,
     return chain
 
 
+def own_rotations(rotations: Iterable[Signed], current: bytes,
+                  limit: int = MAX_CHAIN + 1) -> list[Signed]:
+    """The signed rotations that lead to ``current``, newest ``limit`` of them (a small list
+    for :func:`chain_from` to answer from: scanning every rotation of the mesh for each
+    stranger's question would cost the event loop that much each time)."""
+    by_new = {s.body.new: s for s in rotations if isinstance(s.body, Rotation)}
+    chain: list[Signed] = []
+    key = current
+    while key in by_new and len(chain) < limit:
+        s = by_new[key]
+        assert isinstance(s.body, Rotation)
+        chain.append(s)
+        key = s.body.old
+    return chain
+
+
 def chain_from(rotations: Iterable[Signed], current: bytes, old: bytes,
                limit: int = MAX_CHAIN) -> list[bytes] | None:
     """The signed rotations that lead from this site's past key ``old`` to its key ``current``,

@@ -28,7 +28,7 @@ from meshd.daemon.links import MemberLinks
 from meshd.daemon.rekeys import ask_rotations, check_chain, rotation_chain
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import TaskSet
-from meshd.errors import ProtocolError, RemoteError, StateError
+from meshd.errors import RemoteError, StateError
 from meshd.peer.dialer import Unreachable
 from meshd.state.config import Config
 from meshd.state.throttle import Budgets
@@ -49,7 +49,8 @@ REFUSED_SYNC_GAP = 10.0
 ASK_ROTATIONS_GAP = 30.0
 """Seconds between two questions to a silent member's port whether it rotated its key."""
 MAX_ASKED_ADDRESSES = 8
-"""Addresses of a silent member asked in turn, at most (a site record holds at most 8)."""
+"""Addresses of a silent member asked in turn, at most, from its signed record (which holds at
+most 8), and as many again seen on the LAN, after those."""
 MAX_BUDGETS = 10_000
 """Members whose budget is tracked at once (the one used longest ago is forgotten first)."""
 
@@ -89,6 +90,8 @@ class MeshSync:
         self._verifying: set[bytes] = set()
         self._refused_syncs = Budgets(1.0, 1.0 / REFUSED_SYNC_GAP, MAX_BUDGETS)  # on_refused
         self._asked = Budgets(1.0, 1.0 / ASK_ROTATIONS_GAP, MAX_BUDGETS)  # ask_rotated
+        self._asking: set[bytes] = set()
+        """Members whose port is being asked now (one question at a time per member)."""
         self._pool: ThreadPoolExecutor | None = None
 
     def _push(self) -> dict[str, Any]:
@@ -155,22 +158,31 @@ class MeshSync:
         member, at each of its addresses in turn until one answers with rotations we take (a
         stale address, or anyone on the LAN announcing its key, may answer first); then an
         exchange with the new key.  True if we took them."""
-        mesh_id, addresses = self.view.mesh_id, self.links.dial_addresses(key)
-        if mesh_id is None or not addresses or not self.view.is_member(key) \
+        mesh_id = self.view.mesh_id
+        if mesh_id is None or not self.view.is_member(key) or key in self._asking \
                 or self._asked.take(key, 1, time.monotonic()) > 0:
             return False
+        # The addresses its own signed record gives first, then those seen on the LAN (which
+        # anyone there may announce for its key), up to MAX_ASKED_ADDRESSES of each.
+        rec = self.view.record_of(key)
+        signed = list(rec.addrs)[:MAX_ASKED_ADDRESSES] if rec is not None else []
+        seen = [a for a in self.links.dial_addresses(key) if a not in signed]
         name = self.view.name_of(key) or site_id_of(key)
-        for address in addresses[:MAX_ASKED_ADDRESSES]:
-            new = await self._ask_rotations_at(address, key, name, mesh_id)
-            if new is not None:
-                self.counters.count("rotations_taken")
-                log.info("took the new key of %s from its port at %s (rotations this site had"
-                         " missed): %s", name, address, site_id_of(new))
-                await self.sync_with(new)
-                return True
-            if not self.view.is_member(key):  # learnt meanwhile, some other way
-                return False
-        return False
+        self._asking.add(key)
+        try:
+            for address in signed + seen[:MAX_ASKED_ADDRESSES]:
+                new = await self._ask_rotations_at(address, key, name, mesh_id)
+                if new is not None:
+                    self.counters.count("rotations_taken")
+                    log.info("took the new key of %s from its port at %s (rotations this site"
+                             " had missed): %s", name, address, site_id_of(new))
+                    await self.sync_with(new)
+                    return True
+                if not self.view.is_member(key):  # learnt meanwhile, some other way
+                    return False
+            return False
+        finally:
+            self._asking.discard(key)
 
     async def _ask_rotations_at(self, address: str, key: bytes, name: str,
                                 mesh_id: bytes) -> bytes | None:
@@ -178,7 +190,8 @@ class MeshSync:
         try:
             items = await ask_rotations(address, self.site.keys.public, key,
                                         timeout=self.config.request_timeout)
-        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+        except Exception as exc:  # noqa: BLE001 - refused, timed out, garbage, or an address
+            # a record may hold but the resolver refuses ('a..b:80', 'h:99999'): the next one
             log.debug("could not ask %s at %s whether it rotated its key: %s", name, address,
                       exc)
             return None

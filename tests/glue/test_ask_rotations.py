@@ -18,7 +18,14 @@ import msgpack
 import pytest
 
 from meshd.channel import link
-from meshd.daemon.rekeys import MAX_CHAIN, ask_rotations, chain_from, check_chain
+from meshd.daemon.contacts import Contacts
+from meshd.daemon.counters import Counters
+from meshd.daemon.rekeys import (MAX_CHAIN, ask_rotations, chain_from, check_chain,
+                                  own_rotations)
+from meshd.daemon.site import LocalSite
+from meshd.daemon.sync import MeshSync
+from meshd.daemon.tasks import TaskSet
+from meshd.state.config import Config
 from meshd.errors import ProtocolError, RemoteError
 from meshd.state.site import SiteKeys
 from meshd.state.store import Store
@@ -95,6 +102,16 @@ def test_no_chain_from_a_key_more_rotations_ago_than_the_limit(mesh: Mesh) -> No
     assert chain_from(held, keys[-1].public, A.public, limit=3) is None
 
 
+def test_the_port_answers_from_its_own_chain_kept_between_questions(mesh: Mesh) -> None:
+    r1, r2 = mesh.rotation(A, A1), mesh.rotation(A1, A2, 1)
+    held = signed(mesh, [r1, mesh.rotation(X, key(50)), r2])  # another site's among them
+    own = own_rotations(held, A2.public)
+    assert [s.raw for s in own] == [r2, r1]  # newest first
+    assert chain_from(own, A2.public, A.public) == chain_from(held, A2.public, A.public) \
+        == [r1, r2]
+    assert chain_from(own, A2.public, X.public) is None
+
+
 # -- the asking side: an answer is one chain from the key it knows, then that key's record -------
 
 def test_an_answer_of_rotations_and_the_new_keys_record_is_taken(mesh: Mesh) -> None:
@@ -136,10 +153,8 @@ BAD = ["not a list", "empty", "too long", "not bytes", "garbage", "a vouch", "fr
 @pytest.mark.parametrize("what", BAD)
 def test_an_answer_that_is_not_one_chain_from_the_known_key_is_refused(
         mesh: Mesh, what: str) -> None:
-    before = mesh.snapshot()
     with pytest.raises(RemoteError):
         check_chain(bad_answers(mesh)[what], A.public, mesh.mesh)
-    assert mesh.snapshot() == before
 
 
 def test_a_chain_with_a_forged_signature_is_checked_before_anything_is_kept(
@@ -233,3 +248,89 @@ def test_a_port_nobody_listens_on_is_an_os_error() -> None:
 
     with pytest.raises(OSError):
         asyncio.run(main())
+
+
+# -- MeshSync.ask_rotated: each address in turn, nothing kept from a bad answer -------------------
+
+class Links:
+    """What ``MeshSync`` asks of the member links here: where to dial (the record's addresses,
+    after any ``lan`` ones), and nothing to dial for anyone else."""
+
+    def __init__(self, view: MeshView, lan: list[str]) -> None:
+        self.view, self.lan = view, lan
+
+    def dial_addresses(self, key: bytes) -> list[str]:
+        rec = self.view.record_of(key)
+        return self.lan + list(rec.addrs) if rec is not None and key == A.public else []
+
+
+async def port(answer: bytes | None) -> asyncio.Server:
+    """A port answering every question with ``answer`` (a ROTATIONS body), or closing."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        if answer is not None:
+            writer.write(record(link.ROTATIONS, answer))
+            await writer.drain()
+        writer.close()
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def address(server: asyncio.Server) -> str:
+    return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def ask_in_turn(mesh: Mesh, answers: list[bytes | None], *, lan: list[bytes | None] = (),
+                extra: list[str] = ()) -> tuple[bool, Counters]:
+    """A's record lists ``extra`` addresses, then a port per answer; ``lan`` ports are seen on
+    the LAN (dialed first).  F asks whether A rotated."""
+    async def main() -> tuple[bool, Counters]:
+        servers = [await port(a) for a in answers]
+        lan_servers = [await port(a) for a in lan]
+        addrs = tuple(extra) + tuple(address(s) for s in servers)
+        mesh.view.ingest([records.sign(SiteRecord(A.public, mesh.mesh, "alcf", addrs, True, 1,
+                                                  mesh.now), A).raw], mesh.now)
+        counters = Counters()
+        sync = MeshSync(site=LocalSite("f", SiteKeys(F)), view=mesh.view, config=Config(),
+                        links=Links(mesh.view, [address(s) for s in lan_servers]),  # type: ignore[arg-type]
+                        contacts=Contacts(), counters=counters, tasks=TaskSet("test"),
+                        on_change=lambda: None, start_membership=lambda: None)
+        try:
+            return await sync.ask_rotated(A.public), counters
+        finally:
+            for s in servers + lan_servers:
+                s.close()
+    return asyncio.run(main())
+
+
+def test_each_address_is_asked_in_turn_until_one_answers_with_a_chain(mesh: Mesh) -> None:
+    """A stale address, one the resolver refuses, one that answers "none" and one that answers
+    with a forged chain come first; the site's real port last."""
+    forged = bytearray(mesh.rotation(A, A1))
+    forged[-1] ^= 1
+    good = msgpack.packb([mesh.rotation(A, A1), mesh.record(A1)])
+    took, counters = ask_in_turn(
+        mesh, [None, msgpack.packb([]), msgpack.packb([bytes(forged), mesh.record(A1)]), good],
+        extra=["a..b:80", "127.0.0.1:99999"])
+    assert took
+    assert A1.public in mesh.view.members and A.public not in mesh.view.members
+    snap = counters.snapshot()
+    assert snap["rotations_taken"] == 1 and snap["rotations_refused"] == 1
+
+
+def test_addresses_seen_on_the_lan_cannot_crowd_out_the_signed_ones(mesh: Mesh) -> None:
+    """Found in review: LAN sightings (anyone there may announce a site's key) were dialed
+    first, and 8 of them answering "none" used every question."""
+    good = msgpack.packb([mesh.rotation(A, A1), mesh.record(A1)])
+    took, _ = ask_in_turn(mesh, [good], lan=[msgpack.packb([])] * 8)
+    assert took and A1.public in mesh.view.members
+
+
+def test_nothing_is_kept_when_no_address_answers_with_a_good_chain(mesh: Mesh) -> None:
+    before = mesh.snapshot()
+    other = msgpack.packb([mesh.rotation(X, A1), mesh.record(A1)])
+    took, counters = ask_in_turn(mesh, [msgpack.packb([]), other, None])
+    assert not took
+    assert A.public in mesh.view.members and A1.public not in mesh.view.members
+    # Only A's record was added (by the test itself, before asking).
+    assert len(mesh.snapshot()) == len(before) + 1
+    assert counters.snapshot()["rotations_refused"] == 1

@@ -44,7 +44,7 @@ from meshd.daemon.channels.reach import Reachability
 from meshd.daemon.channels.relay import Relay
 from meshd.daemon.counters import Counters
 from meshd.daemon.links import MemberLinks
-from meshd.daemon.rekeys import chain_from
+from meshd.daemon.rekeys import chain_from, own_rotations
 from meshd.daemon.site import LocalSite
 from meshd.daemon.tasks import CoreTimer, TaskSet
 from meshd.errors import LocalError, ProtocolError
@@ -54,6 +54,7 @@ from meshd.peer.limits import SourceLimit
 from meshd.state.config import Config
 from meshd.state.home import Home
 from meshd.state.view import MeshView
+from meshd.trust.records import Signed
 
 log = logging.getLogger("meshd.daemon.channels.service")
 
@@ -80,6 +81,8 @@ class ChannelService:
         self.view = view
         self.config = config
         self.counters = counters
+        self._own_chain: tuple[tuple[int, bytes], list[Signed]] = ((-1, b""), [])
+        """This site's own rotations (``rotations`` answers), and the view they were read from."""
         self.tasks = TaskSet("channels")
         endpoints = ipc.IpcEndpoints(home.root)
         self.reach = Reachability(site=site, view=view, config=config, links=links,
@@ -248,9 +251,14 @@ class ChannelService:
         """A ``rotations`` preamble: the signed rotations that hand this site's past key
         ``old`` over to its key now, for a member that missed them and cannot reach us under
         the key it knows (see :mod:`meshd.daemon.rekeys`).  Asked by anybody: the rotations
-        are signed public statements, and the answer is as cheap as the question."""
+        are signed public statements, and the answer costs a walk of at most 65 of this
+        site's own rotations, kept between questions."""
         conn.handler = None
-        chain = chain_from(self.view.rotations.values(), self.site.public, old)
+        stamp = (len(self.view.rotations), self.site.public)
+        if self._own_chain[0] != stamp:  # rotations only come and go with the view
+            self._own_chain = (stamp, own_rotations(self.view.rotations.values(),
+                                                    self.site.public))
+        chain = chain_from(self._own_chain[1], self.site.public, old)
         if chain is None:
             self.counters.count("rotations_unknown")
             conn.refuse("unknown-key: no rotation of this site hands over that key")

@@ -46,10 +46,7 @@ class Owning:
         self.exposed = exposed
         self.per_site = per_site
         """Most target connections one member's streams may hold (``tunnel_streams_per_site``)."""
-        self.total = total if total is not None else fd_budget(2, TARGETS_CAP)
-        """Most target connections of all members together: half the open files left under
-        the limit (each also costs the consumer's side one), so the control socket, the peer
-        port and the channels keep theirs."""
+        self._total = total
         self.name_of = name_of
         self.is_member = is_member
         self.counters = counters
@@ -60,6 +57,13 @@ class Owning:
         self._quiet: dict[tuple[bytes | str, str], RateLimitedLog] = {}
         """Per-stream refusals, by site (or service) and reason: a member can send tens of
         thousands of OPENs a second, so each kind is one log line a minute with its count."""
+
+    @property
+    def total(self) -> int:
+        """Most target connections of all members together: half the open files left under
+        the limit (read when asked: the daemon raises its limit after it is built), so the
+        control socket, the peer port, the channels and this site's own tunnels keep theirs."""
+        return self._total if self._total is not None else fd_budget(2, TARGETS_CAP)
 
     def _refusal(self, service: str, key: bytes) -> str | None:
         exp = self.exposed.get(service)
@@ -117,6 +121,7 @@ class Owning:
             return
         held = sum(len(c.streams) for c in self.carriers if c.peer == carrier.peer)
         if held >= self.per_site or sum(len(c.streams) for c in self.carriers) >= self.total:
+            # (O(data connections) per OPEN: at most members x services, each O(1).)
             self._refused(service, carrier.peer, "busy", stream=True)
             carrier.reset(sid, "busy")
             return
