@@ -1,5 +1,5 @@
 import sys
 
-from meshd.cli.main import main
+from meshd.cli import run
 
-sys.exit(main())
+sys.exit(run())

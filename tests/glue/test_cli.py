@@ -189,3 +189,24 @@ def test_join_with_a_missing_file_is_one_line_and_exit_1(home: Path, tmp_path: P
     code, out, err = run(capsys, "join", str(tmp_path / "nope.eml"), "--home", str(home))
     assert code == 1 and out == ""
     assert err == f"meshd: error: cannot read {tmp_path / 'nope.eml'}: No such file or directory\n"
+
+
+def test_an_interrupt_while_the_command_line_is_imported_exits_130_quietly(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while Python was importing the command line printed a traceback (the installed
+    ``meshd`` script imported it before any handler of ours ran)."""
+    import importlib.abc
+    import sys
+
+    from meshd.cli import run
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object, target: object = None) -> None:
+            if name == "meshd.cli.main":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "meshd.cli.main")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert run(["--version"]) == 130
+    assert capsys.readouterr().err == ""
