@@ -55,15 +55,17 @@ _LAZY = {"Client": "meshd.app.client", "AsyncMesh": "meshd.app.streams",
 needs neither numpy nor the data path) stays cheap."""
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'meshd' has no attribute {name!r}")
-    import importlib
+if not TYPE_CHECKING:  # hidden from mypy, which then still refuses `meshd.conect`
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'meshd' has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
